@@ -1,0 +1,185 @@
+//! flock(2) on lock files: a non-blocking attempt, and a blocking wait in the kernel's
+//! queue that can be abandoned (deadline or dropped future) without ever taking the lock
+//! afterwards.
+//!
+//! The kernel has no asynchronous flock, so a waiter blocks in `flock(LOCK_EX)` on a
+//! thread of its own and is woken by the kernel at release. To abandon a wait, the thread
+//! is marked abandoned and interrupted with a signal (a no-op handler installed without
+//! `SA_RESTART`, so `flock` returns `EINTR`); the signal is repeated until the thread has
+//! gone, which closes the race where it arrives just before the thread enters `flock`.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// The signal that interrupts an abandoned waiter. SIGURG is ignored by default and
+/// otherwise only sent for out-of-band socket data to processes that asked for it, which
+/// is why Go's runtime picked it for the same purpose.
+const INTERRUPT: libc::c_int = libc::SIGURG;
+
+/// Takes an exclusive lock without waiting: `Ok(true)` if taken, `Ok(false)` if held.
+pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Releases the lock on the open file description explicitly, so that a copy of the
+/// descriptor inherited by a forked child cannot keep it.
+pub(crate) fn unlock(file: &File) {
+    // SAFETY: flock on a valid, owned descriptor; failure leaves only close() to unlock.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Installs the no-op handler once, unless the program handles SIGURG itself (then an
+/// abandoned waiter that cannot be interrupted unlocks at once when it gets the lock).
+fn install_interrupt_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: reading and setting a signal disposition with zeroed, then filled,
+        // sigaction structures; the handler is async-signal-safe (it does nothing).
+        unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(INTERRUPT, std::ptr::null(), &mut current) != 0 {
+                return;
+            }
+            if current.sa_sigaction != libc::SIG_DFL && current.sa_sigaction != libc::SIG_IGN {
+                return;
+            }
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = 0; // no SA_RESTART: flock must return EINTR
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(INTERRUPT, &action, std::ptr::null_mut());
+        }
+    });
+}
+
+/// A wait in the kernel's queue for an exclusive lock on `file`.
+pub(crate) struct KernelWait {
+    result: Option<oneshot::Receiver<io::Result<File>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl KernelWait {
+    pub(crate) fn start(file: File) -> io::Result<KernelWait> {
+        install_interrupt_handler();
+        let (tx, rx) = oneshot::channel();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&abandoned);
+        let thread = std::thread::Builder::new()
+            .name("dlock-flock-wait".into())
+            .spawn(move || {
+                let outcome = block_until_locked(&file, &flag).map(|locked| (locked, file));
+                match outcome {
+                    Ok((true, file)) => {
+                        if flag.load(Ordering::SeqCst) {
+                            unlock(&file);
+                        } else if let Err(Ok(file)) = tx.send(Ok(file)) {
+                            // The waiter went away just now: never keep the lock.
+                            unlock(&file);
+                        }
+                    }
+                    Ok((false, _)) => {}
+                    Err(err) => {
+                        let _ = tx.send(Err(err));
+                    }
+                }
+            })?;
+        Ok(KernelWait {
+            result: Some(rx),
+            thread: Some(thread),
+            abandoned,
+        })
+    }
+
+    /// Waits until the lock is taken (`Some(file)`) or `deadline` passes (`None`).
+    pub(crate) async fn wait(mut self, deadline: Option<Instant>) -> io::Result<Option<File>> {
+        let Some(rx) = self.result.as_mut() else {
+            return Ok(None);
+        };
+        let received = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), rx).await {
+                Ok(received) => received,
+                Err(_) => return Ok(None), // Drop abandons the wait.
+            },
+            None => rx.await,
+        };
+        match received {
+            Ok(Ok(file)) => {
+                self.result = None;
+                self.thread = None; // finished: nothing to interrupt
+                Ok(Some(file))
+            }
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(io::Error::other("the flock waiting thread ended unexpectedly")),
+        }
+    }
+}
+
+/// Blocks in flock until locked (`true`) or abandoned (`false`).
+fn block_until_locked(file: &File, abandoned: &AtomicBool) -> io::Result<bool> {
+    loop {
+        if abandoned.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        // SAFETY: flock on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+impl Drop for KernelWait {
+    fn drop(&mut self) {
+        // Drop the receiver first: a lock sent from now on is unlocked by the thread.
+        self.result = None;
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.abandoned.store(true, Ordering::SeqCst);
+        if thread.is_finished() {
+            return;
+        }
+        let interrupter = move || {
+            let mut pause = Duration::from_millis(1);
+            while !thread.is_finished() {
+                // SAFETY: the thread has not been joined or detached, so its pthread_t is
+                // still valid even if it has just finished.
+                unsafe { libc::pthread_kill(thread.as_pthread_t(), INTERRUPT) };
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            let _ = thread.join();
+        };
+        if let Err(err) = std::thread::Builder::new()
+            .name("dlock-flock-cancel".into())
+            .spawn(interrupter)
+        {
+            tracing::warn!(%err, "cannot interrupt an abandoned flock wait; it unlocks as soon as it gets the lock");
+        }
+    }
+}

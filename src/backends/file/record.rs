@@ -1,0 +1,89 @@
+//! The holder record kept inside each lock file.
+//!
+//! The holder writes one JSON line at the start of the file (padded with spaces to the
+//! previous length, so a shorter record never leaves old bytes after its newline), under
+//! the lock. Readers read it without taking the lock; the fence in it is the last one
+//! handed out for the key, written and fsynced before the lease is handed over.
+
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub key: String,
+    pub fence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acquired_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) fn to_system_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// What the start of a lock file says.
+pub(crate) enum Contents {
+    /// A new, empty file: no fence handed out yet.
+    Empty,
+    Record(Record),
+    /// Not a record (cut short by a crash, or written by someone else).
+    Unreadable,
+}
+
+pub(crate) fn read(file: &mut File) -> io::Result<(Contents, u64)> {
+    let mut text = String::new();
+    file.seek(SeekFrom::Start(0))?;
+    let len = file.read_to_string(&mut text).map(|n| n as u64).unwrap_or(0);
+    let first_line = text.lines().next().unwrap_or("").trim();
+    let contents = if text.trim().is_empty() {
+        Contents::Empty
+    } else {
+        match serde_json::from_str::<Record>(first_line) {
+            Ok(record) => Contents::Record(record),
+            Err(_) => Contents::Unreadable,
+        }
+    };
+    Ok((contents, len))
+}
+
+/// Reads the record without the lock, retrying a few times in case a holder is
+/// writing it at that moment.
+pub(crate) fn read_unlocked(file: &mut File) -> Option<Record> {
+    for _ in 0..3 {
+        if let Ok((Contents::Record(record), _)) = read(file) {
+            return Some(record);
+        }
+    }
+    None
+}
+
+/// Overwrites the record in one write at offset 0, padded to `old_len`.
+pub(crate) fn write(file: &File, record: &Record, old_len: u64) -> io::Result<u64> {
+    let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
+    line.push('\n');
+    let want = usize::try_from(old_len).unwrap_or(usize::MAX);
+    if line.len() < want {
+        line.extend(std::iter::repeat_n(' ', want - line.len()));
+    }
+    file.write_all_at(line.as_bytes(), 0)?;
+    Ok(line.len() as u64)
+}

@@ -1,0 +1,47 @@
+//! The backends, one module each behind a cargo feature, and the URL dispatch.
+
+#[cfg(feature = "file")]
+pub mod file;
+#[cfg(feature = "memory")]
+pub mod memory;
+
+use crate::core::locks::Locks;
+use crate::error::Result;
+use crate::location::BackendUrl;
+
+/// The URL schemes dlock knows, and the cargo feature that builds each.
+pub const SCHEMES: &[(&str, &str)] = &[
+    ("file", "file"),
+    ("memory", "memory"),
+    ("redis", "redis"),
+    ("rediss", "redis"),
+    ("redlock", "redis"),
+    ("postgres", "postgres"),
+    ("postgresql", "postgres"),
+    ("mysql", "mysql"),
+    ("etcd", "etcd"),
+];
+
+/// Opens the backend a URL names (SPEC §3).
+pub async fn open(url: &str) -> Result<Locks> {
+    let url = BackendUrl::parse(url)?;
+    match url.scheme() {
+        #[cfg(feature = "file")]
+        "file" => Ok(Locks::from_backend(file::FileBackend::open(&url)?)),
+        #[cfg(feature = "memory")]
+        "memory" => Ok(Locks::from_backend(memory::MemoryBackend::open(&url)?)),
+        scheme => Err(unknown_scheme(&url, scheme)),
+    }
+}
+
+fn unknown_scheme(url: &BackendUrl, scheme: &str) -> crate::Error {
+    match SCHEMES.iter().find(|(s, _)| *s == scheme) {
+        Some((_, feature)) => url.error(format!(
+            "this build of dlock has no {scheme}:// backend; build it with the cargo feature {feature:?}"
+        )),
+        None => {
+            let known: Vec<String> = SCHEMES.iter().map(|(s, _)| format!("{s}://")).collect();
+            url.error(format!("unknown backend {scheme:?}; known: {}", known.join(", ")))
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! [`Locks`], the handle on one backend, and [`LockBuilder`], the options of one lock.
+
+use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo};
+use crate::core::backoff::{expiry_spread, Backoff};
+use crate::core::lease::{spawn_detached, Lease, LeaseHandle};
+use crate::core::owner::Owner;
+use crate::error::{Error, Result};
+use crate::key::Key;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The TTL of a lease unless set otherwise (SPEC §4).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// The shortest TTL accepted: renewal at TTL/3 must be able to make a round trip.
+pub const MIN_TTL: Duration = Duration::from_millis(30);
+
+/// A handle on one lock backend. Cheap to clone and share across tasks.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), dlock::Error> {
+/// let locks = dlock::connect("memory://").await?;
+/// let other = locks.clone(); // same backend, usable from another task
+/// let lease = locks.lock("migrations").acquire().await?;
+/// assert!(other.lock("migrations").try_acquire().await?.is_none());
+/// lease.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Locks {
+    backend: Arc<dyn Backend>,
+}
+
+impl Locks {
+    /// Connects to the backend named by `url` (SPEC §3). Same as [`crate::connect`].
+    pub async fn connect(url: &str) -> Result<Locks> {
+        crate::backends::open(url).await
+    }
+
+    /// Wraps a backend of your own.
+    pub fn from_backend(backend: impl Backend) -> Locks {
+        Locks {
+            backend: Arc::new(backend),
+        }
+    }
+
+    /// Wraps a shared backend.
+    pub fn from_arc(backend: Arc<dyn Backend>) -> Locks {
+        Locks { backend }
+    }
+
+    /// The backend, for backend-specific use.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The backend's URL with any password hidden, for messages.
+    pub fn describe(&self) -> &str {
+        self.backend.describe()
+    }
+
+    /// Starts describing a lock on `key`; an invalid key is reported when acquiring.
+    pub fn lock(&self, key: impl AsRef<str>) -> LockBuilder {
+        LockBuilder {
+            locks: self.clone(),
+            key: Key::new(key.as_ref()),
+            ttl: DEFAULT_TTL,
+            wait: Wait::Forever,
+            backoff: Backoff::default(),
+            renew_every: Some(DEFAULT_TTL / 3),
+            renew_set: false,
+        }
+    }
+
+    /// Runs `work` while holding `key` with default options; see [`LockBuilder::run`].
+    pub async fn with_lock<F, Fut, T>(&self, key: impl AsRef<str>, work: F) -> Result<T>
+    where
+        F: FnOnce(LeaseHandle) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.lock(key).run(work).await
+    }
+
+    /// Who holds `key`, if anybody.
+    pub async fn status(&self, key: impl AsRef<str>) -> Result<Option<LockInfo>> {
+        let key = Key::new(key.as_ref())?;
+        self.backend.inspect(&key).await
+    }
+
+    /// Every lock currently held on this backend.
+    pub async fn list(&self) -> Result<Vec<LockInfo>> {
+        self.backend.list().await
+    }
+
+    /// Breaks the lock on `key` whoever holds it (an operator's tool); `true` if it was
+    /// held. The holder's [`Lease::lost`] fires at its next renewal.
+    pub async fn force_release(&self, key: impl AsRef<str>) -> Result<bool> {
+        let key = Key::new(key.as_ref())?;
+        self.backend.force_release(&key).await
+    }
+}
+
+/// How long [`LockBuilder::acquire`] waits for a held lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// One attempt only.
+    No,
+    /// Up to this long.
+    For(Duration),
+    /// Without limit (the default, as flock(1)).
+    Forever,
+}
+
+/// The options of one lock: TTL, waiting, backoff and renewal.
+///
+/// ```
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), dlock::Error> {
+/// let locks = dlock::connect("memory://").await?;
+/// let lease = locks
+///     .lock("nightly-report")
+///     .ttl(Duration::from_secs(10))
+///     .wait_for(Duration::from_secs(2))
+///     .acquire()
+///     .await?;
+/// # drop(lease);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a LockBuilder does nothing until acquire(), try_acquire() or run() is called"]
+pub struct LockBuilder {
+    locks: Locks,
+    key: Result<Key>,
+    ttl: Duration,
+    wait: Wait,
+    backoff: Backoff,
+    renew_every: Option<Duration>,
+    renew_set: bool,
+}
+
+impl LockBuilder {
+    /// The lease's TTL (default 30 s, at least 30 ms).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        if !self.renew_set {
+            self.renew_every = Some(ttl / 3);
+        }
+        self
+    }
+
+    /// How long to wait for a held lock.
+    pub fn wait(mut self, wait: Wait) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Wait up to `limit` for a held lock.
+    pub fn wait_for(self, limit: Duration) -> Self {
+        self.wait(Wait::For(limit))
+    }
+
+    /// Do not wait: one attempt only.
+    pub fn no_wait(self) -> Self {
+        self.wait(Wait::No)
+    }
+
+    /// Retry delays for backends that cannot notify waiters (default 5 ms doubling to 1 s,
+    /// jittered). Backends with notifications are woken at release instead, and every
+    /// waiter retries no later than the holder's expiry.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = Backoff { min, max };
+        self
+    }
+
+    /// Renew automatically (the default, every TTL/3), or not: then the holder must call
+    /// [`Lease::extend`] in time, or the lease is lost when its TTL runs out.
+    pub fn auto_renew(mut self, on: bool) -> Self {
+        self.renew_set = true;
+        self.renew_every = on.then_some(self.ttl / 3);
+        self
+    }
+
+    /// Renew every `every` instead of every TTL/3 (must be shorter than the TTL).
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.renew_set = true;
+        self.renew_every = Some(every);
+        self
+    }
+
+    fn validate(&self) -> Result<Key> {
+        let key = self.key.clone()?;
+        if self.ttl < MIN_TTL {
+            return Err(Error::BadOption(format!(
+                "TTL {:?} is shorter than the minimum {:?}",
+                self.ttl, MIN_TTL
+            )));
+        }
+        if let Some(every) = self.renew_every {
+            if every.is_zero() || every >= self.ttl {
+                return Err(Error::BadOption(format!(
+                    "renewal interval {every:?} must be above zero and below the TTL {:?}",
+                    self.ttl
+                )));
+            }
+        }
+        if self.backoff.min.is_zero() || self.backoff.min > self.backoff.max {
+            return Err(Error::BadOption(format!(
+                "backoff min {:?} must be above zero and at most max {:?}",
+                self.backoff.min, self.backoff.max
+            )));
+        }
+        Ok(key)
+    }
+
+    /// Takes the lock, waiting as configured. Fails with [`Error::NotAcquired`] when the
+    /// wait runs out.
+    pub async fn acquire(self) -> Result<Lease> {
+        let started = Instant::now();
+        match self.acquire_inner().await? {
+            Some(lease) => Ok(lease),
+            None => Err(Error::NotAcquired {
+                key: self.key.map(|k| k.to_string()).unwrap_or_default(),
+                backend: self.locks.describe().to_owned(),
+                waited: started.elapsed(),
+            }),
+        }
+    }
+
+    /// One attempt, without waiting: the lease, or `None` if the lock is held elsewhere.
+    pub async fn try_acquire(self) -> Result<Option<Lease>> {
+        self.no_wait().acquire_inner().await
+    }
+
+    /// Runs `work` while holding the lock, and releases it afterwards.
+    ///
+    /// If the lease is lost while `work` runs, `work` is cancelled (dropped at its next
+    /// `.await`) and the result is [`Error::LeaseLost`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), dlock::Error> {
+    /// let locks = dlock::connect("memory://").await?;
+    /// let total = locks
+    ///     .lock("payments")
+    ///     .run(|lease| async move {
+    ///         // ... write to the protected store, passing lease.fence() ...
+    ///         lease.fence()
+    ///     })
+    ///     .await?;
+    /// assert!(total > 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn run<F, Fut, T>(self, work: F) -> Result<T>
+    where
+        F: FnOnce(LeaseHandle) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let lease = self.acquire().await?;
+        let handle = lease.handle();
+        let lost = handle.lost();
+        let outcome = tokio::select! {
+            biased;
+            reason = lost => Err(handle.lost_error(reason)),
+            value = work(handle.clone()) => Ok(value),
+        };
+        match outcome {
+            Ok(value) => {
+                if let Err(err) = lease.release().await {
+                    tracing::warn!(key = handle.key(), %err, "release after the guarded work failed; the lease ends at its TTL");
+                }
+                Ok(value)
+            }
+            Err(err) => {
+                drop(lease);
+                Err(err)
+            }
+        }
+    }
+
+    async fn acquire_inner(&self) -> Result<Option<Lease>> {
+        let key = self.validate()?;
+        let backend = Arc::clone(&self.locks.backend);
+        let owner = Owner::random();
+        let holder = Holder::current();
+        let request = AcquireRequest {
+            key: &key,
+            owner: &owner,
+            ttl: self.ttl,
+            holder: &holder,
+        };
+        let started = Instant::now();
+        let deadline = match self.wait {
+            Wait::No => Some(started),
+            Wait::For(limit) => started.checked_add(limit),
+            Wait::Forever => None,
+        };
+        // An attempt whose future is dropped mid-flight may have taken the lock in the
+        // store; this guard releases it (by our unique owner token) unless disarmed.
+        let mut guard = AbandonGuard::new(&backend, &key, &owner);
+
+        if self.wait != Wait::No && backend.capabilities().native_wait {
+            let sent = Instant::now();
+            let fence = backend.acquire_wait(request, deadline).await?;
+            guard.disarm();
+            return Ok(fence.map(|fence| self.lease(&backend, &key, owner.clone(), fence, sent)));
+        }
+
+        let mut watch = match self.wait {
+            Wait::No => None,
+            _ => backend.watch(&key).await?,
+        };
+        let mut delays = self.backoff.delays();
+        loop {
+            let sent = Instant::now();
+            let attempt = backend.try_acquire(request).await;
+            let expires_in = match attempt {
+                Ok(Attempt::Acquired { fence }) => {
+                    guard.disarm();
+                    return Ok(Some(self.lease(&backend, &key, owner.clone(), fence, sent)));
+                }
+                Ok(Attempt::Held { expires_in }) => expires_in,
+                Err(err) => {
+                    guard.disarm();
+                    // The attempt may have reached the store before failing.
+                    spawn_release(&backend, &key, &owner);
+                    return Err(err);
+                }
+            };
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                guard.disarm();
+                return Ok(None);
+            }
+            let pause = match (&watch, expires_in) {
+                // Woken by the store at release; the expiry covers a holder that died.
+                (Some(_), Some(expires_in)) => expiry_spread(expires_in),
+                (Some(_), None) => delays.ceiling(),
+                (None, Some(expires_in)) => delays.next_delay().min(expiry_spread(expires_in)),
+                (None, None) => delays.next_delay(),
+            };
+            let mut wake_at = now + pause;
+            if let Some(deadline) = deadline {
+                wake_at = wake_at.min(deadline);
+            }
+            match watch.as_mut() {
+                Some(watch) => {
+                    tokio::select! {
+                        () = watch.changed() => {}
+                        () = tokio::time::sleep_until(wake_at.into()) => {}
+                    }
+                }
+                None => tokio::time::sleep_until(wake_at.into()).await,
+            }
+        }
+    }
+
+    fn lease(
+        &self,
+        backend: &Arc<dyn Backend>,
+        key: &Key,
+        owner: Owner,
+        fence: u64,
+        sent: Instant,
+    ) -> Lease {
+        Lease::start(
+            Arc::clone(backend),
+            key.clone(),
+            owner,
+            fence,
+            self.ttl,
+            sent,
+            self.renew_every,
+        )
+    }
+}
+
+fn spawn_release(backend: &Arc<dyn Backend>, key: &Key, owner: &Owner) {
+    let (backend, key, owner) = (Arc::clone(backend), key.clone(), owner.clone());
+    spawn_detached(async move {
+        if let Err(err) = backend.release(&key, &owner).await {
+            tracing::debug!(%key, %err, "cleanup after an abandoned acquire failed; it ends at its TTL");
+        }
+    });
+}
+
+/// Releases, in the background, whatever an abandoned acquire may have taken.
+struct AbandonGuard<'a> {
+    armed: bool,
+    backend: &'a Arc<dyn Backend>,
+    key: &'a Key,
+    owner: &'a Owner,
+}
+
+impl<'a> AbandonGuard<'a> {
+    fn new(backend: &'a Arc<dyn Backend>, key: &'a Key, owner: &'a Owner) -> Self {
+        AbandonGuard {
+            armed: true,
+            backend,
+            key,
+            owner,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbandonGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            spawn_release(self.backend, self.key, self.owner);
+        }
+    }
+}

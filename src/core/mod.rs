@@ -1,0 +1,10 @@
+//! The lease engine, written once for every backend: acquiring with deadlines and
+//! backoff, renewal, loss detection, and the [`Lease`](lease::Lease) guard.
+
+pub mod backend;
+pub mod backoff;
+pub(crate) mod host;
+pub mod lease;
+pub mod locks;
+pub mod owner;
+pub(crate) mod serde_time;

@@ -1,0 +1,172 @@
+//! The one error type of dlock.
+//!
+//! Every failure is a variant a program can match on and a message a person can
+//! act on. Backend URLs in messages are always redacted (no passwords).
+
+use std::time::Duration;
+
+/// Why a lease stopped being held before it was released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LossReason {
+    /// The backend refused a renewal: the lease expired or was taken away
+    /// (for example by `dlock release --force`).
+    RenewalRefused,
+    /// Automatic renewal was off and the lease was not extended before its TTL ran out.
+    Expired,
+    /// Renewal failed for so long that the lease may have expired.
+    RenewalFailed {
+        /// The last error seen while renewing.
+        last_error: String,
+    },
+    /// The backend's session that held the lock ended (connection closed,
+    /// server restarted).
+    SessionEnded {
+        /// What the backend reported.
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for LossReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LossReason::RenewalRefused => {
+                f.write_str("the backend refused to renew it (expired or force-released)")
+            }
+            LossReason::Expired => f.write_str("it was not extended before its TTL ran out"),
+            LossReason::RenewalFailed { last_error } => write!(
+                f,
+                "renewal failed until the lease may have expired (last error: {last_error})"
+            ),
+            LossReason::SessionEnded { detail } => {
+                write!(f, "the backend session holding it ended ({detail})")
+            }
+        }
+    }
+}
+
+/// Everything that can go wrong in dlock.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key is not a valid lock key (SPEC §2: 1 to 1024 bytes of UTF-8, no NUL).
+    #[error("bad key {key:?}: {reason}")]
+    BadKey {
+        /// The key as given, shortened for display when very long.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The backend URL cannot be used.
+    #[error("bad backend URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given, with any password replaced by `***`.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A duration could not be parsed or is out of range.
+    #[error("bad duration {input:?}: {reason}")]
+    BadDuration {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A lock option (TTL, wait, backoff) is out of range.
+    #[error("bad option: {0}")]
+    BadOption(String),
+
+    /// The lock was not acquired within the allowed wait.
+    #[error("lock {key:?} on {backend} is held elsewhere; not acquired after waiting {waited:?}")]
+    NotAcquired {
+        /// The key.
+        key: String,
+        /// The backend (redacted URL).
+        backend: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+
+    /// The lease was lost while it should have been held.
+    #[error("lease on {key:?} (fence {fence}) on {backend} was lost: {reason}")]
+    LeaseLost {
+        /// The key.
+        key: String,
+        /// The backend (redacted URL).
+        backend: String,
+        /// The lease's fencing token.
+        fence: u64,
+        /// Why it was lost.
+        reason: LossReason,
+    },
+
+    /// The backend could not be reached, timed out, or failed locally (I/O).
+    #[error("backend {backend} is unavailable: {detail}")]
+    Unavailable {
+        /// The backend (redacted URL).
+        backend: String,
+        /// What went wrong, in words a person can act on.
+        detail: String,
+    },
+
+    /// The backend answered with an error.
+    #[error("backend {backend} answered with an error: {detail}")]
+    Backend {
+        /// The backend (redacted URL).
+        backend: String,
+        /// The error as the backend reported it.
+        detail: String,
+    },
+
+    /// The backend cannot do what was asked.
+    #[error("backend {backend} does not support {what}")]
+    Unsupported {
+        /// The backend (redacted URL).
+        backend: String,
+        /// What was asked.
+        what: String,
+    },
+}
+
+impl Error {
+    /// True for errors caused by the caller's input (key, URL, duration, options),
+    /// which retrying cannot fix.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::BadKey { .. }
+                | Error::BadUrl { .. }
+                | Error::BadDuration { .. }
+                | Error::BadOption(_)
+                | Error::Unsupported { .. }
+        )
+    }
+
+    /// True when the backend could not be reached or failed; a retry later may work.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::Backend { .. })
+    }
+
+    /// An [`Error::Unavailable`] for `backend`.
+    pub fn unavailable(backend: &str, detail: impl std::fmt::Display) -> Self {
+        Error::Unavailable {
+            backend: backend.to_owned(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// An [`Error::Backend`] for `backend`.
+    pub fn backend(backend: &str, detail: impl std::fmt::Display) -> Self {
+        Error::Backend {
+            backend: backend.to_owned(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// `Result` with dlock's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,64 @@
+//! # dlock: distributed locks with leases and fencing tokens
+//!
+//! One API over the stores teams already run: local files (flock), memory, and (behind
+//! cargo features) Redis, Redlock, PostgreSQL, MySQL and etcd. Every lock is a
+//! [`Lease`]: an owner token, a TTL renewed automatically, a loss signal, and a
+//! **fencing token** that strictly increases per key.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), dlock::Error> {
+//! # let dir = std::env::temp_dir().join(format!("dlock-doc-{}", std::process::id()));
+//! # let url = format!("file://{}", dir.display());
+//! let locks = dlock::connect(&url).await?; // or "memory://", "redis://host:6379", …
+//! let lease = locks.lock("nightly-report").acquire().await?;
+//! println!("{} held with fence {}", lease.key(), lease.fence());
+//! tokio::select! {
+//!     reason = lease.lost() => eprintln!("lost the lock: {reason}"),
+//!     () = async { /* the work */ } => {}
+//! }
+//! lease.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The store behind a [`Locks`] handle implements [`Backend`]; the lease engine
+//! (acquire loop, renewal, loss detection) is written once in [`core`].
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![warn(missing_docs)]
+
+pub mod backends;
+pub mod core;
+mod duration;
+mod error;
+mod key;
+mod location;
+
+pub use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, Holder, KeyWatch, LockInfo};
+pub use crate::core::backoff::Backoff;
+pub use crate::core::lease::{Lease, LeaseHandle};
+pub use crate::core::locks::{LockBuilder, Locks, Wait, DEFAULT_TTL, MIN_TTL};
+pub use crate::core::owner::Owner;
+pub use duration::parse_duration;
+pub use error::{Error, LossReason, Result};
+pub use key::{Key, MAX_KEY_BYTES};
+pub use location::{default_url, redact, BackendUrl, BACKEND_ENV, DIR_ENV};
+
+/// Connects to the backend named by `url` (SPEC §3) and returns a shareable handle.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// assert!(dlock::connect("memory://").await.is_ok());
+/// let err = dlock::connect("nosuch://x").await.unwrap_err();
+/// assert!(err.to_string().contains("unknown backend"));
+/// # }
+/// ```
+pub async fn connect(url: &str) -> Result<Locks> {
+    Locks::connect(url).await
+}
+
+/// Connects to `$DLOCK_BACKEND`, or else the default file backend (SPEC §3).
+pub async fn connect_default() -> Result<Locks> {
+    connect(&default_url()?).await
+}
+

@@ -1,0 +1,55 @@
+//! The dlock test kit: one conformance suite for every backend, and launchers for the
+//! real servers the backends talk to (never mocks).
+//!
+//! A backend's test file adds only its factory:
+//!
+//! ```ignore
+//! async fn target() -> dlock_testkit::Target {
+//!     dlock_testkit::Target::new("memory://conformance", env!("CARGO_BIN_EXE_dlock"))
+//! }
+//! dlock_testkit::conformance_tests!(target());
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod conformance;
+pub mod process;
+mod target;
+
+pub use target::Target;
+
+/// Generates one `#[tokio::test]` per behaviour of the conformance suite, each calling
+/// `$target` (an expression evaluating to a future of [`Target`]) for its backend.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($target:expr) => {
+        $crate::conformance_tests!(@each $target;
+            mutual_exclusion_under_contention,
+            try_acquire_on_held_key_returns_none,
+            wait_times_out_within_its_deadline,
+            fences_strictly_increase_across_handles,
+            wrong_owner_cannot_release_or_renew,
+            renewal_keeps_lease_alive_past_several_ttls,
+            ttl_expiry_frees_a_lease_that_is_not_renewed,
+            extend_by_hand_keeps_lease_then_expiry_is_lost,
+            lost_fires_when_lease_is_broken_from_outside,
+            dropped_waiting_acquires_leave_nothing_held,
+            waiter_gets_lock_at_release,
+            holder_process_killed_frees_the_lock,
+            bad_keys_are_typed_errors,
+            hostile_keys_are_just_keys,
+            status_and_list_show_the_holder,
+            release_reports_whether_still_held,
+            with_lock_runs_work_and_releases,
+            with_lock_cancels_work_when_lease_is_lost
+        );
+    };
+    (@each $target:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let target = $target.await;
+                $crate::conformance::$name(&target).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,136 @@
+//! Launching real server processes for tests: from installed binaries, on free loopback
+//! ports, in temporary directories, and never outliving the test process.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it; racy only against other programs
+/// binding ports at the same moment).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port");
+    listener.local_addr().expect("no local address").port()
+}
+
+/// Finds `binary` on PATH or in `extra_dirs`; fails the test with a message naming the
+/// Debian package to install if it is missing.
+pub fn require_binary(binary: &str, package: &str, extra_dirs: &[&str]) -> PathBuf {
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mut candidates: Vec<PathBuf> = path_dirs.into_iter().map(|d| d.join(binary)).collect();
+    for pattern in extra_dirs {
+        candidates.extend(glob_dirs(pattern).into_iter().map(|d| d.join(binary)));
+    }
+    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("`{binary}` is not installed: install the Debian package `{package}` (apt-get install {package})")
+    })
+}
+
+/// Expands a trailing-`*` directory pattern like `/usr/lib/postgresql/*/bin`, newest last.
+fn glob_dirs(pattern: &str) -> Vec<PathBuf> {
+    let Some((head, tail)) = pattern.split_once('*') else {
+        return vec![PathBuf::from(pattern)];
+    };
+    let mut found: Vec<PathBuf> = std::fs::read_dir(head)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().join(tail.trim_start_matches('/')))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.reverse();
+    found
+}
+
+/// Spawns `command` so that the kernel kills it with SIGKILL when the test process exits,
+/// even if the test panics or is killed: the child gets `PR_SET_PDEATHSIG` tied to a
+/// thread that lives as long as the process.
+pub fn spawn_tied(mut command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static KEEPER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Request>>> =
+        std::sync::OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (request_tx, request_rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("testkit-process-keeper".into())
+            .spawn(move || {
+                // Lives as long as the process: the sender is in a static.
+                for (mut command, reply) in request_rx {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("cannot start the process keeper thread");
+        std::sync::Mutex::new(request_tx)
+    });
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent as libc::pid_t {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (reply_tx, reply_rx) = mpsc::channel();
+    keeper
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send((command, reply_tx))
+        .expect("process keeper thread is gone");
+    reply_rx.recv().expect("process keeper thread is gone")
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Sends `signal` to process `pid`.
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) with a pid we started.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// True if process `pid` exists (and is not a zombie we have not reaped).
+pub fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// A temporary directory for a server's data, removed on drop.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("cannot create a temporary directory")
+}
+
+/// A command with stdout and stderr sent to `log` in `dir`, for servers.
+pub fn logged(program: &Path, dir: &Path, log: &str) -> Command {
+    let mut command = Command::new(program);
+    let file = std::fs::File::create(dir.join(log)).expect("cannot create a server log");
+    let err = file.try_clone().expect("cannot clone a log handle");
+    command.stdin(Stdio::null()).stdout(file).stderr(err);
+    command
+}
