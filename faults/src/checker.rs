@@ -1,0 +1,275 @@
+//! The checker: counts, from one recorded history, what went wrong.
+
+use crate::store::Event;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// One critical section, on the harness clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    /// Worker incarnation.
+    pub client: u32,
+    /// Section number within the worker.
+    pub section: u64,
+    /// The lease's fence.
+    pub fence: u64,
+    /// When it began.
+    pub begin: Duration,
+    /// When it ended (its End, or the worker's kill/exit, or the end of the history).
+    pub end: Duration,
+    /// `Some(lost)` when the worker reported its end; `None` when it was killed or exited.
+    pub lost_at_end: Option<bool>,
+}
+
+/// The counts of one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Critical sections entered.
+    pub sections: u64,
+    /// Writes the store accepted.
+    pub accepted_writes: u64,
+    /// (a) critical sections that overlapped an earlier section of another lease.
+    pub overlaps: u64,
+    /// (b) writes accepted with a fence lower than an earlier accepted write's.
+    pub out_of_order: u64,
+    /// (c) reads and writes the fence rejected as stale.
+    pub stale_rejected: u64,
+    /// (d) accepted writes whose update is missing: each accepted write must build on the
+    /// value of the previous one, and the final value must equal the number of accepted writes.
+    pub lost_updates: u64,
+    /// (e) sections overtaken by another holder whose `lost()` had not fired by their end.
+    pub silent_losses: u64,
+    /// Faults injected.
+    pub faults: u64,
+}
+
+/// Rebuilds the critical sections from the history.
+pub fn sections(history: &[Event]) -> Vec<Section> {
+    let mut open: HashMap<(u32, u64), (u64, Duration)> = HashMap::new();
+    let mut done = Vec::new();
+    let last_t = history
+        .iter()
+        .map(|e| match e {
+            Event::Begin { t, .. }
+            | Event::End { t, .. }
+            | Event::Read { t, .. }
+            | Event::Write { t, .. }
+            | Event::Killed { t, .. }
+            | Event::Exited { t, .. }
+            | Event::Fault { t, .. } => *t,
+        })
+        .max()
+        .unwrap_or_default();
+    let close_client = |open: &mut HashMap<(u32, u64), (u64, Duration)>,
+                        done: &mut Vec<Section>,
+                        who: u32,
+                        at: Duration| {
+        let keys: Vec<(u32, u64)> = open.keys().filter(|(c, _)| *c == who).copied().collect();
+        for key in keys {
+            if let Some((fence, begin)) = open.remove(&key) {
+                done.push(Section {
+                    client: key.0,
+                    section: key.1,
+                    fence,
+                    begin,
+                    end: at,
+                    lost_at_end: None,
+                });
+            }
+        }
+    };
+    for event in history {
+        match event {
+            Event::Begin {
+                t,
+                client,
+                section,
+                fence,
+            } => {
+                open.insert((*client, *section), (*fence, *t));
+            }
+            Event::End {
+                t,
+                client,
+                section,
+                fence,
+                lost,
+            } => {
+                let begin = open
+                    .remove(&(*client, *section))
+                    .map(|(_, b)| b)
+                    .unwrap_or(*t);
+                done.push(Section {
+                    client: *client,
+                    section: *section,
+                    fence: *fence,
+                    begin,
+                    end: *t,
+                    lost_at_end: Some(*lost),
+                });
+            }
+            Event::Killed { t, client } | Event::Exited { t, client } => {
+                close_client(&mut open, &mut done, *client, *t);
+            }
+            _ => {}
+        }
+    }
+    let clients: Vec<u32> = open.keys().map(|(c, _)| *c).collect();
+    for client in clients {
+        close_client(&mut open, &mut done, client, last_t);
+    }
+    done.sort_by_key(|s| (s.begin, s.end));
+    done
+}
+
+/// Counts (a)–(e) over a history; `final_value` is the store's value at the end.
+pub fn check(history: &[Event], final_value: u64) -> Counts {
+    let sections = sections(history);
+    let mut counts = Counts {
+        sections: sections.len() as u64,
+        ..Counts::default()
+    };
+
+    // (a) overlap, and (e) which sections were overtaken: a sweep over sections sorted by
+    // their beginning, keeping those still running.
+    let mut overtaken = vec![false; sections.len()];
+    let mut active: Vec<usize> = Vec::new();
+    for (i, s) in sections.iter().enumerate() {
+        active.retain(|&k| sections[k].end > s.begin);
+        for &k in &active {
+            overtaken[k] = true;
+        }
+        if !active.is_empty() {
+            counts.overlaps += 1;
+        }
+        active.push(i);
+    }
+    counts.silent_losses = sections
+        .iter()
+        .zip(&overtaken)
+        .filter(|(s, o)| **o && s.lost_at_end == Some(false))
+        .count() as u64;
+
+    // (b), (c), (d) from the operations, in the order the store applied them.
+    let mut max_accepted_fence = 0u64;
+    let mut current = 0u64;
+    for event in history {
+        match event {
+            Event::Write {
+                fence,
+                value,
+                accepted: true,
+                ..
+            } => {
+                counts.accepted_writes += 1;
+                if *fence < max_accepted_fence {
+                    counts.out_of_order += 1;
+                }
+                max_accepted_fence = max_accepted_fence.max(*fence);
+                if *value != current + 1 {
+                    counts.lost_updates += 1;
+                }
+                current = *value;
+            }
+            Event::Write {
+                accepted: false, ..
+            }
+            | Event::Read { value: None, .. } => counts.stale_rejected += 1,
+            Event::Fault { .. } => counts.faults += 1,
+            _ => {}
+        }
+    }
+    if final_value != counts.accepted_writes && counts.lost_updates == 0 {
+        counts.lost_updates = counts.accepted_writes.abs_diff(final_value);
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn section(client: u32, fence: u64, begin: u64, end: u64, lost: bool) -> Vec<Event> {
+        vec![
+            Event::Begin {
+                t: ms(begin),
+                client,
+                section: 1,
+                fence,
+            },
+            Event::End {
+                t: ms(end),
+                client,
+                section: 1,
+                fence,
+                lost,
+            },
+        ]
+    }
+
+    #[test]
+    fn disjoint_sections_do_not_overlap() {
+        let mut h = section(1, 1, 0, 10, false);
+        h.extend(section(2, 2, 10, 20, false));
+        let c = check(&h, 0);
+        assert_eq!((c.sections, c.overlaps, c.silent_losses), (2, 0, 0));
+    }
+
+    #[test]
+    fn overlapping_sections_are_counted_and_silent_losses_found() {
+        let mut h = section(1, 1, 0, 100, false);
+        h.extend(section(2, 2, 50, 60, false));
+        h.sort_by_key(|e| match e {
+            Event::Begin { t, .. } | Event::End { t, .. } => *t,
+            _ => Duration::ZERO,
+        });
+        let c = check(&h, 0);
+        assert_eq!(c.overlaps, 1);
+        assert_eq!(c.silent_losses, 1);
+    }
+
+    #[test]
+    fn killed_worker_section_ends_at_the_kill() {
+        let h = vec![
+            Event::Begin {
+                t: ms(0),
+                client: 1,
+                section: 1,
+                fence: 1,
+            },
+            Event::Killed {
+                t: ms(5),
+                client: 1,
+            },
+            Event::Begin {
+                t: ms(6),
+                client: 2,
+                section: 1,
+                fence: 2,
+            },
+        ];
+        let c = check(&h, 0);
+        assert_eq!((c.sections, c.overlaps), (2, 0));
+    }
+
+    #[test]
+    fn lost_update_and_out_of_order_are_found() {
+        let w = |fence, value, accepted| Event::Write {
+            t: ms(0),
+            client: 1,
+            fence,
+            value,
+            accepted,
+        };
+        let h = vec![w(2, 1, true), w(1, 2, true), w(3, 2, true), w(1, 9, false)];
+        let c = check(&h, 2);
+        assert_eq!(c.out_of_order, 1);
+        assert_eq!(c.lost_updates, 1);
+        assert_eq!(c.stale_rejected, 1);
+        assert_eq!(c.accepted_writes, 3);
+    }
+}

@@ -1,0 +1,149 @@
+//! The backends under test: their URLs, the servers behind them (started privately from
+//! the installed binaries by the testkit launchers), and what dlock promises on each.
+
+use crate::nemesis::Nemesis;
+use std::any::Any;
+use std::sync::Arc;
+
+/// A server the nemeses can kill, restart and pause.
+pub trait ServerCtl: Send + Sync {
+    /// For messages: "redis 127.0.0.1:6400".
+    fn name(&self) -> String;
+    /// The server's pid now (it changes at restart).
+    fn pid(&self) -> Option<u32>;
+    /// SIGKILLs the server and starts it again on the same port and data; blocks until it
+    /// accepts connections.
+    fn kill_and_restart(&self);
+}
+
+/// How a backend treats a holder that stops answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// flock(2): the lock lives exactly as long as the holder's open file.
+    Flock,
+    /// In one process.
+    Memory,
+    /// A lease with a server-side TTL (Redis, Redlock, SQL lease tables).
+    Ttl,
+    /// A lock tied to a database session (PostgreSQL advisory locks).
+    Session,
+}
+
+/// One backend under test.
+pub struct Backend {
+    /// Short name for reports ("file", "redis-aof", …).
+    pub name: String,
+    /// The URL the workers connect to.
+    pub url: String,
+    /// How the backend holds locks.
+    pub kind: Kind,
+    /// The servers behind it (empty for file and memory).
+    pub servers: Vec<Arc<dyn ServerCtl>>,
+    /// Whether fences survive a server restart (data on disk).
+    pub durable_fences: bool,
+    /// Keeps temporary directories and servers alive.
+    pub keep: Vec<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Backend {
+    /// A backend on `file://` in a fresh temporary directory.
+    pub fn file() -> Backend {
+        let dir = dlock_testkit::process::temp_dir("dlock-faults-file-");
+        Backend {
+            name: "file".into(),
+            url: format!("file://{}", dir.path().display()),
+            kind: Kind::Flock,
+            servers: Vec::new(),
+            durable_fences: true,
+            keep: vec![Arc::new(dir)],
+        }
+    }
+
+    /// A backend on `memory://` (workers run as tasks of the harness process).
+    pub fn memory() -> Backend {
+        Backend {
+            name: "memory".into(),
+            url: format!("memory://faults{}", rand::random::<u32>()),
+            kind: Kind::Memory,
+            servers: Vec::new(),
+            durable_fences: true,
+            keep: Vec::new(),
+        }
+    }
+
+    /// A backend at a URL the harness does not control (only client nemeses apply).
+    pub fn external(url: &str) -> Backend {
+        let kind = match url.split("://").next().unwrap_or("") {
+            "file" => Kind::Flock,
+            "memory" => Kind::Memory,
+            "postgres" | "postgresql" if !url.contains("mode=lease") => Kind::Session,
+            _ => Kind::Ttl,
+        };
+        Backend {
+            name: dlock::redact(url),
+            url: url.to_owned(),
+            kind,
+            servers: Vec::new(),
+            durable_fences: true,
+            keep: Vec::new(),
+        }
+    }
+
+    /// Every backend this build can start, by name.
+    pub fn names() -> Vec<&'static str> {
+        vec!["file", "memory"]
+    }
+
+    /// Starts the backend called `name` (see [`Backend::names`]), or uses `name` as a URL.
+    pub fn start(name: &str) -> Result<Backend, String> {
+        match name {
+            "file" => Ok(Backend::file()),
+            "memory" => Ok(Backend::memory()),
+            url if url.contains("://") => Ok(Backend::external(url)),
+            other => Err(format!(
+                "unknown backend {other:?}; known: {} or a URL",
+                Backend::names().join(", ")
+            )),
+        }
+    }
+
+    /// Whether `nemesis` can run here; `Err` says why not.
+    pub fn applicable(&self, nemesis: Nemesis) -> Result<(), &'static str> {
+        let client_processes = self.kind != Kind::Memory;
+        match nemesis {
+            Nemesis::None | Nemesis::KillClient | Nemesis::Mixed => Ok(()),
+            Nemesis::PauseClient if client_processes => Ok(()),
+            Nemesis::PauseClient => Err(
+                "memory:// clients are tasks of one process; a task cannot be stopped from outside",
+            ),
+            Nemesis::KillServer | Nemesis::PauseServer if self.servers.is_empty() => {
+                Err("no server: the backend is local, or the harness does not control it")
+            }
+            Nemesis::KillServer | Nemesis::PauseServer => Ok(()),
+            Nemesis::Clock if !client_processes => {
+                Err("memory:// clients share the harness process's clock")
+            }
+            Nemesis::Clock if crate::nemesis::libfaketime().is_none() => {
+                Err("libfaketime is not installed (apt-get install faketime)")
+            }
+            Nemesis::Clock => Ok(()),
+        }
+    }
+
+    /// Whether dlock's README allows two holders' critical sections to overlap on this
+    /// backend under `nemesis` (the fence must then reject the stale holder's writes).
+    pub fn overlap_possible(&self, nemesis: Nemesis) -> bool {
+        match (self.kind, nemesis) {
+            (_, Nemesis::None | Nemesis::KillClient) => false,
+            // A stopped holder keeps its flock; clocks play no part in flock.
+            (Kind::Flock | Kind::Memory, _) => false,
+            // A stopped holder's lease runs out at the server while it sleeps; a client whose
+            // clock jumps back renews too late; a server restart without persistence forgets.
+            (Kind::Ttl, _) => true,
+            // The session outlives a stopped client or server; a killed server ends every
+            // session, and a holder mid-section learns of it only afterwards.
+            (Kind::Session, Nemesis::KillServer | Nemesis::Mixed) => true,
+            (Kind::Session, _) => false,
+        }
+    }
+}

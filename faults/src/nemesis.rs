@@ -1,0 +1,142 @@
+//! The nemeses: what the harness does to clients and servers, and low-level helpers to do it.
+
+use std::path::Path;
+use std::time::Duration;
+
+/// A kind of fault, or a mix of all that apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Nemesis {
+    /// No faults: the baseline.
+    None,
+    /// SIGKILL a client process (a replacement starts at once).
+    KillClient,
+    /// SIGSTOP a client for longer than the TTL, then SIGCONT.
+    PauseClient,
+    /// SIGKILL a backend server, then restart it on the same port and data.
+    KillServer,
+    /// SIGSTOP a backend server for longer than the TTL, then SIGCONT.
+    PauseServer,
+    /// Jump a client's clock (libfaketime, wall and monotonic) by more than the TTL, one way
+    /// and back again.
+    Clock,
+    /// Each fault picked at random among those that apply.
+    Mixed,
+}
+
+/// Every nemesis, in report order.
+pub const ALL: &[Nemesis] = &[
+    Nemesis::None,
+    Nemesis::KillClient,
+    Nemesis::PauseClient,
+    Nemesis::KillServer,
+    Nemesis::PauseServer,
+    Nemesis::Clock,
+    Nemesis::Mixed,
+];
+
+impl Nemesis {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Nemesis::None => "none",
+            Nemesis::KillClient => "kill-client",
+            Nemesis::PauseClient => "pause-client",
+            Nemesis::KillServer => "kill-server",
+            Nemesis::PauseServer => "pause-server",
+            Nemesis::Clock => "clock",
+            Nemesis::Mixed => "mixed",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(name: &str) -> Option<Nemesis> {
+        ALL.iter().copied().find(|n| n.name() == name)
+    }
+}
+
+/// The libfaketime preload library, if installed (Debian package `faketime`).
+pub fn libfaketime() -> Option<std::path::PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// Sets a client's clock offset (read by libfaketime at every clock call).
+pub fn set_clock_offset(file: &Path, offset_secs: f64) -> std::io::Result<()> {
+    let text = if offset_secs >= 0.0 {
+        format!("+{offset_secs:.3}\n")
+    } else {
+        format!("{offset_secs:.3}\n")
+    };
+    // Write a new file and rename it over the old one, so a reader never sees half a line.
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, file)
+}
+
+/// Sends `signal` to `pid`; false if the process does not exist.
+pub fn signal(pid: u32, signal: libc::c_int) -> bool {
+    // SAFETY: kill(2) on a pid this harness started.
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+}
+
+/// The pid of the process listening on TCP 127.0.0.1:`port` (found through `/proc`), for
+/// servers started by launchers that do not expose their pid.
+pub fn pid_listening_on(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != "0A" {
+                continue; // not LISTEN
+            }
+            let local_port = cols[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                inodes.push(format!("socket:[{}]", cols[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| Path::new(i) == target) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// How long a pause lasts: well past the TTL, so a TTL lease surely expires meanwhile.
+pub fn pause_length(ttl: Duration) -> Duration {
+    ttl * 3 + Duration::from_millis(200)
+}
+
+/// How far a clock jump goes: past the TTL.
+pub fn clock_jump(ttl: Duration) -> Duration {
+    ttl * 3
+}

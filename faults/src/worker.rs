@@ -1,0 +1,105 @@
+//! The workload of one client: acquire the key, read-modify-write the fenced store,
+//! release, until a deadline. Runs as a separate process (`dlock-fault-worker`) or, for
+//! `memory://`, as a task inside the harness.
+//!
+//! The worker is deliberately naive: it writes even when its lease's `lost()` has fired,
+//! so that the fence, not the client's good behaviour, is what stops a stale holder.
+
+use crate::store::StoreClient;
+use dlock::Locks;
+use std::time::{Duration, Instant};
+
+/// What one worker does.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The worker's incarnation number (unique per run).
+    pub client: u32,
+    /// The lock key.
+    pub key: String,
+    /// The lease TTL.
+    pub ttl: Duration,
+    /// How long a critical section sleeps between its read and its write.
+    pub work: Duration,
+    /// Where the fenced store listens.
+    pub store: String,
+    /// How long to run.
+    pub run_for: Duration,
+}
+
+/// What a worker did, for its log.
+#[derive(Debug, Default, Clone)]
+pub struct WorkerStats {
+    /// Critical sections entered.
+    pub sections: u64,
+    /// Writes the store accepted.
+    pub accepted: u64,
+    /// Reads or writes the store rejected as stale.
+    pub stale: u64,
+    /// Sections in which `lost()` had fired by their end.
+    pub lost: u64,
+    /// dlock errors (acquire, release), by message.
+    pub errors: Vec<String>,
+}
+
+/// A timeout for every dlock call, so that a paused or dead server cannot hang a worker.
+fn call_timeout(ttl: Duration) -> Duration {
+    ttl * 4 + Duration::from_secs(2)
+}
+
+/// Runs the workload until the deadline. Errors from dlock are counted, never fatal;
+/// only losing the store (the harness) ends the worker early.
+pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerStats> {
+    let deadline = Instant::now() + config.run_for;
+    let mut store = StoreClient::connect(&config.store).await?;
+    let mut stats = WorkerStats::default();
+    let limit = call_timeout(config.ttl);
+    while Instant::now() < deadline {
+        let acquire = locks
+            .lock(&config.key)
+            .ttl(config.ttl)
+            .wait_for(config.ttl * 2)
+            .acquire();
+        let lease = match tokio::time::timeout(limit, acquire).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(dlock::Error::NotAcquired { .. })) => continue,
+            Ok(Err(err)) => {
+                stats.errors.push(err.to_string());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(_) => {
+                stats.errors.push("acquire timed out".into());
+                continue;
+            }
+        };
+        stats.sections += 1;
+        let (client, section, fence) = (config.client, stats.sections, lease.fence());
+        store.call(&format!("B {client} {section} {fence}")).await?;
+        let read = store.call(&format!("R {client} {section} {fence}")).await?;
+        if let Some(value) = read.strip_prefix("V ").and_then(|v| v.parse::<u64>().ok()) {
+            tokio::time::sleep(config.work).await;
+            let next = value + 1;
+            let write = store
+                .call(&format!("W {client} {section} {fence} {next}"))
+                .await?;
+            if write == "A" {
+                stats.accepted += 1;
+            } else {
+                stats.stale += 1;
+            }
+        } else {
+            stats.stale += 1;
+        }
+        let lost = lease.is_lost();
+        stats.lost += u64::from(lost);
+        store
+            .call(&format!("E {client} {section} {fence} {}", u8::from(lost)))
+            .await?;
+        match tokio::time::timeout(limit, lease.release()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => stats.errors.push(format!("release: {err}")),
+            Err(_) => stats.errors.push("release timed out".into()),
+        }
+    }
+    Ok(stats)
+}
