@@ -219,6 +219,13 @@ impl Lease {
     ///
     /// Fails with [`Error::LeaseLost`] if the backend no longer knows this lease as held.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
+        if !(crate::core::locks::MIN_TTL..=crate::core::locks::MAX_TTL).contains(&ttl) {
+            return Err(Error::BadOption(format!(
+                "TTL {ttl:?} is outside {:?}..={:?}",
+                crate::core::locks::MIN_TTL,
+                crate::core::locks::MAX_TTL
+            )));
+        }
         let sent = Instant::now();
         let held = self
             .shared

@@ -17,6 +17,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// The shortest TTL accepted: renewal at TTL/3 must be able to make a round trip.
 pub const MIN_TTL: Duration = Duration::from_millis(30);
 
+/// The longest TTL accepted (a year): longer ones would overflow clock arithmetic, here
+/// and in the stores.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A handle on one lock backend. Cheap to clone and share across tasks.
 ///
 /// ```
@@ -199,6 +203,12 @@ impl LockBuilder {
             return Err(Error::BadOption(format!(
                 "TTL {:?} is shorter than the minimum {:?}",
                 self.ttl, MIN_TTL
+            )));
+        }
+        if self.ttl > MAX_TTL {
+            return Err(Error::BadOption(format!(
+                "TTL {:?} is longer than the maximum {:?}",
+                self.ttl, MAX_TTL
             )));
         }
         if let Some(every) = self.renew_every {
