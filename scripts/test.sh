@@ -13,6 +13,7 @@ have redis-benchmark || missing+=(redis-tools)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || have initdb || missing+=(postgresql)
 have pgbench || missing+=(postgresql-client)
 have mariadbd || have mysqld || missing+=(mariadb-server)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
 have mariadb-install-db || have mysql_install_db || missing+=(mariadb-server)
 
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -20,6 +20,10 @@ fn secs() -> Duration {
 }
 
 async fn short_run(name: &str) {
+    assert!(
+        dlock_faults::nemesis::libfaketime().is_some(),
+        "libfaketime is not installed: install the Debian package `faketime` (apt-get install faketime)"
+    );
     let backend = Backend::start(name).unwrap_or_else(|e| panic!("{e}"));
     let log_dir = std::env::temp_dir().join(format!("dlock-faults-ci-{}", std::process::id()));
     let mut results = Vec::new();

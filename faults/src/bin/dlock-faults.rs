@@ -168,7 +168,11 @@ fn main() {
             results.push(result);
         }
     }
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = format!(
+        "cargo run --release -p dlock-faults --bin dlock-faults -- {}",
+        args.join(" ")
+    );
     let settings = format!(
         "Settings: {workers} client processes per run, TTL {ttl:?}, {work:?} between read and write, a fault every {fault_every:?} on average (pauses and clock jumps last 3×TTL+200ms), {duration:?} per backend split evenly between its nemeses."
     );

@@ -44,9 +44,14 @@ fn main() {
         }
     };
     let code = runtime.block_on(async move {
-        let locks = match dlock::connect(&args.url).await {
-            Ok(locks) => locks,
-            Err(err) => {
+        let connect = tokio::time::timeout(Duration::from_secs(10), dlock::connect(&args.url));
+        let locks = match connect.await {
+            Ok(Ok(locks)) => locks,
+            Err(_) => {
+                eprintln!("worker {}: connect timed out", args.client);
+                return 4;
+            }
+            Ok(Err(err)) => {
                 eprintln!("worker {}: connect: {err}", args.client);
                 // Servers may be down under a nemesis; the harness counts this.
                 return 4;
