@@ -43,6 +43,18 @@ pub struct Backend {
     pub durable_fences: bool,
     /// Keeps temporary directories and servers alive.
     pub keep: Vec<Arc<dyn Any + Send + Sync>>,
+    /// The servers' ports, and how to write the URL when a client reaches them through
+    /// other ports (its own proxies, for the partition nemesis).
+    pub via: Option<Via>,
+}
+
+/// The servers' ports and the URL for other ports.
+#[derive(Clone)]
+pub struct Via {
+    /// The ports of the servers, in URL order.
+    pub ports: Vec<u16>,
+    /// The URL naming these ports instead.
+    pub url: Arc<dyn Fn(&[u16]) -> String + Send + Sync>,
 }
 
 impl Backend {
@@ -56,6 +68,7 @@ impl Backend {
             servers: Vec::new(),
             durable_fences: true,
             keep: vec![Arc::new(dir)],
+            via: None,
         }
     }
 
@@ -68,6 +81,7 @@ impl Backend {
             servers: Vec::new(),
             durable_fences: true,
             keep: Vec::new(),
+            via: None,
         }
     }
 
@@ -86,6 +100,7 @@ impl Backend {
             servers: Vec::new(),
             durable_fences: true,
             keep: Vec::new(),
+            via: None,
         }
     }
 
@@ -127,6 +142,10 @@ impl Backend {
                 Err("libfaketime is not installed (apt-get install faketime)")
             }
             Nemesis::Clock => Ok(()),
+            Nemesis::Partition if self.via.is_none() => {
+                Err("no network between client and store: the backend is local, or the harness does not control it")
+            }
+            Nemesis::Partition => Ok(()),
         }
     }
 
@@ -140,7 +159,8 @@ impl Backend {
             // A stopped holder's lease runs out at the server while it sleeps; a client whose
             // clock jumps back renews too late; a server restart without persistence forgets.
             (Kind::Ttl, _) => true,
-            // The session outlives a stopped client or server; a killed server ends every
+            // A cut-off client stays in its session and the server keeps the lock; a killed
+            // server ends every
             // session, and a holder mid-section learns of it only afterwards.
             (Kind::Session, Nemesis::KillServer | Nemesis::Mixed) => true,
             (Kind::Session, _) => false,

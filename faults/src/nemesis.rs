@@ -19,6 +19,9 @@ pub enum Nemesis {
     /// Jump a client's clock (libfaketime, wall and monotonic) by more than the TTL, one way
     /// and back again.
     Clock,
+    /// Cut one client off from the server(s) for longer than the TTL, then heal: every
+    /// client reaches the servers through proxies of its own, which stop moving bytes.
+    Partition,
     /// Each fault picked at random among those that apply.
     Mixed,
 }
@@ -31,6 +34,7 @@ pub const ALL: &[Nemesis] = &[
     Nemesis::KillServer,
     Nemesis::PauseServer,
     Nemesis::Clock,
+    Nemesis::Partition,
     Nemesis::Mixed,
 ];
 
@@ -44,6 +48,7 @@ impl Nemesis {
             Nemesis::KillServer => "kill-server",
             Nemesis::PauseServer => "pause-server",
             Nemesis::Clock => "clock",
+            Nemesis::Partition => "partition",
             Nemesis::Mixed => "mixed",
         }
     }

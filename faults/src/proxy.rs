@@ -20,6 +20,9 @@ pub enum Mode {
     Truncate = 2,
     /// Forward the client's bytes and never answer (a black hole).
     Silent = 3,
+    /// A network partition: nothing moves either way (bytes wait in the buffers, as TCP
+    /// segments would be retransmitted) until the mode changes back to [`Mode::Pass`].
+    Partition = 4,
 }
 
 /// A running proxy; its mode can change at any time (affects new and live connections).
@@ -66,7 +69,15 @@ impl Proxy {
         self.mode.load(Ordering::SeqCst)
     }
 
+    /// Waits while the proxy is partitioned.
+    async fn heal(&self) {
+        while self.mode() == Mode::Partition as u8 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     async fn serve(&self, mut client: TcpStream, upstream: u16) -> std::io::Result<()> {
+        self.heal().await;
         if self.mode() == Mode::Close as u8 {
             return Ok(()); // dropped: closed
         }
@@ -76,7 +87,9 @@ impl Proxy {
         let up = async {
             let mut buf = [0u8; 8192];
             loop {
+                self.heal().await;
                 let n = cr.read(&mut buf).await?;
+                self.heal().await;
                 if n == 0 || self.mode() == Mode::Close as u8 {
                     return Ok::<(), std::io::Error>(());
                 }
@@ -87,7 +100,9 @@ impl Proxy {
             let mut buf = [0u8; 8192];
             let mut sent = 0usize;
             loop {
+                self.heal().await;
                 let n = sr.read(&mut buf).await?;
+                self.heal().await;
                 let mode = self.mode();
                 if n == 0 || mode == Mode::Close as u8 {
                     return Ok::<(), std::io::Error>(());

@@ -117,6 +117,7 @@ struct Worker {
     handle: Handle,
     log: PathBuf,
     clock: Option<PathBuf>,
+    proxies: Vec<crate::proxy::Proxy>,
     paused: bool,
 }
 
@@ -125,6 +126,7 @@ enum Active {
     PausedClient(u32),
     PausedServer(u32),
     Clock(PathBuf),
+    Partitioned(Vec<crate::proxy::Proxy>),
 }
 
 struct Runner<'a> {
@@ -170,7 +172,7 @@ pub async fn run(
         worker_errors: 0,
     };
     for _ in 0..config.workers {
-        runner.spawn_worker()?;
+        runner.spawn_worker().await?;
     }
     runner.drive(nemesis).await?;
     let duration = started.elapsed();
@@ -209,7 +211,7 @@ fn fmt_dur(d: Duration) -> String {
 }
 
 impl Runner<'_> {
-    fn spawn_worker(&mut self) -> std::io::Result<()> {
+    async fn spawn_worker(&mut self) -> std::io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left < Duration::from_millis(300) {
             return Ok(());
@@ -238,14 +240,29 @@ impl Runner<'_> {
                 handle: Handle::Task(task),
                 log,
                 clock: None,
+                proxies: Vec::new(),
                 paused: false,
             });
             return Ok(());
         }
+        let mut url = self.backend.url.clone();
+        let mut proxies = Vec::new();
+        if let (Some(via), true) = (
+            &self.backend.via,
+            matches!(self.nemesis, Nemesis::Partition | Nemesis::Mixed),
+        ) {
+            let mut ports = Vec::new();
+            for &port in &via.ports {
+                let proxy = crate::proxy::Proxy::start(port).await?;
+                ports.push(proxy.port());
+                proxies.push(proxy);
+            }
+            url = (via.url)(&ports);
+        }
         let mut command = Command::new(&self.config.worker_bin);
         command
             .arg("--url")
-            .arg(&self.backend.url)
+            .arg(&url)
             .args(["--key", &config.key, "--store", &config.store])
             .args(["--client", &client.to_string()])
             .args([
@@ -279,6 +296,7 @@ impl Runner<'_> {
             handle: Handle::Process(child),
             log,
             clock,
+            proxies,
             paused: false,
         });
         Ok(())
@@ -310,7 +328,7 @@ impl Runner<'_> {
                     }
                     self.worker_errors += log.matches("dlock error").count() as u64;
                     if replace {
-                        self.spawn_worker()?;
+                        self.spawn_worker().await?;
                     }
                 }
                 None => i += 1,
@@ -340,6 +358,7 @@ impl Runner<'_> {
             Nemesis::KillServer,
             Nemesis::PauseServer,
             Nemesis::Clock,
+            Nemesis::Partition,
         ]
         .into_iter()
         .filter(|n| self.backend.applicable(*n).is_ok())
@@ -381,7 +400,7 @@ impl Runner<'_> {
                 }
                 self.store
                     .fault(format!("SIGKILL client {}", worker.client));
-                self.spawn_worker()?;
+                self.spawn_worker().await?;
                 Ok(None)
             }
             Nemesis::PauseClient => {
@@ -444,6 +463,26 @@ impl Runner<'_> {
                     Instant::now() + nemesis::pause_length(ttl),
                 )))
             }
+            Nemesis::Partition => {
+                let Some(i) = self.pick_worker() else {
+                    return Ok(None);
+                };
+                let proxies = self.workers[i].proxies.clone();
+                if proxies.is_empty() {
+                    return Ok(None);
+                }
+                for proxy in &proxies {
+                    proxy.set(crate::proxy::Mode::Partition, 0);
+                }
+                self.store.fault(format!(
+                    "partition client {} from the server(s)",
+                    self.workers[i].client
+                ));
+                Ok(Some((
+                    Active::Partitioned(proxies),
+                    Instant::now() + nemesis::pause_length(ttl),
+                )))
+            }
             Nemesis::None | Nemesis::Mixed => Ok(None),
         }
     }
@@ -463,6 +502,11 @@ impl Runner<'_> {
             }
             Active::Clock(file) => {
                 let _ = nemesis::set_clock_offset(&file, 0.0);
+            }
+            Active::Partitioned(proxies) => {
+                for proxy in proxies {
+                    proxy.set(crate::proxy::Mode::Pass, 0);
+                }
             }
         }
     }
