@@ -28,8 +28,10 @@ pub struct Counts {
     pub sections: u64,
     /// Writes the store accepted.
     pub accepted_writes: u64,
-    /// (a) critical sections that overlapped an earlier section of another lease.
+    /// (a) pairs of critical sections (of two leases) that overlapped in time.
     pub overlaps: u64,
+    /// Distinct sections that another holder's section overtook (began while it ran).
+    pub overtaken: u64,
     /// (b) writes accepted with a fence lower than an earlier accepted write's.
     pub out_of_order: u64,
     /// (c) reads and writes the fence rejected as stale.
@@ -46,6 +48,7 @@ pub struct Counts {
 /// Rebuilds the critical sections from the history.
 pub fn sections(history: &[Event]) -> Vec<Section> {
     let mut open: HashMap<(u32, u64), (u64, Duration)> = HashMap::new();
+    let mut dead: std::collections::HashSet<u32> = std::collections::HashSet::new();
     let mut done = Vec::new();
     let last_t = history
         .iter()
@@ -85,9 +88,29 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                 client,
                 section,
                 fence,
+            } if dead.contains(client) => {
+                // Sent before the worker was killed, received after: the section ended
+                // at the kill, before the store heard of it.
+                done.push(Section {
+                    client: *client,
+                    section: *section,
+                    fence: *fence,
+                    begin: *t,
+                    end: *t,
+                    lost_at_end: None,
+                });
+            }
+            Event::Begin {
+                t,
+                client,
+                section,
+                fence,
             } => {
                 open.insert((*client, *section), (*fence, *t));
             }
+            Event::End {
+                client, section, ..
+            } if dead.contains(client) && !open.contains_key(&(*client, *section)) => {}
             Event::End {
                 t,
                 client,
@@ -109,6 +132,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                 });
             }
             Event::Killed { t, client } | Event::Exited { t, client } => {
+                dead.insert(*client);
                 close_client(&mut open, &mut done, *client, *t);
             }
             _ => {}
@@ -139,11 +163,10 @@ pub fn check(history: &[Event], final_value: u64) -> Counts {
         for &k in &active {
             overtaken[k] = true;
         }
-        if !active.is_empty() {
-            counts.overlaps += 1;
-        }
+        counts.overlaps += active.len() as u64;
         active.push(i);
     }
+    counts.overtaken = overtaken.iter().filter(|o| **o).count() as u64;
     counts.silent_losses = sections
         .iter()
         .zip(&overtaken)
@@ -254,6 +277,43 @@ mod tests {
         ];
         let c = check(&h, 0);
         assert_eq!((c.sections, c.overlaps), (2, 0));
+    }
+
+    #[test]
+    fn begin_received_after_the_kill_does_not_stay_open() {
+        let h = vec![
+            Event::Killed {
+                t: ms(5),
+                client: 1,
+            },
+            Event::Begin {
+                t: ms(6),
+                client: 1,
+                section: 1,
+                fence: 1,
+            },
+            Event::Begin {
+                t: ms(7),
+                client: 2,
+                section: 1,
+                fence: 2,
+            },
+            Event::End {
+                t: ms(9),
+                client: 2,
+                section: 1,
+                fence: 2,
+                lost: false,
+            },
+            Event::Begin {
+                t: ms(10),
+                client: 3,
+                section: 1,
+                fence: 3,
+            },
+        ];
+        let c = check(&h, 0);
+        assert_eq!((c.sections, c.overlaps), (3, 0));
     }
 
     #[test]

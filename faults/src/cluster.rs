@@ -54,8 +54,11 @@ pub struct Via {
     /// The ports of the servers, in URL order.
     pub ports: Vec<u16>,
     /// The URL naming these ports instead.
-    pub url: Arc<dyn Fn(&[u16]) -> String + Send + Sync>,
+    pub url: UrlFor,
 }
+
+/// Writes a backend URL naming the given ports.
+pub type UrlFor = Arc<dyn Fn(&[u16]) -> String + Send + Sync>;
 
 impl Backend {
     /// A backend on `file://` in a fresh temporary directory.
@@ -90,7 +93,7 @@ impl Backend {
         let kind = match url.split("://").next().unwrap_or("") {
             "file" => Kind::Flock,
             "memory" => Kind::Memory,
-            "postgres" | "postgresql" if !url.contains("mode=lease") => Kind::Session,
+            "postgres" | "postgresql" | "mysql" if !url.contains("mode=lease") => Kind::Session,
             _ => Kind::Ttl,
         };
         Backend {

@@ -7,8 +7,10 @@ use std::fmt::Write;
 /// The table of `results`.
 pub fn table(results: &[RunResult]) -> String {
     let mut out = String::new();
-    out.push_str("| backend | nemesis | run | sections | accepted writes | faults | (a) overlaps | overlap allowed | (b) out-of-order writes | (c) stale rejected | (d) lost updates | (e) overtaken, lost() silent | (f) left held | panics | hung | verdict |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    out.push_str("| backend | nemesis | run | sections | accepted writes | faults | (a) overlapping pairs | sections overtaken | overlap allowed | (b) out-of-order writes | (c) stale rejected | (d) lost updates | (e) overtaken, lost() silent | (f) left held | panics | hung | verdict |\n");
+    out.push_str(
+        "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
     for r in results {
         let c = &r.counts;
         let verdict = if r.failures().is_empty() {
@@ -18,7 +20,7 @@ pub fn table(results: &[RunResult]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {}s | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {}s | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.backend,
             r.nemesis.name(),
             r.duration.as_secs(),
@@ -26,6 +28,7 @@ pub fn table(results: &[RunResult]) -> String {
             c.accepted_writes,
             c.faults,
             c.overlaps,
+            c.overtaken,
             if r.overlap_allowed { "yes" } else { "no" },
             c.out_of_order,
             c.stale_rejected,

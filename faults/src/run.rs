@@ -124,7 +124,7 @@ struct Worker {
 /// A fault in progress, undone at `until`.
 enum Active {
     PausedClient(u32),
-    PausedServer(u32),
+    PausedServer(Vec<u32>),
     Clock(PathBuf),
     Partitioned(Vec<crate::proxy::Proxy>),
 }
@@ -178,7 +178,10 @@ pub async fn run(
     let duration = started.elapsed();
     runner.finish().await;
     let left_held = runner.left_held().await;
-    let counts = check(&store.history(), store.value());
+    let history = store.history();
+    let lines: Vec<String> = history.iter().map(|e| format!("{e:?}")).collect();
+    let _ = std::fs::write(dir.join("history.txt"), lines.join("\n"));
+    let counts = check(&history, store.value());
     Ok(RunResult {
         backend: backend.name.clone(),
         nemesis,
@@ -381,6 +384,9 @@ impl Runner<'_> {
                 };
                 let worker = self.workers.remove(i);
                 match worker.handle {
+                    // The kill is recorded the moment the signal is sent (the worker can
+                    // do nothing after it); a request it sent just before may still reach
+                    // the store afterwards (the checker knows).
                     Handle::Process(mut child) => {
                         nemesis::signal(child.id(), libc::SIGKILL);
                         self.store.record(|t| Event::Killed {
@@ -426,7 +432,7 @@ impl Runner<'_> {
                     .fault(format!("SIGKILL+restart {}", server.name()));
                 tokio::task::spawn_blocking(move || server.kill_and_restart())
                     .await
-                    .map_err(std::io::Error::other)?;
+                    .map_err(|e| std::io::Error::other(format!("server restart failed: {e}")))?;
                 Ok(None)
             }
             Nemesis::PauseServer => {
@@ -435,10 +441,13 @@ impl Runner<'_> {
                 let Some(pid) = server.pid() else {
                     return Ok(None);
                 };
-                nemesis::signal(pid, libc::SIGSTOP);
+                let pids = nemesis::process_tree(pid);
+                for &pid in &pids {
+                    nemesis::signal(pid, libc::SIGSTOP);
+                }
                 self.store.fault(format!("SIGSTOP {}", server.name()));
                 Ok(Some((
-                    Active::PausedServer(pid),
+                    Active::PausedServer(pids),
                     Instant::now() + nemesis::pause_length(ttl),
                 )))
             }
@@ -497,8 +506,10 @@ impl Runner<'_> {
                     worker.paused = false;
                 }
             }
-            Active::PausedServer(pid) => {
-                nemesis::signal(pid, libc::SIGCONT);
+            Active::PausedServer(pids) => {
+                for pid in pids {
+                    nemesis::signal(pid, libc::SIGCONT);
+                }
             }
             Active::Clock(file) => {
                 let _ = nemesis::set_clock_offset(&file, 0.0);

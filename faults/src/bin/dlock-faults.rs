@@ -170,7 +170,7 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = format!(
-        "cargo run --release -p dlock-faults --bin dlock-faults -- {}",
+        "cargo run -p dlock-faults --bin dlock-faults -- {}",
         args.join(" ")
     );
     let settings = format!(
