@@ -48,7 +48,8 @@ pub struct Counts {
 /// Rebuilds the critical sections from the history.
 pub fn sections(history: &[Event]) -> Vec<Section> {
     let mut open: HashMap<(u32, u64), (u64, Duration)> = HashMap::new();
-    let mut dead: std::collections::HashSet<u32> = std::collections::HashSet::new();
+    // When each killed or exited worker died.
+    let mut dead: HashMap<u32, Duration> = HashMap::new();
     let mut done = Vec::new();
     let last_t = history
         .iter()
@@ -84,19 +85,20 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
     for event in history {
         match event {
             Event::Begin {
-                t,
                 client,
                 section,
                 fence,
-            } if dead.contains(client) => {
-                // Sent before the worker was killed, received after: the section ended
-                // at the kill, before the store heard of it.
+                ..
+            } if dead.contains_key(client) => {
+                // Sent before the worker was killed, received after: the section began
+                // and ended at the kill, before the store heard of it.
+                let at = dead[client];
                 done.push(Section {
                     client: *client,
                     section: *section,
                     fence: *fence,
-                    begin: *t,
-                    end: *t,
+                    begin: at,
+                    end: at,
                     lost_at_end: None,
                 });
             }
@@ -110,7 +112,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
             }
             Event::End {
                 client, section, ..
-            } if dead.contains(client) && !open.contains_key(&(*client, *section)) => {}
+            } if dead.contains_key(client) && !open.contains_key(&(*client, *section)) => {}
             Event::End {
                 t,
                 client,
@@ -132,7 +134,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                 });
             }
             Event::Killed { t, client } | Event::Exited { t, client } => {
-                dead.insert(*client);
+                dead.entry(*client).or_insert(*t);
                 close_client(&mut open, &mut done, *client, *t);
             }
             _ => {}
