@@ -30,7 +30,9 @@ impl RedisBackend {
     /// the credentials.
     pub async fn open(url: &BackendUrl) -> Result<RedisBackend> {
         let options = Options::parse(url.url(), url.redacted())?;
-        let config = NodeConfig::from_url(url.url(), url.redacted(), &options)?;
+        let mut config = NodeConfig::from_url(url.url(), url.redacted(), &options)?;
+        // Messages name the URL as the user wrote it (password hidden).
+        config.describe = url.redacted().to_owned();
         let waker = Waker::new(
             url.redacted(),
             config.client.clone(),
@@ -39,7 +41,9 @@ impl RedisBackend {
         );
         let node = Node::new(config);
         node.connection().await?;
-        let run_id = node.run_id().await.unwrap_or_default();
+        // Also checks the credentials: a server with requirepass accepts the connection
+        // but refuses commands without them.
+        let run_id = node.run_id().await?;
         Ok(RedisBackend {
             node,
             waker,
