@@ -38,7 +38,14 @@ fn evalsha_calls(server: &RedisServer) -> u64 {
     stats
         .lines()
         .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum()
 }
 
@@ -55,17 +62,32 @@ async fn redlock_five_nodes_tolerates_two_down_and_reports_quorum_loss_with_thre
 
     nodes[0].kill();
     nodes[3].kill();
-    let fresh = dlock::connect(&url).await.expect("a handle opens with 3 of 5 nodes up");
+    let fresh = dlock::connect(&url)
+        .await
+        .expect("a handle opens with 3 of 5 nodes up");
     for round in 0..20 {
         let handle = if round % 2 == 0 { &locks } else { &fresh };
-        let lease = within(Duration::from_secs(10), "acquire with 2 of 5 down", handle.lock("job").acquire())
-            .await
-            .unwrap();
-        assert!(lease.fence() > last_fence, "fence {} after {last_fence}", lease.fence());
+        let lease = within(
+            Duration::from_secs(10),
+            "acquire with 2 of 5 down",
+            handle.lock("job").acquire(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            lease.fence() > last_fence,
+            "fence {} after {last_fence}",
+            lease.fence()
+        );
         last_fence = lease.fence();
         assert!(lease.release().await.unwrap(), "release with 2 of 5 down");
     }
-    let lease = locks.lock("held-while-degraded").ttl(Duration::from_secs(2)).acquire().await.unwrap();
+    let lease = locks
+        .lock("held-while-degraded")
+        .ttl(Duration::from_secs(2))
+        .acquire()
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!lease.is_lost(), "renewal with 3 of 5 nodes failed");
     lease.release().await.unwrap();
@@ -74,26 +96,41 @@ async fn redlock_five_nodes_tolerates_two_down_and_reports_quorum_loss_with_thre
     let err = locks.lock("job").try_acquire().await.unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains("quorum") && text.contains("2 of 5") && text.contains("3 needed"), "{text}");
+    assert!(
+        text.contains("quorum") && text.contains("2 of 5") && text.contains("3 needed"),
+        "{text}"
+    );
     let err = dlock::connect(&url).await.unwrap_err();
     assert!(err.to_string().contains("quorum"), "{err}");
 
     for index in [0, 3, 4] {
         nodes[index].start_again();
     }
-    let lease = within(Duration::from_secs(10), "acquire after the nodes are back", async {
-        loop {
-            match locks.lock("job").acquire().await {
-                Ok(lease) => break lease,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+    let lease = within(
+        Duration::from_secs(10),
+        "acquire after the nodes are back",
+        async {
+            loop {
+                match locks.lock("job").acquire().await {
+                    Ok(lease) => break lease,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
-        }
-    })
+        },
+    )
     .await;
-    assert!(lease.fence() > last_fence, "fence {} after {last_fence}", lease.fence());
+    assert!(
+        lease.fence() > last_fence,
+        "fence {} after {last_fence}",
+        lease.fence()
+    );
     lease.release().await.unwrap();
     for (index, node) in nodes.iter().enumerate() {
-        assert_eq!(stray_keys(node), Vec::<String>::new(), "stray keys on node {index}");
+        assert_eq!(
+            stray_keys(node),
+            Vec::<String>::new(),
+            "stray keys on node {index}"
+        );
     }
 }
 
@@ -134,36 +171,71 @@ async fn redlock_fences_increase_while_the_majority_changes() {
 async fn holder_sees_lost_when_its_node_is_restarted() {
     let server = RedisServer::start();
     let locks = dlock::connect(&server.url()).await.unwrap();
-    let lease = locks.lock("restart").ttl(Duration::from_secs(1)).acquire().await.unwrap();
+    let lease = locks
+        .lock("restart")
+        .ttl(Duration::from_secs(1))
+        .acquire()
+        .await
+        .unwrap();
     let first_fence = lease.fence();
     server.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.start_again();
-    within(Duration::from_secs(5), "lost() after the restart", lease.lost()).await;
-    // The counter was lost with the restart; the time-seeded counter still goes up.
-    let next = within(Duration::from_secs(10), "acquire after the restart", async {
-        loop {
-            match locks.lock("restart").acquire().await {
-                Ok(lease) => break lease,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
+    within(
+        Duration::from_secs(5),
+        "lost() after the restart",
+        lease.lost(),
+    )
     .await;
-    assert!(next.fence() > first_fence, "fence {} after {first_fence}", next.fence());
+    // The counter was lost with the restart; the time-seeded counter still goes up.
+    let next = within(
+        Duration::from_secs(10),
+        "acquire after the restart",
+        async {
+            loop {
+                match locks.lock("restart").acquire().await {
+                    Ok(lease) => break lease,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        next.fence() > first_fence,
+        "fence {} after {first_fence}",
+        next.fence()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn holder_sees_lost_when_its_node_is_frozen_past_the_ttl() {
     let server = RedisServer::start();
     let locks = dlock::connect(&server.url()).await.unwrap();
-    let lease = locks.lock("frozen").ttl(Duration::from_secs(1)).acquire().await.unwrap();
+    let lease = locks
+        .lock("frozen")
+        .ttl(Duration::from_secs(1))
+        .acquire()
+        .await
+        .unwrap();
     let frozen_at = Instant::now();
     server.pause();
-    let reason = within(Duration::from_secs(5), "lost() while the node is frozen", lease.lost()).await;
+    let reason = within(
+        Duration::from_secs(5),
+        "lost() while the node is frozen",
+        lease.lost(),
+    )
+    .await;
     server.resume();
-    assert!(frozen_at.elapsed() <= Duration::from_millis(1500), "lost() late: {:?}", frozen_at.elapsed());
-    assert!(matches!(reason, dlock::LossReason::RenewalFailed { .. }), "{reason:?}");
+    assert!(
+        frozen_at.elapsed() <= Duration::from_millis(1500),
+        "lost() late: {:?}",
+        frozen_at.elapsed()
+    );
+    assert!(
+        matches!(reason, dlock::LossReason::RenewalFailed { .. }),
+        "{reason:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -171,17 +243,31 @@ async fn killed_holder_frees_the_key_at_its_ttl_and_the_waiter_gets_it_without_p
     let server = RedisServer::start();
     let url = server.url();
     let mut holder = Command::new(env!("CARGO_BIN_EXE_dlock"))
-        .args(["run", "victim", "--backend", &url, "--ttl", "3s", "--", "sleep", "60"])
+        .args([
+            "run",
+            "victim",
+            "--backend",
+            &url,
+            "--ttl",
+            "3s",
+            "--",
+            "sleep",
+            "60",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let locks = dlock::connect(&url).await.unwrap();
-    within(Duration::from_secs(10), "the CLI holder takes the lock", async {
-        while locks.status("victim").await.unwrap().is_none() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    within(
+        Duration::from_secs(10),
+        "the CLI holder takes the lock",
+        async {
+            while locks.status("victim").await.unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
     .await;
     let waiter = tokio::spawn({
         let locks = locks.clone();
@@ -192,11 +278,20 @@ async fn killed_holder_frees_the_key_at_its_ttl_and_the_waiter_gets_it_without_p
     holder.wait().unwrap();
     let killed_at = Instant::now();
     let calls_before = evalsha_calls(&server);
-    let lease = within(Duration::from_secs(10), "the waiter gets the lock", waiter).await.unwrap().unwrap();
+    let lease = within(Duration::from_secs(10), "the waiter gets the lock", waiter)
+        .await
+        .unwrap()
+        .unwrap();
     let waited = killed_at.elapsed();
     let attempts = evalsha_calls(&server) - calls_before;
-    assert!(waited <= Duration::from_millis(3500), "freed late: {waited:?}");
-    assert!(attempts <= 4, "the waiter polled: {attempts} script calls while waiting ~3 s");
+    assert!(
+        waited <= Duration::from_millis(3500),
+        "freed late: {waited:?}"
+    );
+    assert!(
+        attempts <= 4,
+        "the waiter polled: {attempts} script calls while waiting ~3 s"
+    );
     lease.release().await.unwrap();
 }
 
@@ -206,15 +301,26 @@ async fn tls_connects_with_the_ca_and_fails_clearly_without() {
         tls: true,
         ..RedisConfig::default()
     });
-    let locks = dlock::connect(&server.url()).await.expect("TLS with ca_file");
+    let locks = dlock::connect(&server.url())
+        .await
+        .expect("TLS with ca_file");
     let lease = locks.lock("tls").acquire().await.unwrap();
     assert!(lease.fence() > 0);
     assert!(lease.release().await.unwrap());
     let plain_tls = format!("rediss://127.0.0.1:{}?connect_timeout=2s", server.port());
     let err = dlock::connect(&plain_tls).await.unwrap_err();
-    assert!(matches!(err, Error::Unavailable { .. } | Error::Backend { .. }), "{err:?}");
-    let plain = format!("redis://127.0.0.1:{}?connect_timeout=1s&command_timeout=1s", server.port());
-    assert!(dlock::connect(&plain).await.is_err(), "plain text to a TLS port connected");
+    assert!(
+        matches!(err, Error::Unavailable { .. } | Error::Backend { .. }),
+        "{err:?}"
+    );
+    let plain = format!(
+        "redis://127.0.0.1:{}?connect_timeout=1s&command_timeout=1s",
+        server.port()
+    );
+    assert!(
+        dlock::connect(&plain).await.is_err(),
+        "plain text to a TLS port connected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -230,33 +336,52 @@ async fn requirepass_and_acl_users_authenticate_and_wrong_passwords_are_clear_er
         format!("redis://default:s3cret-default@127.0.0.1:{port}/0"),
         format!("redis://alice:alice-pw@127.0.0.1:{port}/1?prefix=app:"),
     ] {
-        let locks = dlock::connect(&url).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let locks = dlock::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
         let lease = locks.lock("auth").acquire().await.unwrap();
         assert!(lease.release().await.unwrap());
     }
     for (url, secret) in [
-        (format!("redis://:wrong-pass-1@127.0.0.1:{port}"), "wrong-pass-1"),
-        (format!("redis://alice:wrong-pass-2@127.0.0.1:{port}"), "wrong-pass-2"),
+        (
+            format!("redis://:wrong-pass-1@127.0.0.1:{port}"),
+            "wrong-pass-1",
+        ),
+        (
+            format!("redis://alice:wrong-pass-2@127.0.0.1:{port}"),
+            "wrong-pass-2",
+        ),
         (format!("redis://127.0.0.1:{port}"), "s3cret-default"),
-        (format!("redlock://alice:wrong-pass-3@127.0.0.1:{port}"), "wrong-pass-3"),
+        (
+            format!("redlock://alice:wrong-pass-3@127.0.0.1:{port}"),
+            "wrong-pass-3",
+        ),
     ] {
         let err = dlock::connect(&url).await.unwrap_err();
         let text = err.to_string();
         assert!(!text.contains(secret), "password in the message: {text}");
         assert!(matches!(err, Error::Backend { .. }), "{url}: {err:?}");
-        assert!(text.contains("authentication") || text.contains("NOAUTH"), "{text}");
+        assert!(
+            text.contains("authentication") || text.contains("NOAUTH"),
+            "{text}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_server_is_unavailable_naming_the_redacted_url() {
     let port = dlock_testkit::process::free_port();
-    let err = dlock::connect(&format!("redis://:hunter2@127.0.0.1:{port}?connect_timeout=1s"))
-        .await
-        .unwrap_err();
+    let err = dlock::connect(&format!(
+        "redis://:hunter2@127.0.0.1:{port}?connect_timeout=1s"
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains(&format!("127.0.0.1:{port}")) && !text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}")) && !text.contains("hunter2"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -264,16 +389,32 @@ async fn redlock_acquire_all_is_all_or_nothing_and_cannot_deadlock() {
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let locks = dlock::connect(&redlock_url(&nodes)).await.unwrap();
     let blocker = locks.lock("b").acquire().await.unwrap();
-    let err = RedlockBackend::acquire_all(&locks, &["c", "a", "b"], Duration::from_secs(5), Wait::For(Duration::from_millis(300)))
-        .await
-        .unwrap_err();
+    let err = RedlockBackend::acquire_all(
+        &locks,
+        &["c", "a", "b"],
+        Duration::from_secs(5),
+        Wait::For(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::NotAcquired { .. }), "{err:?}");
-    assert!(locks.status("a").await.unwrap().is_none(), "a was left held");
-    assert!(locks.status("c").await.unwrap().is_none(), "c was left held");
+    assert!(
+        locks.status("a").await.unwrap().is_none(),
+        "a was left held"
+    );
+    assert!(
+        locks.status("c").await.unwrap().is_none(),
+        "c was left held"
+    );
     blocker.release().await.unwrap();
-    let leases = RedlockBackend::acquire_all(&locks, &["c", "a", "b", "a"], Duration::from_secs(5), Wait::No)
-        .await
-        .unwrap();
+    let leases = RedlockBackend::acquire_all(
+        &locks,
+        &["c", "a", "b", "a"],
+        Duration::from_secs(5),
+        Wait::No,
+    )
+    .await
+    .unwrap();
     let keys: Vec<&str> = leases.iter().map(|l| l.key()).collect();
     assert_eq!(keys, ["a", "b", "c"]);
     for lease in leases {
@@ -285,9 +426,14 @@ async fn redlock_acquire_all_is_all_or_nothing_and_cannot_deadlock() {
         let locks = locks.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..15 {
-                let leases = RedlockBackend::acquire_all(&locks, &order, Duration::from_secs(5), Wait::Forever)
-                    .await
-                    .unwrap();
+                let leases = RedlockBackend::acquire_all(
+                    &locks,
+                    &order,
+                    Duration::from_secs(5),
+                    Wait::Forever,
+                )
+                .await
+                .unwrap();
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 for lease in leases {
                     assert!(lease.release().await.unwrap());
@@ -296,6 +442,8 @@ async fn redlock_acquire_all_is_all_or_nothing_and_cannot_deadlock() {
         }));
     }
     for task in tasks {
-        within(Duration::from_secs(60), "opposite-order acquire_all", task).await.unwrap();
+        within(Duration::from_secs(60), "opposite-order acquire_all", task)
+            .await
+            .unwrap();
     }
 }
