@@ -447,3 +447,33 @@ async fn redlock_acquire_all_is_all_or_nothing_and_cannot_deadlock() {
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_local_waiters_do_not_stampede_the_server_at_release() {
+    let server = RedisServer::start();
+    let locks = dlock::connect(&server.url()).await.unwrap();
+    let lease = locks.lock("crowd").acquire().await.unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..50 {
+        let locks = locks.clone();
+        waiters.push(tokio::spawn(async move {
+            locks.lock("crowd").acquire().await.unwrap()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = evalsha_calls(&server);
+    lease.release().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = evalsha_calls(&server) - before;
+    // The release itself, and the attempt of the one woken waiter (a spurious extra wake
+    // is allowed), not 50 attempts.
+    assert!(
+        calls <= 4,
+        "{calls} script calls after one release with 50 waiters"
+    );
+    let finished: Vec<_> = waiters.iter().filter(|w| w.is_finished()).collect();
+    assert_eq!(finished.len(), 1, "exactly one waiter should hold the lock");
+    for waiter in waiters {
+        waiter.abort();
+    }
+}

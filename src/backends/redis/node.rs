@@ -22,7 +22,7 @@ pub struct KeyNames {
     pub fence: String,
     /// `{<prefix><key>}:holder`: who holds it, for `status`.
     pub holder: String,
-    /// `<prefix>released:<key>`: the Pub/Sub channel a release publishes on.
+    /// `<prefix>released`: the Pub/Sub channel a release publishes the key on.
     pub channel: String,
 }
 
@@ -33,7 +33,7 @@ impl KeyNames {
         KeyNames {
             fence: format!("{{{lock}}}:fence"),
             holder: format!("{{{lock}}}:holder"),
-            channel: format!("{prefix}released:{key}"),
+            channel: format!("{prefix}released"),
             lock,
         }
     }
@@ -223,7 +223,8 @@ impl Node {
             .key(&names.lock)
             .key(&names.holder)
             .arg(owner.as_str())
-            .arg(&names.channel);
+            .arg(&names.channel)
+            .arg(key.as_str());
         let done: i64 = self.invoke(&invocation).await?;
         Ok(done == 1)
     }
@@ -235,7 +236,8 @@ impl Node {
         invocation
             .key(&names.lock)
             .key(&names.holder)
-            .arg(&names.channel);
+            .arg(&names.channel)
+            .arg(key.as_str());
         let held: i64 = self.invoke(&invocation).await?;
         Ok(held > 0)
     }
@@ -387,7 +389,7 @@ mod tests {
         assert_eq!(names.lock, "dlock:job");
         assert_eq!(names.fence, "{dlock:job}:fence");
         assert_eq!(names.holder, "{dlock:job}:holder");
-        assert_eq!(names.channel, "dlock:released:job");
+        assert_eq!(names.channel, "dlock:released");
         assert!(is_side_key(&names.fence));
         assert!(!is_side_key(&names.lock));
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");

@@ -105,6 +105,7 @@ impl RedlockBackend {
                 Waker::new(
                     &c.describe,
                     c.client.clone(),
+                    format!("{}released", options.prefix),
                     options.connect_timeout,
                     options.command_timeout,
                 )
@@ -386,15 +387,12 @@ impl Backend for RedlockBackend {
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
-        let channel = match self.nodes.first() {
-            Some(node) => node.names(key).channel,
-            None => return Ok(None),
-        };
-        let watches: Vec<ChannelWatch> = join_all(self.wakers.iter().map(|w| w.watch(&channel)))
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let watches: Vec<ChannelWatch> =
+            join_all(self.wakers.iter().map(|w| w.watch(key.as_str())))
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
         if watches.is_empty() {
             return Ok(None);
         }

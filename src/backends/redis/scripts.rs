@@ -4,7 +4,7 @@
 //! Keys of one lock `K` (prefix included), all in the same cluster slot as `K` when `K`
 //! has no `{`:
 //! - `K`: the owner token, set with `SET K owner NX PX ttl` — the canonical lock;
-//! - `{K}:fence`: the fencing counter (no expiry);
+//! - `{K}:fence`: the last fence handed out for `K` (no expiry);
 //! - `{K}:holder`: a hash with pid, host, times and fence, for `status`, expiring with `K`.
 //!
 //! Numbers above 2^47 lose digits when Lua turns them into strings with `%.14g`, so
@@ -13,26 +13,28 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-/// Seeds a missing fence counter from the server clock in microseconds, so that a
-/// counter lost with a restart without persistence starts above every value handed out
-/// before (see docs/backends/redis.md).
-const SEED: &str = r"
-local function seed_fence(fence_key)
-  if redis.call('EXISTS', fence_key) == 0 then
-    local t = redis.call('TIME')
-    redis.call('SET', fence_key, t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
-  end
+/// The fence floor: the server clock in microseconds. A fence is never below it, so a
+/// counter lost or rolled back by a restart still yields fences above every earlier one
+/// (see docs/backends/redis.md for the exact condition).
+const FLOOR: &str = r"
+local function fence_floor(fence_key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local current = tonumber(redis.call('GET', fence_key) or '0') or 0
+  return current, now
 end
 ";
 
 /// KEYS: lock, fence, holder. ARGV: owner, ttl_ms, pid, host, now_ms.
-/// Returns `{1, fence}` when taken, else `{0, pttl}`.
+/// Returns `{1, fence}` when taken (fence = max(counter + 1, clock µs), stored), else
+/// `{0, pttl}`.
 pub static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{SEED}
+        r"{FLOOR}
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  seed_fence(KEYS[2])
-  local fence = string.format('%.0f', redis.call('INCR', KEYS[2]))
+  local current, now = fence_floor(KEYS[2])
+  local fence = string.format('%.0f', math.max(current + 1, now))
+  redis.call('SET', KEYS[2], fence)
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[3], 'owner', ARGV[1], 'fence', fence, 'pid', ARGV[3], 'host', ARGV[4],
     'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ARGV[2])
@@ -45,14 +47,14 @@ return {{0, string.format('%.0f', redis.call('PTTL', KEYS[1]))}}
 });
 
 /// Redlock, phase 1 on one node. KEYS: lock, fence, holder. ARGV: owner, ttl_ms, pid,
-/// host, now_ms. Returns `{1, counter}` (the node's current fence counter, not
-/// incremented) when taken, else `{0, pttl}`.
+/// host, now_ms. Returns `{1, max(counter, clock µs)}` (nothing written to the counter:
+/// phase 2 does that) when taken, else `{0, pttl}`.
 pub static REDLOCK_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{SEED}
+        r"{FLOOR}
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  seed_fence(KEYS[2])
-  local counter = redis.call('GET', KEYS[2])
+  local current, now = fence_floor(KEYS[2])
+  local counter = string.format('%.0f', math.max(current, now))
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[3], 'owner', ARGV[1], 'pid', ARGV[3], 'host', ARGV[4],
     'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ARGV[2])
@@ -100,13 +102,13 @@ return 0
 });
 
 /// Compare-and-delete, then a wake-up for waiters. KEYS: lock, holder. ARGV: owner,
-/// channel. Returns 1 or 0.
+/// channel, key (the message). Returns 1 or 0.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('PUBLISH', ARGV[2], ARGV[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
 end
 return 0
@@ -115,13 +117,13 @@ return 0
 });
 
 /// Deletes the lock whoever holds it, and wakes waiters. KEYS: lock, holder.
-/// ARGV: channel. Returns 1 if the lock was held.
+/// ARGV: channel, key (the message). Returns 1 if the lock was held.
 pub static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local held = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[1], 'force')
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return held
 ",
     )

@@ -36,6 +36,7 @@ impl RedisBackend {
         let waker = Waker::new(
             url.redacted(),
             config.client.clone(),
+            format!("{}released", options.prefix),
             options.connect_timeout,
             options.command_timeout,
         );
@@ -86,10 +87,9 @@ impl Backend for RedisBackend {
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
-        let channel = self.node.names(key).channel;
         Ok(self
             .waker
-            .watch(&channel)
+            .watch(key.as_str())
             .await
             .map(|watch| Box::new(watch) as Box<dyn KeyWatch>))
     }

@@ -1,10 +1,15 @@
 //! Wake-ups for waiters: one shared Pub/Sub subscriber connection per backend instance,
-//! subscribed lazily to one channel per watched key (`<prefix>released:<key>`) with
-//! reference counting, fanned out to the local [`KeyWatch`]es.
+//! subscribed to the one channel `<prefix>released` on which every release script
+//! publishes the released key, fanned out to the local [`KeyWatch`]es by key.
 //!
-//! Why one channel per key rather than one channel for all releases: a client then
-//! receives only the releases it waits for, so a busy server with many keys and many
-//! clients does not send every release to every client.
+//! Why one channel for the prefix rather than one channel per key: a per-key channel
+//! costs a SUBSCRIBE round trip before every waiting acquire (the watch must be in place
+//! before the first attempt) and an UNSUBSCRIBE after it, serialized on the one
+//! subscriber connection; that halved the rate of `acquire()` and capped it at one
+//! subscriber round trip per lock under concurrency. With one channel, a handle
+//! subscribes once, at its first wait, and every later wait costs no round trip. The
+//! price is that a subscribed handle receives the releases of every key under its prefix
+//! (a few dozen bytes each); give unrelated applications different prefixes.
 //!
 //! In this process, each message wakes **one** waiter of the key ([`Notify::notify_one`]:
 //! if it was dropped meanwhile, tokio passes the wake-up on), so many local waiters do not
@@ -19,18 +24,20 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 
 #[derive(Debug)]
-struct Channel {
+struct Watched {
     refs: usize,
     notify: Arc<Notify>,
 }
 
 struct Connection {
-    sink: PubSubSink,
+    // Kept so that the subscription stays open; dropping the stream ends it.
+    _sink: PubSubSink,
     generation: u64,
     reader: tokio::task::AbortHandle,
 }
@@ -44,20 +51,24 @@ impl Drop for Connection {
 struct Inner {
     describe: String,
     client: redis::Client,
+    channel: String,
     connect_timeout: Duration,
     command_timeout: Duration,
-    channels: Mutex<HashMap<String, Channel>>,
-    /// Held while (un)subscribing, so that the subscription state and the server agree.
+    /// The keys somebody here waits for.
+    keys: Mutex<HashMap<String, Watched>>,
+    /// Held while connecting.
     connection: tokio::sync::Mutex<Option<Connection>>,
-    generations: std::sync::atomic::AtomicU64,
+    /// True while the subscription is confirmed and the reader runs.
+    connected: AtomicBool,
+    generations: AtomicU64,
 }
 
 impl Inner {
-    fn channels(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
-        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    fn keys(&self) -> MutexGuard<'_, HashMap<String, Watched>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Opens the subscriber connection and subscribes to every watched channel.
+    /// Opens the subscriber connection and subscribes.
     ///
     /// Boxed: `connect` → `read` → `reconnect` → `connect` would otherwise be a cycle of
     /// opaque future types.
@@ -74,29 +85,25 @@ impl Inner {
             .map_err(|_| format!("connecting timed out after {:?}", self.connect_timeout))?
             .map_err(|err| err.to_string())?;
         let (mut sink, stream) = pubsub.split();
-        let watched: Vec<String> = self.channels().keys().cloned().collect();
-        if !watched.is_empty() {
-            tokio::time::timeout(self.command_timeout, sink.subscribe(&watched))
-                .await
-                .map_err(|_| "SUBSCRIBE timed out".to_owned())?
-                .map_err(|err| err.to_string())?;
-        }
-        let generation = self
-            .generations
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(self.command_timeout, sink.subscribe(&self.channel))
+            .await
+            .map_err(|_| "SUBSCRIBE timed out".to_owned())?
+            .map_err(|err| err.to_string())?;
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let reader = tokio::spawn(read(Arc::downgrade(self), stream, generation)).abort_handle();
+        self.connected.store(true, Ordering::Release);
         // Releases may have happened while nobody listened.
         self.wake_all();
         Ok(Connection {
-            sink,
+            _sink: sink,
             generation,
             reader,
         })
     }
 
     fn wake_all(&self) {
-        for channel in self.channels().values() {
-            channel.notify.notify_waiters();
+        for watched in self.keys().values() {
+            watched.notify.notify_waiters();
         }
     }
 }
@@ -105,10 +112,11 @@ impl Inner {
 async fn read(inner: Weak<Inner>, mut stream: PubSubStream, generation: u64) {
     while let Some(message) = stream.next().await {
         let Some(inner) = inner.upgrade() else { return };
+        let key = String::from_utf8_lossy(message.get_payload_bytes());
         let notify = inner
-            .channels()
-            .get(message.get_channel_name())
-            .map(|channel| Arc::clone(&channel.notify));
+            .keys()
+            .get(key.as_ref())
+            .map(|watched| Arc::clone(&watched.notify));
         if let Some(notify) = notify {
             notify.notify_one();
         }
@@ -117,6 +125,7 @@ async fn read(inner: Weak<Inner>, mut stream: PubSubStream, generation: u64) {
         return;
     };
     tracing::debug!(backend = %strong.describe, "Pub/Sub connection lost; waking waiters and reconnecting");
+    strong.connected.store(false, Ordering::Release);
     strong.wake_all();
     tokio::spawn(reconnect(Arc::downgrade(&strong), generation));
 }
@@ -132,7 +141,7 @@ async fn reconnect(inner: Weak<Inner>, lost_generation: u64) {
                 _ => {}
             }
             *connection = None;
-            if inner.channels().is_empty() {
+            if inner.keys().is_empty() {
                 return; // the next watch connects
             }
             match inner.connect().await {
@@ -161,15 +170,18 @@ impl std::fmt::Debug for Waker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Waker")
             .field("backend", &self.inner.describe)
+            .field("channel", &self.inner.channel)
             .finish_non_exhaustive()
     }
 }
 
 impl Waker {
-    /// A hub for the node `client` connects to; it connects at the first watch.
+    /// A hub listening on `channel` of the node `client` connects to; it connects at the
+    /// first watch.
     pub fn new(
         describe: &str,
         client: redis::Client,
+        channel: String,
         connect_timeout: Duration,
         command_timeout: Duration,
     ) -> Waker {
@@ -177,21 +189,40 @@ impl Waker {
             inner: Arc::new(Inner {
                 describe: describe.to_owned(),
                 client,
+                channel,
                 connect_timeout,
                 command_timeout,
-                channels: Mutex::new(HashMap::new()),
+                keys: Mutex::new(HashMap::new()),
                 connection: tokio::sync::Mutex::new(None),
-                generations: std::sync::atomic::AtomicU64::new(0),
+                connected: AtomicBool::new(false),
+                generations: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Subscribes to `channel` (if nobody here does yet) and returns a watch on it, once
-    /// the server has confirmed the subscription. `None` if the subscriber connection
-    /// cannot be had: the engine then retries with backoff.
-    pub async fn watch(&self, channel: &str) -> Option<ChannelWatch> {
+    /// A watch on releases of `key`, returned once the subscription is confirmed by the
+    /// server. `None` if the subscriber connection cannot be had: the engine then retries
+    /// with backoff.
+    pub async fn watch(&self, key: &str) -> Option<ChannelWatch> {
+        let notify = {
+            let mut keys = self.inner.keys();
+            let entry = keys.entry(key.to_owned()).or_insert_with(|| Watched {
+                refs: 0,
+                notify: Arc::new(Notify::new()),
+            });
+            entry.refs += 1;
+            Arc::clone(&entry.notify)
+        };
+        let watch = ChannelWatch {
+            inner: Arc::clone(&self.inner),
+            key: key.to_owned(),
+            notify,
+        };
+        if self.inner.connected.load(Ordering::Acquire) {
+            return Some(watch);
+        }
         let mut connection = self.inner.connection.lock().await;
-        if connection.is_none() {
+        if connection.is_none() || !self.inner.connected.load(Ordering::Acquire) {
             match self.inner.connect().await {
                 Ok(fresh) => *connection = Some(fresh),
                 Err(err) => {
@@ -200,43 +231,14 @@ impl Waker {
                 }
             }
         }
-        let (notify, first) = {
-            let mut channels = self.inner.channels();
-            let entry = channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| Channel {
-                    refs: 0,
-                    notify: Arc::new(Notify::new()),
-                });
-            entry.refs += 1;
-            (Arc::clone(&entry.notify), entry.refs == 1)
-        };
-        let watch = ChannelWatch {
-            inner: Arc::clone(&self.inner),
-            channel: channel.to_owned(),
-            notify,
-        };
-        if first {
-            let current = connection.as_mut()?;
-            let subscribed =
-                tokio::time::timeout(self.inner.command_timeout, current.sink.subscribe(channel))
-                    .await;
-            if !matches!(subscribed, Ok(Ok(()))) {
-                tracing::debug!(backend = %self.inner.describe, "SUBSCRIBE failed; waiters will poll");
-                *connection = None;
-                drop(connection);
-                drop(watch);
-                return None;
-            }
-        }
         Some(watch)
     }
 }
 
-/// One waiter's subscription to a channel; unsubscribes when the last one is dropped.
+/// One waiter's interest in the releases of one key.
 pub struct ChannelWatch {
     inner: Arc<Inner>,
-    channel: String,
+    key: String,
     notify: Arc<Notify>,
 }
 
@@ -256,42 +258,12 @@ impl KeyWatch for ChannelWatch {
 
 impl Drop for ChannelWatch {
     fn drop(&mut self) {
-        let last = {
-            let mut channels = self.inner.channels();
-            match channels.get_mut(&self.channel) {
-                Some(entry) => {
-                    entry.refs = entry.refs.saturating_sub(1);
-                    if entry.refs == 0 {
-                        channels.remove(&self.channel);
-                        true
-                    } else {
-                        false
-                    }
-                }
-                None => false,
+        let mut keys = self.inner.keys();
+        if let Some(entry) = keys.get_mut(&self.key) {
+            entry.refs = entry.refs.saturating_sub(1);
+            if entry.refs == 0 {
+                keys.remove(&self.key);
             }
-        };
-        if !last {
-            return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (inner, channel) = (Arc::clone(&self.inner), self.channel.clone());
-        runtime.spawn(async move {
-            let mut connection = inner.connection.lock().await;
-            // A new watch may have subscribed again meanwhile.
-            if inner.channels().contains_key(&channel) {
-                return;
-            }
-            if let Some(current) = connection.as_mut() {
-                let unsubscribed =
-                    tokio::time::timeout(inner.command_timeout, current.sink.unsubscribe(&channel))
-                        .await;
-                if !matches!(unsubscribed, Ok(Ok(()))) {
-                    *connection = None;
-                }
-            }
-        });
     }
 }
