@@ -66,3 +66,8 @@ pub async fn connect(url: &str) -> Result<Locks> {
 pub async fn connect_default() -> Result<Locks> {
     connect(&default_url()?).await
 }
+
+/// The README's examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -264,13 +264,20 @@ impl Backend for FileBackend {
         let template = Self::new_record(&request, 0);
         loop {
             let file = open_lock_file(&path).map_err(|e| self.io_error("open", &path, &e))?;
-            let wait = KernelWait::start(file).map_err(|e| self.io_error("wait for", &path, &e))?;
-            let Some(file) = wait
-                .wait(deadline)
-                .await
-                .map_err(|e| self.io_error("lock", &path, &e))?
-            else {
-                return Ok(None);
+            // A free lock needs no waiting thread.
+            let file = if flock::try_lock(&file).map_err(|e| self.io_error("lock", &path, &e))? {
+                file
+            } else {
+                let wait =
+                    KernelWait::start(file).map_err(|e| self.io_error("wait for", &path, &e))?;
+                match wait
+                    .wait(deadline)
+                    .await
+                    .map_err(|e| self.io_error("lock", &path, &e))?
+                {
+                    Some(file) => file,
+                    None => return Ok(None),
+                }
             };
             let (path_for_claim, template) = (path.clone(), template.clone());
             let this = self.clone();
