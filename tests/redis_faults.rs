@@ -479,3 +479,36 @@ async fn many_local_waiters_do_not_stampede_the_server_at_release() {
         waiter.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_lease_is_lost_when_renewal_cannot_reach_a_majority() {
+    let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let locks = dlock::connect(&redlock_url(&nodes)).await.unwrap();
+    let lease = locks
+        .lock("majority")
+        .ttl(Duration::from_secs(1))
+        .acquire()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!lease.is_lost(), "renewed on 3 of 3 nodes, yet lost");
+    nodes[1].pause();
+    nodes[2].kill();
+    let since = Instant::now();
+    let reason = within(
+        Duration::from_secs(5),
+        "lost() with 1 of 3 nodes left",
+        lease.lost(),
+    )
+    .await;
+    nodes[1].resume();
+    assert!(
+        since.elapsed() <= Duration::from_millis(1100),
+        "lost() fired after {:?}, past the validity",
+        since.elapsed()
+    );
+    assert!(
+        matches!(reason, dlock::LossReason::RenewalFailed { .. }),
+        "{reason:?}"
+    );
+}

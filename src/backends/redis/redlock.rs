@@ -221,8 +221,9 @@ impl RedlockBackend {
 
     /// Takes every key of `keys` (all or nothing) with the given TTL and wait, in sorted
     /// order so that two callers asking for overlapping sets cannot deadlock; on failure
-    /// the keys already taken are released. `locks` must be a handle on a Redlock backend
-    /// (any backend works; the order argument is the same).
+    /// the keys already taken are released. Each key is an ordinary lease with its own
+    /// renewal and loss signal. Meant for `redlock://` handles, but it works on any
+    /// backend (the ordering argument does not depend on the store).
     ///
     /// ```no_run
     /// # async fn f(locks: dlock::Locks) -> dlock::Result<()> {
