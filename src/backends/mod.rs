@@ -5,6 +5,8 @@ pub mod counting;
 pub mod file;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use crate::core::locks::Locks;
 use crate::error::Result;
@@ -25,12 +27,19 @@ pub const SCHEMES: &[(&str, &str)] = &[
 
 /// Opens the backend a URL names (SPEC §3).
 pub async fn open(url: &str) -> Result<Locks> {
+    // A multi-host authority is not a URL the `url` crate parses: Redlock parses its own.
+    #[cfg(feature = "redis")]
+    if redis::is_redlock_url(url) {
+        return Ok(Locks::from_backend(redis::RedlockBackend::open(url).await?));
+    }
     let url = BackendUrl::parse(url)?;
     match url.scheme() {
         #[cfg(feature = "file")]
         "file" => Ok(Locks::from_backend(file::FileBackend::open(&url)?)),
         #[cfg(feature = "memory")]
         "memory" => Ok(Locks::from_backend(memory::MemoryBackend::open(&url)?)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Locks::from_backend(redis::RedisBackend::open(&url).await?)),
         scheme => Err(unknown_scheme(&url, scheme)),
     }
 }

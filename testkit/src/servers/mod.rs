@@ -1,0 +1,3 @@
+//! Launchers for the real servers the backends talk to.
+
+pub mod redis;
