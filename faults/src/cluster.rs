@@ -109,7 +109,7 @@ impl Backend {
 
     /// Every backend this build can start, by name.
     pub fn names() -> Vec<&'static str> {
-        vec!["file", "memory"]
+        vec!["file", "memory", "redis", "redis-aof", "redlock"]
     }
 
     /// Starts the backend called `name` (see [`Backend::names`]), or uses `name` as a URL.
@@ -117,6 +117,9 @@ impl Backend {
         match name {
             "file" => Ok(Backend::file()),
             "memory" => Ok(Backend::memory()),
+            "redis" => Ok(crate::servers::redis(false)),
+            "redis-aof" => Ok(crate::servers::redis(true)),
+            "redlock" => Ok(crate::servers::redlock()),
             url if url.contains("://") => Ok(Backend::external(url)),
             other => Err(format!(
                 "unknown backend {other:?}; known: {} or a URL",

@@ -12,5 +12,6 @@ pub mod nemesis;
 pub mod proxy;
 pub mod report;
 pub mod run;
+pub mod servers;
 pub mod store;
 pub mod worker;

@@ -306,3 +306,164 @@ async fn hostile_durations_are_typed_errors() {
         );
     }
 }
+
+mod servers {
+    use super::*;
+    use dlock_faults::cluster::Backend;
+    use dlock_faults::proxy::{Mode, Proxy};
+    use std::time::Instant;
+
+    /// Waits until `key` is free on the backend (reached directly, not through the proxy).
+    async fn assert_freed(direct: &str, key: &str, within: Duration, what: &str) {
+        let locks = dlock::connect(direct).await.unwrap();
+        let until = Instant::now() + within;
+        loop {
+            match locks.status(key).await {
+                Ok(None) => return,
+                Ok(Some(info)) if Instant::now() >= until => {
+                    panic!("{what}: key still held after {within:?}: {info:?}")
+                }
+                Err(err) if Instant::now() >= until => panic!("{what}: status failed: {err}"),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn typed(err: &Error) -> bool {
+        matches!(
+            err,
+            Error::Unavailable { .. }
+                | Error::Backend { .. }
+                | Error::LeaseLost { .. }
+                | Error::NotAcquired { .. }
+        )
+    }
+
+    /// One attempt through a hostile proxy: connect, take, release; every failure typed,
+    /// nothing hangs past `limit`.
+    async fn attempt(url: &str, key: &str, ttl: Duration, what: &str) {
+        let limit = Duration::from_secs(30);
+        let outcome = tokio::time::timeout(limit, async {
+            let locks = dlock::connect(url).await?;
+            if let Some(lease) = locks.lock(key).ttl(ttl).try_acquire().await? {
+                lease.release().await?;
+            }
+            Ok::<(), Error>(())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: hung for {limit:?}"));
+        if let Err(err) = outcome {
+            assert!(typed(&err), "{what}: untyped error {err:?}");
+        }
+    }
+
+    async fn sweep(name: &str) {
+        let backend = Backend::start(name).unwrap();
+        let via = backend.via.clone().expect("a server backend");
+        let ttl = Duration::from_millis(800);
+        let freed_within = ttl * 2 + Duration::from_secs(3);
+        sweep_keys(&backend.url).await;
+
+        let proxies: Vec<Proxy> = {
+            let mut v = Vec::new();
+            for &port in &via.ports {
+                v.push(Proxy::start(port).await.unwrap());
+            }
+            v
+        };
+        let set = |mode: Mode, cut: usize| {
+            for p in &proxies {
+                p.set(mode, cut);
+            }
+        };
+        let url = (via.url)(&proxies.iter().map(Proxy::port).collect::<Vec<_>>());
+        let key = "bad-input-proxy";
+
+        // Connections closed at once, and replies cut short at many points.
+        set(Mode::Close, 0);
+        attempt(&url, key, ttl, &format!("{name}: closed at once")).await;
+        assert_freed(&backend.url, key, freed_within, &format!("{name}: closed")).await;
+        for cut in [1, 4, 11, 40, 90, 200, 500, 1200, 4000] {
+            set(Mode::Truncate, cut);
+            let what = format!("{name}: replies cut after {cut} bytes");
+            attempt(&url, key, ttl, &what).await;
+            assert_freed(&backend.url, key, freed_within, &what).await;
+        }
+
+        // A lease whose connection is cut while it is held: lost() fires, release fails
+        // typed, and the lock is freed (at once for sessions, by the TTL otherwise).
+        for (mode, cut) in [(Mode::Close, 0), (Mode::Truncate, 3)] {
+            set(Mode::Pass, 0);
+            let what = format!("{name}: lease cut by {mode:?}");
+            let locks = tokio::time::timeout(Duration::from_secs(20), dlock::connect(&url))
+                .await
+                .unwrap()
+                .unwrap();
+            let lease = locks.lock(key).ttl(ttl).acquire().await.unwrap();
+            set(mode, cut);
+            tokio::time::timeout(ttl * 3 + Duration::from_secs(2), lease.lost())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: lost() did not fire"));
+            match tokio::time::timeout(Duration::from_secs(20), lease.release()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => assert!(typed(&err), "{what}: untyped release error {err:?}"),
+                Err(_) => panic!("{what}: release hung"),
+            }
+            set(Mode::Close, 0); // ends the proxied sessions
+            assert_freed(&backend.url, key, freed_within, &what).await;
+            drop(locks);
+        }
+
+        // A black hole (requests go in, no reply comes back): on TTL backends lost() fires
+        // before the lease may have expired. Session backends keep the lock at the server
+        // as long as the session lives, so their lost() stays quiet until the connection
+        // fails (documented in docs/reliability.md). Either way, once the connection is
+        // closed the key is free again.
+        set(Mode::Pass, 0);
+        let what = format!("{name}: lease behind a black hole");
+        let locks = tokio::time::timeout(Duration::from_secs(20), dlock::connect(&url))
+            .await
+            .unwrap()
+            .unwrap();
+        let lease = locks.lock(key).ttl(ttl).acquire().await.unwrap();
+        set(Mode::Silent, 0);
+        let fired = tokio::time::timeout(ttl * 3 + Duration::from_secs(2), lease.lost())
+            .await
+            .is_ok();
+        if backend.kind == dlock_faults::cluster::Kind::Ttl {
+            assert!(fired, "{what}: lost() did not fire");
+        }
+        let released = tokio::time::timeout(Duration::from_secs(5), lease.release()).await;
+        if let Ok(Err(err)) = &released {
+            assert!(typed(err), "{what}: untyped release error {err:?}");
+        }
+        eprintln!(
+            "{what}: lost() {}, release {}",
+            if fired { "fired" } else { "silent" },
+            if released.is_ok() {
+                "returned"
+            } else {
+                "still waiting after 5s (dropped)"
+            }
+        );
+        set(Mode::Close, 0);
+        drop(locks);
+        assert_freed(&backend.url, key, freed_within, &what).await;
+    }
+
+    macro_rules! server_sweeps {
+        ($($test:ident => $name:expr),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    sweep($name).await;
+                }
+            )*
+        };
+    }
+
+    server_sweeps! {
+        proxy_redis => "redis",
+        proxy_redlock => "redlock",
+    }
+}

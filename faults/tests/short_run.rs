@@ -91,4 +91,7 @@ macro_rules! backends {
 backends! {
     file => "file",
     memory => "memory",
+    redis => "redis",
+    redis_aof => "redis-aof",
+    redlock => "redlock",
 }

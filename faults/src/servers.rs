@@ -1,0 +1,145 @@
+//! The server backends: Redis (with and without AOF) and Redlock over three Redis nodes,
+//! started privately by the testkit launchers, with the controls the nemeses need.
+//! (PostgreSQL and MariaDB join when the `sql` branch is merged.)
+
+use crate::cluster::{Backend, Kind, ServerCtl, Via};
+use dlock_testkit::servers::redis::{RedisConfig, RedisServer};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct RedisCtl(Arc<RedisServer>);
+
+impl ServerCtl for RedisCtl {
+    fn name(&self) -> String {
+        format!("redis-server {}", self.0.address())
+    }
+    fn pid(&self) -> Option<u32> {
+        self.0.pid()
+    }
+    fn kill_and_restart(&self) {
+        self.0.kill();
+        self.0.start_again();
+    }
+}
+
+/// Waits until dlock can connect to `url` and query it (a server whose port is open may still
+/// be starting up), for at most a minute. Runs on a thread of its own so that it can be
+/// called from inside or outside a runtime.
+fn wait_ready(url: &str) {
+    let shown = dlock::redact(url);
+    let url = url.to_owned();
+    let ready = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("cannot start a runtime");
+        runtime.block_on(async {
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let attempt = async { dlock::connect(&url).await?.list().await };
+                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(err)) if std::time::Instant::now() >= until => {
+                        return Err(err.to_string())
+                    }
+                    Err(_) if std::time::Instant::now() >= until => {
+                        return Err("timed out".to_owned())
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    })
+    .join()
+    .expect("readiness thread panicked");
+    if let Err(err) = ready {
+        panic!("{shown}: server not ready after a minute: {err}");
+    }
+}
+
+/// `url` with its one host's port replaced by `new`.
+fn with_port(url: &str, old: u16, new: u16) -> String {
+    url.replacen(&format!("127.0.0.1:{old}"), &format!("127.0.0.1:{new}"), 1)
+}
+
+struct Single {
+    name: &'static str,
+    url: String,
+    port: u16,
+    kind: Kind,
+    durable_fences: bool,
+    ctl: Arc<dyn ServerCtl>,
+    keep: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+fn single(s: Single) -> Backend {
+    wait_ready(&s.url);
+    let Single {
+        name,
+        url,
+        port,
+        kind,
+        durable_fences,
+        ctl,
+        keep,
+    } = s;
+    let template = url.clone();
+    Backend {
+        name: name.into(),
+        url,
+        kind,
+        servers: vec![ctl],
+        durable_fences,
+        keep: vec![keep],
+        via: Some(Via {
+            ports: vec![port],
+            url: Arc::new(move |ports: &[u16]| with_port(&template, port, ports[0])),
+        }),
+    }
+}
+
+/// Redis, one node; `aof` turns on `appendonly yes` with `appendfsync always`.
+pub fn redis(aof: bool) -> Backend {
+    let server = Arc::new(RedisServer::start_with(RedisConfig {
+        appendonly: aof,
+        ..RedisConfig::default()
+    }));
+    let name = if aof { "redis-aof" } else { "redis" };
+    single(Single {
+        name,
+        url: server.url(),
+        port: server.port(),
+        kind: Kind::Ttl,
+        durable_fences: aof,
+        ctl: Arc::new(RedisCtl(Arc::clone(&server))),
+        keep: server,
+    })
+}
+
+/// Redlock over three Redis nodes without persistence.
+pub fn redlock() -> Backend {
+    let nodes: Vec<Arc<RedisServer>> = (0..3).map(|_| Arc::new(RedisServer::start())).collect();
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port()).collect();
+    let url_for = |ports: &[u16]| {
+        let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redlock://{}", hosts.join(","))
+    };
+    Backend {
+        name: "redlock".into(),
+        url: url_for(&ports),
+        kind: Kind::Ttl,
+        servers: nodes
+            .iter()
+            .map(|n| Arc::new(RedisCtl(Arc::clone(n))) as Arc<dyn ServerCtl>)
+            .collect(),
+        durable_fences: false,
+        keep: nodes
+            .into_iter()
+            .map(|n| n as Arc<dyn std::any::Any + Send + Sync>)
+            .collect(),
+        via: Some(Via {
+            ports,
+            url: Arc::new(url_for),
+        }),
+    }
+}
