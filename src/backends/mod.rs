@@ -4,6 +4,10 @@
 pub mod file;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 use crate::core::locks::Locks;
 use crate::error::Result;
@@ -30,6 +34,10 @@ pub async fn open(url: &str) -> Result<Locks> {
         "file" => Ok(Locks::from_backend(file::FileBackend::open(&url)?)),
         #[cfg(feature = "memory")]
         "memory" => Ok(Locks::from_backend(memory::MemoryBackend::open(&url)?)),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => postgres::open(&url).await,
+        #[cfg(feature = "mysql")]
+        "mysql" => mysql::open(&url).await,
         scheme => Err(unknown_scheme(&url, scheme)),
     }
 }

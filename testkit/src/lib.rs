@@ -13,6 +13,7 @@
 
 pub mod conformance;
 pub mod process;
+pub mod servers;
 mod target;
 
 pub use target::Target;

@@ -1,0 +1,4 @@
+//! Private database servers for tests, started from the installed binaries.
+
+pub mod mysql;
+pub mod postgres;

@@ -1,0 +1,23 @@
+//! The conformance suite on `postgres://`, in both modes, against a private cluster.
+
+use dlock_testkit::servers::postgres::Postgres;
+
+mod session {
+    use super::*;
+
+    async fn target() -> dlock_testkit::Target {
+        dlock_testkit::Target::new(Postgres::shared().url(""), env!("CARGO_BIN_EXE_dlock"))
+    }
+
+    dlock_testkit::conformance_tests!(target());
+}
+
+mod lease {
+    use super::*;
+
+    async fn target() -> dlock_testkit::Target {
+        dlock_testkit::Target::new(Postgres::shared().url("mode=lease"), env!("CARGO_BIN_EXE_dlock"))
+    }
+
+    dlock_testkit::conformance_tests!(target());
+}
