@@ -16,7 +16,10 @@ mod lease {
     use super::*;
 
     async fn target() -> dlock_testkit::Target {
-        dlock_testkit::Target::new(Postgres::shared().url("mode=lease"), env!("CARGO_BIN_EXE_dlock"))
+        dlock_testkit::Target::new(
+            Postgres::shared().url("mode=lease"),
+            env!("CARGO_BIN_EXE_dlock"),
+        )
     }
 
     dlock_testkit::conformance_tests!(target());

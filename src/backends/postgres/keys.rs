@@ -37,7 +37,10 @@ mod tests {
     fn stable_and_split() {
         // SHA-256("a") = ca978112ca1bbdca…
         assert_eq!(advisory_key("a"), 0xca97_8112_ca1b_bdca_u64 as i64);
-        assert_eq!(pg_locks_halves(advisory_key("a")), (0xca97_8112, 0xca1b_bdca));
+        assert_eq!(
+            pg_locks_halves(advisory_key("a")),
+            (0xca97_8112, 0xca1b_bdca)
+        );
         assert_ne!(advisory_key("a"), advisory_key("b"));
     }
 }

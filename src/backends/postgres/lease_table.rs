@@ -113,7 +113,9 @@ struct Inner {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgLeaseBackend").field("url", &self.describe).finish()
+        f.debug_struct("PgLeaseBackend")
+            .field("url", &self.describe)
+            .finish()
     }
 }
 
@@ -122,11 +124,22 @@ impl PgLeaseBackend {
     pub async fn connect(settings: Settings) -> Result<Self> {
         let db = Shared::new(settings.config.clone(), settings.describe.clone());
         let conn = db.get().await?;
-        ensure_schema(&conn, &settings.describe, &settings.table, &settings.sequence, &ddl(&settings.table)).await?;
+        ensure_schema(
+            &conn,
+            &settings.describe,
+            &settings.table,
+            &settings.sequence,
+            &ddl(&settings.table),
+        )
+        .await?;
         let channel = settings.channel();
         Ok(PgLeaseBackend {
             inner: Arc::new(Inner {
-                listener: Listener::new(settings.config.clone(), settings.describe.clone(), channel.clone()),
+                listener: Listener::new(
+                    settings.config.clone(),
+                    settings.describe.clone(),
+                    channel.clone(),
+                ),
                 describe: settings.describe,
                 channel,
                 db,
@@ -142,7 +155,11 @@ impl PgLeaseBackend {
 
     fn maybe_sweep(&self) {
         {
-            let mut last = self.inner.last_sweep.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut last = self
+                .inner
+                .last_sweep
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if last.elapsed() < SWEEP_EVERY {
                 return;
             }
@@ -151,7 +168,11 @@ impl PgLeaseBackend {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(conn) = this.inner.db.get().await {
-                if let Err(err) = conn.client.execute(this.inner.sql.sweep.as_str(), &[]).await {
+                if let Err(err) = conn
+                    .client
+                    .execute(this.inner.sql.sweep.as_str(), &[])
+                    .await
+                {
                     tracing::debug!(err = %super::detail(&err), "sweeping expired leases failed");
                 }
             }
@@ -162,13 +183,24 @@ impl PgLeaseBackend {
 fn info_of(row: &Row) -> LockInfo {
     let mut info = LockInfo::new(row.try_get::<_, String>(0).unwrap_or_default());
     info.owner = row.try_get(1).ok();
-    info.fence = row.try_get::<_, i64>(2).ok().and_then(|f| u64::try_from(f).ok());
-    info.pid = row.try_get::<_, Option<i32>>(3).ok().flatten().and_then(|p| u32::try_from(p).ok());
+    info.fence = row
+        .try_get::<_, i64>(2)
+        .ok()
+        .and_then(|f| u64::try_from(f).ok());
+    info.pid = row
+        .try_get::<_, Option<i32>>(3)
+        .ok()
+        .flatten()
+        .and_then(|p| u32::try_from(p).ok());
     info.host = row.try_get(4).ok().flatten();
     info.acquired_at = row.try_get::<_, SystemTime>(5).ok();
     info.renewed_at = row.try_get::<_, SystemTime>(6).ok();
     info.expires_at = row.try_get::<_, SystemTime>(7).ok();
-    info.ttl = row.try_get::<_, i64>(8).ok().and_then(|t| u64::try_from(t).ok()).map(Duration::from_millis);
+    info.ttl = row
+        .try_get::<_, i64>(8)
+        .ok()
+        .and_then(|t| u64::try_from(t).ok())
+        .map(Duration::from_millis);
     info
 }
 
@@ -243,7 +275,10 @@ impl Backend for PgLeaseBackend {
             )
             .await
             .map_err(|e| self.err(&e))?;
-        Ok(rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()).unwrap_or(false))
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false))
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
@@ -276,10 +311,16 @@ impl Backend for PgLeaseBackend {
             .client
             .query_typed(
                 &self.inner.sql.force,
-                &[(&key.as_str(), Type::TEXT), (&self.inner.channel.as_str(), Type::TEXT)],
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&self.inner.channel.as_str(), Type::TEXT),
+                ],
             )
             .await
             .map_err(|e| self.err(&e))?;
-        Ok(rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()).unwrap_or(false))
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false))
     }
 }

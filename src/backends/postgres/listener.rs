@@ -53,11 +53,12 @@ impl Listener {
             return Ok(());
         }
         let reconnect = live.is_some();
-        let (client, mut connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|err| Error::unavailable(&self.describe, format!("cannot connect the listener: {}", detail(&err))))?;
+        let (client, mut connection) = self.config.connect(NoTls).await.map_err(|err| {
+            Error::unavailable(
+                &self.describe,
+                format!("cannot connect the listener: {}", detail(&err)),
+            )
+        })?;
         let (tx, closed) = watch::channel(None);
         let watchers = Arc::clone(&self.watchers);
         tokio::spawn(async move {
@@ -78,7 +79,11 @@ impl Listener {
             wake_all(&watchers);
         });
         let cancel = client.cancel_token();
-        let conn = Conn { client, closed, cancel };
+        let conn = Conn {
+            client,
+            closed,
+            cancel,
+        };
         let listen = format!("LISTEN \"{}\"", self.channel.replace('"', "\"\""));
         conn.client
             .batch_execute(&listen)
@@ -133,8 +138,13 @@ impl KeyWatch for PgWatch {
 
 impl Drop for PgWatch {
     fn drop(&mut self) {
-        let Some(listener) = self.listener.upgrade() else { return };
-        let mut map = listener.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(listener) = self.listener.upgrade() else {
+            return;
+        };
+        let mut map = listener
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if map.get(&self.key).is_some_and(|s| s.receiver_count() <= 1) {
             map.remove(&self.key);
         }

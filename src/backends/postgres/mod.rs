@@ -72,8 +72,12 @@ pub enum Mode {
 pub async fn open(url: &BackendUrl) -> Result<Locks> {
     let settings = Settings::parse(url)?;
     match settings.mode {
-        Mode::Session => Ok(Locks::from_backend(PgSessionBackend::connect(settings).await?)),
-        Mode::Lease => Ok(Locks::from_backend(PgLeaseBackend::connect(settings).await?)),
+        Mode::Session => Ok(Locks::from_backend(
+            PgSessionBackend::connect(settings).await?,
+        )),
+        Mode::Lease => Ok(Locks::from_backend(
+            PgLeaseBackend::connect(settings).await?,
+        )),
     }
 }
 
@@ -199,17 +203,18 @@ pub(crate) struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("closed", &self.client.is_closed()).finish()
+        f.debug_struct("Conn")
+            .field("closed", &self.client.is_closed())
+            .finish()
     }
 }
 
 impl Conn {
     /// Opens a connection and drives it in a task of its own.
     pub(crate) async fn open(config: &Config, describe: &str) -> Result<Conn> {
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|err| Error::unavailable(describe, format!("cannot connect: {}", detail(&err))))?;
+        let (client, connection) = config.connect(NoTls).await.map_err(|err| {
+            Error::unavailable(describe, format!("cannot connect: {}", detail(&err)))
+        })?;
         let (tx, closed) = watch::channel(None);
         tokio::spawn(async move {
             let reason = match connection.await {
@@ -345,7 +350,10 @@ pub fn schema_sql(url: &str) -> Result<String> {
         Mode::Session => session::ddl(&settings.table),
         Mode::Lease => lease_table::ddl(&settings.table),
     };
-    Ok(format!("CREATE SEQUENCE IF NOT EXISTS {};\n{ddl}\n", settings.sequence))
+    Ok(format!(
+        "CREATE SEQUENCE IF NOT EXISTS {};\n{ddl}\n",
+        settings.sequence
+    ))
 }
 
 /// Milliseconds as the `bigint` the SQL takes.
@@ -359,11 +367,13 @@ mod tests {
 
     #[test]
     fn parses_modes_and_rejects_typos() {
-        let s = Settings::parse(&BackendUrl::parse("postgres://u:pw@localhost:5/db").unwrap()).unwrap();
+        let s =
+            Settings::parse(&BackendUrl::parse("postgres://u:pw@localhost:5/db").unwrap()).unwrap();
         assert_eq!(s.mode, Mode::Session);
         assert_eq!(s.table, "dlock_sessions");
         let s = Settings::parse(
-            &BackendUrl::parse("postgresql://u@h/db?mode=lease&table=app.locks&sslmode=disable").unwrap(),
+            &BackendUrl::parse("postgresql://u@h/db?mode=lease&table=app.locks&sslmode=disable")
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(s.mode, Mode::Lease);

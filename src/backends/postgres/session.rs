@@ -78,7 +78,8 @@ ON CONFLICT (key) DO UPDATE SET lock_id = excluded.lock_id, owner = excluded.own
 RETURNING fence"
             )
         };
-        let this_db = "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+        let this_db =
+            "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
         let row_lock = "l.pid = h.backend_pid AND l.classid = ((h.lock_id >> 32) & 4294967295)::oid AND l.objid = (h.lock_id & 4294967295)::oid";
         Sql {
             try_lock: upsert("pg_try_advisory_lock($1) AS got", "WHERE l.got"),
@@ -134,7 +135,9 @@ struct Inner {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgSessionBackend").field("url", &self.describe).finish()
+        f.debug_struct("PgSessionBackend")
+            .field("url", &self.describe)
+            .finish()
     }
 }
 
@@ -188,7 +191,11 @@ impl Params {
         }
     }
 
-    async fn run(&self, conn: &Conn, sql: &str) -> std::result::Result<Option<i64>, tokio_postgres::Error> {
+    async fn run(
+        &self,
+        conn: &Conn,
+        sql: &str,
+    ) -> std::result::Result<Option<i64>, tokio_postgres::Error> {
         let rows = conn
             .client
             .query_typed(
@@ -212,7 +219,14 @@ impl PgSessionBackend {
     pub async fn connect(settings: Settings) -> Result<Self> {
         let admin = Shared::new(settings.config.clone(), settings.describe.clone());
         let conn = admin.get().await?;
-        ensure_schema(&conn, &settings.describe, &settings.table, &settings.sequence, &ddl(&settings.table)).await?;
+        ensure_schema(
+            &conn,
+            &settings.describe,
+            &settings.table,
+            &settings.sequence,
+            &ddl(&settings.table),
+        )
+        .await?;
         Ok(PgSessionBackend {
             inner: Arc::new(Inner {
                 sql: Sql::new(&settings.table, &settings.sequence),
@@ -227,7 +241,10 @@ impl PgSessionBackend {
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<Owner, Held>> {
-        self.inner.held.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn err(&self, err: &tokio_postgres::Error) -> Error {
@@ -237,7 +254,12 @@ impl PgSessionBackend {
     /// An idle connection of the pool, or a new one.
     async fn take_conn(&self) -> Result<Conn> {
         loop {
-            let next = self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let next = self
+                .inner
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
             match next {
                 Some(conn) if !conn.is_closed() => return Ok(conn),
                 Some(_) => continue,
@@ -251,7 +273,11 @@ impl PgSessionBackend {
         if conn.is_closed() {
             return;
         }
-        let mut idle = self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push(conn);
         }
@@ -269,7 +295,11 @@ impl PgSessionBackend {
 
     fn maybe_sweep(&self) {
         {
-            let mut last = self.inner.last_sweep.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut last = self
+                .inner
+                .last_sweep
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if last.elapsed() < SWEEP_EVERY {
                 return;
             }
@@ -278,7 +308,11 @@ impl PgSessionBackend {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(conn) = this.inner.admin.get().await {
-                if let Err(err) = conn.client.execute(this.inner.sql.sweep.as_str(), &[]).await {
+                if let Err(err) = conn
+                    .client
+                    .execute(this.inner.sql.sweep.as_str(), &[])
+                    .await
+                {
                     tracing::debug!(err = %super::detail(&err), "sweeping stale holder rows failed");
                 }
             }
@@ -295,7 +329,10 @@ fn opt_u32(row: &Row, index: usize) -> Option<u32> {
 
 fn holder_info(mut info: LockInfo, row: &Row, first: usize) -> LockInfo {
     info.owner = row.try_get(first).ok();
-    info.fence = row.try_get::<_, i64>(first + 1).ok().and_then(|f| u64::try_from(f).ok());
+    info.fence = row
+        .try_get::<_, i64>(first + 1)
+        .ok()
+        .and_then(|f| u64::try_from(f).ok());
     info.pid = opt_u32(row, first + 2);
     info.host = row.try_get(first + 3).ok().flatten();
     info.acquired_at = row.try_get::<_, SystemTime>(first + 4).ok();
@@ -345,21 +382,31 @@ impl Backend for PgSessionBackend {
         }
     }
 
-    async fn acquire_wait(&self, request: AcquireRequest<'_>, deadline: Option<Instant>) -> Result<Option<u64>> {
+    async fn acquire_wait(
+        &self,
+        request: AcquireRequest<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<u64>> {
         self.maybe_sweep();
         let params = Params::of(&request);
         let lock_id = params.lock_id;
         let conn = self.take_conn().await?;
         let mut cancel = CancelOnDrop(Some(conn.cancel.clone()));
         let (tx, mut rx) = oneshot::channel::<Result<(Conn, i64)>>();
-        let (sql, describe) = (self.inner.sql.wait_lock.clone(), self.inner.describe.clone());
+        let (sql, describe) = (
+            self.inner.sql.wait_lock.clone(),
+            self.inner.describe.clone(),
+        );
         // The task owns the connection, so the blocking statement is never dropped
         // mid-flight. If nobody receives its result, the connection is dropped (closed),
         // which frees a lock taken too late.
         tokio::spawn(async move {
             let outcome = match params.run(&conn, &sql).await {
                 Ok(Some(fence)) => Ok((conn, fence)),
-                Ok(None) => Err(Error::backend(&describe, "the lock statement returned no fence")),
+                Ok(None) => Err(Error::backend(
+                    &describe,
+                    "the lock statement returned no fence",
+                )),
                 Err(err) => Err(pg_error(&describe, &err)),
             };
             let _ = tx.send(outcome);
@@ -389,7 +436,10 @@ impl Backend for PgSessionBackend {
                 cancel.disarm();
                 Err(err)
             }
-            Err(_) => Err(Error::unavailable(&self.inner.describe, "the waiting connection's task ended")),
+            Err(_) => Err(Error::unavailable(
+                &self.inner.describe,
+                "the waiting connection's task ended",
+            )),
         }
     }
 
@@ -399,7 +449,10 @@ impl Backend for PgSessionBackend {
         };
         if conn.is_closed() {
             // The session ended: `session_ended` reports the loss with its reason.
-            return Err(Error::unavailable(&self.inner.describe, "the session holding the lock ended"));
+            return Err(Error::unavailable(
+                &self.inner.describe,
+                "the session holding the lock ended",
+            ));
         }
         let n = conn
             .client
@@ -441,7 +494,10 @@ impl Backend for PgSessionBackend {
             Err(err) if err.as_db_error().is_none() || held.conn.is_closed() => return Ok(false),
             Err(err) => return Err(self.err(&err)),
         };
-        let unlocked = rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()).unwrap_or(false);
+        let unlocked = rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false);
         if unlocked {
             if let Ok(conn) = Arc::try_unwrap(held.conn) {
                 self.recycle(conn);
@@ -465,7 +521,11 @@ impl Backend for PgSessionBackend {
             .client
             .query_typed(
                 &self.inner.sql.inspect,
-                &[(&key.as_str(), Type::TEXT), (&classid, Type::OID), (&objid, Type::OID)],
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&classid, Type::OID),
+                    (&objid, Type::OID),
+                ],
             )
             .await
             .map_err(|e| self.err(&e))?;
@@ -474,7 +534,9 @@ impl Backend for PgSessionBackend {
         };
         let server_pid = row.try_get::<_, i32>(7).unwrap_or_default();
         let client_addr: Option<String> = row.try_get(8).ok().flatten();
-        let from = client_addr.map(|a| format!(" from {a}")).unwrap_or_default();
+        let from = client_addr
+            .map(|a| format!(" from {a}"))
+            .unwrap_or_default();
         let info = LockInfo::new(key.as_str());
         if row.try_get::<_, Option<String>>(0).ok().flatten().is_some() {
             let mut info = holder_info(info, row, 0);
@@ -507,7 +569,9 @@ impl Backend for PgSessionBackend {
                 let info = LockInfo::new(row.try_get::<_, String>(0).unwrap_or_default());
                 let server_pid = row.try_get::<_, i32>(8).unwrap_or_default();
                 let mut info = holder_info(info, row, 1);
-                info.note = Some(format!("advisory lock held by PostgreSQL session pid {server_pid}"));
+                info.note = Some(format!(
+                    "advisory lock held by PostgreSQL session pid {server_pid}"
+                ));
                 info
             })
             .collect())
@@ -520,10 +584,16 @@ impl Backend for PgSessionBackend {
             .client
             .query_typed(
                 &self.inner.sql.force,
-                &[(&key.as_str(), Type::TEXT), (&classid, Type::OID), (&objid, Type::OID)],
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&classid, Type::OID),
+                    (&objid, Type::OID),
+                ],
             )
             .await
             .map_err(|e| self.err(&e))?;
-        Ok(rows.iter().any(|r| r.try_get::<_, bool>(0).unwrap_or(false)))
+        Ok(rows
+            .iter()
+            .any(|r| r.try_get::<_, bool>(0).unwrap_or(false)))
     }
 }

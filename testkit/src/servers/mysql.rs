@@ -29,7 +29,11 @@ impl Mysql {
         let mut init = logged(&install, dir.path(), "install.log");
         init.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
-            .args(["--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"]);
+            .args([
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--user=root",
+            ]);
         let status = init.status().expect("cannot run mariadb-install-db");
         assert!(
             status.success(),
@@ -54,7 +58,11 @@ impl Mysql {
             .args(["-uroot", "-e", setup])
             .output()
             .expect("cannot run the mariadb client");
-        assert!(output.status.success(), "setup failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "setup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         server
     }
 
@@ -72,14 +80,32 @@ impl Mysql {
         let mut command = logged(&self.server, self.dir.path(), "mariadbd.log");
         command
             .arg("--no-defaults")
-            .arg(format!("--datadir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--datadir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--port={}", self.port))
             .arg(format!("--socket={}", self.socket().display()))
-            .arg(format!("--pid-file={}", self.dir.path().join("mariadbd.pid").display()))
-            .args(["--bind-address=127.0.0.1", "--user=root", "--skip-name-resolve"])
-            .args(["--max-connections=600", "--innodb-buffer-pool-size=64M", "--skip-log-bin"]);
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.path().join("mariadbd.pid").display()
+            ))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-name-resolve",
+            ])
+            .args([
+                "--max-connections=600",
+                "--innodb-buffer-pool-size=64M",
+                "--skip-log-bin",
+            ]);
         if !self.durable {
-            command.args(["--innodb-flush-log-at-trx-commit=0", "--sync-binlog=0", "--innodb-doublewrite=0"]);
+            command.args([
+                "--innodb-flush-log-at-trx-commit=0",
+                "--sync-binlog=0",
+                "--innodb-doublewrite=0",
+            ]);
         }
         let child = spawn_tied(command).expect("cannot start mariadbd");
         assert!(
@@ -103,8 +129,15 @@ impl Mysql {
 
     /// A backend URL for this server with the given query (e.g. `"mode=lease"`).
     pub fn url(&self, query: &str) -> String {
-        let query = if query.is_empty() { String::new() } else { format!("?{query}") };
-        format!("mysql://dlock:dlock-secret@127.0.0.1:{}/dlock{query}", self.port)
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        format!(
+            "mysql://dlock:dlock-secret@127.0.0.1:{}/dlock{query}",
+            self.port
+        )
     }
 
     /// Stops the server (SIGTERM: orderly shutdown) and waits for it.

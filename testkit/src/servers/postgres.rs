@@ -36,8 +36,9 @@ fn system_user(name: &str) -> Option<(u32, u32)> {
 fn as_server_user(command: &mut Command) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        let (uid, gid) = system_user("postgres")
-            .expect("running as root needs the `postgres` system user (apt-get install postgresql)");
+        let (uid, gid) = system_user("postgres").expect(
+            "running as root needs the `postgres` system user (apt-get install postgresql)",
+        );
         command.uid(uid).gid(gid);
     }
 }
@@ -69,7 +70,15 @@ impl Postgres {
         let mut init = logged(&initdb, dir.path(), "initdb.log");
         init.arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
             .current_dir(dir.path());
         as_server_user(&mut init);
         let status = init.status().expect("cannot run initdb");
@@ -102,11 +111,28 @@ impl Postgres {
             .arg(self.dir.path().join("data"))
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=600"])
-            .args(["-c", "shared_buffers=32MB", "-c", "log_min_messages=warning"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=600",
+            ])
+            .args([
+                "-c",
+                "shared_buffers=32MB",
+                "-c",
+                "log_min_messages=warning",
+            ])
             .current_dir(self.dir.path());
         if !self.durable {
-            command.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            command.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         }
         as_server_user(&mut command);
         let child = spawn_tied(command).expect("cannot start postgres");
@@ -133,8 +159,15 @@ impl Postgres {
 
     /// A backend URL for this server with the given query (e.g. `"mode=lease"`).
     pub fn url(&self, query: &str) -> String {
-        let query = if query.is_empty() { String::new() } else { format!("?{query}") };
-        format!("postgres://postgres@127.0.0.1:{}/postgres{query}", self.port)
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres{query}",
+            self.port
+        )
     }
 
     /// Stops the server (fast shutdown: sessions are terminated) and waits for it.
