@@ -28,17 +28,11 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn valid_until(&self) -> Instant {
-        *self
-            .valid_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        *self.valid_until.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set_valid_until(&self, at: Instant) {
-        *self
-            .valid_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = at;
+        *self.valid_until.lock().unwrap_or_else(PoisonError::into_inner) = at;
         self.extended.notify_one();
     }
 
@@ -262,9 +256,7 @@ pub(crate) fn spawn_detached(work: impl Future<Output = ()> + Send + 'static) {
                 .build()
             {
                 Ok(runtime) => runtime.block_on(work),
-                Err(err) => {
-                    tracing::warn!(%err, "cannot release a dropped lease in the background")
-                }
+                Err(err) => tracing::warn!(%err, "cannot release a dropped lease in the background"),
             }
         });
     if let Err(err) = spawned {
@@ -353,10 +345,7 @@ async fn guard_lease(shared: Arc<Shared>, renew_every: Option<Duration>) {
         };
         match outcome {
             Ok(true) => {
-                *shared
-                    .valid_until
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = sent + shared.ttl;
+                *shared.valid_until.lock().unwrap_or_else(PoisonError::into_inner) = sent + shared.ttl;
                 last_error = None;
                 next_renewal = Some(sent + every);
             }
