@@ -29,7 +29,9 @@ pub fn parse_duration(input: &str) -> Result<Duration> {
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     if number.is_empty() {
-        return Err(bad("expected a number followed by ms, s, m, h or d (e.g. 30s)"));
+        return Err(bad(
+            "expected a number followed by ms, s, m, h or d (e.g. 30s)",
+        ));
     }
     let value: f64 = number
         .parse()
@@ -95,7 +97,16 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for text in ["", "abc", "s", "1.2.3s", "5 parsecs", "-5s", "1e9999", "99999999999d"] {
+        for text in [
+            "",
+            "abc",
+            "s",
+            "1.2.3s",
+            "5 parsecs",
+            "-5s",
+            "1e9999",
+            "99999999999d",
+        ] {
             assert!(parse_duration(text).is_err(), "{text} was accepted");
         }
     }

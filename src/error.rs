@@ -81,7 +81,7 @@ pub enum Error {
     BadOption(String),
 
     /// The lock was not acquired within the allowed wait.
-    #[error("lock {key:?} on {backend} is held elsewhere; not acquired after waiting {waited:?}")]
+    #[error("lock {key:?} on {backend} is held elsewhere; not acquired after waiting {}", crate::duration::format_duration(*waited))]
     NotAcquired {
         /// The key.
         key: String,

@@ -29,7 +29,7 @@ impl Key {
             Some("a key must not be empty".to_owned())
         } else if key.len() > MAX_KEY_BYTES {
             Some(format!(
-                "a key is at most {MAX_KEY_BYTES} bytes, this one has {}",
+                "a key is at most {MAX_KEY_BYTES} bytes, this one has {} bytes",
                 key.len()
             ))
         } else if key.contains('\0') {

@@ -23,7 +23,10 @@
 //!
 //! The store behind a [`Locks`] handle implements [`Backend`]; the lease engine
 //! (acquire loop, renewal, loss detection) is written once in [`core`].
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 #![warn(missing_docs)]
 
 pub mod backends;
@@ -33,7 +36,9 @@ mod error;
 mod key;
 mod location;
 
-pub use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, Holder, KeyWatch, LockInfo};
+pub use crate::core::backend::{
+    AcquireRequest, Attempt, Backend, Capabilities, Holder, KeyWatch, LockInfo,
+};
 pub use crate::core::backoff::Backoff;
 pub use crate::core::lease::{Lease, LeaseHandle};
 pub use crate::core::locks::{LockBuilder, Locks, Wait, DEFAULT_TTL, MIN_TTL};
@@ -62,3 +67,7 @@ pub async fn connect_default() -> Result<Locks> {
     connect(&default_url()?).await
 }
 
+/// The README's examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

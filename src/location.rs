@@ -52,7 +52,9 @@ impl BackendUrl {
         let redacted = redact(text);
         let url = Url::parse(text).map_err(|err| Error::BadUrl {
             url: redacted.clone(),
-            reason: format!("{err}; expected e.g. file:///var/lock/dlock, memory://, redis://host:6379"),
+            reason: format!(
+                "{err}; expected e.g. file:///var/lock/dlock, memory://, redis://host:6379"
+            ),
         })?;
         Ok(BackendUrl { url, redacted })
     }
@@ -164,7 +166,9 @@ mod tests {
 
     #[test]
     fn parse_error_hides_password() {
-        let err = BackendUrl::parse("redis://u:topsecret@[bad").unwrap_err().to_string();
+        let err = BackendUrl::parse("redis://u:topsecret@[bad")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("topsecret"), "{err}");
     }
 }

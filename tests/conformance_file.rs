@@ -4,7 +4,12 @@ use std::sync::{Arc, OnceLock};
 
 fn dir() -> &'static tempfile::TempDir {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::Builder::new().prefix("dlock-conformance-").tempdir().unwrap())
+    DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("dlock-conformance-")
+            .tempdir()
+            .unwrap()
+    })
 }
 
 async fn target() -> dlock_testkit::Target {

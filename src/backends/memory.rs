@@ -50,7 +50,10 @@ impl Store {
     }
 
     fn next_fence(&self) -> u64 {
-        let mut last = self.last_fence.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = self
+            .last_fence
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         *last += 1;
         *last
     }
@@ -219,7 +222,10 @@ impl Backend for MemoryBackend {
         let now = Instant::now();
         let mut held = self.store.held();
         held.retain(|_, entry| entry.expires > now);
-        let mut all: Vec<_> = held.iter().map(|(key, entry)| info(key, entry, now)).collect();
+        let mut all: Vec<_> = held
+            .iter()
+            .map(|(key, entry)| info(key, entry, now))
+            .collect();
         all.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(all)
     }

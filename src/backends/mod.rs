@@ -1,5 +1,6 @@
 //! The backends, one module each behind a cargo feature, and the URL dispatch.
 
+pub mod counting;
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(feature = "memory")]

@@ -1,1 +1,192 @@
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The `dlock` command line (SPEC §4): a thin user of the library that maps its errors
+//! to exit statuses.
+
+mod bench;
+mod child;
+mod exit;
+mod inspect;
+mod run;
+
+use clap::{Args, Parser, Subcommand};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+Backends (--backend or DLOCK_BACKEND):
+  file:///dir                    flock(2) on files in a directory (default: $DLOCK_DIR,
+                                 else $XDG_STATE_HOME/dlock, else ~/.local/state/dlock)
+  memory://                      inside one process (tests)
+  redis://[user:pass@]host:port[/db], rediss://…, redlock://h1:p1,h2:p2,h3:p3
+  postgres://…, mysql://…
+
+Exit statuses: COMMAND's own; 75 lock not acquired; 69 backend unavailable;
+64 bad usage; 76 lease lost while COMMAND ran; 126/127 COMMAND not runnable/found.";
+
+/// Distributed locks with leases and fencing tokens: flock(1) for a fleet.
+#[derive(Debug, Parser)]
+#[command(name = "dlock", version, about, after_help = AFTER_HELP, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct BackendArg {
+    /// Backend URL [default: file backend in $DLOCK_DIR, $XDG_STATE_HOME/dlock or
+    /// ~/.local/state/dlock]
+    #[arg(
+        long,
+        short = 'b',
+        env = "DLOCK_BACKEND",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    backend: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run COMMAND while holding the lock KEY
+    #[command(after_help = "\
+Examples:
+  dlock run nightly-report -- ./report.sh            wait for the lock, then run
+  dlock run deploy --no-wait -- ./deploy.sh          exit 75 at once if held elsewhere
+  dlock run migrate --wait 30s --backend postgres://db/app -- ./migrate
+
+COMMAND sees DLOCK_KEY, DLOCK_FENCE (the fencing token) and DLOCK_OWNER. SIGINT,
+SIGTERM and SIGHUP sent to dlock are passed to COMMAND. If the lease is lost,
+COMMAND gets SIGTERM, then SIGKILL after --kill-after, and dlock exits 76. If dlock
+itself dies, even by SIGKILL, the kernel kills COMMAND (PR_SET_PDEATHSIG).")]
+    Run(run::RunArgs),
+    /// Show who holds KEY (exit 0 if held, 1 if free)
+    #[command(after_help = "Example:\n  dlock status nightly-report --json")]
+    Status {
+        /// The lock key
+        key: String,
+        #[command(flatten)]
+        backend: BackendArg,
+        /// Print one JSON object instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the locks currently held
+    #[command(after_help = "Example:\n  dlock list --backend redis://127.0.0.1:6379 --json")]
+    List {
+        #[command(flatten)]
+        backend: BackendArg,
+        /// Print one JSON object per lock instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Break the lock on KEY whoever holds it (exit 0 if it was held, 1 if not)
+    #[command(after_help = "\
+Example:
+  dlock release nightly-report --force
+
+The holder is told at its next renewal: its lease is reported lost (dlock run sends
+its COMMAND SIGTERM and exits 76).")]
+    Release {
+        /// The lock key
+        key: String,
+        /// Required: confirms that the lock is to be broken
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        backend: BackendArg,
+    },
+    /// Measure lock cost and hand-off latency on a backend
+    #[command(after_help = "\
+Examples:
+  dlock bench --backend redis://127.0.0.1:6379 --concurrency 64
+  dlock bench --mode handoff --concurrency 16 --hold 5ms
+  dlock bench --mode held --concurrency 10000 --duration 60s --json
+
+Modes: uncontended (fresh random keys: pairs/s, acquire latency), contended (one
+key: pairs/s, latency, switch share, tasks served), handoff (release -> next
+holder latency), held (memory, CPU and renewal traffic of many held leases).
+Every mode checks mutual exclusion and exits 70 if it was violated.")]
+    Bench(bench::BenchArgs),
+}
+
+fn duration_arg(text: &str) -> Result<Duration, String> {
+    dlock::parse_duration(text).map_err(|err| match err {
+        dlock::Error::BadDuration { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                let _ = err.print();
+                return ExitCode::SUCCESS;
+            }
+            if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = err.print();
+                return ExitCode::from(exit::USAGE);
+            }
+            // clap writes several lines; SPEC §4 wants one.
+            let text = err.to_string();
+            let what: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more"))
+                .filter(|line| !line.is_empty())
+                .collect();
+            exit::report(format!(
+                "{} (see dlock --help)",
+                what.join(" ").trim_start_matches("error: ")
+            ));
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DLOCK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // One thread: COMMAND is spawned from the main thread, which its death signal is
+    // tied to, and a lock command needs no parallelism.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            exit::report(format!("cannot start: {err}"));
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Bench(args) => bench::bench(args).await,
+            Command::Status { key, backend, json } => {
+                inspect::status(&key, backend.backend, json).await
+            }
+            Command::List { backend, json } => inspect::list(backend.backend, json).await,
+            Command::Release {
+                key,
+                force,
+                backend,
+            } => inspect::release(&key, force, backend.backend).await,
+        }
+    })
+}
+
+/// Connects to `--backend`, `$DLOCK_BACKEND` or the default file backend.
+async fn connect(backend: Option<String>) -> Result<dlock::Locks, dlock::Error> {
+    let url = match backend {
+        Some(url) => url,
+        None => dlock::default_url()?,
+    };
+    dlock::connect(&url).await
+}

@@ -3,9 +3,9 @@
 //! Renewal, loss detection, deadlines, backoff and cancellation live once in the
 //! core lease engine; a backend only speaks its store's protocol.
 
+use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
-use crate::core::owner::Owner;
 use async_trait::async_trait;
 use serde::Serialize;
 use std::time::{Duration, Instant, SystemTime};
@@ -117,16 +117,29 @@ pub struct LockInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// When the lease was acquired.
-    #[serde(skip_serializing_if = "Option::is_none", with = "crate::core::serde_time::opt")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "crate::core::serde_time::opt"
+    )]
     pub acquired_at: Option<SystemTime>,
     /// When the lease was last renewed.
-    #[serde(skip_serializing_if = "Option::is_none", with = "crate::core::serde_time::opt")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "crate::core::serde_time::opt"
+    )]
     pub renewed_at: Option<SystemTime>,
     /// When the lease ends unless renewed (for stores with TTLs).
-    #[serde(skip_serializing_if = "Option::is_none", with = "crate::core::serde_time::opt")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "crate::core::serde_time::opt"
+    )]
     pub expires_at: Option<SystemTime>,
     /// The lease's TTL as requested by the holder.
-    #[serde(skip_serializing_if = "Option::is_none", with = "crate::core::serde_time::opt_duration_ms", rename = "ttl_ms")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "crate::core::serde_time::opt_duration_ms",
+        rename = "ttl_ms"
+    )]
     pub ttl: Option<Duration>,
     /// Backend-specific remarks for an operator (for example "held by a process that
     /// does not use dlock", or "not renewed for 3 TTLs: the holder may be hung").

@@ -1,7 +1,12 @@
 //! The local host name, for holder metadata.
 
-/// The host name of this machine, or `"unknown"` if the system cannot tell.
+/// The host name of this machine, or `"unknown"` if the system cannot tell; read once.
 pub fn host_name() -> String {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(read_host_name).clone()
+}
+
+fn read_host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success
     // when the name fits, and we also stop at the buffer's end.

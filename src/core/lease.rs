@@ -1,6 +1,7 @@
 //! [`Lease`]: a held lock, renewed in the background until released or dropped.
 
 use crate::core::backend::Backend;
+use crate::core::local_queue::LocalTurn;
 use crate::core::owner::Owner;
 use crate::error::{Error, LossReason, Result};
 use crate::key::Key;
@@ -28,11 +29,17 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn valid_until(&self) -> Instant {
-        *self.valid_until.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .valid_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set_valid_until(&self, at: Instant) {
-        *self.valid_until.lock().unwrap_or_else(PoisonError::into_inner) = at;
+        *self
+            .valid_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = at;
         self.extended.notify_one();
     }
 
@@ -67,6 +74,16 @@ impl Shared {
     }
 }
 
+/// What the backend granted: the lease's identity and when its TTL started counting.
+pub(crate) struct Grant {
+    pub(crate) key: Key,
+    pub(crate) owner: Owner,
+    pub(crate) fence: u64,
+    pub(crate) ttl: Duration,
+    /// When the successful request was sent: the lease is surely valid until then + TTL.
+    pub(crate) sent_at: Instant,
+}
+
 /// A held lock.
 ///
 /// The lease is renewed in the background (by default every TTL/3) until it is
@@ -88,6 +105,9 @@ pub struct Lease {
     shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
     released: bool,
+    /// Keeps other tasks of this process queued behind this lease; dropped after the
+    /// backend release so that the next local task finds the key free.
+    turn: Option<LocalTurn>,
 }
 
 /// A cheap, cloneable view of a [`Lease`]: its identity and its loss signal, without the
@@ -156,13 +176,17 @@ impl Lease {
     /// and watches for its loss.
     pub(crate) fn start(
         backend: Arc<dyn Backend>,
-        key: Key,
-        owner: Owner,
-        fence: u64,
-        ttl: Duration,
-        sent_at: Instant,
+        grant: Grant,
         renew_every: Option<Duration>,
+        turn: Option<LocalTurn>,
     ) -> Lease {
+        let Grant {
+            key,
+            owner,
+            fence,
+            ttl,
+            sent_at,
+        } = grant;
         let (lost, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             key,
@@ -179,6 +203,7 @@ impl Lease {
             shared,
             task: Some(task),
             released: false,
+            turn,
         }
     }
 
@@ -232,10 +257,12 @@ impl Drop for Lease {
             return;
         }
         let shared = Arc::clone(&self.shared);
+        let turn = self.turn.take();
         let release = async move {
             if let Err(err) = shared.backend.release(&shared.key, &shared.owner).await {
                 tracing::warn!(key = %shared.key, %err, "background release of a dropped lease failed; it ends at its TTL");
             }
+            drop(turn);
         };
         spawn_detached(release);
     }
@@ -256,7 +283,9 @@ pub(crate) fn spawn_detached(work: impl Future<Output = ()> + Send + 'static) {
                 .build()
             {
                 Ok(runtime) => runtime.block_on(work),
-                Err(err) => tracing::warn!(%err, "cannot release a dropped lease in the background"),
+                Err(err) => {
+                    tracing::warn!(%err, "cannot release a dropped lease in the background")
+                }
             }
         });
     if let Err(err) = spawned {
@@ -345,7 +374,10 @@ async fn guard_lease(shared: Arc<Shared>, renew_every: Option<Duration>) {
         };
         match outcome {
             Ok(true) => {
-                *shared.valid_until.lock().unwrap_or_else(PoisonError::into_inner) = sent + shared.ttl;
+                *shared
+                    .valid_until
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = sent + shared.ttl;
                 last_error = None;
                 next_renewal = Some(sent + every);
             }

@@ -2,7 +2,8 @@
 
 use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo};
 use crate::core::backoff::{expiry_spread, Backoff};
-use crate::core::lease::{spawn_detached, Lease, LeaseHandle};
+use crate::core::lease::{spawn_detached, Grant, Lease, LeaseHandle};
+use crate::core::local_queue::{LocalQueues, LocalTurn};
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -31,6 +32,7 @@ pub const MIN_TTL: Duration = Duration::from_millis(30);
 #[derive(Clone, Debug)]
 pub struct Locks {
     backend: Arc<dyn Backend>,
+    queues: Arc<LocalQueues>,
 }
 
 impl Locks {
@@ -41,14 +43,15 @@ impl Locks {
 
     /// Wraps a backend of your own.
     pub fn from_backend(backend: impl Backend) -> Locks {
-        Locks {
-            backend: Arc::new(backend),
-        }
+        Locks::from_arc(Arc::new(backend))
     }
 
     /// Wraps a shared backend.
     pub fn from_arc(backend: Arc<dyn Backend>) -> Locks {
-        Locks { backend }
+        Locks {
+            backend,
+            queues: Arc::default(),
+        }
     }
 
     /// The backend, for backend-specific use.
@@ -297,6 +300,22 @@ impl LockBuilder {
             Wait::For(limit) => started.checked_add(limit),
             Wait::Forever => None,
         };
+        // Tasks of this handle line up locally; only the first contends at the backend.
+        let turn = match deadline {
+            _ if self.wait == Wait::No => match self.locks.queues.try_enter(&key) {
+                Some(turn) => turn,
+                None => return Ok(None),
+            },
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline.into(), self.locks.queues.enter(&key)).await
+                {
+                    Ok(turn) => turn,
+                    Err(_) => return Ok(None),
+                }
+            }
+            None => self.locks.queues.enter(&key).await,
+        };
+        let mut turn = Some(turn);
         // An attempt whose future is dropped mid-flight may have taken the lock in the
         // store; this guard releases it (by our unique owner token) unless disarmed.
         let mut guard = AbandonGuard::new(&backend, &key, &owner);
@@ -305,7 +324,8 @@ impl LockBuilder {
             let sent = Instant::now();
             let fence = backend.acquire_wait(request, deadline).await?;
             guard.disarm();
-            return Ok(fence.map(|fence| self.lease(&backend, &key, owner.clone(), fence, sent)));
+            return Ok(fence
+                .map(|fence| self.lease(&backend, &key, owner.clone(), fence, sent, turn.take())));
         }
 
         let mut watch = match self.wait {
@@ -319,7 +339,14 @@ impl LockBuilder {
             let expires_in = match attempt {
                 Ok(Attempt::Acquired { fence }) => {
                     guard.disarm();
-                    return Ok(Some(self.lease(&backend, &key, owner.clone(), fence, sent)));
+                    return Ok(Some(self.lease(
+                        &backend,
+                        &key,
+                        owner.clone(),
+                        fence,
+                        sent,
+                        turn.take(),
+                    )));
                 }
                 Ok(Attempt::Held { expires_in }) => expires_in,
                 Err(err) => {
@@ -364,16 +391,16 @@ impl LockBuilder {
         owner: Owner,
         fence: u64,
         sent: Instant,
+        turn: Option<LocalTurn>,
     ) -> Lease {
-        Lease::start(
-            Arc::clone(backend),
-            key.clone(),
+        let grant = Grant {
+            key: key.clone(),
             owner,
             fence,
-            self.ttl,
-            sent,
-            self.renew_every,
-        )
+            ttl: self.ttl,
+            sent_at: sent,
+        };
+        Lease::start(Arc::clone(backend), grant, self.renew_every, turn)
     }
 }
 

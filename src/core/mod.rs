@@ -5,6 +5,7 @@ pub mod backend;
 pub mod backoff;
 pub(crate) mod host;
 pub mod lease;
+pub(crate) mod local_queue;
 pub mod locks;
 pub mod owner;
 pub(crate) mod serde_time;

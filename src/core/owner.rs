@@ -14,9 +14,11 @@ impl Owner {
     pub fn random() -> Self {
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut text = String::with_capacity(32);
         for byte in bytes {
-            text.push_str(&format!("{byte:02x}"));
+            text.push(char::from(HEX[usize::from(byte >> 4)]));
+            text.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
         Owner(text)
     }

@@ -34,10 +34,19 @@ pub async fn mutual_exclusion_under_contention(target: &Target) {
     for _ in 0..HANDLES {
         let locks = target.locks().await;
         for _ in 0..TASKS_PER_HANDLE {
-            let (locks, key, counter, inside) =
-                (locks.clone(), key.clone(), Arc::clone(&counter), Arc::clone(&inside));
+            let (locks, key, counter, inside) = (
+                locks.clone(),
+                key.clone(),
+                Arc::clone(&counter),
+                Arc::clone(&inside),
+            );
             tasks.push(tokio::spawn(async move {
-                let lease = locks.lock(&key).ttl(Duration::from_secs(10)).acquire().await.unwrap();
+                let lease = locks
+                    .lock(&key)
+                    .ttl(Duration::from_secs(10))
+                    .acquire()
+                    .await
+                    .unwrap();
                 assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
                 let read = counter.load(Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -52,14 +61,22 @@ pub async fn mutual_exclusion_under_contention(target: &Target) {
             .await
             .unwrap();
     }
-    assert_eq!(counter.load(Ordering::SeqCst), (HANDLES * TASKS_PER_HANDLE) as u64);
+    assert_eq!(
+        counter.load(Ordering::SeqCst),
+        (HANDLES * TASKS_PER_HANDLE) as u64
+    );
 }
 
 /// `try_acquire` on a held key returns `None` at once, from the same and another handle.
 pub async fn try_acquire_on_held_key_returns_none(target: &Target) {
     let key = target.unique_key("try");
     let (locks, other) = (target.locks().await, target.locks().await);
-    let lease = locks.lock(&key).try_acquire().await.unwrap().expect("free key not acquired");
+    let lease = locks
+        .lock(&key)
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free key not acquired");
     assert!(locks.lock(&key).try_acquire().await.unwrap().is_none());
     assert!(other.lock(&key).try_acquire().await.unwrap().is_none());
     let err = other.lock(&key).no_wait().acquire().await.unwrap_err();
@@ -77,11 +94,22 @@ pub async fn wait_times_out_within_its_deadline(target: &Target) {
     let _lease = locks.lock(&key).acquire().await.unwrap();
     let limit = Duration::from_millis(700);
     let started = Instant::now();
-    let err = other.lock(&key).wait_for(limit).acquire().await.unwrap_err();
+    let err = other
+        .lock(&key)
+        .wait_for(limit)
+        .acquire()
+        .await
+        .unwrap_err();
     let waited = started.elapsed();
     assert!(matches!(err, Error::NotAcquired { .. }), "{err:?}");
-    assert!(waited >= limit - Duration::from_millis(20), "gave up early after {waited:?}");
-    assert!(waited < limit + Duration::from_secs(3), "gave up late after {waited:?}");
+    assert!(
+        waited >= limit - Duration::from_millis(20),
+        "gave up early after {waited:?}"
+    );
+    assert!(
+        waited < limit + Duration::from_secs(3),
+        "gave up late after {waited:?}"
+    );
 }
 
 /// Fences strictly increase over successive holders, from one handle and from fresh ones.
@@ -90,7 +118,11 @@ pub async fn fences_strictly_increase_across_handles(target: &Target) {
     let mut last = 0;
     let shared = target.locks().await;
     for round in 0..12 {
-        let locks = if round % 2 == 0 { shared.clone() } else { target.locks().await };
+        let locks = if round % 2 == 0 {
+            shared.clone()
+        } else {
+            target.locks().await
+        };
         let lease = locks.lock(&key).acquire().await.unwrap();
         assert!(lease.fence() > last, "fence {} after {last}", lease.fence());
         last = lease.fence();
@@ -111,10 +143,23 @@ pub async fn wrong_owner_cannot_release_or_renew(target: &Target) {
     let stranger = Owner::random();
     let backend = target.locks().await.backend().clone();
     assert!(!backend.release(&key, &stranger).await.unwrap());
-    assert!(!backend.renew(&key, &stranger, Duration::from_secs(60)).await.unwrap());
-    assert!(target.locks().await.lock(&key_text).try_acquire().await.unwrap().is_none());
+    assert!(!backend
+        .renew(&key, &stranger, Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(target
+        .locks()
+        .await
+        .lock(&key_text)
+        .try_acquire()
+        .await
+        .unwrap()
+        .is_none());
     assert!(!lease.is_lost());
-    assert!(lease.release().await.unwrap(), "the real owner lost its lease");
+    assert!(
+        lease.release().await.unwrap(),
+        "the real owner lost its lease"
+    );
 }
 
 /// Automatic renewal keeps a short lease alive for many TTLs.
@@ -126,7 +171,10 @@ pub async fn renewal_keeps_lease_alive_past_several_ttls(target: &Target) {
     for _ in 0..5 {
         tokio::time::sleep(SHORT_TTL).await;
         assert!(!lease.is_lost(), "lease lost although renewed");
-        assert!(other.lock(&key).try_acquire().await.unwrap().is_none(), "lease expired although renewed");
+        assert!(
+            other.lock(&key).try_acquire().await.unwrap().is_none(),
+            "lease expired although renewed"
+        );
     }
     assert!(lease.release().await.unwrap());
 }
@@ -136,7 +184,13 @@ pub async fn renewal_keeps_lease_alive_past_several_ttls(target: &Target) {
 pub async fn ttl_expiry_frees_a_lease_that_is_not_renewed(target: &Target) {
     let key = target.unique_key("expiry");
     let locks = target.locks().await;
-    let lease = locks.lock(&key).ttl(SHORT_TTL).auto_renew(false).acquire().await.unwrap();
+    let lease = locks
+        .lock(&key)
+        .ttl(SHORT_TTL)
+        .auto_renew(false)
+        .acquire()
+        .await
+        .unwrap();
     let first_fence = lease.fence();
     let expires = locks.backend().capabilities().expires;
     std::mem::forget(lease); // a holder that hangs: no renewal, no release
@@ -147,7 +201,10 @@ pub async fn ttl_expiry_frees_a_lease_that_is_not_renewed(target: &Target) {
         let next = next.expect("a lease not renewed was still held after 3 TTLs");
         assert!(next.fence() > first_fence);
     } else {
-        assert!(next.is_none(), "a session-bound lock was freed although its holder lives");
+        assert!(
+            next.is_none(),
+            "a session-bound lock was freed although its holder lives"
+        );
     }
 }
 
@@ -156,19 +213,35 @@ pub async fn ttl_expiry_frees_a_lease_that_is_not_renewed(target: &Target) {
 pub async fn extend_by_hand_keeps_lease_then_expiry_is_lost(target: &Target) {
     let key = target.unique_key("extend");
     let locks = target.locks().await;
-    let lease = locks.lock(&key).ttl(SHORT_TTL).auto_renew(false).acquire().await.unwrap();
+    let lease = locks
+        .lock(&key)
+        .ttl(SHORT_TTL)
+        .auto_renew(false)
+        .acquire()
+        .await
+        .unwrap();
     for _ in 0..4 {
         tokio::time::sleep(SHORT_TTL / 2).await;
         lease.extend(SHORT_TTL).await.unwrap();
         assert!(!lease.is_lost());
     }
-    assert!(target.locks().await.lock(&key).try_acquire().await.unwrap().is_none());
+    assert!(target
+        .locks()
+        .await
+        .lock(&key)
+        .try_acquire()
+        .await
+        .unwrap()
+        .is_none());
     if locks.backend().capabilities().expires {
         let reason = within(PROMPTLY, "lost() after extension stopped", lease.lost()).await;
         assert_eq!(reason, LossReason::Expired);
     } else {
         tokio::time::sleep(SHORT_TTL * 2).await;
-        assert!(!lease.is_lost(), "a session-bound lease was reported lost while held");
+        assert!(
+            !lease.is_lost(),
+            "a session-bound lease was reported lost while held"
+        );
         assert!(lease.release().await.unwrap());
     }
 }
@@ -180,13 +253,22 @@ pub async fn lost_fires_when_lease_is_broken_from_outside(target: &Target) {
     let locks = target.locks().await;
     let lease = locks.lock(&key).ttl(SHORT_TTL).acquire().await.unwrap();
     let admin = target.locks().await;
-    assert!(admin.force_release(&key).await.unwrap(), "force-release found nothing held");
+    assert!(
+        admin.force_release(&key).await.unwrap(),
+        "force-release found nothing held"
+    );
     within(PROMPTLY, "lost() after force-release", lease.lost()).await;
     assert!(lease.is_lost());
     let next = admin.lock(&key).wait_for(PROMPTLY).acquire().await.unwrap();
     assert!(next.fence() > lease.fence());
-    assert!(!lease.release().await.unwrap(), "a broken lease was reported still held");
-    assert!(next.release().await.unwrap(), "the old holder's release freed the new holder");
+    assert!(
+        !lease.release().await.unwrap(),
+        "a broken lease was reported still held"
+    );
+    assert!(
+        next.release().await.unwrap(),
+        "the old holder's release freed the new holder"
+    );
 }
 
 /// Waiting acquires that are dropped (cancelled) leave nothing held once the holder
@@ -197,28 +279,51 @@ pub async fn dropped_waiting_acquires_leave_nothing_held(target: &Target) {
     let lease = locks.lock(&key).acquire().await.unwrap();
     let mut waiters = Vec::new();
     for i in 0..20 {
-        let waiter = if i % 2 == 0 { locks.clone() } else { target.locks().await };
+        let waiter = if i % 2 == 0 {
+            locks.clone()
+        } else {
+            target.locks().await
+        };
         let key = key.clone();
-        waiters.push(tokio::spawn(async move { waiter.lock(&key).acquire().await }));
+        waiters.push(tokio::spawn(
+            async move { waiter.lock(&key).acquire().await },
+        ));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     for waiter in &waiters {
         waiter.abort();
     }
     for waiter in waiters {
-        assert!(waiter.await.unwrap_err().is_cancelled(), "a waiter acquired a held lock");
+        assert!(
+            waiter.await.unwrap_err().is_cancelled(),
+            "a waiter acquired a held lock"
+        );
     }
     // Bounded waits that time out must not take the lock afterwards either.
     for _ in 0..5 {
-        let err = locks.lock(&key).wait_for(Duration::from_millis(50)).acquire().await.unwrap_err();
+        let err = locks
+            .lock(&key)
+            .wait_for(Duration::from_millis(50))
+            .acquire()
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::NotAcquired { .. }), "{err:?}");
     }
     assert!(lease.release().await.unwrap());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fresh = target.locks().await;
-    let after = within(PROMPTLY, "acquire after dropped waiters", fresh.lock(&key).acquire()).await;
+    let after = within(
+        PROMPTLY,
+        "acquire after dropped waiters",
+        fresh.lock(&key).acquire(),
+    )
+    .await;
     assert!(after.is_ok(), "{after:?}");
-    let status = fresh.status(&key).await.unwrap().expect("held key has no status");
+    let status = fresh
+        .status(&key)
+        .await
+        .unwrap()
+        .expect("held key has no status");
     assert_eq!(status.owner.as_deref(), Some(after.unwrap().owner()));
 }
 
@@ -236,7 +341,10 @@ pub async fn waiter_gets_lock_at_release(target: &Target) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiter.is_finished(), "waiter acquired a held lock");
     assert!(lease.release().await.unwrap());
-    let next = within(PROMPTLY, "hand-off to the waiter", waiter).await.unwrap().unwrap();
+    let next = within(PROMPTLY, "hand-off to the waiter", waiter)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(next.fence() > fence);
 }
 
@@ -247,18 +355,45 @@ pub async fn waiter_gets_lock_at_release(target: &Target) {
 /// process does not see this process's locks.
 pub async fn holder_process_killed_frees_the_lock(target: &Target) {
     let key = target.unique_key("killed");
-    if !target.locks().await.backend().capabilities().shared_between_processes {
+    if !target
+        .locks()
+        .await
+        .backend()
+        .capabilities()
+        .shared_between_processes
+    {
         let lease = target.locks().await.lock(&key).acquire().await.unwrap();
         let status = Command::new(target.cli())
-            .args(["run", &key, "--backend", target.url(), "--no-wait", "--", "true"])
+            .args([
+                "run",
+                &key,
+                "--backend",
+                target.url(),
+                "--no-wait",
+                "--",
+                "true",
+            ])
             .status()
             .expect("cannot start the dlock binary");
-        assert!(status.success(), "another process saw an in-process lock: {status}");
+        assert!(
+            status.success(),
+            "another process saw an in-process lock: {status}"
+        );
         assert!(lease.release().await.unwrap());
         return;
     }
     let mut holder = Command::new(target.cli())
-        .args(["run", &key, "--backend", target.url(), "--ttl", "1s", "--", "sleep", "60"])
+        .args([
+            "run",
+            &key,
+            "--backend",
+            target.url(),
+            "--ttl",
+            "1s",
+            "--",
+            "sleep",
+            "60",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -270,7 +405,10 @@ pub async fn holder_process_killed_frees_the_lock(target: &Target) {
         if let Some(info) = locks.status(&key).await.unwrap() {
             break info;
         }
-        assert!(started.elapsed() < PROMPTLY, "the dlock holder never took the lock");
+        assert!(
+            started.elapsed() < PROMPTLY,
+            "the dlock holder never took the lock"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(info.fence.is_some_and(|f| f > 0), "{info:?}");
@@ -281,9 +419,13 @@ pub async fn holder_process_killed_frees_the_lock(target: &Target) {
     } else {
         Duration::from_secs(1) + PROMPTLY
     };
-    let lease = within(limit, "acquire after the holder was killed", locks.lock(&key).acquire())
-        .await
-        .unwrap();
+    let lease = within(
+        limit,
+        "acquire after the holder was killed",
+        locks.lock(&key).acquire(),
+    )
+    .await
+    .unwrap();
     assert!(lease.fence() > info.fence.unwrap_or(0));
     if let Some(pid) = info.pid {
         if pid != std::process::id() {
@@ -315,7 +457,10 @@ pub async fn bad_keys_are_typed_errors(target: &Target) {
 pub async fn hostile_keys_are_just_keys(target: &Target) {
     let locks = target.locks().await;
     let suffix = target.unique_key("");
-    let longest = format!("{suffix}{}", "é".repeat((dlock::MAX_KEY_BYTES - suffix.len()) / 2));
+    let longest = format!(
+        "{suffix}{}",
+        "é".repeat((dlock::MAX_KEY_BYTES - suffix.len()) / 2)
+    );
     let keys = [
         format!("../../etc/passwd{suffix}"),
         format!("/abs/path{suffix}"),
@@ -328,11 +473,25 @@ pub async fn hostile_keys_are_just_keys(target: &Target) {
     for key in &keys {
         let lease = locks.lock(key).acquire().await.unwrap();
         assert_eq!(lease.key(), key);
-        let info = locks.status(key).await.unwrap().expect("held key has no status");
+        let info = locks
+            .status(key)
+            .await
+            .unwrap()
+            .expect("held key has no status");
         assert_eq!(&info.key, key);
-        assert!(target.locks().await.lock(key).try_acquire().await.unwrap().is_none());
+        assert!(target
+            .locks()
+            .await
+            .lock(key)
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_none());
         assert!(lease.release().await.unwrap());
-        assert!(locks.status(key).await.unwrap().is_none(), "released key still shown");
+        assert!(
+            locks.status(key).await.unwrap().is_none(),
+            "released key still shown"
+        );
     }
 }
 
@@ -343,12 +502,19 @@ pub async fn status_and_list_show_the_holder(target: &Target) {
     assert!(locks.status(&key).await.unwrap().is_none());
     let lease = locks.lock(&key).acquire().await.unwrap();
     let admin = target.locks().await;
-    let info = admin.status(&key).await.unwrap().expect("held key has no status");
+    let info = admin
+        .status(&key)
+        .await
+        .unwrap()
+        .expect("held key has no status");
     assert_eq!(info.key, key);
     assert_eq!(info.owner.as_deref(), Some(lease.owner()));
     assert_eq!(info.fence, Some(lease.fence()));
     let listed = admin.list().await.unwrap();
-    let entry = listed.iter().find(|i| i.key == key).expect("held key not listed");
+    let entry = listed
+        .iter()
+        .find(|i| i.key == key)
+        .expect("held key not listed");
     assert_eq!(entry.fence, Some(lease.fence()));
     assert!(lease.release().await.unwrap());
     assert!(admin.status(&key).await.unwrap().is_none());
@@ -360,7 +526,10 @@ pub async fn status_and_list_show_the_holder(target: &Target) {
 pub async fn release_reports_whether_still_held(target: &Target) {
     let key = target.unique_key("release");
     let locks = target.locks().await;
-    assert!(!locks.force_release(&key).await.unwrap(), "force-release of a free key");
+    assert!(
+        !locks.force_release(&key).await.unwrap(),
+        "force-release of a free key"
+    );
     let lease = locks.lock(&key).acquire().await.unwrap();
     assert!(lease.release().await.unwrap());
     let lease = locks.lock(&key).acquire().await.unwrap();
@@ -385,7 +554,12 @@ pub async fn with_lock_runs_work_and_releases(target: &Target) {
         .unwrap();
     assert!(fence > 0);
     assert!(was_held, "the lock was free during the guarded work");
-    let after = within(PROMPTLY, "acquire after with_lock", other.lock(&key).acquire()).await;
+    let after = within(
+        PROMPTLY,
+        "acquire after with_lock",
+        other.lock(&key).acquire(),
+    )
+    .await;
     assert!(after.unwrap().fence() > fence);
 }
 

@@ -3,7 +3,7 @@
 //!
 //! A backend's test file adds only its factory:
 //!
-//! ```ignore
+//! ```text
 //! async fn target() -> dlock_testkit::Target {
 //!     dlock_testkit::Target::new("memory://conformance", env!("CARGO_BIN_EXE_dlock"))
 //! }

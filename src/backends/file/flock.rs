@@ -130,7 +130,9 @@ impl KernelWait {
                 Ok(Some(file))
             }
             Ok(Err(err)) => Err(err),
-            Err(_) => Err(io::Error::other("the flock waiting thread ended unexpectedly")),
+            Err(_) => Err(io::Error::other(
+                "the flock waiting thread ended unexpectedly",
+            )),
         }
     }
 }

@@ -77,10 +77,9 @@ impl FileBackend {
                 "a file URL names a local directory and has no host; write file:///absolute/dir",
             ));
         }
-        let dir = url
-            .url()
-            .to_file_path()
-            .map_err(|()| url.error("expected an absolute directory, as in file:///var/lock/dlock"))?;
+        let dir = url.url().to_file_path().map_err(|()| {
+            url.error("expected an absolute directory, as in file:///var/lock/dlock")
+        })?;
         Self::open_dir(dir, url.redacted())
     }
 
@@ -114,7 +113,10 @@ impl FileBackend {
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<Owner, HeldFile>> {
-        self.inner.held.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn io_error(&self, what: &str, path: &Path, err: &io::Error) -> Error {
@@ -129,9 +131,9 @@ impl FileBackend {
         &self,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|err| Error::unavailable(&self.inner.describe, format!("file task failed: {err}")))?
+        tokio::task::spawn_blocking(work).await.map_err(|err| {
+            Error::unavailable(&self.inner.describe, format!("file task failed: {err}"))
+        })?
     }
 
     fn new_record(request: &AcquireRequest<'_>, fence: u64) -> Record {
@@ -177,7 +179,11 @@ fn is_current(file: &File, path: &Path) -> io::Result<bool> {
 
 /// After the flock is taken: checks the file is still current, hands out the next
 /// fence and writes the record durably. `None` if the file was replaced meanwhile.
-fn claim(mut file: File, path: PathBuf, new_record: impl FnOnce(u64) -> Record) -> io::Result<Option<HeldFile>> {
+fn claim(
+    mut file: File,
+    path: PathBuf,
+    new_record: impl FnOnce(u64) -> Record,
+) -> io::Result<Option<HeldFile>> {
     if !is_current(&file, &path)? {
         flock::unlock(&file);
         return Ok(None);
@@ -227,7 +233,8 @@ impl Backend for FileBackend {
             .blocking(move || {
                 // A replaced file (release --force) is retried a few times at most.
                 for _ in 0..8 {
-                    let file = open_lock_file(&path).map_err(|e| this.io_error("open", &path, &e))?;
+                    let file =
+                        open_lock_file(&path).map_err(|e| this.io_error("open", &path, &e))?;
                     if !flock::try_lock(&file).map_err(|e| this.io_error("lock", &path, &e))? {
                         return Ok(None);
                     }
@@ -257,20 +264,30 @@ impl Backend for FileBackend {
         let template = Self::new_record(&request, 0);
         loop {
             let file = open_lock_file(&path).map_err(|e| self.io_error("open", &path, &e))?;
-            let wait = KernelWait::start(file).map_err(|e| self.io_error("wait for", &path, &e))?;
-            let Some(file) = wait
-                .wait(deadline)
-                .await
-                .map_err(|e| self.io_error("lock", &path, &e))?
-            else {
-                return Ok(None);
+            // A free lock needs no waiting thread.
+            let file = if flock::try_lock(&file).map_err(|e| self.io_error("lock", &path, &e))? {
+                file
+            } else {
+                let wait =
+                    KernelWait::start(file).map_err(|e| self.io_error("wait for", &path, &e))?;
+                match wait
+                    .wait(deadline)
+                    .await
+                    .map_err(|e| self.io_error("lock", &path, &e))?
+                {
+                    Some(file) => file,
+                    None => return Ok(None),
+                }
             };
             let (path_for_claim, template) = (path.clone(), template.clone());
             let this = self.clone();
             let claimed = self
                 .blocking(move || {
-                    claim(file, path_for_claim.clone(), |fence| Record { fence, ..template })
-                        .map_err(|e| this.io_error("write the fence to", &path_for_claim, &e))
+                    claim(file, path_for_claim.clone(), |fence| Record {
+                        fence,
+                        ..template
+                    })
+                    .map_err(|e| this.io_error("write the fence to", &path_for_claim, &e))
                 })
                 .await?;
             if let Some(held) = claimed {
@@ -355,7 +372,10 @@ impl Backend for FileBackend {
             renewed_at_ms: None,
             ttl_ms: None,
         };
-        let temp = self.inner.dir.join(format!(".{}.{}.tmp", std::process::id(), Owner::random()));
+        let temp = self
+            .inner
+            .dir
+            .join(format!(".{}.{}.tmp", std::process::id(), Owner::random()));
         let written = (|| -> io::Result<()> {
             let file = open_lock_file(&temp)?;
             record::write(&file, &fresh, 0)?;
@@ -378,14 +398,18 @@ fn inspect_file(path: &Path, kernel: &KernelLocks, key: Option<&str>) -> Option<
         Holding::HeldBy(pid) => Some(pid),
         Holding::Unknown => None,
     };
-    let record = File::open(path).ok().and_then(|mut f| record::read_unlocked(&mut f));
+    let record = File::open(path)
+        .ok()
+        .and_then(|mut f| record::read_unlocked(&mut f));
     let key = key
         .map(str::to_owned)
         .or_else(|| record.as_ref().map(|r| r.key.clone()))?;
     let mut info = LockInfo::new(key);
     info.pid = holder_pid;
     match record {
-        Some(record) if record.owner.is_some() && (holder_pid.is_none() || record.pid == holder_pid) => {
+        Some(record)
+            if record.owner.is_some() && (holder_pid.is_none() || record.pid == holder_pid) =>
+        {
             info.owner = record.owner;
             info.fence = Some(record.fence);
             info.pid = record.pid;
@@ -394,7 +418,9 @@ fn inspect_file(path: &Path, kernel: &KernelLocks, key: Option<&str>) -> Option<
             info.renewed_at = record.renewed_at_ms.map(record::to_system_time);
             info.ttl = record.ttl_ms.map(Duration::from_millis);
             if let (Some(renewed), Some(ttl)) = (info.renewed_at, info.ttl) {
-                let silent = SystemTime::now().duration_since(renewed).unwrap_or_default();
+                let silent = SystemTime::now()
+                    .duration_since(renewed)
+                    .unwrap_or_default();
                 if silent > ttl {
                     info.note = Some(format!(
                         "not renewed for {} (TTL {}): the holder may be hung or stopped; it keeps the lock until it exits",
@@ -406,7 +432,9 @@ fn inspect_file(path: &Path, kernel: &KernelLocks, key: Option<&str>) -> Option<
         }
         _ => {
             info.note = Some(match holder_pid {
-                Some(pid) => format!("locked by pid {pid} without a dlock record (flock(1) or another program)"),
+                Some(pid) => format!(
+                    "locked by pid {pid} without a dlock record (flock(1) or another program)"
+                ),
                 None => "locked (the holder is unknown: /proc/locks is not readable)".to_owned(),
             });
         }

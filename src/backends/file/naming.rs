@@ -91,14 +91,28 @@ mod tests {
 
     #[test]
     fn hostile_keys_stay_inside() {
-        for key in ["../../etc/passwd", "/abs", ".hidden", ".", "..", "a/b", "ключ", "a b", "%41", "~x"] {
+        for key in [
+            "../../etc/passwd",
+            "/abs",
+            ".hidden",
+            ".",
+            "..",
+            "a/b",
+            "ключ",
+            "a b",
+            "%41",
+            "~x",
+        ] {
             let name = file_name(key);
             assert!(!name.contains('/'), "{key} -> {name}");
             assert!(!name.starts_with('.'), "{key} -> {name}");
             assert!(name.len() <= NAME_MAX, "{key} -> {name}");
             assert_eq!(key_of(&name).as_deref(), Some(key), "{key} -> {name}");
         }
-        assert_eq!(file_name("../../etc/passwd"), "%2E.%2F..%2Fetc%2Fpasswd.lock");
+        assert_eq!(
+            file_name("../../etc/passwd"),
+            "%2E.%2F..%2Fetc%2Fpasswd.lock"
+        );
     }
 
     #[test]

@@ -28,7 +28,11 @@ impl KernelLocks {
         }
         let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
         let dev = (u64::from(major) << 32) | u64::from(minor);
-        match self.held.iter().find(|(d, ino, _)| *ino == meta.ino() && *d == dev) {
+        match self
+            .held
+            .iter()
+            .find(|(d, ino, _)| *ino == meta.ino() && *d == dev)
+        {
             Some((_, _, pid)) => Holding::HeldBy(*pid),
             None => Holding::Free,
         }
@@ -73,8 +77,17 @@ mod tests {
             parse_line("1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"),
             Some(((8 << 32) | 1, 5678, 1234))
         );
-        assert_eq!(parse_line("2: -> FLOCK  ADVISORY  WRITE 99 08:01:5678 0 EOF"), None);
-        assert_eq!(parse_line("3: POSIX  ADVISORY  WRITE 99 08:01:5678 0 EOF"), None);
-        assert_eq!(parse_line("4: FLOCK  ADVISORY  READ 99 00:2a:5678 0 EOF"), None);
+        assert_eq!(
+            parse_line("2: -> FLOCK  ADVISORY  WRITE 99 08:01:5678 0 EOF"),
+            None
+        );
+        assert_eq!(
+            parse_line("3: POSIX  ADVISORY  WRITE 99 08:01:5678 0 EOF"),
+            None
+        );
+        assert_eq!(
+            parse_line("4: FLOCK  ADVISORY  READ 99 00:2a:5678 0 EOF"),
+            None
+        );
     }
 }

@@ -52,7 +52,10 @@ pub(crate) enum Contents {
 pub(crate) fn read(file: &mut File) -> io::Result<(Contents, u64)> {
     let mut text = String::new();
     file.seek(SeekFrom::Start(0))?;
-    let len = file.read_to_string(&mut text).map(|n| n as u64).unwrap_or(0);
+    let len = file
+        .read_to_string(&mut text)
+        .map(|n| n as u64)
+        .unwrap_or(0);
     let first_line = text.lines().next().unwrap_or("").trim();
     let contents = if text.trim().is_empty() {
         Contents::Empty

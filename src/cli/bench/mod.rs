@@ -1,0 +1,226 @@
+//! `dlock bench`: what a lock costs when nobody else wants it, and how fast the next
+//! waiter gets it when somebody does, on any backend.
+
+mod modes;
+mod stats;
+
+use super::{connect, duration_arg, exit, BackendArg};
+use clap::{Args, ValueEnum};
+use dlock::backends::counting::Counting;
+use dlock::Locks;
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Exit status when a run saw two holders at once.
+const VIOLATION: u8 = 70; // EX_SOFTWARE
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// N tasks, each acquiring and releasing fresh random keys
+    Uncontended,
+    /// N tasks looping on one key
+    Contended,
+    /// One key, N waiters; the holder holds for --hold, releases and steps aside
+    Handoff,
+    /// Hold N leases at once (default 10000) with automatic renewal
+    Held,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    backend: BackendArg,
+    /// What to measure
+    #[arg(long, value_enum, default_value = "uncontended")]
+    mode: Mode,
+    /// Concurrent tasks (held: leases) [default: 1; handoff: 16; held: 10000]
+    #[arg(long, short = 'c')]
+    concurrency: Option<usize>,
+    /// How long to measure [default: 10s; held: 60s]
+    #[arg(long, short = 'd', value_name = "DUR", value_parser = duration_arg)]
+    duration: Option<Duration>,
+    /// Handoff: how long each holder holds the lock
+    #[arg(long, value_name = "DUR", default_value = "5ms", value_parser = duration_arg)]
+    hold: Duration,
+    /// Lease TTL
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = duration_arg)]
+    ttl: Duration,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+/// What every mode shares while it runs: the lock handle, the clock, the counters.
+pub struct Run {
+    pub locks: Locks,
+    pub ttl: Duration,
+    pub hold: Duration,
+    pub concurrency: usize,
+    pub until: Instant,
+    pub started: Instant,
+    pub operations: AtomicU64,
+    pub violations: AtomicU64,
+    pub errors: AtomicU64,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Run {
+    pub fn running(&self) -> bool {
+        Instant::now() < self.until
+    }
+
+    pub fn error(&self, err: &dlock::Error) {
+        self.note_error(err.to_string());
+    }
+
+    /// A lease found no longer held at its release.
+    pub fn lost(&self, key: &str) {
+        self.note_error(format!("the lease on {key:?} was lost before its release"));
+    }
+
+    fn note_error(&self, message: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(message);
+        }
+    }
+}
+
+/// Marks a critical section; two tasks inside at once is a violation.
+pub struct Exclusion(AtomicBool);
+
+impl Exclusion {
+    pub fn new() -> Self {
+        Exclusion(AtomicBool::new(false))
+    }
+
+    pub fn enter(&self, run: &Run) {
+        if self.0.swap(true, Ordering::SeqCst) {
+            run.violations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn leave(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The result of one run, as printed.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub backend: String,
+    pub mode: Mode,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub operations: u64,
+    pub per_second: f64,
+    pub violations: u64,
+    pub errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(flatten)]
+    pub details: modes::Details,
+}
+
+pub async fn bench(args: BenchArgs) -> ExitCode {
+    let locks = match connect(args.backend.backend).await {
+        Ok(locks) => locks,
+        Err(err) => return exit::fail(&err),
+    };
+    let counting = Counting::new(locks.backend().clone());
+    let counts = counting.counts();
+    let locks = Locks::from_backend(counting);
+    let concurrency = args.concurrency.unwrap_or(match args.mode {
+        Mode::Handoff => 16,
+        Mode::Held => 10_000,
+        _ => 1,
+    });
+    if concurrency == 0 || (args.mode == Mode::Handoff && concurrency < 2) {
+        exit::report("--concurrency must be at least 1 (handoff: at least 2)");
+        return ExitCode::from(exit::USAGE);
+    }
+    let duration = args.duration.unwrap_or(match args.mode {
+        Mode::Held => Duration::from_secs(60),
+        _ => Duration::from_secs(10),
+    });
+    let started = Instant::now();
+    let run = Arc::new(Run {
+        locks,
+        ttl: args.ttl,
+        hold: args.hold,
+        concurrency,
+        until: started + duration,
+        started,
+        operations: AtomicU64::new(0),
+        violations: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        last_error: std::sync::Mutex::new(None),
+    });
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let run = Arc::clone(&run);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let elapsed = run.started.elapsed().as_secs_f64();
+                let ops = run.operations.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{:>5.1}s / {:.0}s  {ops} operations  {:.0}/s  violations {}   ",
+                    elapsed,
+                    duration.as_secs_f64(),
+                    ops as f64 / elapsed,
+                    run.violations.load(Ordering::Relaxed)
+                );
+            }
+        })
+    });
+    let details = match args.mode {
+        Mode::Uncontended => modes::uncontended(&run).await,
+        Mode::Contended => modes::contended(&run).await,
+        Mode::Handoff => modes::handoff(&run).await,
+        Mode::Held => modes::held(&run, &counts).await,
+    };
+    if let Some(progress) = progress {
+        progress.abort();
+        eprintln!();
+    }
+    let seconds = run.started.elapsed().as_secs_f64();
+    let operations = run.operations.load(Ordering::Relaxed);
+    let report = Report {
+        backend: run.locks.describe().to_owned(),
+        mode: args.mode,
+        concurrency,
+        seconds,
+        operations,
+        per_second: operations as f64 / seconds,
+        violations: run.violations.load(Ordering::Relaxed),
+        errors: run.errors.load(Ordering::Relaxed),
+        last_error: run.last_error.lock().ok().and_then(|e| e.clone()),
+        details,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        modes::print_table(&report);
+    }
+    if report.violations > 0 {
+        exit::report(format!(
+            "MUTUAL EXCLUSION VIOLATED {} times on {}",
+            report.violations, report.backend
+        ));
+        return ExitCode::from(VIOLATION);
+    }
+    if report.errors > 0 {
+        exit::report(format!(
+            "{} errors during the run; last: {}",
+            report.errors,
+            report.last_error.as_deref().unwrap_or("?")
+        ));
+        return ExitCode::from(exit::UNAVAILABLE);
+    }
+    ExitCode::SUCCESS
+}

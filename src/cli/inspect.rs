@@ -1,0 +1,167 @@
+//! `dlock status`, `dlock list` and `dlock release --force`.
+
+use super::{connect, exit};
+use dlock::LockInfo;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+pub async fn status(key: &str, backend: Option<String>, json: bool) -> ExitCode {
+    if let Err(err) = dlock::Key::new(key) {
+        return exit::fail(&err);
+    }
+    let locks = match connect(backend).await {
+        Ok(locks) => locks,
+        Err(err) => return exit::fail(&err),
+    };
+    match locks.status(key).await {
+        Ok(Some(info)) => {
+            if json {
+                print_json(&info, true);
+            } else {
+                print_table(&[info]);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            if json {
+                print_json(&LockInfo::new(key), false);
+            } else {
+                println!("{key}: free");
+            }
+            ExitCode::from(1)
+        }
+        Err(err) => exit::fail(&err),
+    }
+}
+
+pub async fn list(backend: Option<String>, json: bool) -> ExitCode {
+    let locks = match connect(backend).await {
+        Ok(locks) => locks,
+        Err(err) => return exit::fail(&err),
+    };
+    match locks.list().await {
+        Ok(all) => {
+            if json {
+                for info in &all {
+                    print_json(info, true);
+                }
+            } else if all.is_empty() {
+                println!("no locks held on {}", locks.describe());
+            } else {
+                print_table(&all);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => exit::fail(&err),
+    }
+}
+
+pub async fn release(key: &str, force: bool, backend: Option<String>) -> ExitCode {
+    if !force {
+        exit::report(format!(
+            "release breaks the lock on {key:?} whoever holds it; add --force to confirm"
+        ));
+        return ExitCode::from(exit::USAGE);
+    }
+    if let Err(err) = dlock::Key::new(key) {
+        return exit::fail(&err);
+    }
+    let locks = match connect(backend).await {
+        Ok(locks) => locks,
+        Err(err) => return exit::fail(&err),
+    };
+    match locks.force_release(key).await {
+        Ok(true) => {
+            println!("{key}: released");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("{key}: was not held");
+            ExitCode::from(1)
+        }
+        Err(err) => exit::fail(&err),
+    }
+}
+
+fn print_json(info: &LockInfo, held: bool) {
+    let mut value = serde_json::to_value(info).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        object.insert("held".into(), held.into());
+    }
+    println!("{value}");
+}
+
+fn ago(t: Option<SystemTime>) -> String {
+    match t {
+        Some(t) => match SystemTime::now().duration_since(t) {
+            Ok(d) => format!("{} ago", short(d)),
+            Err(e) => format!("in {}", short(e.duration())),
+        },
+        None => "-".into(),
+    }
+}
+
+fn short(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs < 1 {
+        format!("{}ms", d.as_millis())
+    } else if secs < 120 {
+        format!("{secs}s")
+    } else if secs < 7200 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{}h", secs / 3600)
+    }
+}
+
+fn print_table(all: &[LockInfo]) {
+    let rows: Vec<[String; 7]> = all
+        .iter()
+        .map(|i| {
+            [
+                i.key.clone(),
+                i.fence.map_or("-".into(), |f| f.to_string()),
+                i.owner
+                    .as_deref()
+                    .map_or("-".into(), |o| o.chars().take(12).collect()),
+                match (&i.host, i.pid) {
+                    (Some(host), Some(pid)) => format!("{host}:{pid}"),
+                    (None, Some(pid)) => pid.to_string(),
+                    (Some(host), None) => host.clone(),
+                    (None, None) => "-".into(),
+                },
+                ago(i.acquired_at),
+                match (i.expires_at, i.renewed_at) {
+                    (Some(e), _) => ago(Some(e)),
+                    (None, Some(r)) => format!("renewed {}", ago(Some(r))),
+                    (None, None) => "-".into(),
+                },
+                i.note.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = [
+        "KEY", "FENCE", "OWNER", "HOLDER", "ACQUIRED", "EXPIRES", "NOTE",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,78 @@
+//! `dlock bench` runs every mode and reports (how fast is for the benchmarks, not tests).
+
+use std::process::Command;
+
+fn bench(backend: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_dlock"))
+        .args([
+            "bench",
+            "--backend",
+            backend,
+            "--json",
+            "--duration",
+            "400ms",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn every_mode_runs_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = format!("file://{}", dir.path().display());
+    for backend in ["memory://bench-smoke", file.as_str()] {
+        let report = bench(backend, &["--mode", "uncontended", "-c", "4"]);
+        assert!(report["operations"].as_u64().unwrap() > 0, "{report}");
+        assert!(
+            report["acquire"]["p50_us"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        assert_eq!(report["violations"], 0);
+
+        let report = bench(backend, &["--mode", "contended", "-c", "4"]);
+        assert_eq!(report["tasks_served"], 4, "{report}");
+        assert!(report["switch_share"].as_f64().unwrap() > 0.5, "{report}");
+        assert_eq!(report["violations"], 0);
+
+        let report = bench(backend, &["--mode", "handoff", "-c", "4", "--hold", "2ms"]);
+        assert!(
+            report["handoff"]["count"].as_u64().unwrap() > 10,
+            "{report}"
+        );
+        assert_eq!(report["tasks_served"], 4, "{report}");
+        assert_eq!(report["violations"], 0);
+
+        let report = bench(backend, &["--mode", "held", "-c", "200", "--ttl", "300ms"]);
+        assert_eq!(report["leases_held"], 200, "{report}");
+        assert_eq!(report["leases_lost"], 0, "{report}");
+        assert!(
+            report["renewals_per_second"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        assert!(report["rss_mib"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}
+
+#[test]
+fn bad_concurrency_is_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dlock"))
+        .args([
+            "bench",
+            "--backend",
+            "memory://",
+            "--mode",
+            "handoff",
+            "-c",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}

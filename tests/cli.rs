@@ -1,0 +1,393 @@
+//! The `dlock` command on the default file backend, as SPEC §4 and flock(1) users expect.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Self {
+        Dir(tempfile::Builder::new()
+            .prefix("dlock-cli-")
+            .tempdir()
+            .unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// `dlock ARGS` with this directory as the default backend.
+    fn dlock(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(DLOCK);
+        command
+            .args(args)
+            .env_remove("DLOCK_BACKEND")
+            .env("DLOCK_DIR", self.path())
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.dlock(args).output().unwrap()
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.dlock(args).stdout(Stdio::piped()).spawn().unwrap()
+    }
+
+    fn lock_file(&self, key: &str) -> PathBuf {
+        self.path().join(format!("{key}.lock"))
+    }
+
+    /// Waits until `key` shows as held in `dlock status`.
+    fn wait_held(&self, key: &str) {
+        let started = Instant::now();
+        while !self.output(&["status", key]).status.success() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{key} never became held"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn one_line(output: &Output) -> String {
+    let text = stderr(output);
+    assert_eq!(text.trim_end().lines().count(), 1, "not one line: {text:?}");
+    text
+}
+
+#[test]
+fn no_wait_and_wait_give_75_while_held() {
+    let dir = Dir::new();
+    let mut holder = dir.spawn(&["run", "k", "--", "sleep", "5"]);
+    dir.wait_held("k");
+
+    let started = Instant::now();
+    let out = dir.output(&["run", "k", "--no-wait", "--", "true"]);
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "--no-wait took {:?}",
+        started.elapsed()
+    );
+    let message = one_line(&out);
+    assert!(
+        message.contains("\"k\"") && message.contains("file://"),
+        "{message}"
+    );
+
+    let started = Instant::now();
+    let out = dir.output(&["run", "k", "--wait", "1s", "--", "true"]);
+    let waited = started.elapsed();
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    assert!(
+        waited >= Duration::from_millis(950) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn flock_and_dlock_exclude_each_other() {
+    let dir = Dir::new();
+    let mut holder = dir.spawn(&["run", "k", "--", "sleep", "5"]);
+    dir.wait_held("k");
+    let flock = Command::new("flock")
+        .arg("-n")
+        .arg(dir.lock_file("k"))
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(!flock.success(), "flock -n got a lock dlock holds");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    let mut flock = Command::new("flock")
+        .arg(dir.lock_file("k"))
+        .args(["sleep", "1.5"])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !dir.output(&["status", "k"]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "status never showed flock's lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = dir.output(&["run", "k", "--no-wait", "--", "true"]);
+    assert_eq!(
+        code(&out),
+        75,
+        "dlock got a lock flock(1) holds: {}",
+        stderr(&out)
+    );
+    // flock(1)'s COMMAND inherits its descriptor: the lock ends when `sleep` does.
+    assert!(flock.wait().unwrap().success());
+    let out = dir.output(&["run", "k", "--no-wait", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn fifty_parallel_runs_count_to_fifty() {
+    let dir = Dir::new();
+    let counter = dir.path().join("counter");
+    std::fs::write(&counter, "0").unwrap();
+    let script = format!(
+        "n=$(cat {0}); sleep 0.01; echo $((n + 1)) > {0}",
+        counter.display()
+    );
+    let children: Vec<Child> = (0..50)
+        .map(|_| {
+            dir.dlock(&["run", "counter", "--", "sh", "-c", &script])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "50");
+}
+
+#[test]
+fn fence_increases_across_runs_and_processes() {
+    let dir = Dir::new();
+    let mut last = 0u64;
+    for _ in 0..5 {
+        let out = dir.output(&[
+            "run",
+            "f",
+            "--",
+            "sh",
+            "-c",
+            "echo $DLOCK_FENCE $DLOCK_KEY ${#DLOCK_OWNER}",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(fields[1], "f");
+        assert_eq!(fields[2], "32", "owner token is not 128 bits of hex");
+        let fence: u64 = fields[0].parse().unwrap();
+        assert!(fence > last, "fence {fence} after {last}");
+        last = fence;
+    }
+}
+
+#[test]
+fn sigkill_of_dlock_stops_command_and_frees_lock() {
+    let dir = Dir::new();
+    let marker = dir.path().join("still-running");
+    let script = format!("sleep 2; touch {}", marker.display());
+    let mut holder = dir
+        .dlock(&["run", "k", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    dir.wait_held("k");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", holder.id()))
+        .unwrap_or_default();
+    let command_pid: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("COMMAND not started")
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
+    holder.wait().unwrap();
+
+    let started = Instant::now();
+    let out = dir.output(&["run", "k", "--no-wait", "--", "true"]);
+    assert_eq!(
+        code(&out),
+        0,
+        "lock not free after SIGKILL: {}",
+        stderr(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        std::fs::read_to_string(format!("/proc/{command_pid}/stat"))
+            .map_or(true, |s| s.contains(") Z")),
+        "COMMAND still runs after dlock was killed"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!marker.exists(), "COMMAND went on running outside the lock");
+}
+
+#[test]
+fn lost_lease_terminates_command_with_status_76() {
+    let dir = Dir::new();
+    let holder = dir
+        .dlock(&[
+            "run",
+            "k",
+            "--ttl",
+            "300ms",
+            "--kill-after",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    dir.wait_held("k");
+    let out = dir.output(&["release", "k", "--force"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let started = Instant::now();
+    let out = holder.wait_with_output().unwrap();
+    assert_eq!(code(&out), 76, "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(stderr(&out).contains("lost"), "{}", stderr(&out));
+}
+
+#[test]
+fn signals_are_forwarded_to_command() {
+    let dir = Dir::new();
+    let mut holder = dir
+        .dlock(&[
+            "run",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; sleep 10 & wait",
+        ])
+        .spawn()
+        .unwrap();
+    dir.wait_held("k");
+    std::thread::sleep(Duration::from_millis(200));
+    unsafe { libc::kill(holder.id() as i32, libc::SIGTERM) };
+    let status = holder.wait().unwrap();
+    assert_eq!(status.code(), Some(42), "COMMAND did not get SIGTERM");
+    let out = dir.output(&["run", "k", "--no-wait", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn exit_status_is_commands() {
+    let dir = Dir::new();
+    assert_eq!(
+        code(&dir.output(&["run", "k", "--", "sh", "-c", "exit 7"])),
+        7
+    );
+    assert_eq!(
+        code(&dir.output(&["run", "k", "--", "sh", "-c", "kill -9 $$"])),
+        137
+    );
+    assert_eq!(
+        code(&dir.output(&["run", "k", "--", "/no/such/program"])),
+        127
+    );
+}
+
+#[test]
+fn bad_input_exits_64_or_69_with_one_line() {
+    let dir = Dir::new();
+    let long_key = "x".repeat(2000);
+    for (args, want, needle) in [
+        (vec!["run", "", "--", "true"], 64, "empty"),
+        (vec!["run", long_key.as_str(), "--", "true"], 64, "1024"),
+        (vec!["run", "k", "--ttl", "abc", "--", "true"], 64, "--ttl"),
+        (
+            vec!["run", "k", "--wait", "5 parsecs", "--", "true"],
+            64,
+            "--wait",
+        ),
+        (
+            vec!["run", "k", "--backend", "nosuch://x", "--", "true"],
+            64,
+            "nosuch",
+        ),
+        (
+            vec![
+                "run",
+                "k",
+                "--backend",
+                "file:///proc/dlock-unwritable",
+                "--",
+                "true",
+            ],
+            69,
+            "/proc/dlock-unwritable",
+        ),
+        (vec!["run", "k"], 64, "COMMAND"),
+        (vec!["release", "k"], 64, "--force"),
+        (vec!["status", ""], 64, "empty"),
+    ] {
+        let out = dir.output(&args);
+        assert_eq!(code(&out), want, "{args:?}: {}", stderr(&out));
+        let message = one_line(&out);
+        assert!(message.contains(needle), "{args:?}: {message}");
+    }
+    let out = dir.output(&[
+        "run",
+        "k",
+        "--backend",
+        "redis://app:hunter2@127.0.0.1:1",
+        "--",
+        "true",
+    ]);
+    assert!(
+        !stderr(&out).contains("hunter2"),
+        "password printed: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn status_list_and_release() {
+    let dir = Dir::new();
+    let out = dir.output(&["status", "k"]);
+    assert_eq!(code(&out), 1);
+    let mut holder = dir.spawn(&["run", "k", "--", "sleep", "5"]);
+    dir.wait_held("k");
+    let out = dir.output(&["status", "k", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["held"], true);
+    assert_eq!(json["key"], "k");
+    assert_eq!(json["pid"], holder.id());
+    assert!(json["fence"].as_u64().unwrap() >= 1);
+    let out = dir.output(&["list", "--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["key"], "k");
+    let table = String::from_utf8(dir.output(&["list"]).stdout).unwrap();
+    assert!(
+        table.starts_with("KEY") && table.contains(&holder.id().to_string()),
+        "{table}"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(code(&dir.output(&["release", "k", "--force"])), 1);
+}
+
+#[test]
+fn every_subcommand_has_help_with_an_example() {
+    for sub in ["run", "status", "list", "release"] {
+        let out = Command::new(DLOCK).args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("Example"), "{sub} --help has no example");
+    }
+}
