@@ -76,7 +76,8 @@ impl Mysql {
         self.dir.path().join("mysqld.sock")
     }
 
-    fn launch(&self) {
+    /// Starts the server (again) on its port and data, after [`stop`](Self::stop).
+    pub fn launch(&self) {
         let mut command = logged(&self.server, self.dir.path(), "mariadbd.log");
         command
             .arg("--no-defaults")

@@ -104,7 +104,8 @@ impl Postgres {
         SHARED.get_or_init(|| Postgres::start(false))
     }
 
-    fn launch(&self) {
+    /// Starts the server (again) on its port and data, after [`stop`](Self::stop).
+    pub fn launch(&self) {
         let mut command = logged(&self.postgres, self.dir.path(), "postgres.log");
         command
             .arg("-D")

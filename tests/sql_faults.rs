@@ -1,0 +1,394 @@
+//! Fault tests of the PostgreSQL and MySQL backends against private servers: a holder's
+//! connection killed by the server, server restarts, and abandoned waits.
+#![cfg(all(feature = "postgres", feature = "mysql"))]
+
+use dlock::backends::postgres::keys::{advisory_key, pg_locks_halves};
+use dlock::{Error, Locks, LossReason};
+use dlock_testkit::servers::mysql::Mysql;
+use dlock_testkit::servers::postgres::Postgres;
+use mysql_async::prelude::Queryable;
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+async fn within<T>(limit: Duration, what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: did not happen within {limit:?}"),
+    }
+}
+
+fn key(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+async fn pg_admin(server: &Postgres) -> tokio_postgres::Client {
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn my_admin(server: &Mysql) -> mysql_async::Conn {
+    let url = format!(
+        "mysql://dlock:dlock-secret@127.0.0.1:{}/dlock",
+        server.port()
+    );
+    mysql_async::Conn::new(mysql_async::Opts::from_url(&url).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The server pids holding or waiting for `key`'s advisory lock.
+async fn pg_lockers(admin: &tokio_postgres::Client, key: &str, granted: bool) -> Vec<i32> {
+    let (classid, objid) = pg_locks_halves(advisory_key(key));
+    admin
+        .query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND classid = $1 AND objid = $2 AND granted = $3",
+            &[&classid, &objid, &granted],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn pg_dlock_connections(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dlock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn my_connections(admin: &mut mysql_async::Conn) -> u64 {
+    let n: Option<u64> = admin
+        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'dlock'")
+        .await
+        .unwrap();
+    n.unwrap_or(0)
+}
+
+async fn my_waiting_get_lock(admin: &mut mysql_async::Conn) -> u64 {
+    let n: Option<u64> = admin
+        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT GET_LOCK%'")
+        .await
+        .unwrap();
+    n.unwrap_or(0)
+}
+
+/// A holder whose connection is killed by the server loses its lease at once, and a
+/// waiter gets the lock with a higher fence.
+async fn killed_connection_fires_lost(
+    locks: &Locks,
+    waiter: &Locks,
+    kill: impl std::future::Future<Output = ()>,
+    k: &str,
+) {
+    let lease = locks.lock(k).acquire().await.unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, k) = (waiter.clone(), k.to_owned());
+        async move { waiter.lock(&k).acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the waiter got a held lock");
+    let started = Instant::now();
+    kill.await;
+    let reason = within(
+        PROMPTLY,
+        "lost() after the connection was killed",
+        lease.lost(),
+    )
+    .await;
+    assert!(
+        matches!(reason, LossReason::SessionEnded { .. }),
+        "{reason:?}"
+    );
+    eprintln!("lost() {:?} after the kill: {reason}", started.elapsed());
+    let next = within(PROMPTLY, "the waiter's acquire", waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(next.fence() > lease.fence());
+    assert!(!lease.release().await.unwrap());
+    assert!(next.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_terminate_backend_fires_lost_and_lets_a_waiter_in() {
+    let server = Postgres::shared();
+    let admin = pg_admin(server).await;
+    let url = server.url("");
+    let (locks, waiter) = (
+        dlock::connect(&url).await.unwrap(),
+        dlock::connect(&url).await.unwrap(),
+    );
+    let k = key("terminate");
+    let kill = async {
+        let pids = pg_lockers(&admin, &k, true).await;
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pids[0]])
+            .await
+            .unwrap();
+    };
+    killed_connection_fires_lost(&locks, &waiter, kill, &k).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_kill_fires_lost_and_lets_a_waiter_in() {
+    let server = Mysql::shared();
+    let mut admin = my_admin(server).await;
+    let url = server.url("");
+    let (locks, waiter) = (
+        dlock::connect(&url).await.unwrap(),
+        dlock::connect(&url).await.unwrap(),
+    );
+    let k = key("kill");
+    let kill = async {
+        let id: Option<Option<u64>> = admin
+            .exec_first("SELECT IS_USED_LOCK(?)", (k.as_str(),))
+            .await
+            .unwrap();
+        let id = id.flatten().expect("the lock is not held");
+        admin
+            .query_drop(format!("KILL CONNECTION {id}"))
+            .await
+            .unwrap();
+    };
+    killed_connection_fires_lost(&locks, &waiter, kill, &k).await;
+}
+
+async fn in_blocking(work: impl FnOnce() + Send + 'static) {
+    tokio::task::spawn_blocking(work).await.unwrap();
+}
+
+/// Session mode: a restart ends the holding session (lost fires); lease mode: a restart
+/// shorter than the TTL keeps the lease, an outage longer than the TTL loses it. Fences
+/// after the restart are greater than before in every case.
+async fn restart_checks(
+    url_session: String,
+    url_lease: String,
+    stop: impl Fn() + Send + Sync + Clone + 'static,
+    start: impl Fn() + Send + Sync + Clone + 'static,
+) {
+    let session = dlock::connect(&url_session).await.unwrap();
+    let lease_locks = dlock::connect(&url_lease).await.unwrap();
+    let (ks, kl, kx) = (key("restart-s"), key("restart-l"), key("restart-x"));
+    let held = session.lock(&ks).acquire().await.unwrap();
+    let kept = lease_locks
+        .lock(&kl)
+        .ttl(Duration::from_secs(20))
+        .acquire()
+        .await
+        .unwrap();
+    let short = lease_locks
+        .lock(&kx)
+        .ttl(Duration::from_millis(1500))
+        .acquire()
+        .await
+        .unwrap();
+    let before = held.fence().max(kept.fence()).max(short.fence());
+
+    let (stop2, start2) = (stop.clone(), start.clone());
+    in_blocking(move || stop2()).await;
+    let reason = within(
+        PROMPTLY,
+        "session lease lost() at the server's stop",
+        held.lost(),
+    )
+    .await;
+    assert!(
+        matches!(reason, LossReason::SessionEnded { .. }),
+        "{reason:?}"
+    );
+    let reason = within(
+        PROMPTLY,
+        "short lease lost() during the outage",
+        short.lost(),
+    )
+    .await;
+    assert!(
+        matches!(reason, LossReason::RenewalFailed { .. }),
+        "{reason:?}"
+    );
+    in_blocking(move || start2()).await;
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !kept.is_lost(),
+        "a lease whose outage was shorter than its TTL was reported lost"
+    );
+    let other = dlock::connect(&url_lease).await.unwrap();
+    assert!(
+        other.lock(&kl).try_acquire().await.unwrap().is_none(),
+        "the kept lease was free after the restart"
+    );
+    assert!(kept.release().await.unwrap());
+    // A lost lease keeps its handle's local turn on the key until it is dropped.
+    assert!(!held.release().await.unwrap());
+    assert!(!short.release().await.unwrap());
+
+    let again = session
+        .lock(&ks)
+        .wait_for(PROMPTLY)
+        .acquire()
+        .await
+        .unwrap();
+    assert!(
+        again.fence() > before,
+        "session fence {} after {before}",
+        again.fence()
+    );
+    let again_l = other.lock(&kl).wait_for(PROMPTLY).acquire().await.unwrap();
+    assert!(
+        again_l.fence() > before,
+        "lease fence {} after {before}",
+        again_l.fence()
+    );
+    let again_x = other.lock(&kx).wait_for(PROMPTLY).acquire().await.unwrap();
+    assert!(again_x.fence() > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_restart_fires_lost_and_fences_keep_increasing() {
+    let server: &'static Postgres = Box::leak(Box::new(Postgres::start(true)));
+    restart_checks(
+        server.url(""),
+        server.url("mode=lease"),
+        move || server.stop(),
+        move || server.launch(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_restart_fires_lost_and_fences_keep_increasing() {
+    let server: &'static Mysql = Box::leak(Box::new(Mysql::start(true)));
+    restart_checks(
+        server.url(""),
+        server.url("mode=lease"),
+        move || server.stop(),
+        move || server.launch(),
+    )
+    .await;
+}
+
+/// Spawns 100 waiting acquires on held `k` over 4 handles, drops them, and releases.
+async fn drop_100_waiters(url: &str, k: &str) {
+    let holder = dlock::connect(url).await.unwrap();
+    let lease = holder.lock(k).acquire().await.unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        handles.push(dlock::connect(url).await.unwrap());
+    }
+    let mut waiters = Vec::new();
+    for i in 0..100 {
+        let (locks, k) = (handles[i % 4].clone(), k.to_owned());
+        waiters.push(tokio::spawn(async move { locks.lock(&k).acquire().await }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for waiter in &waiters {
+        waiter.abort();
+    }
+    for waiter in waiters {
+        assert!(
+            waiter.await.unwrap_err().is_cancelled(),
+            "a waiter acquired a held lock"
+        );
+    }
+    assert!(lease.release().await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fresh = dlock::connect(url).await.unwrap();
+    assert!(
+        fresh.status(k).await.unwrap().is_none(),
+        "a dropped waiter holds the lock"
+    );
+    let after = fresh
+        .lock(k)
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("the key is not free");
+    after.release().await.unwrap();
+    drop(handles);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_dropping_100_waiters_leaks_no_lock_and_no_connection() {
+    let server = Postgres::shared();
+    let admin = pg_admin(server).await;
+    for query in ["", "mode=lease"] {
+        let k = key("drop100");
+        let before = pg_dlock_connections(&admin).await;
+        drop_100_waiters(&server.url(query), &k).await;
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let waiting = pg_lockers(&admin, &k, false).await;
+            let granted = pg_lockers(&admin, &k, true).await;
+            let now = pg_dlock_connections(&admin).await;
+            if waiting.is_empty() && granted.is_empty() && now <= before + 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query}: waiting {waiting:?}, granted {granted:?}, dlock connections {now} (before {before})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_dropping_100_waiters_leaks_no_lock_and_no_connection() {
+    let server = Mysql::shared();
+    let mut admin = my_admin(server).await;
+    for query in ["", "mode=lease"] {
+        let k = key("drop100");
+        let before = my_connections(&mut admin).await;
+        drop_100_waiters(&server.url(query), &k).await;
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let waiting = my_waiting_get_lock(&mut admin).await;
+            let used: Option<Option<u64>> = admin
+                .exec_first("SELECT IS_USED_LOCK(?)", (k.as_str(),))
+                .await
+                .unwrap();
+            let now = my_connections(&mut admin).await;
+            if waiting == 0 && used.flatten().is_none() && now <= before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query}: {waiting} GET_LOCK waiting, held by {used:?}, dlock connections {now} (before {before})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_name_the_problem_without_the_password() {
+    for url in [
+        "postgres://u:hunter2@127.0.0.1:1/db?mode=sessions",
+        "postgres://u:hunter2@127.0.0.1:1/db?table=x;drop",
+        "mysql://u:hunter2@127.0.0.1:1/db?nope=1",
+    ] {
+        let err = dlock::connect(url).await.unwrap_err();
+        assert!(matches!(err, Error::BadUrl { .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+    for url in [
+        "postgres://u:hunter2@127.0.0.1:1/db",
+        "mysql://u:hunter2@127.0.0.1:1/db",
+    ] {
+        let err = dlock::connect(url).await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}
