@@ -392,3 +392,83 @@ async fn bad_urls_name_the_problem_without_the_password() {
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dlock"))
+        .args(args)
+        .output()
+        .expect("cannot run dlock")
+}
+
+/// `dlock run`, `status`, `list` and `release --force` from the CLI on all four
+/// combinations of database and mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_run_status_list_in_both_modes_on_both_databases() {
+    let (pg, my) = (Postgres::shared(), Mysql::shared());
+    for url in [
+        pg.url(""),
+        pg.url("mode=lease"),
+        my.url(""),
+        my.url("mode=lease"),
+    ] {
+        let k = key("cli");
+        let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_dlock"))
+            .args([
+                "run",
+                &k,
+                "--backend",
+                &url,
+                "--ttl",
+                "2s",
+                "--",
+                "sh",
+                "-c",
+                "echo $DLOCK_FENCE; sleep 3",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            let out = cli(&["status", &k, "--backend", &url, "--json"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains("\"fence\"") {
+                break text;
+            }
+            assert!(started.elapsed() < PROMPTLY, "{url}: never held: {text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.contains(&k), "{url}: {status}");
+        let list = cli(&["list", "--backend", &url, "--json"]);
+        assert!(
+            String::from_utf8_lossy(&list.stdout).contains(&k),
+            "{url}: {list:?}"
+        );
+        let human = cli(&["status", &k, "--backend", &url]);
+        assert!(human.status.success(), "{url}: {human:?}");
+        let busy = cli(&["run", &k, "--backend", &url, "--no-wait", "--", "true"]);
+        assert_eq!(busy.status.code(), Some(75), "{url}: {busy:?}");
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{url}: {out:?}");
+        let fence: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!(fence > 0);
+        let after = cli(&["status", &k, "--backend", &url, "--json"]);
+        assert!(
+            !String::from_utf8_lossy(&after.stdout).contains("\"fence\""),
+            "{url}: {after:?}"
+        );
+        let bad = cli(&[
+            "status",
+            &k,
+            "--backend",
+            &url.replace("dlock-secret", "wrong-secret"),
+        ]);
+        if url.starts_with("mysql") {
+            assert_eq!(bad.status.code(), Some(69), "{url}: {bad:?}");
+            assert!(
+                !String::from_utf8_lossy(&bad.stderr).contains("wrong-secret"),
+                "{bad:?}"
+            );
+        }
+    }
+}

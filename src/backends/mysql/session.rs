@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-const MAX_IDLE: usize = 16;
+const MAX_IDLE: usize = 32;
 const PING_EVERY: Duration = Duration::from_millis(500);
 /// `GET_LOCK` timeout for a wait without deadline (the client cancels it when abandoned).
 const FOREVER_SECS: u64 = 365 * 24 * 3600;

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Config, NoTls, Row};
 
-const MAX_IDLE: usize = 16;
+const MAX_IDLE: usize = 32;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// The sessions table's definition.
