@@ -196,7 +196,7 @@ async fn restart_checks(
     let before = held.fence().max(kept.fence()).max(short.fence());
 
     let (stop2, start2) = (stop.clone(), start.clone());
-    in_blocking(move || stop2()).await;
+    in_blocking(stop2).await;
     let reason = within(
         PROMPTLY,
         "session lease lost() at the server's stop",
@@ -217,7 +217,7 @@ async fn restart_checks(
         matches!(reason, LossReason::RenewalFailed { .. }),
         "{reason:?}"
     );
-    in_blocking(move || start2()).await;
+    in_blocking(start2).await;
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -412,7 +412,7 @@ async fn cli_run_status_list_in_both_modes_on_both_databases() {
         my.url("mode=lease"),
     ] {
         let k = key("cli");
-        let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_dlock"))
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_dlock"))
             .args([
                 "run",
                 &k,
