@@ -11,6 +11,7 @@ use crate::key::Key;
 use crate::location::BackendUrl;
 use async_trait::async_trait;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::broadcast;
@@ -34,6 +35,8 @@ struct Store {
     /// to remember released keys.
     last_fence: Mutex<u64>,
     released: broadcast::Sender<Key>,
+    /// The map's size after the last sweep of expired entries.
+    swept_at: AtomicUsize,
 }
 
 impl Store {
@@ -42,6 +45,7 @@ impl Store {
             held: Mutex::new(HashMap::new()),
             last_fence: Mutex::new(0),
             released: broadcast::channel(1024).0,
+            swept_at: AtomicUsize::new(32),
         }
     }
 
@@ -147,6 +151,12 @@ impl Backend for MemoryBackend {
                     expires_in: Some(entry.expires - now),
                 });
             }
+        }
+        // Holders that stopped renewing leave entries behind; sweep them once the map has
+        // doubled since the last sweep, so its size stays proportional to the live locks.
+        if held.len() >= 64 && held.len() >= 2 * self.store.swept_at.load(Ordering::Relaxed) {
+            held.retain(|_, entry| entry.expires > now);
+            self.store.swept_at.store(held.len().max(32), Ordering::Relaxed);
         }
         let fence = self.store.next_fence();
         let wall = SystemTime::now();

@@ -127,7 +127,22 @@ pub struct Report {
     pub details: modes::Details,
 }
 
+/// Raises the soft limit of open files to the hard limit: the file backend holds one
+/// descriptor per lease, and `--mode held` holds 10,000.
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit with a struct we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 pub async fn bench(args: BenchArgs) -> ExitCode {
+    raise_open_file_limit();
     let locks = match connect(args.backend.backend).await {
         Ok(locks) => locks,
         Err(err) => return exit::fail(&err),

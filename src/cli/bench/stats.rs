@@ -7,7 +7,11 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Percentiles {
     pub count: usize,
+    pub p10_us: f64,
+    pub p25_us: f64,
     pub p50_us: f64,
+    pub p75_us: f64,
+    pub p90_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
 }
@@ -23,7 +27,11 @@ pub fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     };
     Percentiles {
         count: samples.len(),
+        p10_us: at(0.10),
+        p25_us: at(0.25),
         p50_us: at(0.50),
+        p75_us: at(0.75),
+        p90_us: at(0.90),
         p99_us: at(0.99),
         max_us: at(1.0),
     }
