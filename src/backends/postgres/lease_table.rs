@@ -219,7 +219,6 @@ impl Backend for PgLeaseBackend {
         let conn = self.inner.db.get().await?;
         let pid = i32::try_from(request.holder.pid).ok();
         let rows = conn
-            .client
             .query_typed(
                 &self.inner.sql.acquire,
                 &[
@@ -247,7 +246,6 @@ impl Backend for PgLeaseBackend {
     async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
         let conn = self.inner.db.get().await?;
         let n = conn
-            .client
             .execute_typed(
                 &self.inner.sql.renew,
                 &[
@@ -264,7 +262,6 @@ impl Backend for PgLeaseBackend {
     async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
         let conn = self.inner.db.get().await?;
         let rows = conn
-            .client
             .query_typed(
                 &self.inner.sql.release,
                 &[
@@ -288,7 +285,6 @@ impl Backend for PgLeaseBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let conn = self.inner.db.get().await?;
         let rows = conn
-            .client
             .query_typed(&self.inner.sql.inspect, &[(&key.as_str(), Type::TEXT)])
             .await
             .map_err(|e| self.err(&e))?;
@@ -298,7 +294,6 @@ impl Backend for PgLeaseBackend {
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let conn = self.inner.db.get().await?;
         let rows = conn
-            .client
             .query_typed(&self.inner.sql.list, &[])
             .await
             .map_err(|e| self.err(&e))?;
@@ -308,7 +303,6 @@ impl Backend for PgLeaseBackend {
     async fn force_release(&self, key: &Key) -> Result<bool> {
         let conn = self.inner.db.get().await?;
         let rows = conn
-            .client
             .query_typed(
                 &self.inner.sql.force,
                 &[

@@ -79,11 +79,7 @@ impl Listener {
             wake_all(&watchers);
         });
         let cancel = client.cancel_token();
-        let conn = Conn {
-            client,
-            closed,
-            cancel,
-        };
+        let conn = Conn::new(client, closed, cancel);
         let listen = format!("LISTEN \"{}\"", self.channel.replace('"', "\"\""));
         conn.client
             .batch_execute(&listen)

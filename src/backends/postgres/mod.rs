@@ -29,7 +29,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_postgres::{CancelToken, Client, Config, NoTls};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{CancelToken, Client, Config, NoTls, Row, Statement};
 
 pub use lease_table::PgLeaseBackend;
 pub use session::PgSessionBackend;
@@ -199,6 +200,9 @@ pub(crate) struct Conn {
     pub(crate) client: Client,
     closed: watch::Receiver<Option<String>>,
     pub(crate) cancel: CancelToken,
+    /// Statements prepared on this connection, by SQL text: dlock's statements are few and
+    /// fixed, and planning the CTEs costs more than executing them.
+    prepared: std::sync::Mutex<std::collections::HashMap<String, Statement>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -224,11 +228,66 @@ impl Conn {
             let _ = tx.send(Some(reason));
         });
         let cancel = client.cancel_token();
-        Ok(Conn {
+        Ok(Conn::new(client, closed, cancel))
+    }
+
+    pub(crate) fn new(
+        client: Client,
+        closed: watch::Receiver<Option<String>>,
+        cancel: CancelToken,
+    ) -> Conn {
+        Conn {
             client,
             closed,
             cancel,
-        })
+            prepared: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// `sql` prepared on this connection (once; later calls reuse it).
+    async fn statement(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self
+            .prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let statement = self.client.prepare_typed(sql, &types).await?;
+        self.prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs `sql` (prepared once per connection) with typed parameters.
+    pub(crate) async fn query_typed(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql, params).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        self.client.query(&statement, &values).await
+    }
+
+    /// Executes `sql` (prepared once per connection); the number of rows affected.
+    pub(crate) async fn execute_typed(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql, params).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        self.client.execute(&statement, &values).await
     }
 
     /// True once the connection has ended.
@@ -311,9 +370,7 @@ pub(crate) async fn ensure_schema(
     sequence: &str,
     ddl: &str,
 ) -> Result<()> {
-    use tokio_postgres::types::Type;
     let rows = conn
-        .client
         .query_typed(
             "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
             &[(&table, Type::TEXT), (&sequence, Type::TEXT)],

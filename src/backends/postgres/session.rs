@@ -197,7 +197,6 @@ impl Params {
         sql: &str,
     ) -> std::result::Result<Option<i64>, tokio_postgres::Error> {
         let rows = conn
-            .client
             .query_typed(
                 sql,
                 &[
@@ -455,7 +454,6 @@ impl Backend for PgSessionBackend {
             ));
         }
         let n = conn
-            .client
             .execute_typed(
                 &self.inner.sql.renew,
                 &[
@@ -478,7 +476,6 @@ impl Backend for PgSessionBackend {
         }
         let rows = held
             .conn
-            .client
             .query_typed(
                 &self.inner.sql.release,
                 &[
@@ -518,7 +515,6 @@ impl Backend for PgSessionBackend {
         let (classid, objid) = pg_locks_halves(advisory_key(key.as_str()));
         let conn = self.inner.admin.get().await?;
         let rows = conn
-            .client
             .query_typed(
                 &self.inner.sql.inspect,
                 &[
@@ -559,7 +555,6 @@ impl Backend for PgSessionBackend {
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let conn = self.inner.admin.get().await?;
         let rows = conn
-            .client
             .query_typed(&self.inner.sql.list, &[])
             .await
             .map_err(|e| self.err(&e))?;
@@ -581,7 +576,6 @@ impl Backend for PgSessionBackend {
         let (classid, objid) = pg_locks_halves(advisory_key(key.as_str()));
         let conn = self.inner.admin.get().await?;
         let rows = conn
-            .client
             .query_typed(
                 &self.inner.sql.force,
                 &[
