@@ -3,8 +3,8 @@
 //! the same SQL run without dlock in the same run:
 //! - PostgreSQL: `pgbench` with scripts holding exactly the statements dlock sends, plus
 //!   the bare `pg_advisory_lock`/`pg_advisory_unlock` pair;
-//! - MariaDB: the bare `GET_LOCK`/`RELEASE_LOCK` pair and the bare lease-row
-//!   `INSERT`/`DELETE` pair, through mysql_async with one connection per task.
+//! - MariaDB (no pgbench): dlock's statements, the bare `GET_LOCK`/`RELEASE_LOCK` pair and
+//!   the bare lease-row `INSERT`/`DELETE` pair, through mysql_async, a connection per task.
 //!
 //! Then the hand-off latency: 16 waiters on 16 handles contend for one key; each new
 //! holder measures the time from the previous holder's release call to its own grant.
@@ -186,6 +186,78 @@ async fn mysql_bare(server: &Mysql, tasks: usize, lease: bool) -> f64 {
     .await
 }
 
+/// The statements dlock sends for one pair, through mysql_async without dlock.
+async fn mysql_same_sql(server: &Mysql, tasks: usize, lease: bool) -> f64 {
+    let url = format!(
+        "mysql://dlock:dlock-secret@127.0.0.1:{}/dlock",
+        server.port()
+    );
+    let opts = mysql_async::Opts::from_url(&url).expect("url");
+    let mut conns = Vec::new();
+    for _ in 0..tasks {
+        conns.push(Arc::new(tokio::sync::Mutex::new(
+            mysql_async::Conn::new(opts.clone()).await.expect("connect"),
+        )));
+    }
+    let conns = Arc::new(conns);
+    pairs_per_second(tasks, move |task| {
+        let conns = Arc::clone(&conns);
+        async move {
+            let mut conn = conns[task].lock().await;
+            let key = format!("same-{task}");
+            let owner = format!("owner-{task}");
+            if lease {
+                let _: Option<Option<i64>> = conn
+                    .exec_first(
+                        "SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) FROM dlock_leases WHERE k = UNHEX(SHA2(?, 256))",
+                        (key.as_str(),),
+                    )
+                    .await
+                    .expect("peek");
+                conn.query_drop("START TRANSACTION").await.expect("begin");
+                conn.query_drop("UPDATE dlock_fence_counter SET fence = LAST_INSERT_ID(fence + 1) WHERE id = 1")
+                    .await
+                    .expect("bump");
+                conn.exec_drop(
+                    "INSERT INTO dlock_leases (k, key_text, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host) \
+                     VALUES (UNHEX(SHA2(?, 256)), ?, ?, LAST_INSERT_ID(), UTC_TIMESTAMP(6) + INTERVAL 30 SECOND, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), 30000, 1, 'b') \
+                     ON DUPLICATE KEY UPDATE owner = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(owner), owner), \
+                     fence = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(fence), fence), \
+                     expires_at = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(expires_at), expires_at)",
+                    (key.as_str(), key.as_str(), owner.as_str()),
+                )
+                .await
+                .expect("insert");
+                conn.query_drop("COMMIT").await.expect("commit");
+                conn.exec_drop(
+                    "DELETE FROM dlock_leases WHERE k = UNHEX(SHA2(?, 256)) AND owner = ? AND expires_at > UTC_TIMESTAMP(6)",
+                    (key.as_str(), owner.as_str()),
+                )
+                .await
+                .expect("delete");
+            } else {
+                let _: Option<i64> = conn.exec_first("SELECT GET_LOCK(?, 0)", (key.as_str(),)).await.expect("get_lock");
+                conn.query_drop("UPDATE dlock_fence_counter SET fence = LAST_INSERT_ID(fence + 1) WHERE id = 1")
+                    .await
+                    .expect("bump");
+                conn.exec_drop(
+                    "INSERT INTO dlock_sessions (k, key_text, lock_name, owner, fence, conn_id, acquired_at, renewed_at, ttl_ms, pid, host) \
+                     VALUES (UNHEX(SHA2(?, 256)), ?, ?, ?, LAST_INSERT_ID(), CONNECTION_ID(), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), 30000, 1, 'b') \
+                     ON DUPLICATE KEY UPDATE owner = VALUES(owner), fence = VALUES(fence), conn_id = VALUES(conn_id)",
+                    (key.as_str(), key.as_str(), key.as_str(), owner.as_str()),
+                )
+                .await
+                .expect("record");
+                let _: Option<i64> = conn.exec_first("SELECT RELEASE_LOCK(?)", (key.as_str(),)).await.expect("release_lock");
+                conn.exec_drop("DELETE FROM dlock_sessions WHERE k = UNHEX(SHA2(?, 256)) AND owner = ?", (key.as_str(), owner.as_str()))
+                    .await
+                    .expect("forget");
+            }
+        }
+    })
+    .await
+}
+
 /// Median and 99th percentile of the release-to-grant time with 16 waiters on 16 handles.
 async fn handoff(url: &str) -> (Duration, Duration, usize) {
     const WAITERS: usize = 16;
@@ -262,9 +334,13 @@ fn main() {
             let same = pgbench(&pg, PG_LEASE_SCRIPT, tasks);
             row("PostgreSQL", "lease", tasks, ours, "pgbench, dlock's SQL", same);
             let ours = dlock_pairs(&my.url(""), tasks).await;
+            let same = mysql_same_sql(&my, tasks, false).await;
+            row("MariaDB", "session", tasks, ours, "mysql_async, dlock's SQL", same);
             let bare = mysql_bare(&my, tasks, false).await;
             row("MariaDB", "session", tasks, ours, "mysql_async, bare GET_LOCK/RELEASE_LOCK", bare);
             let ours = dlock_pairs(&my.url("mode=lease"), tasks).await;
+            let same = mysql_same_sql(&my, tasks, true).await;
+            row("MariaDB", "lease", tasks, ours, "mysql_async, dlock's SQL", same);
             let bare = mysql_bare(&my, tasks, true).await;
             row("MariaDB", "lease", tasks, ours, "mysql_async, bare INSERT/DELETE", bare);
         }

@@ -235,7 +235,7 @@ pub(crate) async fn ensure_schema(
     let fail = |err: mysql_async::Error| {
         Error::backend(
             describe,
-            format!("cannot create the dlock tables ({err}); have them created by a user with CREATE (see docs/backends/mysql.md)"),
+            format!("cannot create the dlock tables ({err}); have them created by a user with CREATE (see docs/backends/mysql.md and dlock::backends::mysql::schema_sql)"),
         )
     };
     conn.query_drop("DO GET_LOCK('dlock:schema', 30)")
@@ -250,6 +250,19 @@ pub(crate) async fn ensure_schema(
     }
     let _ = conn.query_drop("DO RELEASE_LOCK('dlock:schema')").await;
     outcome
+}
+
+/// The SQL that creates what `url`'s mode needs, for administrators who create the tables
+/// themselves (clients then need only SELECT, INSERT, UPDATE, DELETE on them).
+pub fn schema_sql(url: &str) -> Result<String> {
+    let url = BackendUrl::parse(url)?;
+    let settings = Settings::parse(&url)?;
+    let mut statements = counter_ddl(&settings.counter);
+    statements.push(match settings.mode {
+        Mode::Session => session::ddl(&settings.table),
+        Mode::Lease => lease_table::ddl(&settings.table),
+    });
+    Ok(statements.iter().map(|s| format!("{s};\n")).collect())
 }
 
 /// Microseconds since 1970 as a `SystemTime`.
@@ -280,6 +293,16 @@ mod tests {
         assert_eq!(name.chars().count(), 64);
         assert!(name.starts_with("dlock:"));
         assert_eq!(lock_name(&"é".repeat(64)), "é".repeat(64));
+    }
+
+    #[test]
+    fn schema_for_admins() {
+        let sql = schema_sql("mysql://u@h/db?mode=lease").unwrap();
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_leases"),
+            "{sql}"
+        );
+        assert!(sql.contains("dlock_fence_counter"), "{sql}");
     }
 
     #[test]

@@ -389,7 +389,7 @@ pub(crate) async fn ensure_schema(
         return Err(Error::backend(
             describe,
             format!(
-                "cannot create the dlock schema ({}); have it created by a role with CREATE on the schema (see docs/backends/postgres.md, or `PostgresBackend` schema_sql)",
+                "cannot create the dlock schema ({}); have it created by a role with CREATE on the schema (see docs/backends/postgres.md and dlock::backends::postgres::schema_sql)",
                 detail(&err)
             ),
         ));
@@ -421,6 +421,19 @@ pub(crate) fn millis(duration: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_for_admins() {
+        let sql = schema_sql("postgres://u@h/db").unwrap();
+        assert!(
+            sql.contains("CREATE SEQUENCE IF NOT EXISTS dlock_fence_seq"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions"),
+            "{sql}"
+        );
+    }
 
     #[test]
     fn parses_modes_and_rejects_typos() {
