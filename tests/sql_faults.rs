@@ -58,7 +58,7 @@ async fn pg_lockers(admin: &tokio_postgres::Client, key: &str, granted: bool) ->
 async fn pg_dlock_connections(admin: &tokio_postgres::Client) -> i64 {
     admin
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dlock'",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dlock-drop100'",
             &[],
         )
         .await
@@ -68,7 +68,7 @@ async fn pg_dlock_connections(admin: &tokio_postgres::Client) -> i64 {
 
 async fn my_connections(admin: &mut mysql_async::Conn) -> u64 {
     let n: Option<u64> = admin
-        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'dlock'")
+        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'drop100'")
         .await
         .unwrap();
     n.unwrap_or(0)
@@ -76,7 +76,7 @@ async fn my_connections(admin: &mut mysql_async::Conn) -> u64 {
 
 async fn my_waiting_get_lock(admin: &mut mysql_async::Conn) -> u64 {
     let n: Option<u64> = admin
-        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT GET_LOCK%'")
+        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'drop100' AND INFO LIKE 'SELECT GET_LOCK%'")
         .await
         .unwrap();
     n.unwrap_or(0)
@@ -325,14 +325,21 @@ async fn pg_dropping_100_waiters_leaks_no_lock_and_no_connection() {
     let admin = pg_admin(server).await;
     for query in ["", "mode=lease"] {
         let k = key("drop100");
+        // A name of its own, so that the other tests' connections are not counted.
+        let url = server.url(query);
+        let url = format!(
+            "{url}{}application_name=dlock-drop100",
+            if query.is_empty() { "?" } else { "&" }
+        );
         let before = pg_dlock_connections(&admin).await;
-        drop_100_waiters(&server.url(query), &k).await;
+        assert_eq!(before, 0);
+        drop_100_waiters(&url, &k).await;
         let deadline = Instant::now() + PROMPTLY;
         loop {
             let waiting = pg_lockers(&admin, &k, false).await;
             let granted = pg_lockers(&admin, &k, true).await;
             let now = pg_dlock_connections(&admin).await;
-            if waiting.is_empty() && granted.is_empty() && now <= before + 1 {
+            if waiting.is_empty() && granted.is_empty() && now <= before {
                 break;
             }
             assert!(
@@ -350,8 +357,20 @@ async fn mysql_dropping_100_waiters_leaks_no_lock_and_no_connection() {
     let mut admin = my_admin(server).await;
     for query in ["", "mode=lease"] {
         let k = key("drop100");
+        // A user of its own, so that the other tests' connections are not counted.
+        admin
+            .query_drop(
+                "CREATE USER IF NOT EXISTS 'drop100'@'%' IDENTIFIED BY 'drop-secret'; \
+                 GRANT ALL ON dlock.* TO 'drop100'@'%'",
+            )
+            .await
+            .unwrap();
+        let url = server
+            .url(query)
+            .replace("dlock:dlock-secret@", "drop100:drop-secret@");
         let before = my_connections(&mut admin).await;
-        drop_100_waiters(&server.url(query), &k).await;
+        assert_eq!(before, 0);
+        drop_100_waiters(&url, &k).await;
         let deadline = Instant::now() + PROMPTLY;
         loop {
             let waiting = my_waiting_get_lock(&mut admin).await;
