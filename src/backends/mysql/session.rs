@@ -339,8 +339,9 @@ impl Backend for MysqlSessionBackend {
             let outcome = match params.lock(&mut conn, &this.inner.sql, timeout_secs).await {
                 Ok(Some(fence)) => Ok(Some((conn, fence))),
                 Ok(None) => {
-                    // Timed out in the server, or interrupted: this connection holds nothing.
-                    this.recycle(conn);
+                    // Timed out or interrupted: it holds nothing, but a late `KILL QUERY`
+                    // may still be on its way, so it is closed rather than reused.
+                    let _ = conn.disconnect().await;
                     Ok(None)
                 }
                 Err(err) => {

@@ -60,6 +60,7 @@ struct Sql {
     inspect: String,
     list: String,
     force: String,
+    held: String,
     sweep: String,
 }
 
@@ -108,7 +109,10 @@ ORDER BY h.key"
             force: format!(
                 "WITH holders AS (SELECT l.pid FROM pg_locks l WHERE {LOCK_MATCH} AND {this_db} AND l.classid = $2 AND l.objid = $3),
      d AS (DELETE FROM {t} WHERE key = $1 AND backend_pid IN (SELECT pid FROM holders))
-SELECT pg_terminate_backend(pid, 5000) FROM holders"
+SELECT pg_terminate_backend(pid) FROM holders"
+            ),
+            held: format!(
+                "SELECT 1 FROM pg_locks l WHERE {LOCK_MATCH} AND {this_db} AND l.classid = $1 AND l.objid = $2"
             ),
             sweep: format!(
                 "DELETE FROM {t} h WHERE NOT EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_MATCH} AND {row_lock})"
@@ -586,8 +590,26 @@ impl Backend for PgSessionBackend {
             )
             .await
             .map_err(|e| self.err(&e))?;
-        Ok(rows
+        let terminated = rows
             .iter()
-            .any(|r| r.try_get::<_, bool>(0).unwrap_or(false)))
+            .any(|r| r.try_get::<_, bool>(0).unwrap_or(false));
+        if terminated {
+            // pg_terminate_backend only signals; wait (briefly) until the lock is free, so
+            // that the old holder cannot release or renew in between.
+            for _ in 0..250 {
+                let still = conn
+                    .query_typed(
+                        &self.inner.sql.held,
+                        &[(&classid, Type::OID), (&objid, Type::OID)],
+                    )
+                    .await
+                    .map_err(|e| self.err(&e))?;
+                if still.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(terminated)
     }
 }
