@@ -465,6 +465,11 @@ async fn cli_run_status_list_in_both_modes_on_both_databases() {
         );
         let human = cli(&["status", &k, "--backend", &url]);
         assert!(human.status.success(), "{url}: {human:?}");
+        eprintln!(
+            "{}:\n{}",
+            dlock::redact(&url),
+            String::from_utf8_lossy(&human.stdout)
+        );
         let busy = cli(&["run", &k, "--backend", &url, "--no-wait", "--", "true"]);
         assert_eq!(busy.status.code(), Some(75), "{url}: {busy:?}");
         let out = run.wait_with_output().unwrap();
