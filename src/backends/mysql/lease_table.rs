@@ -14,7 +14,8 @@
 //! doubling to 1 s) and no later than the holder's expiry.
 
 use super::{
-    counter_ddl, ensure_schema, epoch_us, from_micros, micros, my_error, row_key, Settings,
+    counter_ddl, ensure_schema, epoch_us, from_micros, micros, my_error, row_key, Conns, Lent,
+    Settings,
 };
 use crate::core::backend::{AcquireRequest, Attempt, Backend, LockInfo};
 use crate::core::owner::Owner;
@@ -22,7 +23,7 @@ use crate::error::Result;
 use crate::key::Key;
 use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Pool, Row};
+use mysql_async::Row;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -109,7 +110,7 @@ pub struct MysqlLeaseBackend {
 
 struct Inner {
     describe: String,
-    pool: Pool,
+    conns: Arc<Conns>,
     sql: Sql,
     last_sweep: Mutex<Instant>,
 }
@@ -154,19 +155,17 @@ pub(crate) fn info_of(mut row: Row) -> LockInfo {
 impl MysqlLeaseBackend {
     /// Connects, and creates the counter and lease tables unless they exist.
     pub async fn connect(settings: Settings) -> Result<Self> {
-        let pool = Pool::new(settings.opts.clone());
-        let mut conn = pool
-            .get_conn()
-            .await
-            .map_err(|e| my_error(&settings.describe, &e))?;
+        let conns = Conns::new(settings.opts.clone(), settings.describe.clone());
+        let mut conn = conns.take().await?;
         let mut statements = counter_ddl(&settings.counter);
         statements.push(ddl(&settings.table));
         ensure_schema(&mut conn, &settings.describe, statements).await?;
+        conn.keep();
         drop(conn);
         Ok(MysqlLeaseBackend {
             inner: Arc::new(Inner {
                 describe: settings.describe,
-                pool,
+                conns,
                 sql: Sql::new(&settings.table, &settings.counter),
                 last_sweep: Mutex::new(Instant::now()),
             }),
@@ -177,8 +176,8 @@ impl MysqlLeaseBackend {
         my_error(&self.inner.describe, err)
     }
 
-    async fn conn(&self) -> Result<mysql_async::Conn> {
-        self.inner.pool.get_conn().await.map_err(|e| self.err(&e))
+    async fn conn(&self) -> Result<Lent> {
+        self.inner.conns.take().await
     }
 
     fn maybe_sweep(&self) {
@@ -196,8 +195,9 @@ impl MysqlLeaseBackend {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(mut conn) = this.conn().await {
-                if let Err(err) = conn.query_drop(this.inner.sql.sweep.as_str()).await {
-                    tracing::debug!(%err, "sweeping expired leases failed");
+                match conn.query_drop(this.inner.sql.sweep.as_str()).await {
+                    Ok(()) => conn.keep(),
+                    Err(err) => tracing::debug!(%err, "sweeping expired leases failed"),
                 }
             }
         });
@@ -260,14 +260,16 @@ impl Backend for MysqlLeaseBackend {
             .map_err(|e| self.err(&e))?;
         if let Some(Some(us)) = remaining {
             if us > 0 {
+                conn.keep();
                 return Ok(Attempt::Held {
                     expires_in: Some(Duration::from_micros(us.unsigned_abs())),
                 });
             }
         }
-        // A dropped future may leave the transaction open on this pooled connection; the
-        // pool rolls back whatever a returned connection left open.
-        match self.claim(&mut conn, &request).await? {
+        // A dropped future closes the connection, and the server rolls the transaction back.
+        let claimed = self.claim(&mut conn, &request).await?;
+        conn.keep();
+        match claimed {
             Some(fence) => Ok(Attempt::Acquired { fence }),
             None => Ok(Attempt::Held { expires_in: None }),
         }
@@ -286,6 +288,7 @@ impl Backend for MysqlLeaseBackend {
         )
         .await
         .map_err(|e| self.err(&e))?;
+        conn.keep();
         Ok(conn.affected_rows() == 1)
     }
 
@@ -299,6 +302,7 @@ impl Backend for MysqlLeaseBackend {
         .await
         .map_err(|e| self.err(&e))?;
         if conn.affected_rows() == 1 {
+            conn.keep();
             return Ok(true);
         }
         conn.exec_drop(
@@ -307,6 +311,7 @@ impl Backend for MysqlLeaseBackend {
         )
         .await
         .map_err(|e| self.err(&e))?;
+        conn.keep();
         Ok(false)
     }
 
@@ -316,6 +321,7 @@ impl Backend for MysqlLeaseBackend {
             .exec_first(self.inner.sql.inspect.as_str(), (row_key(key.as_str()),))
             .await
             .map_err(|e| self.err(&e))?;
+        conn.keep();
         Ok(row.map(info_of))
     }
 
@@ -325,6 +331,7 @@ impl Backend for MysqlLeaseBackend {
             .query(self.inner.sql.list.as_str())
             .await
             .map_err(|e| self.err(&e))?;
+        conn.keep();
         Ok(rows.into_iter().map(info_of).collect())
     }
 
@@ -333,6 +340,7 @@ impl Backend for MysqlLeaseBackend {
         conn.exec_drop(self.inner.sql.force.as_str(), (row_key(key.as_str()),))
             .await
             .map_err(|e| self.err(&e))?;
+        conn.keep();
         Ok(conn.affected_rows() > 0)
     }
 }

@@ -202,6 +202,102 @@ pub fn lock_name(key: &str) -> String {
     format!("dlock:{}", &hex[..MAX_LOCK_NAME_CHARS - 6])
 }
 
+/// A small pool of idle connections of one handle. A connection goes back only when the
+/// work on it finished without error ([`Lent::keep`]); one whose future was dropped
+/// mid-statement or that failed is closed instead (the server then rolls back anything
+/// it left open). Connections idle for a minute are pinged before reuse.
+#[derive(Debug)]
+pub(crate) struct Conns {
+    opts: Opts,
+    describe: String,
+    idle: std::sync::Mutex<Vec<(mysql_async::Conn, std::time::Instant)>>,
+}
+
+const MAX_IDLE: usize = 32;
+const PING_IDLE_AFTER: Duration = Duration::from_secs(60);
+
+impl Conns {
+    pub(crate) fn new(opts: Opts, describe: String) -> std::sync::Arc<Conns> {
+        std::sync::Arc::new(Conns {
+            opts,
+            describe,
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An idle connection, or a new one.
+    pub(crate) async fn take(self: &std::sync::Arc<Self>) -> Result<Lent> {
+        use mysql_async::prelude::Queryable;
+        loop {
+            let next = self
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop();
+            let Some((mut conn, since)) = next else { break };
+            if since.elapsed() < PING_IDLE_AFTER || conn.ping().await.is_ok() {
+                return Ok(self.lend(conn));
+            }
+        }
+        let conn = mysql_async::Conn::new(self.opts.clone())
+            .await
+            .map_err(|e| my_error(&self.describe, &e))?;
+        Ok(self.lend(conn))
+    }
+
+    fn lend(self: &std::sync::Arc<Self>, conn: mysql_async::Conn) -> Lent {
+        Lent {
+            conn: std::mem::ManuallyDrop::new(conn),
+            home: std::sync::Arc::clone(self),
+            keep: false,
+        }
+    }
+}
+
+/// A connection lent by [`Conns`]; back to the pool on drop only after [`Lent::keep`].
+pub(crate) struct Lent {
+    conn: std::mem::ManuallyDrop<mysql_async::Conn>,
+    home: std::sync::Arc<Conns>,
+    keep: bool,
+}
+
+impl Lent {
+    /// The work on this connection finished cleanly: it may be reused.
+    pub(crate) fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl std::ops::Deref for Lent {
+    type Target = mysql_async::Conn;
+    fn deref(&self) -> &mysql_async::Conn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut mysql_async::Conn {
+        &mut self.conn
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // SAFETY: `conn` is taken exactly once, here, and never used again.
+        let conn = unsafe { std::mem::ManuallyDrop::take(&mut self.conn) };
+        if self.keep {
+            let mut idle = self
+                .home
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if idle.len() < MAX_IDLE {
+                idle.push((conn, std::time::Instant::now()));
+            }
+        }
+    }
+}
+
 /// Maps a client error: server errors are [`Error::Backend`], the rest [`Error::Unavailable`].
 pub(crate) fn my_error(describe: &str, err: &mysql_async::Error) -> Error {
     match err {

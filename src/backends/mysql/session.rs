@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 
 const MAX_IDLE: usize = 32;
 const PING_EVERY: Duration = Duration::from_millis(500);
+const PING_IDLE_AFTER: Duration = Duration::from_secs(60);
 /// `GET_LOCK` timeout for a wait without deadline (the client cancels it when abandoned).
 const FOREVER_SECS: u64 = 365 * 24 * 3600;
 
@@ -104,7 +105,7 @@ struct Inner {
     opts: Opts,
     sql: Sql,
     admin: Pool,
-    idle: Mutex<Vec<Conn>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
     held: Mutex<HashMap<Owner, Held>>,
 }
 
@@ -240,18 +241,22 @@ impl MysqlSessionBackend {
     }
 
     async fn take_conn(&self) -> Result<Conn> {
-        let next = self
-            .inner
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        match next {
-            Some(conn) => Ok(conn),
-            None => Conn::new(self.inner.opts.clone())
-                .await
-                .map_err(|e| self.err(&e)),
+        loop {
+            let next = self
+                .inner
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let Some((mut conn, since)) = next else { break };
+            // A connection idle for long may have been closed by the server (wait_timeout).
+            if since.elapsed() < PING_IDLE_AFTER || conn.ping().await.is_ok() {
+                return Ok(conn);
+            }
         }
+        Conn::new(self.inner.opts.clone())
+            .await
+            .map_err(|e| self.err(&e))
     }
 
     fn recycle(&self, conn: Conn) {
@@ -261,7 +266,7 @@ impl MysqlSessionBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
-            idle.push(conn);
+            idle.push((conn, Instant::now()));
         }
     }
 
