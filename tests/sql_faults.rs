@@ -496,3 +496,56 @@ async fn cli_run_status_list_in_both_modes_on_both_databases() {
         }
     }
 }
+
+/// A role that may not run DDL cannot create the lease table (a clear error); after an
+/// administrator runs `dlock schema`'s SQL and grants the documented privileges, it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_schema_by_an_administrator_for_a_role_without_ddl() {
+    let server = Postgres::shared();
+    let admin = pg_admin(server).await;
+    let table = format!("limited_{:x}", rand::random::<u32>());
+    admin
+        .batch_execute("DO $$ BEGIN CREATE ROLE limited LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://limited@127.0.0.1:{}/postgres?mode=lease&table={table}",
+        server.port()
+    );
+    let err = dlock::connect(&url).await.unwrap_err();
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("cannot create the dlock schema"),
+        "{err}"
+    );
+
+    let out = cli(&["schema", "--backend", &url]);
+    assert!(out.status.success(), "{out:?}");
+    let sql = String::from_utf8(out.stdout).unwrap();
+    admin.batch_execute(&sql).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO limited; GRANT USAGE ON SEQUENCE dlock_fence_seq TO limited"
+        ))
+        .await
+        .unwrap();
+    let locks = dlock::connect(&url).await.unwrap();
+    let k = key("limited");
+    let lease = locks.lock(&k).acquire().await.unwrap();
+    let first = lease.fence();
+    let waiter = tokio::spawn({
+        let (locks, k) = (dlock::connect(&url).await.unwrap(), k.clone());
+        async move { locks.lock(&k).acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(lease.release().await.unwrap());
+    let next = within(PROMPTLY, "hand-off under the limited role", waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(next.fence() > first);
+    assert_eq!(
+        locks.status(&k).await.unwrap().unwrap().owner.as_deref(),
+        Some(next.owner())
+    );
+}

@@ -43,6 +43,21 @@ pub async fn open(url: &str) -> Result<Locks> {
     }
 }
 
+/// The SQL that creates the tables a backend URL needs (PostgreSQL and MySQL), for
+/// databases where clients may not run DDL; `None` for backends without a schema.
+/// Nothing is connected to.
+pub fn schema_sql(url: &str) -> Result<Option<String>> {
+    let parsed = BackendUrl::parse(url)?;
+    match parsed.scheme() {
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => postgres::schema_sql(url).map(Some),
+        #[cfg(feature = "mysql")]
+        "mysql" => mysql::schema_sql(url).map(Some),
+        scheme if SCHEMES.iter().any(|(s, _)| *s == scheme) => Ok(None),
+        scheme => Err(unknown_scheme(&parsed, scheme)),
+    }
+}
+
 fn unknown_scheme(url: &BackendUrl, scheme: &str) -> crate::Error {
     match SCHEMES.iter().find(|(s, _)| *s == scheme) {
         Some((_, feature)) => url.error(format!(
