@@ -156,7 +156,9 @@ impl Backend for MemoryBackend {
         // doubled since the last sweep, so its size stays proportional to the live locks.
         if held.len() >= 64 && held.len() >= 2 * self.store.swept_at.load(Ordering::Relaxed) {
             held.retain(|_, entry| entry.expires > now);
-            self.store.swept_at.store(held.len().max(32), Ordering::Relaxed);
+            self.store
+                .swept_at
+                .store(held.len().max(32), Ordering::Relaxed);
         }
         let fence = self.store.next_fence();
         let wall = SystemTime::now();
