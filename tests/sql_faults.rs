@@ -549,3 +549,59 @@ async fn pg_schema_by_an_administrator_for_a_role_without_ddl() {
         Some(next.owner())
     );
 }
+
+/// Rows of expired, never released leases are swept: the lease tables do not grow with
+/// keys that are no longer held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lease_rows_are_swept() {
+    let (pg, my) = (Postgres::shared(), Mysql::shared());
+    let tag = key("swept");
+    for url in [pg.url("mode=lease"), my.url("mode=lease")] {
+        let locks = dlock::connect(&url).await.unwrap();
+        for i in 0..20 {
+            let lease = locks
+                .lock(format!("{tag}-{i}"))
+                .ttl(Duration::from_millis(100))
+                .auto_renew(false)
+                .acquire()
+                .await
+                .unwrap();
+            std::mem::forget(lease); // a holder that vanished without releasing
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A new handle sweeps at its first acquire.
+        let fresh = dlock::connect(&url).await.unwrap();
+        let lease = fresh.lock(key("trigger")).acquire().await.unwrap();
+        lease.release().await.unwrap();
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let left = if url.starts_with("postgres") {
+                let admin = pg_admin(pg).await;
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM dlock_leases WHERE key LIKE $1",
+                        &[&format!("{tag}-%")],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                n as u64
+            } else {
+                let mut admin = my_admin(my).await;
+                let n: Option<u64> = admin
+                    .exec_first(
+                        "SELECT COUNT(*) FROM dlock_leases WHERE key_text LIKE ?",
+                        (format!("{tag}-%"),),
+                    )
+                    .await
+                    .unwrap();
+                n.unwrap_or(0)
+            };
+            if left == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{left} expired rows left");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -59,6 +59,7 @@ struct Sql {
     inspect: String,
     list: String,
     sweep: String,
+    sweep_one: String,
 }
 
 impl Sql {
@@ -97,7 +98,11 @@ WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"
             force: format!("DELETE FROM {t} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6)"),
             inspect: format!("SELECT {cols} FROM {t} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6)"),
             list: format!("SELECT {cols} FROM {t} WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY key_text"),
-            sweep: format!("DELETE FROM {t} WHERE expires_at < UTC_TIMESTAMP(6) LIMIT 1000"),
+            // Found by a plain read, deleted one row at a time by primary key: a range
+            // DELETE would take gap locks on the expiry index and could deadlock with an
+            // acquirer taking over an expired row.
+            sweep: format!("SELECT k FROM {t} WHERE expires_at < UTC_TIMESTAMP(6) LIMIT 1000"),
+            sweep_one: format!("DELETE FROM {t} WHERE k = ? AND expires_at < UTC_TIMESTAMP(6)"),
         }
     }
 }
@@ -167,7 +172,12 @@ impl MysqlLeaseBackend {
                 describe: settings.describe,
                 conns,
                 sql: Sql::new(&settings.table, &settings.counter),
-                last_sweep: Mutex::new(Instant::now()),
+                // The first acquire of a new handle sweeps, so short-lived clients (the CLI) do too.
+                last_sweep: Mutex::new(
+                    Instant::now()
+                        .checked_sub(SWEEP_EVERY)
+                        .unwrap_or_else(Instant::now),
+                ),
             }),
         })
     }
@@ -195,7 +205,16 @@ impl MysqlLeaseBackend {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(mut conn) = this.conn().await {
-                match conn.query_drop(this.inner.sql.sweep.as_str()).await {
+                let swept: mysql_async::Result<()> = async {
+                    let keys: Vec<Vec<u8>> = conn.query(this.inner.sql.sweep.as_str()).await?;
+                    for k in keys {
+                        conn.exec_drop(this.inner.sql.sweep_one.as_str(), (k,))
+                            .await?;
+                    }
+                    Ok(())
+                }
+                .await;
+                match swept {
                     Ok(()) => conn.keep(),
                     Err(err) => tracing::debug!(%err, "sweeping expired leases failed"),
                 }

@@ -144,7 +144,12 @@ impl PgLeaseBackend {
                 channel,
                 db,
                 sql: Sql::new(&settings.table, &settings.sequence),
-                last_sweep: Mutex::new(Instant::now()),
+                // The first acquire of a new handle sweeps, so short-lived clients (the CLI) do too.
+                last_sweep: Mutex::new(
+                    Instant::now()
+                        .checked_sub(SWEEP_EVERY)
+                        .unwrap_or_else(Instant::now),
+                ),
             }),
         })
     }
