@@ -1,4 +1,5 @@
 //! The conformance suite on `mysql://`, in both modes, against a private MariaDB server.
+#![cfg(feature = "mysql")]
 
 use dlock_testkit::servers::mysql::Mysql;
 

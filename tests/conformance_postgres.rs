@@ -1,4 +1,5 @@
 //! The conformance suite on `postgres://`, in both modes, against a private cluster.
+#![cfg(feature = "postgres")]
 
 use dlock_testkit::servers::postgres::Postgres;
 
