@@ -9,6 +9,8 @@ pub mod memory;
 pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use crate::core::locks::Locks;
 use crate::error::Result;
@@ -29,6 +31,11 @@ pub const SCHEMES: &[(&str, &str)] = &[
 
 /// Opens the backend a URL names (SPEC §3).
 pub async fn open(url: &str) -> Result<Locks> {
+    // A multi-host authority is not a URL the `url` crate parses: Redlock parses its own.
+    #[cfg(feature = "redis")]
+    if redis::is_redlock_url(url) {
+        return Ok(Locks::from_backend(redis::RedlockBackend::open(url).await?));
+    }
     let url = BackendUrl::parse(url)?;
     match url.scheme() {
         #[cfg(feature = "file")]
@@ -39,6 +46,8 @@ pub async fn open(url: &str) -> Result<Locks> {
         "postgres" | "postgresql" => postgres::open(&url).await,
         #[cfg(feature = "mysql")]
         "mysql" => mysql::open(&url).await,
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Locks::from_backend(redis::RedisBackend::open(&url).await?)),
         scheme => Err(unknown_scheme(&url, scheme)),
     }
 }

@@ -25,6 +25,10 @@ pub(crate) struct Shared {
     /// Wakes the background task after a manual `extend`.
     extended: Notify,
     lost: watch::Sender<Option<LossReason>>,
+    /// Keeps other tasks of this handle queued behind this lease; given up after the
+    /// backend release (so the next local task finds the key free), or as soon as the
+    /// lease is lost (so a holder that keeps its lost lease cannot block its own handle).
+    turn: Mutex<Option<LocalTurn>>,
 }
 
 impl Shared {
@@ -52,7 +56,17 @@ impl Shared {
             .unwrap_or_else(Instant::now)
     }
 
+    fn give_up_turn(&self) {
+        let turn = self
+            .turn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(turn);
+    }
+
     fn mark_lost(&self, reason: LossReason) {
+        self.give_up_turn();
         self.lost.send_if_modified(|state| {
             if state.is_none() {
                 tracing::warn!(key = %self.key, fence = self.fence, backend = self.backend.describe(), %reason, "lease lost");
@@ -105,9 +119,6 @@ pub struct Lease {
     shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
     released: bool,
-    /// Keeps other tasks of this process queued behind this lease; dropped after the
-    /// backend release so that the next local task finds the key free.
-    turn: Option<LocalTurn>,
 }
 
 /// A cheap, cloneable view of a [`Lease`]: its identity and its loss signal, without the
@@ -197,13 +208,13 @@ impl Lease {
             valid_until: Mutex::new(sent_at + ttl),
             extended: Notify::new(),
             lost,
+            turn: Mutex::new(turn),
         });
         let task = tokio::spawn(guard_lease(Arc::clone(&shared), renew_every));
         Lease {
             shared,
             task: Some(task),
             released: false,
-            turn,
         }
     }
 
@@ -241,10 +252,13 @@ impl Lease {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        self.shared
+        let held = self
+            .shared
             .backend
             .release(&self.shared.key, &self.shared.owner)
-            .await
+            .await;
+        self.shared.give_up_turn();
+        held
     }
 }
 
@@ -254,15 +268,16 @@ impl Drop for Lease {
             task.abort();
         }
         if self.released {
+            // release() ran (or was cancelled midway): the local queue moves on either way.
+            self.shared.give_up_turn();
             return;
         }
         let shared = Arc::clone(&self.shared);
-        let turn = self.turn.take();
         let release = async move {
             if let Err(err) = shared.backend.release(&shared.key, &shared.owner).await {
                 tracing::warn!(key = %shared.key, %err, "background release of a dropped lease failed; it ends at its TTL");
             }
-            drop(turn);
+            shared.give_up_turn();
         };
         spawn_detached(release);
     }

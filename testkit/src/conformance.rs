@@ -260,13 +260,24 @@ pub async fn lost_fires_when_lease_is_broken_from_outside(target: &Target) {
     within(PROMPTLY, "lost() after force-release", lease.lost()).await;
     assert!(lease.is_lost());
     let next = admin.lock(&key).wait_for(PROMPTLY).acquire().await.unwrap();
-    assert!(next.fence() > lease.fence());
+    let next_fence = next.fence();
+    assert!(next_fence > lease.fence());
+    assert!(next.release().await.unwrap());
+    // A holder that keeps its lost lease does not block its own handle.
+    let again = within(
+        PROMPTLY,
+        "re-acquire beside a lost lease",
+        locks.lock(&key).acquire(),
+    )
+    .await
+    .unwrap();
+    assert!(again.fence() > next_fence);
     assert!(
         !lease.release().await.unwrap(),
         "a broken lease was reported still held"
     );
     assert!(
-        next.release().await.unwrap(),
+        again.release().await.unwrap(),
         "the old holder's release freed the new holder"
     );
 }

@@ -1,4 +1,6 @@
-//! Private database servers for tests, started from the installed binaries.
+//! Launchers for the real servers the backends talk to, started from the installed
+//! binaries.
 
 pub mod mysql;
 pub mod postgres;
+pub mod redis;

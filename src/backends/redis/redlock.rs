@@ -1,0 +1,467 @@
+//! `redlock://host1:port1,host2:port2,host3:port3[/db][?options]`: the Redlock algorithm
+//! over N independent Redis nodes, each with the single-node layout of SPEC §3.
+//!
+//! - **Acquire**: the acquire script is sent to all N nodes in parallel, each with a
+//!   timeout small against the TTL (TTL/10, at least 10 ms, at most `command_timeout`).
+//!   The lock is held if a majority (N/2+1) granted it and the validity
+//!   `TTL − elapsed − drift` (drift = TTL·1% + 2 ms) is still positive; otherwise it is
+//!   released on all nodes at once and the engine retries after a random delay.
+//! - **Fence**: each node keeps a counter beside the lock. Phase 1 returns the counters of
+//!   the granting nodes; the fence is their maximum + 1, and phase 2 writes it back (only
+//!   where this owner still holds the lock) to a majority before the lease is handed out.
+//!   Any two majorities intersect, so the next holder reads at least this fence on one
+//!   node of its own majority and picks a larger one.
+//! - **Renew / release** go to all nodes in parallel; renewal needs a majority, and a
+//!   lease whose renewal cannot reach a majority before its validity ends is lost.
+//!
+//! The conditions under which this holds are in docs/backends/redis.md.
+
+use super::config::{NodeConfig, Options};
+use super::node::{Node, NodeAttempt};
+use super::waker::{ChannelWatch, Waker};
+use crate::core::backend::{AcquireRequest, Attempt, Backend, KeyWatch, LockInfo};
+use crate::core::lease::Lease;
+use crate::core::locks::{Locks, Wait};
+use crate::core::owner::Owner;
+use crate::error::{Error, Result};
+use crate::key::Key;
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use rand::Rng;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// The longest random delay before a woken Redlock waiter retries, so that waiters
+/// woken by the same release (one message per node) do not split the vote.
+const RETRY_JITTER: Duration = Duration::from_millis(10);
+
+/// True if `text` is a `redlock://` URL (parsed here, since its multi-host authority is
+/// not a URL the `url` crate accepts).
+pub fn is_redlock_url(text: &str) -> bool {
+    text.get(..10)
+        .is_some_and(|s| s.eq_ignore_ascii_case("redlock://"))
+}
+
+/// Redlock over N independent Redis nodes.
+#[derive(Debug)]
+pub struct RedlockBackend {
+    nodes: Vec<Node>,
+    wakers: Vec<Waker>,
+    quorum: usize,
+    command_timeout: Duration,
+    describe: String,
+}
+
+impl RedlockBackend {
+    /// Parses a `redlock://` URL and connects to its nodes. Fails if fewer than a
+    /// majority can be reached; the others are retried at each use.
+    pub async fn open(text: &str) -> Result<RedlockBackend> {
+        let redacted = crate::redact(text);
+        let bad = |reason: String| Error::BadUrl {
+            url: redacted.clone(),
+            reason,
+        };
+        if !is_redlock_url(text) {
+            return Err(bad("not a redlock:// URL".to_owned()));
+        }
+        let rest = &text[10..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+            None => (String::new(), authority),
+        };
+        let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(bad(
+                "expected a comma-separated list of host:port, e.g. redlock://h1:6379,h2:6379,h3:6379".to_owned(),
+            ));
+        }
+        let unique: BTreeSet<&str> = hosts.iter().copied().collect();
+        if unique.len() != hosts.len() {
+            return Err(bad("a node is listed twice".to_owned()));
+        }
+        let mut configs = Vec::new();
+        let mut options: Option<Options> = None;
+        for host in &hosts {
+            let node_text = format!("redis://{userinfo}{host}{tail}");
+            let url =
+                url::Url::parse(&node_text).map_err(|err| bad(format!("node {host:?}: {err}")))?;
+            let opts = match &options {
+                Some(o) => o.clone(),
+                None => {
+                    let o = Options::parse(&url, &redacted)?;
+                    options = Some(o.clone());
+                    o
+                }
+            };
+            configs.push(NodeConfig::from_url(&url, &redacted, &opts)?);
+        }
+        let options = options.ok_or_else(|| bad("no nodes".to_owned()))?;
+        let wakers = configs
+            .iter()
+            .map(|c| {
+                Waker::new(
+                    &c.describe,
+                    c.client.clone(),
+                    format!("{}released", options.prefix),
+                    options.connect_timeout,
+                    options.command_timeout,
+                )
+            })
+            .collect();
+        let nodes: Vec<Node> = configs.into_iter().map(Node::new).collect();
+        let quorum = nodes.len() / 2 + 1;
+        let backend = RedlockBackend {
+            nodes,
+            wakers,
+            quorum,
+            command_timeout: options.command_timeout,
+            describe: redacted.clone(),
+        };
+        let connected = join_all(backend.nodes.iter().map(|n| n.connection())).await;
+        let errors: Vec<String> = connected
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        if backend.nodes.len() - errors.len() < quorum {
+            // An authentication failure everywhere is a server answer, not an outage.
+            let auth = connected
+                .iter()
+                .all(|r| matches!(r, Err(Error::Backend { .. })));
+            let detail =
+                backend.quorum_detail("connect", backend.nodes.len() - errors.len(), &errors);
+            return Err(if auth {
+                Error::backend(&redacted, detail)
+            } else {
+                Error::unavailable(&redacted, detail)
+            });
+        }
+        Ok(backend)
+    }
+
+    /// The number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// How many nodes must agree (N/2+1).
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    fn node_timeout(&self, ttl: Duration) -> Duration {
+        (ttl / 10).clamp(
+            Duration::from_millis(10),
+            self.command_timeout.max(Duration::from_millis(10)),
+        )
+    }
+
+    fn quorum_detail(&self, what: &str, answered: usize, errors: &[String]) -> String {
+        format!(
+            "no quorum: {what} reached {answered} of {} Redlock nodes, {} needed ({})",
+            self.nodes.len(),
+            self.quorum,
+            errors.join("; ")
+        )
+    }
+
+    fn quorum_error(&self, what: &str, answered: usize, errors: &[String]) -> Error {
+        Error::unavailable(&self.describe, self.quorum_detail(what, answered, errors))
+    }
+
+    /// Runs `op` on every node in parallel, each bounded by `limit`.
+    async fn on_all<'a, T, F, Fut>(&'a self, limit: Duration, op: F) -> Vec<Result<T>>
+    where
+        F: Fn(&'a Node) -> Fut,
+        Fut: Future<Output = Result<T>> + 'a,
+    {
+        join_all(self.nodes.iter().map(|node| {
+            let fut = op(node);
+            async move {
+                match tokio::time::timeout(limit, fut).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::unavailable(
+                        node.describe(),
+                        format!("no answer within {limit:?}"),
+                    )),
+                }
+            }
+        }))
+        .await
+    }
+
+    /// Tallies owner-checked boolean answers: `Ok(true)` with a majority of yes,
+    /// `Ok(false)` when a majority is impossible, else a quorum error.
+    fn tally(&self, what: &str, results: Vec<Result<bool>>) -> Result<bool> {
+        let yes = results.iter().filter(|r| matches!(r, Ok(true))).count();
+        let no = results.iter().filter(|r| matches!(r, Ok(false))).count();
+        if yes >= self.quorum {
+            return Ok(true);
+        }
+        if self.nodes.len() - no < self.quorum {
+            return Ok(false);
+        }
+        let errors: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        Err(self.quorum_error(what, yes + no, &errors))
+    }
+
+    async fn release_everywhere(
+        &self,
+        key: &Key,
+        owner: &Owner,
+        limit: Duration,
+    ) -> Vec<Result<bool>> {
+        self.on_all(limit, |node| node.release(key, owner)).await
+    }
+
+    /// Takes every key of `keys` (all or nothing) with the given TTL and wait, in sorted
+    /// order so that two callers asking for overlapping sets cannot deadlock; on failure
+    /// the keys already taken are released. Each key is an ordinary lease with its own
+    /// renewal and loss signal. Meant for `redlock://` handles, but it works on any
+    /// backend (the ordering argument does not depend on the store).
+    ///
+    /// ```no_run
+    /// # async fn f(locks: dlock::Locks) -> dlock::Result<()> {
+    /// use dlock::backends::redis::RedlockBackend;
+    /// let leases = RedlockBackend::acquire_all(
+    ///     &locks, &["account:7", "account:3"], std::time::Duration::from_secs(10), dlock::Wait::Forever,
+    /// ).await?;
+    /// assert_eq!(leases[0].key(), "account:3");
+    /// # Ok(()) }
+    /// ```
+    pub async fn acquire_all(
+        locks: &Locks,
+        keys: &[impl AsRef<str>],
+        ttl: Duration,
+        wait: Wait,
+    ) -> Result<Vec<Lease>> {
+        let sorted: BTreeSet<&str> = keys.iter().map(AsRef::as_ref).collect();
+        let deadline = match wait {
+            Wait::For(limit) => Instant::now().checked_add(limit),
+            _ => None,
+        };
+        let mut leases: Vec<Lease> = Vec::with_capacity(sorted.len());
+        for key in sorted {
+            let this_wait = match (wait, deadline) {
+                (Wait::For(_), Some(deadline)) => {
+                    Wait::For(deadline.saturating_duration_since(Instant::now()))
+                }
+                (other, _) => other,
+            };
+            match locks.lock(key).ttl(ttl).wait(this_wait).acquire().await {
+                Ok(lease) => leases.push(lease),
+                Err(err) => {
+                    join_all(leases.into_iter().map(Lease::release)).await;
+                    return Err(err);
+                }
+            }
+        }
+        Ok(leases)
+    }
+}
+
+/// Wakes at the first release message from any node, then waits a small random delay.
+struct RedlockWatch {
+    watches: Vec<ChannelWatch>,
+}
+
+#[async_trait]
+impl KeyWatch for RedlockWatch {
+    async fn changed(&mut self) {
+        let waits = self.watches.iter().map(|w| Box::pin(w.notified()));
+        futures_util::future::select_all(waits).await;
+        let jitter = rand::rng().random_range(Duration::ZERO..=RETRY_JITTER);
+        tokio::time::sleep(jitter).await;
+    }
+}
+
+#[async_trait]
+impl Backend for RedlockBackend {
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+        let started = Instant::now();
+        let limit = self.node_timeout(request.ttl);
+        let results = self
+            .on_all(limit, |node| node.acquire(&request, true))
+            .await;
+        let mut granted = Vec::new();
+        let mut counters = Vec::new();
+        // When each node's lock frees: zero where we were granted (we release below),
+        // the remaining TTL where held, unknown (None) where the node failed.
+        let mut frees: Vec<Option<Duration>> = Vec::new();
+        let mut errors = Vec::new();
+        for (index, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(NodeAttempt::Taken(counter)) => {
+                    granted.push(index);
+                    counters.push(counter);
+                    frees.push(Some(Duration::ZERO));
+                }
+                Ok(NodeAttempt::Held(pttl)) => {
+                    frees.push((pttl >= 0).then(|| Duration::from_millis(pttl.unsigned_abs())));
+                }
+                Err(err) => {
+                    errors.push(err.to_string());
+                    frees.push(None);
+                }
+            }
+        }
+        let drift = request.ttl / 100 + Duration::from_millis(2);
+        if granted.len() >= self.quorum {
+            let fence = counters
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0)
+                .saturating_add(1);
+            let commits = join_all(granted.iter().map(|&index| {
+                let node = &self.nodes[index];
+                async move {
+                    tokio::time::timeout(
+                        limit,
+                        node.commit_fence(request.key, request.owner, fence),
+                    )
+                    .await
+                    .unwrap_or(Ok(false))
+                }
+            }))
+            .await;
+            let committed = commits.iter().filter(|r| matches!(r, Ok(true))).count();
+            let valid = request
+                .ttl
+                .checked_sub(started.elapsed() + drift)
+                .is_some_and(|v| !v.is_zero());
+            if committed >= self.quorum && valid {
+                return Ok(Attempt::Acquired { fence });
+            }
+        }
+        // Not held: give back what we took, on all nodes at once (also those that did not
+        // answer in time: the command may still have reached them).
+        if !granted.is_empty() || !errors.is_empty() {
+            let cleanup = self
+                .node_timeout(request.ttl)
+                .max(Duration::from_millis(50));
+            self.release_everywhere(request.key, request.owner, cleanup)
+                .await;
+        }
+        let answered = self.nodes.len() - errors.len();
+        if answered < self.quorum {
+            return Err(self.quorum_error("acquire", answered, &errors));
+        }
+        // The lock can be had once a majority of nodes is free.
+        let mut sorted: Vec<Duration> = frees.iter().map(|f| f.unwrap_or(Duration::MAX)).collect();
+        sorted.sort();
+        let free_in = sorted
+            .get(self.quorum - 1)
+            .copied()
+            .unwrap_or(Duration::MAX);
+        let expires_in = if free_in == Duration::MAX {
+            None
+        } else if free_in.is_zero() {
+            // A split vote or a slow round: retry after a random delay.
+            Some(rand::rng().random_range(Duration::from_millis(1)..=RETRY_JITTER * 3))
+        } else {
+            Some(free_in)
+        };
+        Ok(Attempt::Held { expires_in })
+    }
+
+    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
+        let limit = self.node_timeout(ttl);
+        let results = self.on_all(limit, |node| node.renew(key, owner, ttl)).await;
+        self.tally("renewal", results)
+    }
+
+    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        let results = self
+            .release_everywhere(key, owner, self.command_timeout)
+            .await;
+        self.tally("release", results)
+    }
+
+    async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
+        let watches: Vec<ChannelWatch> =
+            join_all(self.wakers.iter().map(|w| w.watch(key.as_str())))
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+        if watches.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(RedlockWatch { watches })))
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
+        let results = self
+            .on_all(self.command_timeout, |node| node.inspect(key))
+            .await;
+        let errors: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        let answered = self.nodes.len() - errors.len();
+        let mut by_owner: BTreeMap<String, Vec<LockInfo>> = BTreeMap::new();
+        for info in results.into_iter().flatten().flatten() {
+            if let Some(owner) = info.owner.clone() {
+                by_owner.entry(owner).or_default().push(info);
+            }
+        }
+        let held = by_owner
+            .into_values()
+            .find(|infos| infos.len() >= self.quorum);
+        match held {
+            Some(infos) => {
+                let fence = infos.iter().filter_map(|i| i.fence).max();
+                let expires_at = infos.iter().filter_map(|i| i.expires_at).min();
+                let mut info = infos
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| LockInfo::new(key.as_str()));
+                info.fence = fence;
+                info.expires_at = expires_at;
+                Ok(Some(info))
+            }
+            None if answered < self.quorum => Err(self.quorum_error("status", answered, &errors)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let results = self
+            .on_all(self.command_timeout, |node| node.scan_keys())
+            .await;
+        let errors: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        let answered = self.nodes.len() - errors.len();
+        if answered < self.quorum {
+            return Err(self.quorum_error("list", answered, &errors));
+        }
+        let names: BTreeSet<String> = results.into_iter().flatten().flatten().collect();
+        let mut all = Vec::new();
+        for name in names {
+            let Ok(key) = Key::new(name) else { continue };
+            if let Some(info) = self.inspect(&key).await? {
+                all.push(info);
+            }
+        }
+        Ok(all)
+    }
+
+    async fn force_release(&self, key: &Key) -> Result<bool> {
+        let results = self
+            .on_all(self.command_timeout, |node| node.force_release(key))
+            .await;
+        self.tally("force release", results)
+    }
+}

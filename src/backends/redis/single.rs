@@ -1,0 +1,115 @@
+//! `redis://` and `rediss://`: one Redis node (SPEC §3 "Redis single-node layout").
+
+use super::config::{NodeConfig, Options};
+use super::node::{Node, NodeAttempt};
+use super::waker::Waker;
+use crate::core::backend::{AcquireRequest, Attempt, Backend, KeyWatch, LockInfo};
+use crate::core::owner::Owner;
+use crate::error::Result;
+use crate::key::Key;
+use crate::location::BackendUrl;
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// Locks on one Redis node: the key `<prefix><key>` holds the owner token, taken with
+/// `SET NX PX` and renewed or released only by compare-and-expire / compare-and-delete
+/// scripts, so any client following that canonical protocol excludes dlock and is
+/// excluded by it. Waiters are woken by a Pub/Sub message from the release script, and
+/// at the holder's expiry.
+#[derive(Debug)]
+pub struct RedisBackend {
+    node: Node,
+    waker: Waker,
+    describe: String,
+    run_id: String,
+}
+
+impl RedisBackend {
+    /// Connects to the node a `redis://` or `rediss://` URL names. Fails with
+    /// `Unavailable` if it cannot be reached and with a `Backend` error if it rejects
+    /// the credentials.
+    pub async fn open(url: &BackendUrl) -> Result<RedisBackend> {
+        let options = Options::parse(url.url(), url.redacted())?;
+        let mut config = NodeConfig::from_url(url.url(), url.redacted(), &options)?;
+        // Messages name the URL as the user wrote it (password hidden).
+        config.describe = url.redacted().to_owned();
+        let waker = Waker::new(
+            url.redacted(),
+            config.client.clone(),
+            format!("{}released", options.prefix),
+            options.connect_timeout,
+            options.command_timeout,
+        );
+        let node = Node::new(config);
+        node.connection().await?;
+        // Also checks the credentials: a server with requirepass accepts the connection
+        // but refuses commands without them.
+        let run_id = node.run_id().await?;
+        Ok(RedisBackend {
+            node,
+            waker,
+            describe: url.redacted().to_owned(),
+            run_id,
+        })
+    }
+
+    /// The run id of the Redis server when this handle connected (it changes at each
+    /// server start; see docs/backends/redis.md on what that means for fences).
+    pub fn server_run_id(&self) -> &str {
+        &self.run_id
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+        Ok(match self.node.acquire(&request, false).await? {
+            NodeAttempt::Taken(fence) => Attempt::Acquired { fence },
+            NodeAttempt::Held(pttl) => Attempt::Held {
+                expires_in: match pttl {
+                    -1 => None,
+                    ms => Some(Duration::from_millis(ms.max(0).unsigned_abs())),
+                },
+            },
+        })
+    }
+
+    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
+        self.node.renew(key, owner, ttl).await
+    }
+
+    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        self.node.release(key, owner).await
+    }
+
+    async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
+        Ok(self
+            .waker
+            .watch(key.as_str())
+            .await
+            .map(|watch| Box::new(watch) as Box<dyn KeyWatch>))
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
+        self.node.inspect(key).await
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let mut all = Vec::new();
+        for name in self.node.scan_keys().await? {
+            let Ok(key) = Key::new(name) else { continue };
+            if let Some(info) = self.node.inspect(&key).await? {
+                all.push(info);
+            }
+        }
+        Ok(all)
+    }
+
+    async fn force_release(&self, key: &Key) -> Result<bool> {
+        self.node.force_release(key).await
+    }
+}

@@ -1,0 +1,280 @@
+//! Private `redis-server` processes for tests: started from the installed binary on a
+//! free loopback port in a temporary directory, killed when dropped (and, through
+//! [`spawn_tied`], when the test process dies).
+
+use crate::process::{
+    free_port, logged, require_binary, signal, spawn_tied, temp_dir, wait_for_port,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How a [`RedisServer`] is configured.
+#[derive(Debug, Clone, Default)]
+pub struct RedisConfig {
+    /// `requirepass`: the default user's password.
+    pub password: Option<String>,
+    /// An ACL user (name, password) with every permission.
+    pub acl_user: Option<(String, String)>,
+    /// Serve TLS only, with a certificate signed by a CA generated for this server
+    /// (see [`RedisServer::ca_file`]).
+    pub tls: bool,
+    /// `appendonly yes` with `appendfsync always`, so that a restart keeps the data.
+    pub appendonly: bool,
+}
+
+/// A private redis-server.
+pub struct RedisServer {
+    port: u16,
+    config: RedisConfig,
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl RedisServer {
+    /// A plain server without persistence.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(RedisConfig::default())
+    }
+
+    /// A server configured by `config`.
+    pub fn start_with(config: RedisConfig) -> RedisServer {
+        let binary = require_binary("redis-server", "redis-server", &[]);
+        let dir = temp_dir("dlock-redis-");
+        if config.tls {
+            make_certificates(dir.path());
+        }
+        let server = RedisServer {
+            port: free_port(),
+            config,
+            binary,
+            dir,
+            child: Mutex::new(None),
+        };
+        server.launch();
+        server
+    }
+
+    fn command(&self) -> Command {
+        let mut command = logged(&self.binary, self.dir.path(), "redis.log");
+        let port = self.port.to_string();
+        command.args(["--bind", "127.0.0.1", "--daemonize", "no", "--save", ""]);
+        command.arg("--dir").arg(self.dir.path());
+        if self.config.tls {
+            let dir = self.dir.path();
+            command.args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-auth-clients",
+                "no",
+            ]);
+            command.arg("--tls-cert-file").arg(dir.join("server.pem"));
+            command.arg("--tls-key-file").arg(dir.join("server.key"));
+            command.arg("--tls-ca-cert-file").arg(dir.join("ca.pem"));
+        } else {
+            command.args(["--port", &port]);
+        }
+        if self.config.appendonly {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        if let Some(password) = &self.config.password {
+            command.args(["--requirepass", password]);
+        }
+        if let Some((user, password)) = &self.config.acl_user {
+            command.args([
+                "--user",
+                user,
+                "on",
+                &format!(">{password}"),
+                "~*",
+                "&*",
+                "+@all",
+            ]);
+        }
+        command
+    }
+
+    fn launch(&self) {
+        let child = spawn_tied(self.command()).expect("cannot start redis-server");
+        *self.child.lock().unwrap() = Some(child);
+        if !wait_for_port(self.port, Duration::from_secs(10)) {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+            panic!(
+                "redis-server did not listen on port {} within 10 s; log:\n{log}",
+                self.port
+            );
+        }
+    }
+
+    /// The port it listens on (the TLS port for TLS servers).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `host:port`, for building `redlock://` URLs.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `redis://127.0.0.1:PORT` (or `rediss://…?ca_file=…` for TLS), without credentials.
+    pub fn url(&self) -> String {
+        if self.config.tls {
+            format!(
+                "rediss://127.0.0.1:{}?ca_file={}",
+                self.port,
+                self.ca_file().display()
+            )
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The PEM file of the CA that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(Child::id)
+    }
+
+    /// Kills it with SIGKILL (a crash); its data is gone unless `appendonly`.
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes it with SIGSTOP: connections stay open, nothing answers.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws it after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGCONT);
+        }
+    }
+
+    /// Starts it again on the same port (after [`kill`](Self::kill), or kills it first).
+    pub fn restart(&self) {
+        self.resume();
+        self.kill();
+        self.launch();
+    }
+
+    /// Starts it again after [`kill`](Self::kill).
+    pub fn start_again(&self) {
+        if self.pid().is_none() {
+            self.launch();
+        }
+    }
+
+    /// Runs `redis-cli` against it (plain servers only), returning stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let binary = require_binary("redis-cli", "redis-tools", &[]);
+        let mut command = Command::new(binary);
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(password) = &self.config.password {
+            command.args(["--no-auth-warning", "-a", password]);
+        }
+        let output = command.args(args).output().expect("cannot run redis-cli");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it, made with the
+/// `openssl` command (package `openssl`).
+fn make_certificates(dir: &Path) {
+    let openssl = require_binary("openssl", "openssl", &[]);
+    let run = |args: &[&str]| {
+        let output = Command::new(&openssl)
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("cannot run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dlock test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
+    ca.extend(ec);
+    run(&ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
+    csr.extend(ec);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("cannot write ext.cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
