@@ -56,6 +56,9 @@ pub async fn open(url: &str) -> Result<Locks> {
 /// databases where clients may not run DDL; `None` for backends without a schema.
 /// Nothing is connected to.
 pub fn schema_sql(url: &str) -> Result<Option<String>> {
+    if url.starts_with("redlock://") {
+        return Ok(None);
+    }
     let parsed = BackendUrl::parse(url)?;
     match parsed.scheme() {
         #[cfg(feature = "postgres")]
