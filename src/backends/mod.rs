@@ -5,6 +5,10 @@ pub mod counting;
 pub mod file;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -38,9 +42,31 @@ pub async fn open(url: &str) -> Result<Locks> {
         "file" => Ok(Locks::from_backend(file::FileBackend::open(&url)?)),
         #[cfg(feature = "memory")]
         "memory" => Ok(Locks::from_backend(memory::MemoryBackend::open(&url)?)),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => postgres::open(&url).await,
+        #[cfg(feature = "mysql")]
+        "mysql" => mysql::open(&url).await,
         #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Locks::from_backend(redis::RedisBackend::open(&url).await?)),
         scheme => Err(unknown_scheme(&url, scheme)),
+    }
+}
+
+/// The SQL that creates the tables a backend URL needs (PostgreSQL and MySQL), for
+/// databases where clients may not run DDL; `None` for backends without a schema.
+/// Nothing is connected to.
+pub fn schema_sql(url: &str) -> Result<Option<String>> {
+    if url.starts_with("redlock://") {
+        return Ok(None);
+    }
+    let parsed = BackendUrl::parse(url)?;
+    match parsed.scheme() {
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => postgres::schema_sql(url).map(Some),
+        #[cfg(feature = "mysql")]
+        "mysql" => mysql::schema_sql(url).map(Some),
+        scheme if SCHEMES.iter().any(|(s, _)| *s == scheme) => Ok(None),
+        scheme => Err(unknown_scheme(&parsed, scheme)),
     }
 }
 

@@ -6,6 +6,7 @@ mod child;
 mod exit;
 mod inspect;
 mod run;
+mod schema;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
@@ -106,6 +107,18 @@ key: pairs/s, latency, switch share, tasks served), handoff (release -> next
 holder latency), held (memory, CPU and renewal traffic of many held leases).
 Every mode checks mutual exclusion and exits 70 if it was violated.")]
     Bench(bench::BenchArgs),
+    /// Print the SQL that creates the tables of a PostgreSQL or MySQL backend URL
+    #[command(after_help = "\
+Example:
+  dlock schema --backend 'postgres://admin@db/app?mode=lease' | psql app
+
+dlock creates its tables on first use when the database user may; where it may not,
+an administrator runs this SQL once and grants SELECT, INSERT, UPDATE, DELETE (and
+USAGE on the PostgreSQL sequence). Nothing is connected to.")]
+    Schema {
+        #[command(flatten)]
+        backend: BackendArg,
+    },
 }
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -178,6 +191,7 @@ pub fn main() -> ExitCode {
                 force,
                 backend,
             } => inspect::release(&key, force, backend.backend).await,
+            Command::Schema { backend } => schema::print(backend.backend),
         }
     })
 }

@@ -412,9 +412,13 @@ pub async fn holder_process_killed_frees_the_lock(target: &Target) {
         .expect("cannot start the dlock binary");
     let locks = target.locks().await;
     let started = Instant::now();
+    // Wait for a complete record: a multi-node backend may show the lock a moment
+    // before the holder has written its fence everywhere.
     let info = loop {
         if let Some(info) = locks.status(&key).await.unwrap() {
-            break info;
+            if info.fence.is_some() {
+                break info;
+            }
         }
         assert!(
             started.elapsed() < PROMPTLY,

@@ -1,3 +1,6 @@
-//! Launchers for the real servers the backends talk to.
+//! Launchers for the real servers the backends talk to, started from the installed
+//! binaries.
 
+pub mod mysql;
+pub mod postgres;
 pub mod redis;

@@ -1,0 +1,418 @@
+//! `mysql://`: locks in MySQL or MariaDB, in one of two modes chosen by `?mode=` (see
+//! `docs/backends/mysql.md`).
+//!
+//! * `mode=session` (the default): a lock is a user-level lock (`GET_LOCK`) held on a
+//!   connection of its own for as long as the lease lives; it is freed by the server the
+//!   moment that connection ends, and the holder's `lost()` fires then. Waits happen in
+//!   the server (`GET_LOCK(name, timeout)`). The default for the same reasons as for
+//!   PostgreSQL: a dead holder frees the lock at once, and no TTL has to be guessed.
+//! * `mode=lease`: a lock is a row of a lease table (`dlock_leases` unless `?table=`)
+//!   with an expiry on the server's clock (`UTC_TIMESTAMP(6)`), taken in one short
+//!   transaction and renewed and released by single owner-checked statements.
+//!
+//! Fences come from the one-row InnoDB counter table `dlock_fence_counter`, incremented
+//! (`fence = LAST_INSERT_ID(fence + 1)`) while the lock is held or in the acquiring
+//! transaction: strictly increasing for every key, and durable across restarts.
+
+mod lease_table;
+mod session;
+
+use crate::core::locks::Locks;
+use crate::error::{Error, Result};
+use crate::location::BackendUrl;
+use mysql_async::{Opts, OptsBuilder, PoolConstraints, PoolOpts};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+pub use lease_table::MysqlLeaseBackend;
+pub use session::MysqlSessionBackend;
+
+/// Options dlock itself reads from a MySQL URL.
+const OWN_OPTIONS: &[&str] = &["mode", "table"];
+
+/// Options passed on to the client (mysql_async's URL parameters).
+const CLIENT_OPTIONS: &[&str] = &[
+    "pool_min",
+    "pool_max",
+    "inactive_connection_ttl",
+    "ttl_check_interval",
+    "conn_ttl",
+    "abs_conn_ttl",
+    "abs_conn_ttl_jitter",
+    "tcp_keepalive",
+    "max_allowed_packet",
+    "wait_timeout",
+    "enable_cleartext_plugin",
+    "reset_connection",
+    "tcp_nodelay",
+    "stmt_cache_size",
+    "prefer_socket",
+    "secure_auth",
+    "socket",
+    "compression",
+    "require_ssl",
+    "verify_ca",
+    "verify_identity",
+    "built_in_roots",
+];
+
+/// The longest user-level lock name the server takes.
+pub const MAX_LOCK_NAME_CHARS: usize = 64;
+
+/// The two ways to hold a lock in MySQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `GET_LOCK` on a connection per lease.
+    Session,
+    /// Rows in a lease table with a server-side expiry.
+    Lease,
+}
+
+/// Everything parsed from a MySQL URL.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Which mode.
+    pub mode: Mode,
+    /// The client options.
+    pub opts: Opts,
+    /// The mode's table, possibly `database.table`.
+    pub table: String,
+    /// The fence counter table, in the same database.
+    pub counter: String,
+    /// The URL with its password hidden.
+    pub describe: String,
+}
+
+/// Opens a MySQL backend from its URL.
+pub async fn open(url: &BackendUrl) -> Result<Locks> {
+    let settings = Settings::parse(url)?;
+    match settings.mode {
+        Mode::Session => Ok(Locks::from_backend(
+            MysqlSessionBackend::connect(settings).await?,
+        )),
+        Mode::Lease => Ok(Locks::from_backend(
+            MysqlLeaseBackend::connect(settings).await?,
+        )),
+    }
+}
+
+impl Settings {
+    /// Parses and checks a `mysql://` URL.
+    pub fn parse(url: &BackendUrl) -> Result<Self> {
+        let mut known: Vec<&str> = OWN_OPTIONS.to_vec();
+        known.extend_from_slice(CLIENT_OPTIONS);
+        url.reject_unknown_options(&known)?;
+        let mode = match url.option("mode").as_deref() {
+            None | Some("session") => Mode::Session,
+            Some("lease") => Mode::Lease,
+            Some(other) => {
+                return Err(url.error(format!(
+                    "unknown mode {other:?}; expected mode=session (GET_LOCK, the default) or mode=lease (a lease table)"
+                )))
+            }
+        };
+        let table = match url.option("table") {
+            Some(table) => {
+                check_identifier(&table).map_err(|reason| url.error(reason))?;
+                table
+            }
+            None => match mode {
+                Mode::Session => "dlock_sessions".to_owned(),
+                Mode::Lease => "dlock_leases".to_owned(),
+            },
+        };
+        let counter = match table.rsplit_once('.') {
+            Some((db, _)) => format!("{db}.dlock_fence_counter"),
+            None => "dlock_fence_counter".to_owned(),
+        };
+        let mut client_url = url.url().clone();
+        let passed: Vec<(String, String)> = url
+            .url()
+            .query_pairs()
+            .filter(|(k, _)| !OWN_OPTIONS.contains(&k.as_ref()))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        client_url.set_query(None);
+        if !passed.is_empty() {
+            client_url.query_pairs_mut().extend_pairs(passed.iter());
+        }
+        if client_url.path().trim_matches('/').is_empty() && !table.contains('.') {
+            return Err(url.error("no database; write mysql://user:password@host:3306/database"));
+        }
+        let parsed =
+            Opts::from_url(client_url.as_str()).map_err(|err| url.error(err.to_string()))?;
+        let mut builder = OptsBuilder::from_opts(parsed);
+        if url.option("prefer_socket").is_none() {
+            builder = builder.prefer_socket(false);
+        }
+        if url.option("tcp_keepalive").is_none() {
+            builder = builder.tcp_keepalive(Some(Duration::from_secs(5)));
+        }
+        if url.option("pool_min").is_none() && url.option("pool_max").is_none() {
+            let constraints = PoolConstraints::new(0, 64).unwrap_or_default();
+            builder = builder.pool_opts(
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    .with_reset_connection(false),
+            );
+        }
+        builder = builder.client_found_rows(false);
+        Ok(Settings {
+            mode,
+            opts: builder.into(),
+            table,
+            counter,
+            describe: url.redacted().to_owned(),
+        })
+    }
+}
+
+fn check_identifier(name: &str) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let ok = parts.len() <= 2
+        && parts.iter().all(|part| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some('a'..='z' | '_'))
+                && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+                && part.len() <= 50
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad table name {name:?}: use lowercase letters, digits and _ (at most 50), optionally database.table"
+        ))
+    }
+}
+
+/// The 32-byte primary key of a dlock key in the tables: SHA-256 of its UTF-8 bytes (keys
+/// may be 1024 bytes, longer than InnoDB's index prefix; the text is stored beside it).
+pub(crate) fn row_key(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// The `GET_LOCK` name of a key: the key itself when it has at most 64 characters, else
+/// `dlock:` and the first 58 hex digits of its SHA-256 (232 bits).
+pub fn lock_name(key: &str) -> String {
+    if key.chars().count() <= MAX_LOCK_NAME_CHARS {
+        return key.to_owned();
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("dlock:{}", &hex[..MAX_LOCK_NAME_CHARS - 6])
+}
+
+/// A small pool of idle connections of one handle. A connection goes back only when the
+/// work on it finished without error ([`Lent::keep`]); one whose future was dropped
+/// mid-statement or that failed is closed instead (the server then rolls back anything
+/// it left open). Connections idle for a minute are pinged before reuse.
+#[derive(Debug)]
+pub(crate) struct Conns {
+    opts: Opts,
+    describe: String,
+    idle: std::sync::Mutex<Vec<(mysql_async::Conn, std::time::Instant)>>,
+}
+
+const MAX_IDLE: usize = 32;
+const PING_IDLE_AFTER: Duration = Duration::from_secs(60);
+
+impl Conns {
+    pub(crate) fn new(opts: Opts, describe: String) -> std::sync::Arc<Conns> {
+        std::sync::Arc::new(Conns {
+            opts,
+            describe,
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An idle connection, or a new one.
+    pub(crate) async fn take(self: &std::sync::Arc<Self>) -> Result<Lent> {
+        use mysql_async::prelude::Queryable;
+        loop {
+            let next = self
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop();
+            let Some((mut conn, since)) = next else { break };
+            if since.elapsed() < PING_IDLE_AFTER || conn.ping().await.is_ok() {
+                return Ok(self.lend(conn));
+            }
+        }
+        let conn = mysql_async::Conn::new(self.opts.clone())
+            .await
+            .map_err(|e| my_error(&self.describe, &e))?;
+        Ok(self.lend(conn))
+    }
+
+    fn lend(self: &std::sync::Arc<Self>, conn: mysql_async::Conn) -> Lent {
+        Lent {
+            conn: std::mem::ManuallyDrop::new(conn),
+            home: std::sync::Arc::clone(self),
+            keep: false,
+        }
+    }
+}
+
+/// A connection lent by [`Conns`]; back to the pool on drop only after [`Lent::keep`].
+pub(crate) struct Lent {
+    conn: std::mem::ManuallyDrop<mysql_async::Conn>,
+    home: std::sync::Arc<Conns>,
+    keep: bool,
+}
+
+impl Lent {
+    /// The work on this connection finished cleanly: it may be reused.
+    pub(crate) fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl std::ops::Deref for Lent {
+    type Target = mysql_async::Conn;
+    fn deref(&self) -> &mysql_async::Conn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut mysql_async::Conn {
+        &mut self.conn
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // SAFETY: `conn` is taken exactly once, here, and never used again.
+        let conn = unsafe { std::mem::ManuallyDrop::take(&mut self.conn) };
+        if self.keep {
+            let mut idle = self
+                .home
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if idle.len() < MAX_IDLE {
+                idle.push((conn, std::time::Instant::now()));
+            }
+        }
+    }
+}
+
+/// Maps a client error: server errors are [`Error::Backend`], the rest [`Error::Unavailable`].
+pub(crate) fn my_error(describe: &str, err: &mysql_async::Error) -> Error {
+    match err {
+        mysql_async::Error::Server(server) => Error::backend(describe, server),
+        other => Error::unavailable(describe, other),
+    }
+}
+
+/// True for errors that mean the connection is gone.
+pub(crate) fn is_connection_error(err: &mysql_async::Error) -> bool {
+    !matches!(err, mysql_async::Error::Server(_))
+}
+
+/// The counter table's definition and its one row.
+pub(crate) fn counter_ddl(counter: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {counter} (id TINYINT UNSIGNED PRIMARY KEY, fence BIGINT UNSIGNED NOT NULL) ENGINE=InnoDB"
+        ),
+        format!("INSERT IGNORE INTO {counter} (id, fence) VALUES (1, 0)"),
+    ]
+}
+
+/// Creates the counter and `table` unless they exist, serialised by a user-level lock.
+pub(crate) async fn ensure_schema(
+    conn: &mut mysql_async::Conn,
+    describe: &str,
+    statements: Vec<String>,
+) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let fail = |err: mysql_async::Error| {
+        Error::backend(
+            describe,
+            format!("cannot create the dlock tables ({err}); have them created by a user with CREATE (see docs/backends/mysql.md and dlock::backends::mysql::schema_sql)"),
+        )
+    };
+    conn.query_drop("DO GET_LOCK('dlock:schema', 30)")
+        .await
+        .map_err(fail)?;
+    let mut outcome = Ok(());
+    for statement in statements {
+        if let Err(err) = conn.query_drop(statement).await {
+            outcome = Err(fail(err));
+            break;
+        }
+    }
+    let _ = conn.query_drop("DO RELEASE_LOCK('dlock:schema')").await;
+    outcome
+}
+
+/// The SQL that creates what `url`'s mode needs, for administrators who create the tables
+/// themselves (clients then need only SELECT, INSERT, UPDATE, DELETE on them).
+pub fn schema_sql(url: &str) -> Result<String> {
+    let url = BackendUrl::parse(url)?;
+    let settings = Settings::parse(&url)?;
+    let mut statements = counter_ddl(&settings.counter);
+    statements.push(match settings.mode {
+        Mode::Session => session::ddl(&settings.table),
+        Mode::Lease => lease_table::ddl(&settings.table),
+    });
+    Ok(statements.iter().map(|s| format!("{s};\n")).collect())
+}
+
+/// Microseconds since 1970 as a `SystemTime`.
+pub(crate) fn from_micros(micros: Option<i64>) -> Option<std::time::SystemTime> {
+    let micros = u64::try_from(micros?).ok()?;
+    std::time::UNIX_EPOCH.checked_add(Duration::from_micros(micros))
+}
+
+/// Microseconds of a duration, as the SQL takes them.
+pub(crate) fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The SQL expression of a `DATETIME(6)` column (UTC) as microseconds since 1970.
+pub(crate) fn epoch_us(column: &str) -> String {
+    format!("TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {column})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_names() {
+        assert_eq!(lock_name("short"), "short");
+        let long = "x".repeat(65);
+        let name = lock_name(&long);
+        assert_eq!(name.chars().count(), 64);
+        assert!(name.starts_with("dlock:"));
+        assert_eq!(lock_name(&"é".repeat(64)), "é".repeat(64));
+    }
+
+    #[test]
+    fn schema_for_admins() {
+        let sql = schema_sql("mysql://u@h/db?mode=lease").unwrap();
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_leases"),
+            "{sql}"
+        );
+        assert!(sql.contains("dlock_fence_counter"), "{sql}");
+    }
+
+    #[test]
+    fn parses() {
+        let s = Settings::parse(&BackendUrl::parse("mysql://u:pw@h:3306/db?mode=lease").unwrap())
+            .unwrap();
+        assert_eq!(s.mode, Mode::Lease);
+        for bad in [
+            "mysql://u:secret@h/db?mode=x",
+            "mysql://u:secret@h/db?bogus=1",
+            "mysql://u:secret@h/",
+        ] {
+            let err = Settings::parse(&BackendUrl::parse(bad).unwrap()).unwrap_err();
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! `mode=lease`: a lock is a row of the lease table, with an expiry on the server's clock.
+//!
+//! * acquire: one `INSERT … ON CONFLICT (key) DO UPDATE … WHERE <expired> RETURNING fence`
+//!   (the fence from `nextval('dlock_fence_seq')`); when the row is held, the same
+//!   statement returns how long until it expires, computed by the server.
+//! * renew: `UPDATE … WHERE key = $1 AND owner = $2 AND expires_at > clock_timestamp()`.
+//! * release: `DELETE … WHERE key = $1 AND owner = $2` and `pg_notify(channel, key)` in
+//!   the same statement, which wakes the waiters through their [`Listener`].
+//! * Rows of released keys are deleted; rows that expired unreleased are swept (at most
+//!   once every 30 s per handle), so the table holds about as many rows as locks held.
+
+use super::listener::Listener;
+use super::{ensure_schema, millis, pg_error, Settings, Shared};
+use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, KeyWatch, LockInfo};
+use crate::core::owner::Owner;
+use crate::error::Result;
+use crate::key::Key;
+use async_trait::async_trait;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+use tokio_postgres::types::Type;
+use tokio_postgres::Row;
+
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// The lease table's definition.
+pub(crate) fn ddl(table: &str) -> String {
+    let index = table.rsplit('.').next().unwrap_or(table);
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+    key text PRIMARY KEY,
+    owner text NOT NULL,
+    fence bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    acquired_at timestamptz NOT NULL,
+    renewed_at timestamptz NOT NULL,
+    ttl_ms bigint NOT NULL,
+    pid integer,
+    host text
+);
+CREATE INDEX IF NOT EXISTS {index}_expires_at ON {table} (expires_at);"
+    )
+}
+
+struct Sql {
+    acquire: String,
+    renew: String,
+    release: String,
+    force: String,
+    inspect: String,
+    list: String,
+    sweep: String,
+}
+
+impl Sql {
+    fn new(t: &str, seq: &str) -> Self {
+        let ttl = "($3::float8 * interval '1 millisecond')";
+        Sql {
+            acquire: format!(
+                "WITH ins AS (
+    INSERT INTO {t} AS l (key, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host)
+    VALUES ($1, $2, nextval('{seq}'), clock_timestamp() + {ttl}, clock_timestamp(), clock_timestamp(), $3, $4, $5)
+    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, fence = excluded.fence,
+        expires_at = excluded.expires_at, acquired_at = excluded.acquired_at,
+        renewed_at = excluded.renewed_at, ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host
+    WHERE l.expires_at <= clock_timestamp()
+    RETURNING fence)
+SELECT (SELECT fence FROM ins),
+       (SELECT (extract(epoch FROM (expires_at - clock_timestamp())) * 1000)::bigint FROM {t} WHERE key = $1)"
+            ),
+            renew: format!(
+                "UPDATE {t} SET expires_at = clock_timestamp() + {ttl}, renewed_at = clock_timestamp(), ttl_ms = $3
+ WHERE key = $1 AND owner = $2 AND expires_at > clock_timestamp()"
+            ),
+            release: format!(
+                "WITH d AS (DELETE FROM {t} WHERE key = $1 AND owner = $2 RETURNING expires_at > clock_timestamp() AS live)
+SELECT live, pg_notify($3, $1)::text FROM d"
+            ),
+            force: format!(
+                "WITH d AS (DELETE FROM {t} WHERE key = $1 RETURNING expires_at > clock_timestamp() AS live)
+SELECT live, pg_notify($2, $1)::text FROM d"
+            ),
+            inspect: format!(
+                "SELECT key, owner, fence, pid, host, acquired_at, renewed_at, expires_at, ttl_ms FROM {t}
+ WHERE key = $1 AND expires_at > clock_timestamp()"
+            ),
+            list: format!(
+                "SELECT key, owner, fence, pid, host, acquired_at, renewed_at, expires_at, ttl_ms FROM {t}
+ WHERE expires_at > clock_timestamp() ORDER BY key"
+            ),
+            sweep: format!(
+                "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE expires_at < clock_timestamp()
+ LIMIT 1000 FOR UPDATE SKIP LOCKED) AND expires_at < clock_timestamp()"
+            ),
+        }
+    }
+}
+
+/// The PostgreSQL lease-table backend (`?mode=lease`).
+#[derive(Debug, Clone)]
+pub struct PgLeaseBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    describe: String,
+    channel: String,
+    db: Shared,
+    listener: Arc<Listener>,
+    sql: Sql,
+    last_sweep: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLeaseBackend")
+            .field("url", &self.describe)
+            .finish()
+    }
+}
+
+impl PgLeaseBackend {
+    /// Connects, and creates the sequence and table unless they exist.
+    pub async fn connect(settings: Settings) -> Result<Self> {
+        let db = Shared::new(settings.config.clone(), settings.describe.clone());
+        let conn = db.get().await?;
+        ensure_schema(
+            &conn,
+            &settings.describe,
+            &settings.table,
+            &settings.sequence,
+            &ddl(&settings.table),
+        )
+        .await?;
+        let channel = settings.channel();
+        Ok(PgLeaseBackend {
+            inner: Arc::new(Inner {
+                listener: Listener::new(
+                    settings.config.clone(),
+                    settings.describe.clone(),
+                    channel.clone(),
+                ),
+                describe: settings.describe,
+                channel,
+                db,
+                sql: Sql::new(&settings.table, &settings.sequence),
+                // The first acquire of a new handle sweeps, so short-lived clients (the CLI) do too.
+                last_sweep: Mutex::new(
+                    Instant::now()
+                        .checked_sub(SWEEP_EVERY)
+                        .unwrap_or_else(Instant::now),
+                ),
+            }),
+        })
+    }
+
+    fn err(&self, err: &tokio_postgres::Error) -> crate::Error {
+        pg_error(&self.inner.describe, err)
+    }
+
+    fn maybe_sweep(&self) {
+        {
+            let mut last = self
+                .inner
+                .last_sweep
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.elapsed() < SWEEP_EVERY {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Ok(conn) = this.inner.db.get().await {
+                if let Err(err) = conn
+                    .client
+                    .execute(this.inner.sql.sweep.as_str(), &[])
+                    .await
+                {
+                    tracing::debug!(err = %super::detail(&err), "sweeping expired leases failed");
+                }
+            }
+        });
+    }
+}
+
+fn info_of(row: &Row) -> LockInfo {
+    let mut info = LockInfo::new(row.try_get::<_, String>(0).unwrap_or_default());
+    info.owner = row.try_get(1).ok();
+    info.fence = row
+        .try_get::<_, i64>(2)
+        .ok()
+        .and_then(|f| u64::try_from(f).ok());
+    info.pid = row
+        .try_get::<_, Option<i32>>(3)
+        .ok()
+        .flatten()
+        .and_then(|p| u32::try_from(p).ok());
+    info.host = row.try_get(4).ok().flatten();
+    info.acquired_at = row.try_get::<_, SystemTime>(5).ok();
+    info.renewed_at = row.try_get::<_, SystemTime>(6).ok();
+    info.expires_at = row.try_get::<_, SystemTime>(7).ok();
+    info.ttl = row
+        .try_get::<_, i64>(8)
+        .ok()
+        .and_then(|t| u64::try_from(t).ok())
+        .map(Duration::from_millis);
+    info
+}
+
+#[async_trait]
+impl Backend for PgLeaseBackend {
+    fn describe(&self) -> &str {
+        &self.inner.describe
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+        self.maybe_sweep();
+        let conn = self.inner.db.get().await?;
+        let pid = i32::try_from(request.holder.pid).ok();
+        let rows = conn
+            .query_typed(
+                &self.inner.sql.acquire,
+                &[
+                    (&request.key.as_str(), Type::TEXT),
+                    (&request.owner.as_str(), Type::TEXT),
+                    (&millis(request.ttl), Type::INT8),
+                    (&pid, Type::INT4),
+                    (&request.holder.host.as_str(), Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        let row = rows.first();
+        if let Some(fence) = row.and_then(|r| r.try_get::<_, Option<i64>>(0).ok().flatten()) {
+            return Ok(Attempt::Acquired {
+                fence: u64::try_from(fence).unwrap_or(0),
+            });
+        }
+        let expires_in = row
+            .and_then(|r| r.try_get::<_, Option<i64>>(1).ok().flatten())
+            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        Ok(Attempt::Held { expires_in })
+    }
+
+    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
+        let conn = self.inner.db.get().await?;
+        let n = conn
+            .execute_typed(
+                &self.inner.sql.renew,
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&owner.as_str(), Type::TEXT),
+                    (&millis(ttl), Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(n == 1)
+    }
+
+    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        let conn = self.inner.db.get().await?;
+        let rows = conn
+            .query_typed(
+                &self.inner.sql.release,
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&owner.as_str(), Type::TEXT),
+                    (&self.inner.channel.as_str(), Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false))
+    }
+
+    async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
+        Ok(Some(self.inner.listener.watch(key.as_str()).await?))
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
+        let conn = self.inner.db.get().await?;
+        let rows = conn
+            .query_typed(&self.inner.sql.inspect, &[(&key.as_str(), Type::TEXT)])
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows.first().map(info_of))
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let conn = self.inner.db.get().await?;
+        let rows = conn
+            .query_typed(&self.inner.sql.list, &[])
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows.iter().map(info_of).collect())
+    }
+
+    async fn force_release(&self, key: &Key) -> Result<bool> {
+        let conn = self.inner.db.get().await?;
+        let rows = conn
+            .query_typed(
+                &self.inner.sql.force,
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&self.inner.channel.as_str(), Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false))
+    }
+}

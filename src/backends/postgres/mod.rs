@@ -1,0 +1,461 @@
+//! `postgres://` and `postgresql://`: locks in PostgreSQL, in one of two modes chosen by
+//! `?mode=` (see `docs/backends/postgres.md`).
+//!
+//! * `mode=session` (the default): a lock is a session-level advisory lock
+//!   (`pg_advisory_lock`) held on a connection of its own for as long as the lease lives.
+//!   Waiting happens in the server's lock queue; the lock is freed the moment the holding
+//!   session ends (process killed, `pg_terminate_backend`, server restart), and the
+//!   holder's `lost()` fires then. The default because it frees a dead holder's lock at
+//!   once and waits in the server's fair queue, which a TTL table cannot.
+//! * `mode=lease`: a lock is a row in a lease table (`dlock_leases` unless `?table=`),
+//!   taken, renewed and released by single owner-checked statements that use the
+//!   server's clock for expiry. One connection serves every lease of a handle (it works
+//!   through transaction-pooling proxies such as PgBouncer, where session locks do not);
+//!   waiters are woken by `LISTEN/NOTIFY` on one shared listening connection, and at the
+//!   holder's expiry.
+//!
+//! Fences come from the sequence `dlock_fence_seq` in both modes: strictly increasing
+//! for every key and durable across server restarts.
+
+pub mod keys;
+mod lease_table;
+mod listener;
+mod session;
+
+use crate::core::locks::Locks;
+use crate::error::{Error, Result};
+use crate::location::BackendUrl;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{CancelToken, Client, Config, NoTls, Row, Statement};
+
+pub use lease_table::PgLeaseBackend;
+pub use session::PgSessionBackend;
+
+/// Options dlock itself reads from a PostgreSQL URL.
+const OWN_OPTIONS: &[&str] = &["mode", "table"];
+
+/// Connection options passed on to the client (libpq names).
+const CLIENT_OPTIONS: &[&str] = &[
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
+/// The two ways to hold a lock in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Session-level advisory locks on a connection per lease.
+    Session,
+    /// Rows in a lease table with a server-side expiry.
+    Lease,
+}
+
+/// Opens a PostgreSQL backend from its URL.
+pub async fn open(url: &BackendUrl) -> Result<Locks> {
+    let settings = Settings::parse(url)?;
+    match settings.mode {
+        Mode::Session => Ok(Locks::from_backend(
+            PgSessionBackend::connect(settings).await?,
+        )),
+        Mode::Lease => Ok(Locks::from_backend(
+            PgLeaseBackend::connect(settings).await?,
+        )),
+    }
+}
+
+/// Everything parsed from a PostgreSQL URL.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Which mode.
+    pub mode: Mode,
+    /// The client configuration (host, port, user, password, database, …).
+    pub config: Config,
+    /// The table of the mode (`dlock_sessions` or `dlock_leases` unless `?table=`),
+    /// possibly schema-qualified.
+    pub table: String,
+    /// The fence sequence, in the table's schema.
+    pub sequence: String,
+    /// The URL with its password hidden, for messages.
+    pub describe: String,
+}
+
+impl Settings {
+    /// Parses and checks a `postgres://` URL.
+    pub fn parse(url: &BackendUrl) -> Result<Self> {
+        let mut known: Vec<&str> = OWN_OPTIONS.to_vec();
+        known.extend_from_slice(CLIENT_OPTIONS);
+        url.reject_unknown_options(&known)?;
+        let mode = match url.option("mode").as_deref() {
+            None | Some("session") => Mode::Session,
+            Some("lease") => Mode::Lease,
+            Some(other) => {
+                return Err(url.error(format!(
+                    "unknown mode {other:?}; expected mode=session (advisory locks, the default) or mode=lease (a lease table)"
+                )))
+            }
+        };
+        let table = match url.option("table") {
+            Some(table) => {
+                check_identifier(&table).map_err(|reason| url.error(reason))?;
+                table
+            }
+            None => match mode {
+                Mode::Session => "dlock_sessions".to_owned(),
+                Mode::Lease => "dlock_leases".to_owned(),
+            },
+        };
+        let sequence = match table.rsplit_once('.') {
+            Some((schema, _)) => format!("{schema}.dlock_fence_seq"),
+            None => "dlock_fence_seq".to_owned(),
+        };
+        let mut client_url = url.url().clone();
+        let passed: Vec<(String, String)> = url
+            .url()
+            .query_pairs()
+            .filter(|(k, _)| !OWN_OPTIONS.contains(&k.as_ref()))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        client_url.set_query(None);
+        if !passed.is_empty() {
+            client_url.query_pairs_mut().extend_pairs(passed.iter());
+        }
+        let _ = client_url.set_scheme("postgresql");
+        let text = client_url.as_str().replacen("postgresql:", "postgres:", 1);
+        let mut config = Config::from_str(&text).map_err(|err| url.error(format!("{err}")))?;
+        if config.get_hosts().is_empty() {
+            return Err(url.error("no host; write postgres://user:password@host:5432/database"));
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if url.option("keepalives_idle").is_none() {
+            // A holder on a dead network must learn it within seconds, not hours.
+            config.keepalives_idle(Duration::from_secs(5));
+        }
+        if url.option("keepalives_interval").is_none() {
+            config.keepalives_interval(Duration::from_secs(2));
+        }
+        if url.option("keepalives_retries").is_none() {
+            config.keepalives_retries(3);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("dlock");
+        }
+        Ok(Settings {
+            mode,
+            config,
+            table,
+            sequence,
+            describe: url.redacted().to_owned(),
+        })
+    }
+
+    /// The `LISTEN/NOTIFY` channel of this lease table.
+    pub fn channel(&self) -> String {
+        format!("dlock:{}", self.table)
+    }
+}
+
+/// A table name must be a plain lowercase identifier, optionally schema-qualified, so that
+/// it can be written into SQL without quoting (keys never are: they are bind parameters).
+fn check_identifier(name: &str) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let ok = parts.len() <= 2
+        && parts.iter().all(|part| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some('a'..='z' | '_'))
+                && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+                && part.len() <= 50
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad table name {name:?}: use lowercase letters, digits and _ (at most 50), optionally schema.table"
+        ))
+    }
+}
+
+/// One connection, with the signal of its end and a way to cancel its running query.
+pub(crate) struct Conn {
+    pub(crate) client: Client,
+    closed: watch::Receiver<Option<String>>,
+    pub(crate) cancel: CancelToken,
+    /// Statements prepared on this connection, by SQL text: dlock's statements are few and
+    /// fixed, and planning the CTEs costs more than executing them.
+    prepared: std::sync::Mutex<std::collections::HashMap<String, Statement>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("closed", &self.client.is_closed())
+            .finish()
+    }
+}
+
+impl Conn {
+    /// Opens a connection and drives it in a task of its own.
+    pub(crate) async fn open(config: &Config, describe: &str) -> Result<Conn> {
+        let (client, connection) = config.connect(NoTls).await.map_err(|err| {
+            Error::unavailable(describe, format!("cannot connect: {}", detail(&err)))
+        })?;
+        let (tx, closed) = watch::channel(None);
+        tokio::spawn(async move {
+            let reason = match connection.await {
+                Ok(()) => "the connection was closed".to_owned(),
+                Err(err) => format!("the connection failed: {}", detail(&err)),
+            };
+            let _ = tx.send(Some(reason));
+        });
+        let cancel = client.cancel_token();
+        Ok(Conn::new(client, closed, cancel))
+    }
+
+    pub(crate) fn new(
+        client: Client,
+        closed: watch::Receiver<Option<String>>,
+        cancel: CancelToken,
+    ) -> Conn {
+        Conn {
+            client,
+            closed,
+            cancel,
+            prepared: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// `sql` prepared on this connection (once; later calls reuse it).
+    async fn statement(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self
+            .prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let statement = self.client.prepare_typed(sql, &types).await?;
+        self.prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs `sql` (prepared once per connection) with typed parameters.
+    pub(crate) async fn query_typed(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql, params).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        self.client.query(&statement, &values).await
+    }
+
+    /// Executes `sql` (prepared once per connection); the number of rows affected.
+    pub(crate) async fn execute_typed(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql, params).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        self.client.execute(&statement, &values).await
+    }
+
+    /// True once the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client.is_closed() || self.closed.borrow().is_some()
+    }
+
+    /// Resolves with the reason when the connection ends.
+    pub(crate) fn ended(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut closed = self.closed.clone();
+        async move {
+            loop {
+                if let Some(reason) = closed.borrow_and_update().clone() {
+                    return reason;
+                }
+                if closed.changed().await.is_err() {
+                    return "the connection was closed".to_owned();
+                }
+            }
+        }
+    }
+}
+
+/// The text of a client error, with the server's message where there is one.
+pub(crate) fn detail(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => err.to_string(),
+    }
+}
+
+/// Maps a client error: server errors are [`Error::Backend`], the rest (connection lost,
+/// I/O) [`Error::Unavailable`].
+pub(crate) fn pg_error(describe: &str, err: &tokio_postgres::Error) -> Error {
+    if err.as_db_error().is_some() {
+        Error::backend(describe, detail(err))
+    } else {
+        Error::unavailable(describe, detail(err))
+    }
+}
+
+/// A connection shared by many requests (tokio-postgres pipelines them), reopened when it
+/// has failed.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: Config,
+    describe: String,
+    current: tokio::sync::Mutex<Option<Arc<Conn>>>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, describe: String) -> Self {
+        Shared {
+            config,
+            describe,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The live connection, reconnecting if the last one ended.
+    pub(crate) async fn get(&self) -> Result<Arc<Conn>> {
+        let mut current = self.current.lock().await;
+        if let Some(conn) = current.as_ref() {
+            if !conn.is_closed() {
+                return Ok(Arc::clone(conn));
+            }
+        }
+        let conn = Arc::new(Conn::open(&self.config, &self.describe).await?);
+        *current = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+}
+
+/// Creates the sequence and `table` (with `ddl`) unless they exist, serialised by a
+/// transaction-level advisory lock so that concurrent first users do not race.
+pub(crate) async fn ensure_schema(
+    conn: &Conn,
+    describe: &str,
+    table: &str,
+    sequence: &str,
+    ddl: &str,
+) -> Result<()> {
+    let rows = conn
+        .query_typed(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            &[(&table, Type::TEXT), (&sequence, Type::TEXT)],
+        )
+        .await
+        .map_err(|err| pg_error(describe, &err))?;
+    if rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()) == Some(true) {
+        return Ok(());
+    }
+    let script = format!(
+        "BEGIN;\nSELECT pg_advisory_xact_lock({lock});\nCREATE SEQUENCE IF NOT EXISTS {sequence};\n{ddl}\nCOMMIT;",
+        lock = keys::advisory_key("dlock schema"),
+    );
+    if let Err(err) = conn.client.batch_execute(&script).await {
+        let _ = conn.client.batch_execute("ROLLBACK").await;
+        return Err(Error::backend(
+            describe,
+            format!(
+                "cannot create the dlock schema ({}); have it created by a role with CREATE on the schema (see docs/backends/postgres.md and dlock::backends::postgres::schema_sql)",
+                detail(&err)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The SQL that creates what `url`'s mode needs, for administrators who create the
+/// schema themselves (the client then needs only SELECT, INSERT, UPDATE, DELETE on the
+/// table and USAGE on the sequence).
+pub fn schema_sql(url: &str) -> Result<String> {
+    let url = BackendUrl::parse(url)?;
+    let settings = Settings::parse(&url)?;
+    let ddl = match settings.mode {
+        Mode::Session => session::ddl(&settings.table),
+        Mode::Lease => lease_table::ddl(&settings.table),
+    };
+    Ok(format!(
+        "CREATE SEQUENCE IF NOT EXISTS {};\n{ddl}\n",
+        settings.sequence
+    ))
+}
+
+/// Milliseconds as the `bigint` the SQL takes.
+pub(crate) fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_for_admins() {
+        let sql = schema_sql("postgres://u@h/db").unwrap();
+        assert!(
+            sql.contains("CREATE SEQUENCE IF NOT EXISTS dlock_fence_seq"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn parses_modes_and_rejects_typos() {
+        let s =
+            Settings::parse(&BackendUrl::parse("postgres://u:pw@localhost:5/db").unwrap()).unwrap();
+        assert_eq!(s.mode, Mode::Session);
+        assert_eq!(s.table, "dlock_sessions");
+        let s = Settings::parse(
+            &BackendUrl::parse("postgresql://u@h/db?mode=lease&table=app.locks&sslmode=disable")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s.mode, Mode::Lease);
+        assert_eq!(s.sequence, "app.dlock_fence_seq");
+        for bad in [
+            "postgres://u:secret@h/db?mode=nope",
+            "postgres://u:secret@h/db?tabel=x",
+            "postgres://u:secret@h/db?table=x;drop",
+        ] {
+            let err = Settings::parse(&BackendUrl::parse(bad).unwrap()).unwrap_err();
+            assert!(matches!(err, Error::BadUrl { .. }), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+}

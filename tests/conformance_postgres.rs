@@ -1,0 +1,27 @@
+//! The conformance suite on `postgres://`, in both modes, against a private cluster.
+#![cfg(feature = "postgres")]
+
+use dlock_testkit::servers::postgres::Postgres;
+
+mod session {
+    use super::*;
+
+    async fn target() -> dlock_testkit::Target {
+        dlock_testkit::Target::new(Postgres::shared().url(""), env!("CARGO_BIN_EXE_dlock"))
+    }
+
+    dlock_testkit::conformance_tests!(target());
+}
+
+mod lease {
+    use super::*;
+
+    async fn target() -> dlock_testkit::Target {
+        dlock_testkit::Target::new(
+            Postgres::shared().url("mode=lease"),
+            env!("CARGO_BIN_EXE_dlock"),
+        )
+    }
+
+    dlock_testkit::conformance_tests!(target());
+}

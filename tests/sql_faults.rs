@@ -1,0 +1,607 @@
+//! Fault tests of the PostgreSQL and MySQL backends against private servers: a holder's
+//! connection killed by the server, server restarts, and abandoned waits.
+#![cfg(all(feature = "postgres", feature = "mysql"))]
+
+use dlock::backends::postgres::keys::{advisory_key, pg_locks_halves};
+use dlock::{Error, Locks, LossReason};
+use dlock_testkit::servers::mysql::Mysql;
+use dlock_testkit::servers::postgres::Postgres;
+use mysql_async::prelude::Queryable;
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+async fn within<T>(limit: Duration, what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: did not happen within {limit:?}"),
+    }
+}
+
+fn key(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+async fn pg_admin(server: &Postgres) -> tokio_postgres::Client {
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn my_admin(server: &Mysql) -> mysql_async::Conn {
+    let url = format!(
+        "mysql://dlock:dlock-secret@127.0.0.1:{}/dlock",
+        server.port()
+    );
+    mysql_async::Conn::new(mysql_async::Opts::from_url(&url).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The server pids holding or waiting for `key`'s advisory lock.
+async fn pg_lockers(admin: &tokio_postgres::Client, key: &str, granted: bool) -> Vec<i32> {
+    let (classid, objid) = pg_locks_halves(advisory_key(key));
+    admin
+        .query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND classid = $1 AND objid = $2 AND granted = $3",
+            &[&classid, &objid, &granted],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn pg_dlock_connections(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dlock-drop100'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn my_connections(admin: &mut mysql_async::Conn) -> u64 {
+    let n: Option<u64> = admin
+        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'drop100'")
+        .await
+        .unwrap();
+    n.unwrap_or(0)
+}
+
+async fn my_waiting_get_lock(admin: &mut mysql_async::Conn) -> u64 {
+    let n: Option<u64> = admin
+        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'drop100' AND INFO LIKE 'SELECT GET_LOCK%'")
+        .await
+        .unwrap();
+    n.unwrap_or(0)
+}
+
+/// A holder whose connection is killed by the server loses its lease at once, and a
+/// waiter gets the lock with a higher fence.
+async fn killed_connection_fires_lost(
+    locks: &Locks,
+    waiter: &Locks,
+    kill: impl std::future::Future<Output = ()>,
+    k: &str,
+) {
+    let lease = locks.lock(k).acquire().await.unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, k) = (waiter.clone(), k.to_owned());
+        async move { waiter.lock(&k).acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the waiter got a held lock");
+    let started = Instant::now();
+    kill.await;
+    let reason = within(
+        PROMPTLY,
+        "lost() after the connection was killed",
+        lease.lost(),
+    )
+    .await;
+    assert!(
+        matches!(reason, LossReason::SessionEnded { .. }),
+        "{reason:?}"
+    );
+    eprintln!("lost() {:?} after the kill: {reason}", started.elapsed());
+    let next = within(PROMPTLY, "the waiter's acquire", waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(next.fence() > lease.fence());
+    assert!(!lease.release().await.unwrap());
+    assert!(next.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_terminate_backend_fires_lost_and_lets_a_waiter_in() {
+    let server = Postgres::shared();
+    let admin = pg_admin(server).await;
+    let url = server.url("");
+    let (locks, waiter) = (
+        dlock::connect(&url).await.unwrap(),
+        dlock::connect(&url).await.unwrap(),
+    );
+    let k = key("terminate");
+    let kill = async {
+        let pids = pg_lockers(&admin, &k, true).await;
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pids[0]])
+            .await
+            .unwrap();
+    };
+    killed_connection_fires_lost(&locks, &waiter, kill, &k).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_kill_fires_lost_and_lets_a_waiter_in() {
+    let server = Mysql::shared();
+    let mut admin = my_admin(server).await;
+    let url = server.url("");
+    let (locks, waiter) = (
+        dlock::connect(&url).await.unwrap(),
+        dlock::connect(&url).await.unwrap(),
+    );
+    let k = key("kill");
+    let kill = async {
+        let id: Option<Option<u64>> = admin
+            .exec_first("SELECT IS_USED_LOCK(?)", (k.as_str(),))
+            .await
+            .unwrap();
+        let id = id.flatten().expect("the lock is not held");
+        admin
+            .query_drop(format!("KILL CONNECTION {id}"))
+            .await
+            .unwrap();
+    };
+    killed_connection_fires_lost(&locks, &waiter, kill, &k).await;
+}
+
+async fn in_blocking(work: impl FnOnce() + Send + 'static) {
+    tokio::task::spawn_blocking(work).await.unwrap();
+}
+
+/// Session mode: a restart ends the holding session (lost fires); lease mode: a restart
+/// shorter than the TTL keeps the lease, an outage longer than the TTL loses it. Fences
+/// after the restart are greater than before in every case.
+async fn restart_checks(
+    url_session: String,
+    url_lease: String,
+    stop: impl Fn() + Send + Sync + Clone + 'static,
+    start: impl Fn() + Send + Sync + Clone + 'static,
+) {
+    let session = dlock::connect(&url_session).await.unwrap();
+    let lease_locks = dlock::connect(&url_lease).await.unwrap();
+    let (ks, kl, kx) = (key("restart-s"), key("restart-l"), key("restart-x"));
+    let held = session.lock(&ks).acquire().await.unwrap();
+    let kept = lease_locks
+        .lock(&kl)
+        .ttl(Duration::from_secs(20))
+        .acquire()
+        .await
+        .unwrap();
+    let short = lease_locks
+        .lock(&kx)
+        .ttl(Duration::from_millis(1500))
+        .acquire()
+        .await
+        .unwrap();
+    let before = held.fence().max(kept.fence()).max(short.fence());
+
+    let (stop2, start2) = (stop.clone(), start.clone());
+    in_blocking(stop2).await;
+    let reason = within(
+        PROMPTLY,
+        "session lease lost() at the server's stop",
+        held.lost(),
+    )
+    .await;
+    assert!(
+        matches!(reason, LossReason::SessionEnded { .. }),
+        "{reason:?}"
+    );
+    let reason = within(
+        PROMPTLY,
+        "short lease lost() during the outage",
+        short.lost(),
+    )
+    .await;
+    assert!(
+        matches!(reason, LossReason::RenewalFailed { .. }),
+        "{reason:?}"
+    );
+    in_blocking(start2).await;
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !kept.is_lost(),
+        "a lease whose outage was shorter than its TTL was reported lost"
+    );
+    let other = dlock::connect(&url_lease).await.unwrap();
+    assert!(
+        other.lock(&kl).try_acquire().await.unwrap().is_none(),
+        "the kept lease was free after the restart"
+    );
+    assert!(kept.release().await.unwrap());
+    // A lost lease keeps its handle's local turn on the key until it is dropped.
+    assert!(!held.release().await.unwrap());
+    assert!(!short.release().await.unwrap());
+
+    let again = session
+        .lock(&ks)
+        .wait_for(PROMPTLY)
+        .acquire()
+        .await
+        .unwrap();
+    assert!(
+        again.fence() > before,
+        "session fence {} after {before}",
+        again.fence()
+    );
+    let again_l = other.lock(&kl).wait_for(PROMPTLY).acquire().await.unwrap();
+    assert!(
+        again_l.fence() > before,
+        "lease fence {} after {before}",
+        again_l.fence()
+    );
+    let again_x = other.lock(&kx).wait_for(PROMPTLY).acquire().await.unwrap();
+    assert!(again_x.fence() > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_restart_fires_lost_and_fences_keep_increasing() {
+    let server: &'static Postgres = Box::leak(Box::new(Postgres::start(true)));
+    restart_checks(
+        server.url(""),
+        server.url("mode=lease"),
+        move || server.stop(),
+        move || server.launch(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_restart_fires_lost_and_fences_keep_increasing() {
+    let server: &'static Mysql = Box::leak(Box::new(Mysql::start(true)));
+    restart_checks(
+        server.url(""),
+        server.url("mode=lease"),
+        move || server.stop(),
+        move || server.launch(),
+    )
+    .await;
+}
+
+/// Spawns 100 waiting acquires on held `k` over 4 handles, drops them, and releases.
+async fn drop_100_waiters(url: &str, k: &str) {
+    let holder = dlock::connect(url).await.unwrap();
+    let lease = holder.lock(k).acquire().await.unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        handles.push(dlock::connect(url).await.unwrap());
+    }
+    let mut waiters = Vec::new();
+    for i in 0..100 {
+        let (locks, k) = (handles[i % 4].clone(), k.to_owned());
+        waiters.push(tokio::spawn(async move { locks.lock(&k).acquire().await }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for waiter in &waiters {
+        waiter.abort();
+    }
+    for waiter in waiters {
+        assert!(
+            waiter.await.unwrap_err().is_cancelled(),
+            "a waiter acquired a held lock"
+        );
+    }
+    assert!(lease.release().await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fresh = dlock::connect(url).await.unwrap();
+    assert!(
+        fresh.status(k).await.unwrap().is_none(),
+        "a dropped waiter holds the lock"
+    );
+    let after = fresh
+        .lock(k)
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("the key is not free");
+    after.release().await.unwrap();
+    drop(handles);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_dropping_100_waiters_leaks_no_lock_and_no_connection() {
+    let server = Postgres::shared();
+    let admin = pg_admin(server).await;
+    for query in ["", "mode=lease"] {
+        let k = key("drop100");
+        // A name of its own, so that the other tests' connections are not counted.
+        let url = server.url(query);
+        let url = format!(
+            "{url}{}application_name=dlock-drop100",
+            if query.is_empty() { "?" } else { "&" }
+        );
+        let before = pg_dlock_connections(&admin).await;
+        assert_eq!(before, 0);
+        drop_100_waiters(&url, &k).await;
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let waiting = pg_lockers(&admin, &k, false).await;
+            let granted = pg_lockers(&admin, &k, true).await;
+            let now = pg_dlock_connections(&admin).await;
+            if waiting.is_empty() && granted.is_empty() && now <= before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query}: waiting {waiting:?}, granted {granted:?}, dlock connections {now} (before {before})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_dropping_100_waiters_leaks_no_lock_and_no_connection() {
+    let server = Mysql::shared();
+    let mut admin = my_admin(server).await;
+    for query in ["", "mode=lease"] {
+        let k = key("drop100");
+        // A user of its own, so that the other tests' connections are not counted.
+        admin
+            .query_drop(
+                "CREATE USER IF NOT EXISTS 'drop100'@'%' IDENTIFIED BY 'drop-secret'; \
+                 GRANT ALL ON dlock.* TO 'drop100'@'%'",
+            )
+            .await
+            .unwrap();
+        let url = server
+            .url(query)
+            .replace("dlock:dlock-secret@", "drop100:drop-secret@");
+        let before = my_connections(&mut admin).await;
+        assert_eq!(before, 0);
+        drop_100_waiters(&url, &k).await;
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let waiting = my_waiting_get_lock(&mut admin).await;
+            let used: Option<Option<u64>> = admin
+                .exec_first("SELECT IS_USED_LOCK(?)", (k.as_str(),))
+                .await
+                .unwrap();
+            let now = my_connections(&mut admin).await;
+            if waiting == 0 && used.flatten().is_none() && now <= before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query}: {waiting} GET_LOCK waiting, held by {used:?}, dlock connections {now} (before {before})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_name_the_problem_without_the_password() {
+    for url in [
+        "postgres://u:hunter2@127.0.0.1:1/db?mode=sessions",
+        "postgres://u:hunter2@127.0.0.1:1/db?table=x;drop",
+        "mysql://u:hunter2@127.0.0.1:1/db?nope=1",
+    ] {
+        let err = dlock::connect(url).await.unwrap_err();
+        assert!(matches!(err, Error::BadUrl { .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+    for url in [
+        "postgres://u:hunter2@127.0.0.1:1/db",
+        "mysql://u:hunter2@127.0.0.1:1/db",
+    ] {
+        let err = dlock::connect(url).await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dlock"))
+        .args(args)
+        .output()
+        .expect("cannot run dlock")
+}
+
+/// `dlock run`, `status`, `list` and `release --force` from the CLI on all four
+/// combinations of database and mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_run_status_list_in_both_modes_on_both_databases() {
+    let (pg, my) = (Postgres::shared(), Mysql::shared());
+    for url in [
+        pg.url(""),
+        pg.url("mode=lease"),
+        my.url(""),
+        my.url("mode=lease"),
+    ] {
+        let k = key("cli");
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_dlock"))
+            .args([
+                "run",
+                &k,
+                "--backend",
+                &url,
+                "--ttl",
+                "2s",
+                "--",
+                "sh",
+                "-c",
+                "echo $DLOCK_FENCE; sleep 3",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            let out = cli(&["status", &k, "--backend", &url, "--json"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains("\"fence\"") {
+                break text;
+            }
+            assert!(started.elapsed() < PROMPTLY, "{url}: never held: {text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.contains(&k), "{url}: {status}");
+        let list = cli(&["list", "--backend", &url, "--json"]);
+        assert!(
+            String::from_utf8_lossy(&list.stdout).contains(&k),
+            "{url}: {list:?}"
+        );
+        let human = cli(&["status", &k, "--backend", &url]);
+        assert!(human.status.success(), "{url}: {human:?}");
+        eprintln!(
+            "{}:\n{}",
+            dlock::redact(&url),
+            String::from_utf8_lossy(&human.stdout)
+        );
+        let busy = cli(&["run", &k, "--backend", &url, "--no-wait", "--", "true"]);
+        assert_eq!(busy.status.code(), Some(75), "{url}: {busy:?}");
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{url}: {out:?}");
+        let fence: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!(fence > 0);
+        let after = cli(&["status", &k, "--backend", &url, "--json"]);
+        assert!(
+            !String::from_utf8_lossy(&after.stdout).contains("\"fence\""),
+            "{url}: {after:?}"
+        );
+        let bad = cli(&[
+            "status",
+            &k,
+            "--backend",
+            &url.replace("dlock-secret", "wrong-secret"),
+        ]);
+        if url.starts_with("mysql") {
+            assert_eq!(bad.status.code(), Some(69), "{url}: {bad:?}");
+            assert!(
+                !String::from_utf8_lossy(&bad.stderr).contains("wrong-secret"),
+                "{bad:?}"
+            );
+        }
+    }
+}
+
+/// A role that may not run DDL cannot create the lease table (a clear error); after an
+/// administrator runs `dlock schema`'s SQL and grants the documented privileges, it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_schema_by_an_administrator_for_a_role_without_ddl() {
+    let server = Postgres::shared();
+    let admin = pg_admin(server).await;
+    let table = format!("limited_{:x}", rand::random::<u32>());
+    admin
+        .batch_execute("DO $$ BEGIN CREATE ROLE limited LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://limited@127.0.0.1:{}/postgres?mode=lease&table={table}",
+        server.port()
+    );
+    let err = dlock::connect(&url).await.unwrap_err();
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("cannot create the dlock schema"),
+        "{err}"
+    );
+
+    let out = cli(&["schema", "--backend", &url]);
+    assert!(out.status.success(), "{out:?}");
+    let sql = String::from_utf8(out.stdout).unwrap();
+    admin.batch_execute(&sql).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO limited; GRANT USAGE ON SEQUENCE dlock_fence_seq TO limited"
+        ))
+        .await
+        .unwrap();
+    let locks = dlock::connect(&url).await.unwrap();
+    let k = key("limited");
+    let lease = locks.lock(&k).acquire().await.unwrap();
+    let first = lease.fence();
+    let waiter = tokio::spawn({
+        let (locks, k) = (dlock::connect(&url).await.unwrap(), k.clone());
+        async move { locks.lock(&k).acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(lease.release().await.unwrap());
+    let next = within(PROMPTLY, "hand-off under the limited role", waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(next.fence() > first);
+    assert_eq!(
+        locks.status(&k).await.unwrap().unwrap().owner.as_deref(),
+        Some(next.owner())
+    );
+}
+
+/// Rows of expired, never released leases are swept: the lease tables do not grow with
+/// keys that are no longer held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lease_rows_are_swept() {
+    let (pg, my) = (Postgres::shared(), Mysql::shared());
+    let tag = key("swept");
+    for url in [pg.url("mode=lease"), my.url("mode=lease")] {
+        let locks = dlock::connect(&url).await.unwrap();
+        for i in 0..20 {
+            let lease = locks
+                .lock(format!("{tag}-{i}"))
+                .ttl(Duration::from_millis(100))
+                .auto_renew(false)
+                .acquire()
+                .await
+                .unwrap();
+            std::mem::forget(lease); // a holder that vanished without releasing
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A new handle sweeps at its first acquire.
+        let fresh = dlock::connect(&url).await.unwrap();
+        let lease = fresh.lock(key("trigger")).acquire().await.unwrap();
+        lease.release().await.unwrap();
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let left = if url.starts_with("postgres") {
+                let admin = pg_admin(pg).await;
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM dlock_leases WHERE key LIKE $1",
+                        &[&format!("{tag}-%")],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                n as u64
+            } else {
+                let mut admin = my_admin(my).await;
+                let n: Option<u64> = admin
+                    .exec_first(
+                        "SELECT COUNT(*) FROM dlock_leases WHERE key_text LIKE ?",
+                        (format!("{tag}-%"),),
+                    )
+                    .await
+                    .unwrap();
+                n.unwrap_or(0)
+            };
+            if left == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{left} expired rows left");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
