@@ -109,7 +109,17 @@ impl Backend {
 
     /// Every backend this build can start, by name.
     pub fn names() -> Vec<&'static str> {
-        vec!["file", "memory", "redis", "redis-aof", "redlock"]
+        vec![
+            "file",
+            "memory",
+            "redis",
+            "redis-aof",
+            "redlock",
+            "postgres",
+            "postgres-lease",
+            "mysql",
+            "mysql-lease",
+        ]
     }
 
     /// Starts the backend called `name` (see [`Backend::names`]), or uses `name` as a URL.
@@ -120,6 +130,10 @@ impl Backend {
             "redis" => Ok(crate::servers::redis(false)),
             "redis-aof" => Ok(crate::servers::redis(true)),
             "redlock" => Ok(crate::servers::redlock()),
+            "postgres" => Ok(crate::servers::postgres(false)),
+            "postgres-lease" => Ok(crate::servers::postgres(true)),
+            "mysql" => Ok(crate::servers::mysql(false)),
+            "mysql-lease" => Ok(crate::servers::mysql(true)),
             url if url.contains("://") => Ok(Backend::external(url)),
             other => Err(format!(
                 "unknown backend {other:?}; known: {} or a URL",

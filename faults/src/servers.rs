@@ -1,8 +1,11 @@
-//! The server backends: Redis (with and without AOF) and Redlock over three Redis nodes,
-//! started privately by the testkit launchers, with the controls the nemeses need.
-//! (PostgreSQL and MariaDB join when the `sql` branch is merged.)
+//! The server backends: Redis (with and without AOF), Redlock over three Redis nodes,
+//! PostgreSQL and MariaDB (each in session and lease-table mode), started privately by the
+//! testkit launchers, with the controls the nemeses need.
 
 use crate::cluster::{Backend, Kind, ServerCtl, Via};
+use crate::nemesis::{pid_listening_on, process_tree, signal, wait_port_closed};
+use dlock_testkit::servers::mysql::Mysql;
+use dlock_testkit::servers::postgres::Postgres;
 use dlock_testkit::servers::redis::{RedisConfig, RedisServer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +22,59 @@ impl ServerCtl for RedisCtl {
     fn kill_and_restart(&self) {
         self.0.kill();
         self.0.start_again();
+    }
+}
+
+/// Kills the process listening on `port` with SIGKILL and waits until it is gone.
+fn kill_listener(port: u16) {
+    if let Some(pid) = pid_listening_on(port) {
+        signal(pid, libc::SIGKILL);
+    }
+    wait_port_closed(port, Duration::from_secs(30));
+}
+
+struct PostgresCtl(Arc<Postgres>);
+
+impl ServerCtl for PostgresCtl {
+    fn name(&self) -> String {
+        format!("postgres 127.0.0.1:{}", self.0.port())
+    }
+    fn pid(&self) -> Option<u32> {
+        pid_listening_on(self.0.port())
+    }
+    fn kill_and_restart(&self) {
+        // A crash of the whole server (postmaster and every backend), as when its machine
+        // dies: backends left running would keep the old shared memory in use and the
+        // new postmaster would refuse to start.
+        if let Some(pid) = self.pid() {
+            let tree = process_tree(pid);
+            for &pid in &tree {
+                signal(pid, libc::SIGKILL);
+            }
+            let until = std::time::Instant::now() + Duration::from_secs(30);
+            while tree.iter().any(|&p| dlock_testkit::process::is_alive(p))
+                && std::time::Instant::now() < until
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        wait_port_closed(self.0.port(), Duration::from_secs(30));
+        self.0.restart();
+    }
+}
+
+struct MysqlCtl(Arc<Mysql>);
+
+impl ServerCtl for MysqlCtl {
+    fn name(&self) -> String {
+        format!("mariadbd 127.0.0.1:{}", self.0.port())
+    }
+    fn pid(&self) -> Option<u32> {
+        pid_listening_on(self.0.port())
+    }
+    fn kill_and_restart(&self) {
+        kill_listener(self.0.port());
+        self.0.restart();
     }
 }
 
@@ -142,4 +198,42 @@ pub fn redlock() -> Backend {
             url: Arc::new(url_for),
         }),
     }
+}
+
+/// PostgreSQL in session mode (advisory locks) or lease-table mode.
+pub fn postgres(lease: bool) -> Backend {
+    let server = Arc::new(Postgres::start(true));
+    let (name, query, kind) = if lease {
+        ("postgres-lease", "mode=lease", Kind::Ttl)
+    } else {
+        ("postgres", "", Kind::Session)
+    };
+    single(Single {
+        name,
+        url: server.url(query),
+        port: server.port(),
+        kind,
+        durable_fences: true,
+        ctl: Arc::new(PostgresCtl(Arc::clone(&server))),
+        keep: server,
+    })
+}
+
+/// MariaDB in session mode (`GET_LOCK`) or lease-table mode.
+pub fn mysql(lease: bool) -> Backend {
+    let server = Arc::new(Mysql::start(true));
+    let (name, query, kind) = if lease {
+        ("mysql-lease", "mode=lease", Kind::Ttl)
+    } else {
+        ("mysql", "", Kind::Session)
+    };
+    single(Single {
+        name,
+        url: server.url(query),
+        port: server.port(),
+        kind,
+        durable_fences: true,
+        ctl: Arc::new(MysqlCtl(Arc::clone(&server))),
+        keep: server,
+    })
 }

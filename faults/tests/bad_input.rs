@@ -465,5 +465,9 @@ mod servers {
     server_sweeps! {
         proxy_redis => "redis",
         proxy_redlock => "redlock",
+        proxy_postgres => "postgres",
+        proxy_postgres_lease => "postgres-lease",
+        proxy_mysql => "mysql",
+        proxy_mysql_lease => "mysql-lease",
     }
 }

@@ -94,4 +94,8 @@ backends! {
     redis => "redis",
     redis_aof => "redis-aof",
     redlock => "redlock",
+    postgres => "postgres",
+    postgres_lease => "postgres-lease",
+    mysql => "mysql",
+    mysql_lease => "mysql-lease",
 }
