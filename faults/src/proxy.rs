@@ -124,10 +124,17 @@ impl Proxy {
                 sent += n;
             }
         };
+        // Switching to Close ends live connections too, even idle ones.
+        let closed = async {
+            while self.mode() != Mode::Close as u8 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
         // Either direction ending closes both sides.
         tokio::select! {
             r = up => r?,
             r = down => r?,
+            () = closed => {}
         }
         Ok(())
     }
