@@ -383,24 +383,21 @@ impl Runner<'_> {
                     return Ok(None);
                 };
                 let worker = self.workers.remove(i);
+                // The kill is recorded just before the signal (or the abort): a lock the
+                // victim held may be free a microsecond after it, and a request it sent
+                // just before may still reach the store afterwards (the checker places
+                // such a section at the kill).
+                self.store.record(|t| Event::Killed {
+                    t,
+                    client: worker.client,
+                });
                 match worker.handle {
-                    // The kill is recorded the moment the signal is sent (the worker can
-                    // do nothing after it); a request it sent just before may still reach
-                    // the store afterwards (the checker knows).
                     Handle::Process(mut child) => {
                         nemesis::signal(child.id(), libc::SIGKILL);
-                        self.store.record(|t| Event::Killed {
-                            t,
-                            client: worker.client,
-                        });
                         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
                     }
                     Handle::Task(task) => {
                         task.abort();
-                        self.store.record(|t| Event::Killed {
-                            t,
-                            client: worker.client,
-                        });
                         let _ = task.await;
                     }
                 }
