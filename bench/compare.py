@@ -176,7 +176,9 @@ def redis_benchmark(results, port, c):
         n = max(20000, int(8000 * results.seconds * (1 if c == 1 else 4)))
         out = subprocess.run(["redis-benchmark", "-p", str(port), "-c", str(c), "-n", str(n), "-r", "100000000",
                               "--csv", *cmd], check=True, capture_output=True, text=True).stdout
-        rates.append(float(out.strip().splitlines()[-1].split(",")[1].strip('"')))
+        import csv
+        rows = list(csv.reader(out.strip().splitlines()))
+        rates.append(float(rows[-1][1]))
     pairs = 1 / (1 / rates[0] + 1 / rates[1])
     return results.add("redis", {"client": "redis-benchmark", "mode": "uncontended", "concurrency": c,
                                  "per_second": pairs})
