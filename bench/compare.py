@@ -176,20 +176,22 @@ def redis_benchmark(results, port, c):
         n = max(20000, int(8000 * results.seconds * (1 if c == 1 else 4)))
         out = subprocess.run(["redis-benchmark", "-p", str(port), "-c", str(c), "-n", str(n), "-r", "100000000",
                               "--csv", *cmd], check=True, capture_output=True, text=True).stdout
-        rates.append(float(out.strip().splitlines()[-1].split(",")[1].strip('"')))
+        import csv
+        rows = list(csv.reader(out.strip().splitlines()))
+        rates.append(float(rows[-1][1]))
     pairs = 1 / (1 / rates[0] + 1 / rates[1])
     return results.add("redis", {"client": "redis-benchmark", "mode": "uncontended", "concurrency": c,
                                  "per_second": pairs})
 
 
-def pgbench(results, port, c, sql, name):
+def pgbench(results, port, c, sql, kind, name):
     script = Path(tempfile.mkstemp(suffix=".sql")[1])
     script.write_text(sql)
     out = subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-n", "-M", "prepared",
                           "-c", str(c), "-j", str(min(c, 2)), "-T", str(max(1, int(results.seconds))), "-f",
                           str(script), "postgres"], check=True, capture_output=True, text=True).stdout
     tps = next(float(line.split("=")[1].split()[0]) for line in out.splitlines() if line.startswith("tps"))
-    return results.add("postgres", {"client": name, "mode": "uncontended", "concurrency": c, "per_second": tps})
+    return results.add(kind, {"client": name, "mode": "uncontended", "concurrency": c, "per_second": tps})
 
 
 def hyperfine(results, tmp):
@@ -337,9 +339,11 @@ def write_report(results, command):
     lines += handoff_table("redis", True)
     for mode in PG_MODES:
         lines += ["", f"## PostgreSQL ({mode} mode): uncontended acquire + release", "",
-                  "`tokio-postgres (raw)` and `pgbench` run the same SQL (see `bench/compare.py`)."]
-        lines += pairs_table(f"postgres-{mode}", "tokio-postgres (raw)" if mode == "session" else f"pgbench ({mode})",
-                             [1, 32], ["dlock", "tokio-postgres (raw)", f"pgbench ({mode})"])
+                  "Ratios are to `pgbench` running exactly dlock's statements (`bench/pgbench_*.sql`); "
+                  "`tokio-postgres (raw)` and `pgbench (bare advisory lock)` run a bare "
+                  "`pg_advisory_lock`/`pg_advisory_unlock`, without the fence and holder record."]
+        lines += pairs_table(f"postgres-{mode}", "pgbench (dlock's SQL)", [1, 32],
+                             ["dlock", "pgbench (dlock's SQL)", "tokio-postgres (raw)", "pgbench (bare advisory lock)"])
         lines += handoff_table(f"postgres-{mode}", True)
     for kind in ["file", "memory"]:
         lines += ["", f"## {kind}", ""]
@@ -401,23 +405,18 @@ def main():
                 results.node(client, redis_url, "handoff", 16)
             for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
                 results.python(client, redis_url, "handoff", 16)
-            # PostgreSQL
-            session_sql = "\\set k random(1, 1000000000)\nSELECT pg_advisory_lock(:k);\nSELECT pg_advisory_unlock(:k);\n"
-            lease_sql = (Path(__file__).parent / "pgbench_lease.sql").read_text()
+            # PostgreSQL: pgbench runs exactly the statements dlock sends (bench/pgbench_*.sql)
+            scripts = {m: (Path(__file__).parent / f"pgbench_{m}.sql").read_text() for m in ("session", "lease", "bare")}
             for mode in PG_MODES:
                 kind = f"postgres-{mode}"
                 url = f"{pg_url}?mode={mode}"
                 for c in (1, 32):
                     results.dlock(kind, url, "uncontended", c)
+                    pgbench(results, pport, c, scripts[mode], kind, "pgbench (dlock's SQL)")
                     if mode == "session":
                         results.peer(kind, "raw-postgres", pg_url, "uncontended", c)
-                    pgbench(results, pport, c, session_sql if mode == "session" else lease_sql, f"pgbench ({mode})")
+                        pgbench(results, pport, c, scripts["bare"], kind, "pgbench (bare advisory lock)")
                 results.dlock(kind, url, "handoff", 16)
-            for row in results.rows:
-                if row["backend_kind"] == "postgres":
-                    row["backend_kind"] = "postgres-session" if "session" in row["client"] else "postgres-lease"
-                if row["client"] == "tokio-postgres (raw)":
-                    row["backend_kind"] = "postgres-session"
             # file and memory
             fdir = Path(tmp) / "locks"
             for kind, url in (("file", f"file://{fdir}"), ("memory", "memory://")):

@@ -199,14 +199,20 @@ fn sigkill_of_dlock_stops_command_and_frees_lock() {
         .spawn()
         .unwrap();
     dir.wait_held("k");
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", holder.id()))
-        .unwrap_or_default();
-    let command_pid: i32 = children
-        .split_whitespace()
-        .next()
-        .expect("COMMAND not started")
-        .parse()
-        .unwrap();
+    // The lock is taken a moment before COMMAND is started.
+    let started = Instant::now();
+    let command_pid: i32 = loop {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", holder.id()))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            break pid.parse().unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "COMMAND not started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
     holder.wait().unwrap();
 

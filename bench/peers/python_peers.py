@@ -57,7 +57,7 @@ def handoff(args, url):
         conn = redis.Redis.from_url(url)
         while time.monotonic() < until:
             lock = make_lock(args.client, conn, name)
-            if not lock.acquire(blocking=True, timeout=max(0.01, until - time.monotonic())):
+            if not lock.acquire(blocking=True, blocking_timeout=max(0.01, until - time.monotonic())):
                 continue
             with cond:
                 if state["released_at"] is not None:

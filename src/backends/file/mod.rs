@@ -126,11 +126,18 @@ impl FileBackend {
         )
     }
 
-    /// Runs blocking file work on tokio's blocking pool.
+    /// Runs blocking file work (an fsync) on tokio's blocking pool, or in place on a
+    /// current-thread runtime: there a thread hop costs more than it saves (it is what
+    /// `dlock run` uses, where starting a pool thread was most of the lock's cost).
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        if tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+        {
+            return work();
+        }
         tokio::task::spawn_blocking(work).await.map_err(|err| {
             Error::unavailable(&self.inner.describe, format!("file task failed: {err}"))
         })?
