@@ -57,7 +57,10 @@ def handoff(args, url):
         conn = redis.Redis.from_url(url)
         while time.monotonic() < until:
             lock = make_lock(args.client, conn, name)
-            if not lock.acquire(blocking=True, blocking_timeout=max(0.01, until - time.monotonic())):
+            wait = max(0.01, until - time.monotonic())
+            got = (lock.acquire(blocking=True, timeout=wait) if args.client == "python-redis-lock"
+                   else lock.acquire(blocking=True, blocking_timeout=wait))
+            if not got:
                 continue
             with cond:
                 if state["released_at"] is not None:
