@@ -4,8 +4,11 @@
 //! * acquire: a read of the row (a held row answers at once, with the server-computed
 //!   time to its expiry); else one short transaction: bump the fence counter
 //!   (`fence = LAST_INSERT_ID(fence + 1)`, whose row lock orders acquirers), then
-//!   `INSERT … ON DUPLICATE KEY UPDATE` that overwrites only an expired row. The affected
-//!   row count says whether the row is ours (1 inserted, 2 taken over, 0 held).
+//!   `INSERT … ON DUPLICATE KEY UPDATE` that overwrites only an expired row, then a locking
+//!   read of the row (`SELECT owner, fence … FOR UPDATE`, in the same transaction, under
+//!   the row lock the insert took): the lock is ours only if the row now has this
+//!   request's owner token and fence. (The affected-row count is not proof: it cannot
+//!   tell "I took it" from "it was just taken".)
 //! * renew: `UPDATE … WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)`.
 //! * release: `DELETE … WHERE k = ? AND owner = ?`.
 //! * Expired rows are swept (at most every 30 s per handle); released rows are deleted.
@@ -52,6 +55,7 @@ struct Sql {
     peek: String,
     bump: String,
     insert: String,
+    mine: String,
     renew: String,
     release_live: String,
     release_any: String,
@@ -89,6 +93,7 @@ ON DUPLICATE KEY UPDATE
     host = IF({expired}, VALUES(host), host),
     expires_at = IF({expired}, VALUES(expires_at), expires_at)"
             ),
+            mine: format!("SELECT owner, fence FROM {t} WHERE k = ? FOR UPDATE"),
             renew: format!(
                 "UPDATE {t} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
 WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"
@@ -238,10 +243,11 @@ impl MysqlLeaseBackend {
         let fence = tx.last_insert_id().ok_or_else(|| {
             crate::Error::backend(&self.inner.describe, "the fence counter returned no value")
         })?;
+        let k = row_key(request.key.as_str());
         tx.exec_drop(
             self.inner.sql.insert.as_str(),
             (
-                row_key(request.key.as_str()),
+                k.as_slice(),
                 request.key.as_str().as_bytes(),
                 request.owner.as_str(),
                 micros(request.ttl),
@@ -252,7 +258,12 @@ impl MysqlLeaseBackend {
         )
         .await
         .map_err(|e| self.err(&e))?;
-        let ours = tx.affected_rows() > 0;
+        // A locking read: the newest row version, which this transaction now has locked.
+        let now: Option<(String, u64)> = tx
+            .exec_first(self.inner.sql.mine.as_str(), (k.as_slice(),))
+            .await
+            .map_err(|e| self.err(&e))?;
+        let ours = matches!(now, Some((owner, f)) if owner == request.owner.as_str() && f == fence);
         if ours {
             tx.commit().await.map_err(|e| self.err(&e))?;
             Ok(Some(fence))
