@@ -228,6 +228,13 @@ async fn mysql_same_sql(server: &Mysql, tasks: usize, lease: bool) -> f64 {
                 )
                 .await
                 .expect("insert");
+                let _: Option<(String, u64, bool)> = conn
+                    .exec_first(
+                        "SELECT owner, fence, expires_at > UTC_TIMESTAMP(6) FROM dlock_leases WHERE k = UNHEX(SHA2(?, 256)) FOR UPDATE",
+                        (key.as_str(),),
+                    )
+                    .await
+                    .expect("mine");
                 conn.query_drop("COMMIT").await.expect("commit");
                 conn.exec_drop(
                     "DELETE FROM dlock_leases WHERE k = UNHEX(SHA2(?, 256)) AND owner = ? AND expires_at > UTC_TIMESTAMP(6)",

@@ -625,13 +625,14 @@ struct Grants {
     problems: Vec<String>,
 }
 
-/// `handles` tasks, each on its own handle, acquire `k` `per_task` times each (holding
-/// it for `hold`), checking at each grant that no one else is inside and that the fence
+/// `handles` tasks, each on its own handle, acquire `k` `per_task` times each with `ttl`
+/// (holding it for `hold`), checking at each grant that no one else is inside and that the fence
 /// is greater than every fence granted before.
 async fn contend(
     handles: &[dlock::Locks],
     k: &str,
     per_task: usize,
+    ttl: Duration,
     hold: Duration,
     grants: &std::sync::Arc<std::sync::Mutex<Grants>>,
 ) {
@@ -645,7 +646,7 @@ async fn contend(
             for _ in 0..per_task {
                 let lease = locks
                     .lock(&k)
-                    .ttl(Duration::from_secs(10))
+                    .ttl(ttl)
                     .auto_renew(false)
                     .backoff(Duration::from_millis(1), Duration::from_millis(20))
                     .wait_for(Duration::from_secs(60))
@@ -672,7 +673,11 @@ async fn contend(
                     tokio::time::sleep(hold).await;
                 }
                 inside.store(false, Ordering::SeqCst);
-                assert!(lease.release().await.unwrap());
+                if !lease.release().await.unwrap() {
+                    grants.lock().unwrap().problems.push(format!(
+                        "task {i}: the lease of fence {fence} had ended before its release"
+                    ));
+                }
             }
         }));
     }
@@ -722,7 +727,15 @@ async fn lease_expired_holder_many_waiters_one_winner() {
                 g.fences.push(leaked.fence());
             }
             std::mem::forget(leaked); // a holder killed without releasing
-            contend(&handles, &k, 1, Duration::from_millis(3), &grants).await;
+            contend(
+                &handles,
+                &k,
+                1,
+                Duration::from_secs(10),
+                Duration::from_millis(3),
+                &grants,
+            )
+            .await;
         }
         let g = grants.lock().unwrap();
         assert!(g.problems.is_empty(), "{url}: {:#?}", g.problems);
@@ -740,9 +753,71 @@ async fn lease_release_churn_grants_increasing_fences() {
         let handles = lease_handles(&url, 16).await;
         let k = key("churn");
         let grants = std::sync::Arc::new(std::sync::Mutex::new(Grants::default()));
-        contend(&handles, &k, 40, Duration::ZERO, &grants).await;
+        contend(
+            &handles,
+            &k,
+            40,
+            Duration::from_secs(10),
+            Duration::ZERO,
+            &grants,
+        )
+        .await;
         let g = grants.lock().unwrap();
         assert!(g.problems.is_empty(), "{url}: {:#?}", g.problems);
         assert_eq!(g.fences.len(), 16 * 40);
     }
+}
+
+/// Regression: MySQL stamps `UTC_TIMESTAMP(6)` at the start of a statement. An acquire
+/// whose `INSERT … ON DUPLICATE KEY UPDATE` waited for the row lock longer than the TTL
+/// judged the row by, and stamped its new expiry from, the time it started waiting: it
+/// committed a lease already expired, and the next acquirer took it over at once, so two
+/// acquirers were granted the lock microseconds apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_lease_acquire_that_waited_on_the_row_is_not_granted_expired() {
+    use sha2::Digest;
+    let my = Mysql::shared();
+    let url = my.url("mode=lease");
+    let handles = lease_handles(&url, 6).await;
+    let grants = std::sync::Arc::new(std::sync::Mutex::new(Grants::default()));
+    for _round in 0..3 {
+        let k = key("row-wait");
+        let leaked = handles[0]
+            .lock(&k)
+            .ttl(Duration::from_millis(300))
+            .auto_renew(false)
+            .acquire()
+            .await
+            .unwrap();
+        grants.lock().unwrap().fences.push(leaked.fence());
+        std::mem::forget(leaked); // a holder killed without releasing
+                                  // Something else holds the row lock for longer than the TTL (as a stalled
+                                  // connection would), while the waiters find the lease expired.
+        let mut admin = my_admin(my).await;
+        admin.query_drop("START TRANSACTION").await.unwrap();
+        admin
+            .exec_drop(
+                "SELECT k FROM dlock_leases WHERE k = ? FOR UPDATE",
+                (sha2::Sha256::digest(k.as_bytes()).to_vec(),),
+            )
+            .await
+            .unwrap();
+        let release_row = async {
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+            admin.query_drop("COMMIT").await.unwrap();
+        };
+        let ((), ()) = tokio::join!(
+            release_row,
+            contend(
+                &handles,
+                &k,
+                1,
+                Duration::from_millis(800),
+                Duration::from_millis(20),
+                &grants
+            )
+        );
+    }
+    let g = grants.lock().unwrap();
+    assert!(g.problems.is_empty(), "{:#?}", g.problems);
 }
