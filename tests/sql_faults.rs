@@ -569,6 +569,17 @@ async fn expired_lease_rows_are_swept() {
             std::mem::forget(lease); // a holder that vanished without releasing
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+        if url.starts_with("postgres") {
+            // PostgreSQL sweeps rows only minutes after their expiry: age these.
+            pg_admin(pg)
+                .await
+                .execute(
+                    "UPDATE dlock_leases SET expires_at = expires_at - interval '1 hour' WHERE key LIKE $1",
+                    &[&format!("{tag}-%")],
+                )
+                .await
+                .unwrap();
+        }
         // A new handle sweeps at its first acquire.
         let fresh = dlock::connect(&url).await.unwrap();
         let lease = fresh.lock(key("trigger")).acquire().await.unwrap();
@@ -604,4 +615,209 @@ async fn expired_lease_rows_are_swept() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// What the contenders of one key saw: the fences granted, in grant order, and every
+/// grant that broke mutual exclusion or fence order.
+#[derive(Default)]
+struct Grants {
+    fences: Vec<u64>,
+    problems: Vec<String>,
+}
+
+/// `handles` tasks, each on its own handle, acquire `k` `per_task` times each with `ttl`
+/// (holding it for `hold`), checking at each grant that no one else is inside and that the fence
+/// is greater than every fence granted before.
+async fn contend(
+    handles: &[dlock::Locks],
+    k: &str,
+    per_task: usize,
+    ttl: Duration,
+    hold: Duration,
+    grants: &std::sync::Arc<std::sync::Mutex<Grants>>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let inside = std::sync::Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (i, locks) in handles.iter().enumerate() {
+        let (locks, k, inside, grants) =
+            (locks.clone(), k.to_owned(), inside.clone(), grants.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                let lease = locks
+                    .lock(&k)
+                    .ttl(ttl)
+                    .auto_renew(false)
+                    .backoff(Duration::from_millis(1), Duration::from_millis(20))
+                    .wait_for(Duration::from_secs(60))
+                    .acquire()
+                    .await
+                    .unwrap();
+                let fence = lease.fence();
+                {
+                    let mut g = grants.lock().unwrap();
+                    if inside.swap(true, Ordering::SeqCst) {
+                        g.problems
+                            .push(format!("task {i}: granted fence {fence} while held"));
+                    }
+                    if let Some(&last) = g.fences.last() {
+                        if fence <= last {
+                            g.problems.push(format!(
+                                "task {i}: fence {fence} granted after fence {last}"
+                            ));
+                        }
+                    }
+                    g.fences.push(fence);
+                }
+                if !hold.is_zero() {
+                    tokio::time::sleep(hold).await;
+                }
+                inside.store(false, Ordering::SeqCst);
+                if !lease.release().await.unwrap() {
+                    grants.lock().unwrap().problems.push(format!(
+                        "task {i}: the lease of fence {fence} had ended before its release"
+                    ));
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        within(Duration::from_secs(120), "the contenders", task)
+            .await
+            .unwrap();
+    }
+}
+
+async fn lease_handles(url: &str, n: usize) -> Vec<dlock::Locks> {
+    let mut handles = Vec::new();
+    for _ in 0..n {
+        handles.push(dlock::connect(url).await.unwrap());
+    }
+    handles
+}
+
+/// Regression: many waiters of a lease whose holder vanished (its row expires unreleased)
+/// race for it; exactly one wins at a time, and fences increase in grant order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_expired_holder_many_waiters_one_winner() {
+    let (pg, my) = (Postgres::shared(), Mysql::shared());
+    for url in [pg.url("mode=lease"), my.url("mode=lease")] {
+        let handles = lease_handles(&url, 12).await;
+        let k = key("expired-race");
+        let grants = std::sync::Arc::new(std::sync::Mutex::new(Grants::default()));
+        for _round in 0..6 {
+            let leaked = handles[0]
+                .lock(&k)
+                .ttl(Duration::from_millis(300))
+                .auto_renew(false)
+                .wait_for(Duration::from_secs(30))
+                .acquire()
+                .await
+                .unwrap();
+            {
+                let mut g = grants.lock().unwrap();
+                if let Some(&last) = g.fences.last() {
+                    if leaked.fence() <= last {
+                        g.problems.push(format!(
+                            "leaked holder: fence {} granted after fence {last}",
+                            leaked.fence()
+                        ));
+                    }
+                }
+                g.fences.push(leaked.fence());
+            }
+            std::mem::forget(leaked); // a holder killed without releasing
+            contend(
+                &handles,
+                &k,
+                1,
+                Duration::from_secs(10),
+                Duration::from_millis(3),
+                &grants,
+            )
+            .await;
+        }
+        let g = grants.lock().unwrap();
+        assert!(g.problems.is_empty(), "{url}: {:#?}", g.problems);
+        assert_eq!(g.fences.len(), 6 * 13);
+    }
+}
+
+/// Regression: release/acquire churn on one key by many handles; every grant's fence is
+/// greater than every fence granted before it (PostgreSQL granted a fence taken before a
+/// concurrent grant when a release deleted the row the acquire was waiting on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_release_churn_grants_increasing_fences() {
+    let (pg, my) = (Postgres::shared(), Mysql::shared());
+    for url in [pg.url("mode=lease"), my.url("mode=lease")] {
+        let handles = lease_handles(&url, 16).await;
+        let k = key("churn");
+        let grants = std::sync::Arc::new(std::sync::Mutex::new(Grants::default()));
+        contend(
+            &handles,
+            &k,
+            40,
+            Duration::from_secs(10),
+            Duration::ZERO,
+            &grants,
+        )
+        .await;
+        let g = grants.lock().unwrap();
+        assert!(g.problems.is_empty(), "{url}: {:#?}", g.problems);
+        assert_eq!(g.fences.len(), 16 * 40);
+    }
+}
+
+/// Regression: MySQL stamps `UTC_TIMESTAMP(6)` at the start of a statement. An acquire
+/// whose `INSERT … ON DUPLICATE KEY UPDATE` waited for the row lock longer than the TTL
+/// judged the row by, and stamped its new expiry from, the time it started waiting: it
+/// committed a lease already expired, and the next acquirer took it over at once, so two
+/// acquirers were granted the lock microseconds apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_lease_acquire_that_waited_on_the_row_is_not_granted_expired() {
+    use sha2::Digest;
+    let my = Mysql::shared();
+    let url = my.url("mode=lease");
+    let handles = lease_handles(&url, 6).await;
+    let grants = std::sync::Arc::new(std::sync::Mutex::new(Grants::default()));
+    for _round in 0..3 {
+        let k = key("row-wait");
+        let leaked = handles[0]
+            .lock(&k)
+            .ttl(Duration::from_millis(300))
+            .auto_renew(false)
+            .acquire()
+            .await
+            .unwrap();
+        grants.lock().unwrap().fences.push(leaked.fence());
+        std::mem::forget(leaked); // a holder killed without releasing
+                                  // Something else holds the row lock for longer than the TTL (as a stalled
+                                  // connection would), while the waiters find the lease expired.
+        let mut admin = my_admin(my).await;
+        admin.query_drop("START TRANSACTION").await.unwrap();
+        admin
+            .exec_drop(
+                "SELECT k FROM dlock_leases WHERE k = ? FOR UPDATE",
+                (sha2::Sha256::digest(k.as_bytes()).to_vec(),),
+            )
+            .await
+            .unwrap();
+        let release_row = async {
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+            admin.query_drop("COMMIT").await.unwrap();
+        };
+        let ((), ()) = tokio::join!(
+            release_row,
+            contend(
+                &handles,
+                &k,
+                1,
+                Duration::from_millis(800),
+                Duration::from_millis(20),
+                &grants
+            )
+        );
+    }
+    let g = grants.lock().unwrap();
+    assert!(g.problems.is_empty(), "{:#?}", g.problems);
 }

@@ -4,8 +4,16 @@
 //! * acquire: a read of the row (a held row answers at once, with the server-computed
 //!   time to its expiry); else one short transaction: bump the fence counter
 //!   (`fence = LAST_INSERT_ID(fence + 1)`, whose row lock orders acquirers), then
-//!   `INSERT … ON DUPLICATE KEY UPDATE` that overwrites only an expired row. The affected
-//!   row count says whether the row is ours (1 inserted, 2 taken over, 0 held).
+//!   `INSERT … ON DUPLICATE KEY UPDATE` that overwrites only an expired row, then a locking
+//!   read of the row (`SELECT owner, fence, expires_at > UTC_TIMESTAMP(6) … FOR UPDATE`,
+//!   in the same transaction, under the row lock the insert took): the lock is ours only
+//!   if the row now has this request's owner token and fence and has not already expired.
+//!   `UTC_TIMESTAMP(6)` is the time a statement *started*: an insert that waited for the
+//!   row lock longer than the TTL judged the row, and stamped the new expiry, with the
+//!   time it began waiting, so it could take over a lease and commit it already expired,
+//!   and the next acquirer took it over at once (two grants microseconds apart). The
+//!   read's own, fresh, timestamp catches that; so does the client-side check that the
+//!   attempt did not outlast the TTL before committing.
 //! * renew: `UPDATE … WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)`.
 //! * release: `DELETE … WHERE k = ? AND owner = ?`.
 //! * Expired rows are swept (at most every 30 s per handle); released rows are deleted.
@@ -52,6 +60,7 @@ struct Sql {
     peek: String,
     bump: String,
     insert: String,
+    mine: String,
     renew: String,
     release_live: String,
     release_any: String,
@@ -88,6 +97,9 @@ ON DUPLICATE KEY UPDATE
     pid = IF({expired}, VALUES(pid), pid),
     host = IF({expired}, VALUES(host), host),
     expires_at = IF({expired}, VALUES(expires_at), expires_at)"
+            ),
+            mine: format!(
+                "SELECT owner, fence, expires_at > UTC_TIMESTAMP(6) FROM {t} WHERE k = ? FOR UPDATE"
             ),
             renew: format!(
                 "UPDATE {t} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
@@ -227,6 +239,7 @@ impl MysqlLeaseBackend {
         &self,
         conn: &mut mysql_async::Conn,
         request: &AcquireRequest<'_>,
+        began: Instant,
     ) -> Result<Option<u64>> {
         let mut tx = conn
             .start_transaction(mysql_async::TxOpts::default())
@@ -238,10 +251,11 @@ impl MysqlLeaseBackend {
         let fence = tx.last_insert_id().ok_or_else(|| {
             crate::Error::backend(&self.inner.describe, "the fence counter returned no value")
         })?;
+        let k = row_key(request.key.as_str());
         tx.exec_drop(
             self.inner.sql.insert.as_str(),
             (
-                row_key(request.key.as_str()),
+                k.as_slice(),
                 request.key.as_str().as_bytes(),
                 request.owner.as_str(),
                 micros(request.ttl),
@@ -252,7 +266,15 @@ impl MysqlLeaseBackend {
         )
         .await
         .map_err(|e| self.err(&e))?;
-        let ours = tx.affected_rows() > 0;
+        // A locking read: the newest row version, which this transaction now has locked.
+        let now: Option<(String, u64, bool)> = tx
+            .exec_first(self.inner.sql.mine.as_str(), (k.as_slice(),))
+            .await
+            .map_err(|e| self.err(&e))?;
+        let ours = matches!(now, Some((owner, f, live)) if live && owner == request.owner.as_str() && f == fence)
+            // A lease whose validity (counted from before the attempt) is already over
+            // must not be handed out.
+            && began.elapsed() < request.ttl;
         if ours {
             tx.commit().await.map_err(|e| self.err(&e))?;
             Ok(Some(fence))
@@ -270,6 +292,7 @@ impl Backend for MysqlLeaseBackend {
     }
 
     async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+        let began = Instant::now();
         self.maybe_sweep();
         let mut conn = self.conn().await?;
         let k = row_key(request.key.as_str());
@@ -286,7 +309,7 @@ impl Backend for MysqlLeaseBackend {
             }
         }
         // A dropped future closes the connection, and the server rolls the transaction back.
-        let claimed = self.claim(&mut conn, &request).await?;
+        let claimed = self.claim(&mut conn, &request, began).await?;
         conn.keep();
         match claimed {
             Some(fence) => Ok(Attempt::Acquired { fence }),

@@ -1,13 +1,21 @@
 //! `mode=lease`: a lock is a row of the lease table, with an expiry on the server's clock.
 //!
-//! * acquire: one `INSERT … ON CONFLICT (key) DO UPDATE … WHERE <expired> RETURNING fence`
-//!   (the fence from `nextval('dlock_fence_seq')`); when the row is held, the same
-//!   statement returns how long until it expires, computed by the server.
+//! * acquire: one `INSERT … ON CONFLICT (key) DO UPDATE SET fence = nextval(…), … WHERE
+//!   <expired> RETURNING fence`; when the row is held, the same statement returns how long
+//!   until it expires, computed by the server. The fence of a takeover is drawn in the
+//!   `DO UPDATE`, under the row lock that decides the grant; the `VALUES` fence (drawn
+//!   before the conflict check, possibly before a concurrent grant it then waits for) is
+//!   only used when the key has no row at all.
 //! * renew: `UPDATE … WHERE key = $1 AND owner = $2 AND expires_at > clock_timestamp()`.
-//! * release: `DELETE … WHERE key = $1 AND owner = $2` and `pg_notify(channel, key)` in
-//!   the same statement, which wakes the waiters through their [`Listener`].
-//! * Rows of released keys are deleted; rows that expired unreleased are swept (at most
-//!   once every 30 s per handle), so the table holds about as many rows as locks held.
+//! * release: an owner-checked `UPDATE` that ends the row's expiry now (the row stays, so
+//!   an acquire waiting on it takes it over with a fresh fence instead of re-inserting
+//!   with the fence it drew before waiting) and `pg_notify(channel, key)` in the same
+//!   statement, which wakes the waiters through their [`Listener`].
+//! * Rows of keys released or expired more than [`SWEEP_MARGIN`] ago are deleted by a
+//!   sweep (at most once every 30 s per handle, 1000 rows at a time), so the table holds
+//!   the held locks and the keys used in the last few minutes. An acquire could only
+//!   re-insert a deleted row with a stale fence if its one statement ran longer than the
+//!   margin.
 
 use super::listener::Listener;
 use super::{ensure_schema, millis, pg_error, Settings, Shared};
@@ -22,6 +30,13 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a row stays after its lease was released or expired before the sweep may
+/// delete it. Deleting a row an acquire is waiting on makes that acquire's speculative
+/// insertion restart with the fence it drew before waiting: rows are only deleted long
+/// after any grant on them, so no acquire statement still in flight drew its fence before
+/// that grant.
+const SWEEP_MARGIN: &str = "interval '5 minutes'";
 
 /// The lease table's definition.
 pub(crate) fn ddl(table: &str) -> String {
@@ -60,9 +75,9 @@ impl Sql {
                 "WITH ins AS (
     INSERT INTO {t} AS l (key, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host)
     VALUES ($1, $2, nextval('{seq}'), clock_timestamp() + {ttl}, clock_timestamp(), clock_timestamp(), $3, $4, $5)
-    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, fence = excluded.fence,
-        expires_at = excluded.expires_at, acquired_at = excluded.acquired_at,
-        renewed_at = excluded.renewed_at, ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host
+    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, fence = nextval('{seq}'),
+        expires_at = clock_timestamp() + {ttl}, acquired_at = clock_timestamp(),
+        renewed_at = clock_timestamp(), ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host
     WHERE l.expires_at <= clock_timestamp()
     RETURNING fence)
 SELECT (SELECT fence FROM ins),
@@ -72,12 +87,16 @@ SELECT (SELECT fence FROM ins),
                 "UPDATE {t} SET expires_at = clock_timestamp() + {ttl}, renewed_at = clock_timestamp(), ttl_ms = $3
  WHERE key = $1 AND owner = $2 AND expires_at > clock_timestamp()"
             ),
+            // The row stays (see SWEEP_MARGIN): its expiry becomes the statement's start,
+            // and it was live if that changed it.
             release: format!(
-                "WITH d AS (DELETE FROM {t} WHERE key = $1 AND owner = $2 RETURNING expires_at > clock_timestamp() AS live)
+                "WITH d AS (UPDATE {t} SET expires_at = least(expires_at, statement_timestamp())
+ WHERE key = $1 AND owner = $2 RETURNING expires_at = statement_timestamp() AS live)
 SELECT live, pg_notify($3, $1)::text FROM d"
             ),
             force: format!(
-                "WITH d AS (DELETE FROM {t} WHERE key = $1 RETURNING expires_at > clock_timestamp() AS live)
+                "WITH d AS (UPDATE {t} SET expires_at = least(expires_at, statement_timestamp())
+ WHERE key = $1 RETURNING expires_at = statement_timestamp() AS live)
 SELECT live, pg_notify($2, $1)::text FROM d"
             ),
             inspect: format!(
@@ -89,8 +108,8 @@ SELECT live, pg_notify($2, $1)::text FROM d"
  WHERE expires_at > clock_timestamp() ORDER BY key"
             ),
             sweep: format!(
-                "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE expires_at < clock_timestamp()
- LIMIT 1000 FOR UPDATE SKIP LOCKED) AND expires_at < clock_timestamp()"
+                "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE expires_at < clock_timestamp() - {SWEEP_MARGIN}
+ LIMIT 1000 FOR UPDATE SKIP LOCKED) AND expires_at < clock_timestamp() - {SWEEP_MARGIN}"
             ),
         }
     }
@@ -244,6 +263,7 @@ impl Backend for PgLeaseBackend {
         }
         let expires_in = row
             .and_then(|r| r.try_get::<_, Option<i64>>(1).ok().flatten())
+            .filter(|ms| *ms > 0) // a released or expired row just taken by another
             .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
         Ok(Attempt::Held { expires_in })
     }
