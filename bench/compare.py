@@ -285,6 +285,8 @@ def versions():
 
 def write_report(results, command):
     rows = results.rows
+    # Written again whole: the file written as the run went is only a safety copy.
+    (OUT / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = ["# Benchmarks", "",
              "Produced by one run of the command below on the machine listed; every figure of a table comes from "
              "that same run. Absolute numbers on a shared machine drift by tens of percent: read the ratios to the "
