@@ -63,6 +63,15 @@ def wait_port(port, timeout=30):
 
 
 def need(binary, package):
+    """Installs the Debian package that provides `binary` when it is missing (as root),
+    else stops with a message naming it."""
+    if shutil.which(binary) is not None:
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"installing {package} for {binary}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], env=env, check=False)
     if shutil.which(binary) is None:
         raise SystemExit(f"compare: `{binary}` is missing: apt-get install {package}")
 
