@@ -11,6 +11,8 @@ pub mod mysql;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub mod sql_url;
 
 use crate::core::locks::Locks;
 use crate::error::Result;

@@ -17,6 +17,7 @@
 mod lease_table;
 mod session;
 
+use super::sql_url;
 use crate::core::locks::Locks;
 use crate::error::{Error, Result};
 use crate::location::BackendUrl;
@@ -26,9 +27,6 @@ use std::time::Duration;
 
 pub use lease_table::MysqlLeaseBackend;
 pub use session::MysqlSessionBackend;
-
-/// Options dlock itself reads from a MySQL URL.
-const OWN_OPTIONS: &[&str] = &["mode", "table"];
 
 /// Options passed on to the client (mysql_async's URL parameters).
 const CLIENT_OPTIONS: &[&str] = &[
@@ -59,14 +57,7 @@ const CLIENT_OPTIONS: &[&str] = &[
 /// The longest user-level lock name the server takes.
 pub const MAX_LOCK_NAME_CHARS: usize = 64;
 
-/// The two ways to hold a lock in MySQL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// `GET_LOCK` on a connection per lease.
-    Session,
-    /// Rows in a lease table with a server-side expiry.
-    Lease,
-}
+pub use super::sql_url::Mode;
 
 /// Everything parsed from a MySQL URL.
 #[derive(Debug, Clone)]
@@ -99,43 +90,12 @@ pub async fn open(url: &BackendUrl) -> Result<Locks> {
 impl Settings {
     /// Parses and checks a `mysql://` URL.
     pub fn parse(url: &BackendUrl) -> Result<Self> {
-        let mut known: Vec<&str> = OWN_OPTIONS.to_vec();
-        known.extend_from_slice(CLIENT_OPTIONS);
-        url.reject_unknown_options(&known)?;
-        let mode = match url.option("mode").as_deref() {
-            None | Some("session") => Mode::Session,
-            Some("lease") => Mode::Lease,
-            Some(other) => {
-                return Err(url.error(format!(
-                    "unknown mode {other:?}; expected mode=session (GET_LOCK, the default) or mode=lease (a lease table)"
-                )))
-            }
-        };
-        let table = match url.option("table") {
-            Some(table) => {
-                check_identifier(&table).map_err(|reason| url.error(reason))?;
-                table
-            }
-            None => match mode {
-                Mode::Session => "dlock_sessions".to_owned(),
-                Mode::Lease => "dlock_leases".to_owned(),
-            },
-        };
-        let counter = match table.rsplit_once('.') {
-            Some((db, _)) => format!("{db}.dlock_fence_counter"),
-            None => "dlock_fence_counter".to_owned(),
-        };
-        let mut client_url = url.url().clone();
-        let passed: Vec<(String, String)> = url
-            .url()
-            .query_pairs()
-            .filter(|(k, _)| !OWN_OPTIONS.contains(&k.as_ref()))
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        client_url.set_query(None);
-        if !passed.is_empty() {
-            client_url.query_pairs_mut().extend_pairs(passed.iter());
-        }
+        let sql_url::SqlOptions {
+            mode,
+            table,
+            client_url,
+        } = sql_url::parse(url, CLIENT_OPTIONS, "GET_LOCK", "database")?;
+        let counter = sql_url::beside(&table, "dlock_fence_counter");
         if client_url.path().trim_matches('/').is_empty() && !table.contains('.') {
             return Err(url.error("no database; write mysql://user:password@host:3306/database"));
         }
@@ -164,24 +124,6 @@ impl Settings {
             counter,
             describe: url.redacted().to_owned(),
         })
-    }
-}
-
-fn check_identifier(name: &str) -> std::result::Result<(), String> {
-    let parts: Vec<&str> = name.split('.').collect();
-    let ok = parts.len() <= 2
-        && parts.iter().all(|part| {
-            let mut chars = part.chars();
-            matches!(chars.next(), Some('a'..='z' | '_'))
-                && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-                && part.len() <= 50
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "bad table name {name:?}: use lowercase letters, digits and _ (at most 50), optionally database.table"
-        ))
     }
 }
 

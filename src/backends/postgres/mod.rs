@@ -22,6 +22,7 @@ mod lease_table;
 mod listener;
 mod session;
 
+use super::sql_url;
 use crate::core::locks::Locks;
 use crate::error::{Error, Result};
 use crate::location::BackendUrl;
@@ -34,9 +35,6 @@ use tokio_postgres::{CancelToken, Client, Config, NoTls, Row, Statement};
 
 pub use lease_table::PgLeaseBackend;
 pub use session::PgSessionBackend;
-
-/// Options dlock itself reads from a PostgreSQL URL.
-const OWN_OPTIONS: &[&str] = &["mode", "table"];
 
 /// Connection options passed on to the client (libpq names).
 const CLIENT_OPTIONS: &[&str] = &[
@@ -60,14 +58,7 @@ const CLIENT_OPTIONS: &[&str] = &[
     "load_balance_hosts",
 ];
 
-/// The two ways to hold a lock in PostgreSQL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Session-level advisory locks on a connection per lease.
-    Session,
-    /// Rows in a lease table with a server-side expiry.
-    Lease,
-}
+pub use super::sql_url::Mode;
 
 /// Opens a PostgreSQL backend from its URL.
 pub async fn open(url: &BackendUrl) -> Result<Locks> {
@@ -101,43 +92,12 @@ pub struct Settings {
 impl Settings {
     /// Parses and checks a `postgres://` URL.
     pub fn parse(url: &BackendUrl) -> Result<Self> {
-        let mut known: Vec<&str> = OWN_OPTIONS.to_vec();
-        known.extend_from_slice(CLIENT_OPTIONS);
-        url.reject_unknown_options(&known)?;
-        let mode = match url.option("mode").as_deref() {
-            None | Some("session") => Mode::Session,
-            Some("lease") => Mode::Lease,
-            Some(other) => {
-                return Err(url.error(format!(
-                    "unknown mode {other:?}; expected mode=session (advisory locks, the default) or mode=lease (a lease table)"
-                )))
-            }
-        };
-        let table = match url.option("table") {
-            Some(table) => {
-                check_identifier(&table).map_err(|reason| url.error(reason))?;
-                table
-            }
-            None => match mode {
-                Mode::Session => "dlock_sessions".to_owned(),
-                Mode::Lease => "dlock_leases".to_owned(),
-            },
-        };
-        let sequence = match table.rsplit_once('.') {
-            Some((schema, _)) => format!("{schema}.dlock_fence_seq"),
-            None => "dlock_fence_seq".to_owned(),
-        };
-        let mut client_url = url.url().clone();
-        let passed: Vec<(String, String)> = url
-            .url()
-            .query_pairs()
-            .filter(|(k, _)| !OWN_OPTIONS.contains(&k.as_ref()))
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        client_url.set_query(None);
-        if !passed.is_empty() {
-            client_url.query_pairs_mut().extend_pairs(passed.iter());
-        }
+        let sql_url::SqlOptions {
+            mode,
+            table,
+            mut client_url,
+        } = sql_url::parse(url, CLIENT_OPTIONS, "advisory locks", "schema")?;
+        let sequence = sql_url::beside(&table, "dlock_fence_seq");
         let _ = client_url.set_scheme("postgresql");
         let text = client_url.as_str().replacen("postgresql:", "postgres:", 1);
         let mut config = Config::from_str(&text).map_err(|err| url.error(format!("{err}")))?;
@@ -172,26 +132,6 @@ impl Settings {
     /// The `LISTEN/NOTIFY` channel of this lease table.
     pub fn channel(&self) -> String {
         format!("dlock:{}", self.table)
-    }
-}
-
-/// A table name must be a plain lowercase identifier, optionally schema-qualified, so that
-/// it can be written into SQL without quoting (keys never are: they are bind parameters).
-fn check_identifier(name: &str) -> std::result::Result<(), String> {
-    let parts: Vec<&str> = name.split('.').collect();
-    let ok = parts.len() <= 2
-        && parts.iter().all(|part| {
-            let mut chars = part.chars();
-            matches!(chars.next(), Some('a'..='z' | '_'))
-                && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-                && part.len() <= 50
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "bad table name {name:?}: use lowercase letters, digits and _ (at most 50), optionally schema.table"
-        ))
     }
 }
 
