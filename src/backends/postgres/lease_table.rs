@@ -24,7 +24,7 @@ use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
 use async_trait::async_trait;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
@@ -178,28 +178,12 @@ impl PgLeaseBackend {
     }
 
     fn maybe_sweep(&self) {
-        {
-            let mut last = self
-                .inner
-                .last_sweep
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() < SWEEP_EVERY {
-                return;
-            }
-            *last = Instant::now();
+        if !super::sweep_due(&self.inner.last_sweep, SWEEP_EVERY) {
+            return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Ok(conn) = this.inner.db.get().await {
-                if let Err(err) = conn
-                    .client
-                    .execute(this.inner.sql.sweep.as_str(), &[])
-                    .await
-                {
-                    tracing::debug!(err = %super::detail(&err), "sweeping expired leases failed");
-                }
-            }
+            super::run_sweep(&this.inner.db, &this.inner.sql.sweep, "expired leases").await;
         });
     }
 }

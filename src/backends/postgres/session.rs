@@ -297,28 +297,17 @@ impl PgSessionBackend {
     }
 
     fn maybe_sweep(&self) {
-        {
-            let mut last = self
-                .inner
-                .last_sweep
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() < SWEEP_EVERY {
-                return;
-            }
-            *last = Instant::now();
+        if !super::sweep_due(&self.inner.last_sweep, SWEEP_EVERY) {
+            return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Ok(conn) = this.inner.admin.get().await {
-                if let Err(err) = conn
-                    .client
-                    .execute(this.inner.sql.sweep.as_str(), &[])
-                    .await
-                {
-                    tracing::debug!(err = %super::detail(&err), "sweeping stale holder rows failed");
-                }
-            }
+            super::run_sweep(
+                &this.inner.admin,
+                &this.inner.sql.sweep,
+                "stale holder rows",
+            )
+            .await;
         });
     }
 }
