@@ -3,7 +3,24 @@
 //! Every failure is a variant a program can match on and a message a person can
 //! act on. Backend URLs in messages are always redacted (no passwords).
 
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The underlying error of an [`Error`], shared so that errors stay cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
 
 /// Why a lease stopped being held before it was released.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +37,7 @@ pub enum LossReason {
         last_error: String,
     },
     /// The backend's session that held the lock ended (connection closed,
-    /// server restarted).
+    /// server restarted), or the store reported the lock gone.
     SessionEnded {
         /// What the backend reported.
         detail: String,
@@ -111,6 +128,9 @@ pub enum Error {
         backend: String,
         /// What went wrong, in words a person can act on.
         detail: String,
+        /// The client library's error, where there was one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The backend answered with an error.
@@ -120,6 +140,9 @@ pub enum Error {
         backend: String,
         /// The error as the backend reported it.
         detail: String,
+        /// The client library's error, where there was one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The backend cannot do what was asked.
@@ -151,11 +174,19 @@ impl Error {
         matches!(self, Error::Unavailable { .. } | Error::Backend { .. })
     }
 
+    /// True for failures that may heal by themselves (the store unreachable, restarting,
+    /// or slow to answer): a waiter retries them until its deadline. Errors the store
+    /// answered with (bad credentials, missing permissions) are not transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+
     /// An [`Error::Unavailable`] for `backend`.
     pub fn unavailable(backend: &str, detail: impl std::fmt::Display) -> Self {
         Error::Unavailable {
             backend: backend.to_owned(),
             detail: detail.to_string(),
+            source: None,
         }
     }
 
@@ -164,6 +195,26 @@ impl Error {
         Error::Backend {
             backend: backend.to_owned(),
             detail: detail.to_string(),
+            source: None,
+        }
+    }
+
+    /// The same error, keeping `cause` (the client library's error) as its
+    /// [`source`](std::error::Error::source).
+    pub fn caused_by(self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        let cause = Some(Cause(Arc::new(cause)));
+        match self {
+            Error::Unavailable { backend, detail, .. } => Error::Unavailable {
+                backend,
+                detail,
+                source: cause,
+            },
+            Error::Backend { backend, detail, .. } => Error::Backend {
+                backend,
+                detail,
+                source: cause,
+            },
+            other => other,
         }
     }
 }

@@ -21,32 +21,32 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The store behind a [`Locks`] handle implements [`Backend`]; the lease engine
-//! (acquire loop, renewal, loss detection) is written once in [`core`].
+//! The store behind a [`Locks`] handle implements [`backend::Backend`]; the lease engine
+//! (acquire loop, renewal, loss detection, bounds on every store call) is written once,
+//! and [`backend`] holds what a backend author needs.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod backends;
-pub mod core;
+mod core;
 mod duration;
 mod error;
 mod key;
 mod location;
+mod registry;
 
-pub use crate::core::backend::{
-    AcquireRequest, Attempt, Backend, Capabilities, Holder, KeyWatch, LockInfo,
-};
-pub use crate::core::backoff::Backoff;
+pub use crate::core::backend::LockInfo;
 pub use crate::core::lease::{Lease, LeaseHandle};
-pub use crate::core::locks::{LockBuilder, Locks, Wait, DEFAULT_TTL, MIN_TTL};
-pub use crate::core::owner::Owner;
+pub use crate::core::locks::{LockBuilder, Locks, Wait, DEFAULT_TTL, MAX_TTL, MIN_TTL};
 pub use duration::parse_duration;
-pub use error::{Error, LossReason, Result};
+pub use error::{Cause, Error, LossReason, Result};
 pub use key::{Key, MAX_KEY_BYTES};
-pub use location::{default_url, redact, BackendUrl, BACKEND_ENV, DIR_ENV};
+pub use location::{default_url, redact, BACKEND_ENV, DIR_ENV};
+pub use registry::{schema_sql, Scheme};
 
 /// Connects to the backend named by `url` (SPEC §3) and returns a shareable handle.
 ///

@@ -1,21 +1,24 @@
 //! A wrapper that counts the calls a backend receives, to measure the round trips that
 //! renewal and waiting cost (used by `dlock bench`).
 
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, KeyWatch, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, KeyWatch,
+    LockInfo,
+};
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How many calls of each kind a [`Counting`] backend has passed on.
 #[derive(Debug, Default)]
 pub struct CallCounts {
     /// `try_acquire` calls.
     pub try_acquire: AtomicU64,
-    /// `acquire_wait` calls.
+    /// `acquire` calls (waits, in the store's queue or the engine's loop).
     pub acquire_wait: AtomicU64,
     /// `renew` calls.
     pub renew: AtomicU64,
@@ -69,6 +72,41 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// A lease of the wrapped backend, counting its renewals and release.
+struct CountingLease {
+    inner: Box<dyn HeldLease>,
+    counts: Arc<CallCounts>,
+}
+
+#[async_trait]
+impl HeldLease for CountingLease {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        bump(&self.counts.renew);
+        self.inner.renew(ttl).await
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        bump(&self.counts.release);
+        self.inner.release().await
+    }
+
+    fn ended(&mut self) -> EndSignal {
+        self.inner.ended()
+    }
+}
+
+impl Counting {
+    fn wrap(&self, granted: Granted) -> Granted {
+        Granted {
+            lease: Box::new(CountingLease {
+                inner: granted.lease,
+                counts: Arc::clone(&self.counts),
+            }),
+            ..granted
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for Counting {
     fn describe(&self) -> &str {
@@ -79,38 +117,34 @@ impl Backend for Counting {
         self.inner.capabilities()
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         bump(&self.counts.try_acquire);
-        self.inner.try_acquire(request).await
+        Ok(match self.inner.try_acquire(request).await? {
+            Attempt::Acquired(granted) => Attempt::Acquired(self.wrap(granted)),
+            held => held,
+        })
     }
 
-    async fn acquire_wait(
-        &self,
-        request: AcquireRequest<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<u64>> {
+    async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Option<Granted>> {
         bump(&self.counts.acquire_wait);
-        self.inner.acquire_wait(request, deadline).await
-    }
-
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        bump(&self.counts.renew);
-        self.inner.renew(key, owner, ttl).await
-    }
-
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
-        bump(&self.counts.release);
-        self.inner.release(key, owner).await
+        Ok(self
+            .inner
+            .acquire(request)
+            .await?
+            .map(|granted| self.wrap(granted)))
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
         self.inner.watch(key).await
     }
 
-    async fn session_ended(&self, key: &Key, owner: &Owner) -> String {
-        self.inner.session_ended(key, owner).await
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        self.inner.abandon(key, owner).await
     }
+}
 
+#[async_trait]
+impl Admin for Counting {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         self.inner.inspect(key).await
     }

@@ -4,7 +4,9 @@
 //! increasing across handles. Waiters are woken by a broadcast at release; a holder
 //! that stops renewing loses the lock at its TTL.
 
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, KeyWatch, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+};
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
@@ -66,6 +68,57 @@ impl Store {
         // No receiver means no waiter: nothing to wake.
         let _ = self.released.send(key.clone());
     }
+
+    /// Removes `owner`'s entry for `key`: `Some(still valid)` if it was there.
+    fn release(&self, key: &Key, owner: &Owner) -> bool {
+        let now = Instant::now();
+        let removed = {
+            let mut held = self.held();
+            match held.get(key) {
+                Some(entry) if entry.owner == *owner => {
+                    let was_valid = entry.expires > now;
+                    held.remove(key);
+                    Some(was_valid)
+                }
+                _ => None,
+            }
+        };
+        match removed {
+            Some(was_valid) => {
+                self.announce_release(key);
+                was_valid
+            }
+            None => false,
+        }
+    }
+}
+
+/// One lease held in the store.
+struct MemoryLease {
+    store: Arc<Store>,
+    key: Key,
+    owner: Owner,
+}
+
+#[async_trait]
+impl HeldLease for MemoryLease {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let now = Instant::now();
+        let mut held = self.store.held();
+        match held.get_mut(&self.key) {
+            Some(entry) if entry.owner == self.owner && entry.expires > now => {
+                entry.expires = now + ttl;
+                entry.ttl = ttl;
+                entry.renewed_at = SystemTime::now();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        Ok(self.store.release(&self.key, &self.owner))
+    }
 }
 
 /// The in-process backend.
@@ -94,6 +147,11 @@ impl MemoryBackend {
             describe: format!("memory://{name}"),
         })
     }
+}
+
+/// Opens `memory://[name]`.
+pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(MemoryBackend::open(&BackendUrl::parse(url)?)?))
 }
 
 fn info(key: &Key, entry: &Entry, now: Instant) -> LockInfo {
@@ -136,13 +194,10 @@ impl Backend for MemoryBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            shared_between_processes: false,
-            ..Capabilities::default()
-        }
+        Capabilities::expiring().process_local()
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let now = Instant::now();
         let mut held = self.store.held();
         if let Some(entry) = held.get(request.key) {
@@ -175,43 +230,20 @@ impl Backend for MemoryBackend {
                 renewed_at: wall,
             },
         );
-        Ok(Attempt::Acquired { fence })
+        Ok(Attempt::Acquired(Granted {
+            fence,
+            sent_at: now,
+            lease: Box::new(MemoryLease {
+                store: Arc::clone(&self.store),
+                key: request.key.clone(),
+                owner: request.owner.clone(),
+            }),
+        }))
     }
 
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let now = Instant::now();
-        let mut held = self.store.held();
-        match held.get_mut(key) {
-            Some(entry) if entry.owner == *owner && entry.expires > now => {
-                entry.expires = now + ttl;
-                entry.ttl = ttl;
-                entry.renewed_at = SystemTime::now();
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
-        let now = Instant::now();
-        let removed = {
-            let mut held = self.store.held();
-            match held.get(key) {
-                Some(entry) if entry.owner == *owner => {
-                    let was_valid = entry.expires > now;
-                    held.remove(key);
-                    Some(was_valid)
-                }
-                _ => None,
-            }
-        };
-        match removed {
-            Some(was_valid) => {
-                self.store.announce_release(key);
-                Ok(was_valid)
-            }
-            None => Ok(false),
-        }
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        self.store.release(key, owner);
+        Ok(())
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
@@ -221,6 +253,10 @@ impl Backend for MemoryBackend {
         })))
     }
 
+}
+
+#[async_trait]
+impl Admin for MemoryBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let now = Instant::now();
         let held = self.store.held();

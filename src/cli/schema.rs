@@ -8,7 +8,7 @@ pub fn print(backend: Option<String>) -> ExitCode {
         Ok(url) => url,
         Err(err) => return exit::fail(&err),
     };
-    match dlock::backends::schema_sql(&url) {
+    match dlock::schema_sql(&url) {
         Ok(Some(sql)) => {
             print!("{sql}");
             ExitCode::SUCCESS

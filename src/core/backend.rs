@@ -3,11 +3,14 @@
 //! Renewal, loss detection, deadlines, backoff and cancellation live once in the
 //! core lease engine; a backend only speaks its store's protocol.
 
+use crate::core::backoff::Backoff;
 use crate::core::owner::Owner;
-use crate::error::Result;
+use crate::error::{LossReason, Result};
 use crate::key::Key;
 use async_trait::async_trait;
 use serde::Serialize;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Who is asking for a lease, for backends that can store it beside the lock
@@ -44,16 +47,36 @@ pub struct AcquireRequest<'a> {
     pub ttl: Duration,
     /// Who asks.
     pub holder: &'a Holder,
+    /// When a waiting acquire gives up (`None`: never). [`Backend::try_acquire`] ignores it.
+    pub deadline: Option<Instant>,
+    /// Retry delays for waiting without a wake-up from the store.
+    pub backoff: Backoff,
+}
+
+/// A lease the store granted: its fence and the handle that owns its store-side state.
+pub struct Granted {
+    /// Strictly greater than every fence handed out earlier for this key.
+    pub fence: u64,
+    /// When the request that won the lock was sent: the lease is surely valid until
+    /// then plus its TTL.
+    pub sent_at: Instant,
+    /// The lease's own state in the store (its connection, file, session…).
+    pub lease: Box<dyn HeldLease>,
+}
+
+impl std::fmt::Debug for Granted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Granted")
+            .field("fence", &self.fence)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The result of one attempt to take a lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Attempt {
-    /// The lock is ours, with this fencing token.
-    Acquired {
-        /// Strictly greater than every fence handed out earlier for this key.
-        fence: u64,
-    },
+    /// The lock is ours.
+    Acquired(Granted),
     /// Somebody else holds it.
     Held {
         /// When the current holder's lease runs out unless renewed, if the backend knows;
@@ -67,11 +90,9 @@ pub enum Attempt {
 #[non_exhaustive]
 pub struct Capabilities {
     /// Leases end by themselves after their TTL when not renewed. False for stores
-    /// where a lock lives exactly as long as its holder's session (flock, advisory locks).
+    /// where a lock lives exactly as long as its holder's session (flock, advisory locks):
+    /// there a lease is given up only when renewals *fail* for a whole TTL.
     pub expires: bool,
-    /// [`Backend::acquire_wait`] waits in the store's own queue (kernel flock, PostgreSQL
-    /// advisory-lock queue) and the engine should use it instead of try-and-wait.
-    pub native_wait: bool,
     /// A holder process that dies frees the lock at once because the store sees its
     /// session end (flock, database sessions), not only after the TTL.
     pub freed_on_holder_death: bool,
@@ -79,16 +100,68 @@ pub struct Capabilities {
     pub shared_between_processes: bool,
 }
 
-impl Default for Capabilities {
-    fn default() -> Self {
+impl Capabilities {
+    /// A store whose leases expire at their TTL and are seen by every process: the
+    /// usual case (Redis, lease tables).
+    pub const fn expiring() -> Self {
         Capabilities {
             expires: true,
-            native_wait: false,
             freed_on_holder_death: false,
             shared_between_processes: true,
         }
     }
+
+    /// A store that ties each lock to its holder's session (flock, advisory locks).
+    pub const fn session_bound() -> Self {
+        Capabilities {
+            expires: false,
+            freed_on_holder_death: true,
+            shared_between_processes: true,
+        }
+    }
+
+    /// The same, visible to this process only.
+    pub const fn process_local(self) -> Self {
+        Capabilities {
+            shared_between_processes: false,
+            ..self
+        }
+    }
 }
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities::expiring()
+    }
+}
+
+/// The store-side state of one held lease, owned by the lease engine from the grant to
+/// the release. Every operation of one lease goes through its own handle, so nothing of
+/// one lease is looked up in tables shared with others.
+///
+/// The engine calls [`renew`](HeldLease::renew) and the future from
+/// [`ended`](HeldLease::ended) concurrently, and bounds every call in time; a dropped
+/// `renew` future (timed out) must leave the handle usable for [`release`](HeldLease::release)
+/// (or make that release report the lease as not held).
+#[async_trait]
+pub trait HeldLease: Send + Sync + 'static {
+    /// Extends the lease to `ttl` from now; `Ok(false)` if the store no longer knows it
+    /// as held (expired, or broken by `release --force`).
+    async fn renew(&mut self, ttl: Duration) -> Result<bool>;
+
+    /// Releases the lease; `Ok(false)` if it was no longer held.
+    async fn release(self: Box<Self>) -> Result<bool>;
+
+    /// A future that resolves when the store reports the lease's end on its own (the
+    /// session holding it died, its key was deleted). Taken once, right after the grant;
+    /// it must not need the handle (it runs while `renew` does). The default never resolves.
+    fn ended(&mut self) -> EndSignal {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// The future returned by [`HeldLease::ended`].
+pub type EndSignal = Pin<Box<dyn Future<Output = LossReason> + Send + 'static>>;
 
 /// A subscription to "this key may have become free" events, created before an
 /// acquire attempt so that a release between the attempt and the wait is not missed.
@@ -166,13 +239,118 @@ impl LockInfo {
 }
 
 /// What a store must do to hold leases. Implemented once per backend; everything
-/// else (renewal, loss detection, waiting, deadlines) is the engine's.
+/// else (renewal, loss detection, deadlines, retries of transient errors) is the engine's.
 ///
-/// Every method must be cancel-safe: when its future is dropped, no lock may be left
-/// held that the engine does not know about.
+/// Every call the engine makes is bounded in time: acquire calls by the caller's
+/// deadline plus a short grace, renewals by a fraction of the TTL. Every method must be
+/// cancel-safe: when its future is dropped, no lock may be left held that
+/// [`abandon`](Backend::abandon) cannot clean up.
+///
+/// A complete backend, keeping its locks in this process:
+///
+/// ```
+/// use dlock::backend::{
+///     async_trait, AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, Owner,
+/// };
+/// use dlock::{Key, LockInfo, Locks, Result};
+/// use std::collections::HashMap;
+/// use std::sync::{Arc, Mutex};
+/// use std::time::{Duration, Instant};
+///
+/// #[derive(Debug, Default)]
+/// struct Table {
+///     held: HashMap<Key, (Owner, u64, Instant)>,
+///     last_fence: u64,
+/// }
+///
+/// #[derive(Debug, Default)]
+/// struct Tiny(Arc<Mutex<Table>>);
+///
+/// struct TinyLease { table: Arc<Mutex<Table>>, key: Key, owner: Owner }
+///
+/// #[async_trait]
+/// impl HeldLease for TinyLease {
+///     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+///         let mut t = self.table.lock().unwrap();
+///         Ok(match t.held.get_mut(&self.key) {
+///             Some((o, _, until)) if *o == self.owner && *until > Instant::now() => {
+///                 *until = Instant::now() + ttl;
+///                 true
+///             }
+///             _ => false,
+///         })
+///     }
+///     async fn release(self: Box<Self>) -> Result<bool> {
+///         let mut t = self.table.lock().unwrap();
+///         let mine = t.held.get(&self.key).is_some_and(|(o, _, _)| *o == self.owner);
+///         if mine {
+///             t.held.remove(&self.key);
+///         }
+///         Ok(mine)
+///     }
+/// }
+///
+/// #[async_trait]
+/// impl Admin for Tiny {
+///     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
+///         let t = self.0.lock().unwrap();
+///         Ok(t.held.get(key).map(|(_, fence, _)| {
+///             let mut info = LockInfo::new(key.as_str());
+///             info.fence = Some(*fence);
+///             info
+///         }))
+///     }
+///     async fn list(&self) -> Result<Vec<LockInfo>> {
+///         Ok(Vec::new())
+///     }
+///     async fn force_release(&self, key: &Key) -> Result<bool> {
+///         Ok(self.0.lock().unwrap().held.remove(key).is_some())
+///     }
+/// }
+///
+/// #[async_trait]
+/// impl Backend for Tiny {
+///     fn describe(&self) -> &str {
+///         "tiny://"
+///     }
+///     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
+///         let sent_at = Instant::now();
+///         let mut t = self.0.lock().unwrap();
+///         if let Some((_, _, until)) = t.held.get(request.key) {
+///             if *until > sent_at {
+///                 return Ok(Attempt::Held { expires_in: Some(*until - sent_at) });
+///             }
+///         }
+///         t.last_fence += 1;
+///         let fence = t.last_fence;
+///         t.held.insert(request.key.clone(), (request.owner.clone(), fence, sent_at + request.ttl));
+///         let lease = TinyLease {
+///             table: Arc::clone(&self.0),
+///             key: request.key.clone(),
+///             owner: request.owner.clone(),
+///         };
+///         Ok(Attempt::Acquired(Granted { fence, sent_at, lease: Box::new(lease) }))
+///     }
+///     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+///         let mut t = self.0.lock().unwrap();
+///         if t.held.get(key).is_some_and(|(o, _, _)| o == owner) {
+///             t.held.remove(key);
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<()> {
+/// let locks = Locks::from_backend(Tiny::default());
+/// let lease = locks.lock("k").acquire().await?;
+/// assert!(locks.lock("k").try_acquire().await?.is_none());
+/// assert!(lease.release().await?);
+/// # Ok(()) }
+/// ```
 #[async_trait]
-pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
-    /// The backend's URL with any password replaced by `***`, for messages.
+pub trait Backend: Admin + Send + Sync + std::fmt::Debug + 'static {
+    /// The backend's URL with any credential replaced by `***`, for messages.
     fn describe(&self) -> &str;
 
     /// What this backend can do beyond the required operations.
@@ -181,28 +359,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// One attempt to take the lock (one round trip where the store allows).
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt>;
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt>;
 
-    /// Waits in the store's own queue until the lock is taken or `deadline` passes
-    /// (`None` = no limit). Returns the fence, or `None` when the deadline passed.
-    /// Only called when [`Capabilities::native_wait`] is set.
-    async fn acquire_wait(
-        &self,
-        request: AcquireRequest<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<u64>> {
-        let _ = (request, deadline);
-        Err(crate::error::Error::Unsupported {
-            backend: self.describe().to_owned(),
-            what: "waiting in the store's own queue".to_owned(),
-        })
+    /// Takes the lock, waiting until `request.deadline` (`None`: without limit); `None`
+    /// when the deadline passed first. The default is the engine's loop over
+    /// [`try_acquire`](Backend::try_acquire), woken by [`watch`](Backend::watch) and the
+    /// holder's expiry, retrying transient errors; a store with a queue of its own
+    /// (kernel flock, advisory-lock queues) overrides it.
+    async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Option<Granted>> {
+        crate::core::wait::poll_until_acquired(self, request).await
     }
-
-    /// Extends the lease to `ttl` from now if `owner` still holds it; `false` if not.
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool>;
-
-    /// Releases the lease if `owner` still holds it; `false` if it did not.
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool>;
 
     /// Subscribes to "may be free" events for `key`; `None` if the store has none
     /// (the engine then retries with backoff, never later than the holder's expiry).
@@ -211,14 +377,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
         Ok(None)
     }
 
-    /// Resolves when the store-side session holding `owner`'s lease ends, for stores whose
-    /// locks are tied to a session (the engine then reports the lease lost at once).
-    /// The default never resolves.
-    async fn session_ended(&self, key: &Key, owner: &Owner) -> String {
+    /// Frees whatever an acquire with `owner` may have taken in the store although its
+    /// caller never saw the grant (the call was cancelled or timed out midway). Stores
+    /// whose grant dies with the dropped call (a connection or file of its own) need not
+    /// do anything, which is the default.
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
         let _ = (key, owner);
-        std::future::pending().await
+        Ok(())
     }
+}
 
+/// Inspection and administration, for `dlock status`, `list` and `release --force`.
+#[async_trait]
+pub trait Admin: Send + Sync {
     /// Who holds `key`, if anybody.
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>>;
 

@@ -1,6 +1,6 @@
 //! [`Lease`]: a held lock, renewed in the background until released or dropped.
 
-use crate::core::backend::Backend;
+use crate::core::backend::{Backend, HeldLease};
 use crate::core::local_queue::LocalTurn;
 use crate::core::owner::Owner;
 use crate::error::{Error, LossReason, Result};
@@ -9,7 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// State shared by a [`Lease`], its [`LeaseHandle`]s and its background task.
@@ -22,8 +22,6 @@ pub(crate) struct Shared {
     /// The instant until which the lease is surely held: when the last successful
     /// acquire or renewal was *sent*, plus its TTL.
     valid_until: Mutex<Instant>,
-    /// Wakes the background task after a manual `extend`.
-    extended: Notify,
     lost: watch::Sender<Option<LossReason>>,
     /// Keeps other tasks of this handle queued behind this lease; given up after the
     /// backend release (so the next local task finds the key free), or as soon as the
@@ -44,7 +42,6 @@ impl Shared {
             .valid_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = at;
-        self.extended.notify_one();
     }
 
     /// The moment the lease may have expired: its validity less a clock-drift allowance
@@ -88,7 +85,8 @@ impl Shared {
     }
 }
 
-/// What the backend granted: the lease's identity and when its TTL started counting.
+/// What the backend granted: the lease's identity, when its TTL started counting, and
+/// the handle on its store-side state.
 pub(crate) struct Grant {
     pub(crate) key: Key,
     pub(crate) owner: Owner,
@@ -96,6 +94,13 @@ pub(crate) struct Grant {
     pub(crate) ttl: Duration,
     /// When the successful request was sent: the lease is surely valid until then + TTL.
     pub(crate) sent_at: Instant,
+    pub(crate) lease: Box<dyn HeldLease>,
+}
+
+/// What a [`Lease`] asks of its background task, which alone owns the store-side handle.
+enum Command {
+    Extend(Duration, oneshot::Sender<Result<bool>>),
+    Release(oneshot::Sender<Result<bool>>),
 }
 
 /// A held lock.
@@ -115,10 +120,11 @@ pub(crate) struct Grant {
 /// assert!(lease.release().await?);
 /// # Ok(()) }
 /// ```
+#[must_use = "a Lease is released as soon as it is dropped"]
 pub struct Lease {
     shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
     task: Option<JoinHandle<()>>,
-    released: bool,
 }
 
 /// A cheap, cloneable view of a [`Lease`]: its identity and its loss signal, without the
@@ -183,8 +189,8 @@ impl LeaseHandle {
 impl Lease {
     lease_identity!();
 
-    /// Starts the background task that renews the lease (every `renew_every`, if given)
-    /// and watches for its loss.
+    /// Starts the background task that owns the lease's store-side handle, renews it
+    /// (every `renew_every`, if given) and watches for its loss.
     pub(crate) fn start(
         backend: Arc<dyn Backend>,
         grant: Grant,
@@ -197,6 +203,7 @@ impl Lease {
             fence,
             ttl,
             sent_at,
+            lease,
         } = grant;
         let (lost, _) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -206,15 +213,15 @@ impl Lease {
             ttl,
             backend,
             valid_until: Mutex::new(sent_at + ttl),
-            extended: Notify::new(),
             lost,
             turn: Mutex::new(turn),
         });
-        let task = tokio::spawn(guard_lease(Arc::clone(&shared), renew_every));
+        let (commands, inbox) = mpsc::channel(4);
+        let task = tokio::spawn(guard_lease(Arc::clone(&shared), lease, renew_every, inbox));
         Lease {
             shared,
+            commands,
             task: Some(task),
-            released: false,
         }
     }
 
@@ -225,10 +232,22 @@ impl Lease {
         }
     }
 
+    async fn ask(&self, command: impl FnOnce(oneshot::Sender<Result<bool>>) -> Command) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(command(reply)).await.is_err() {
+            // The task has ended: the lease was lost (and given up) before this call.
+            return Ok(false);
+        }
+        answer.await.unwrap_or(Ok(false))
+    }
+
     /// Extends the lease to `ttl` from now, checked against the owner token. Needed only
     /// when automatic renewal is off ([`LockBuilder::auto_renew`](crate::LockBuilder::auto_renew)).
     ///
     /// Fails with [`Error::LeaseLost`] if the backend no longer knows this lease as held.
+    ///
+    /// Cancel safety: if the future is dropped, the extension may or may not have reached
+    /// the store; the lease stays in force either way.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         if !(crate::core::locks::MIN_TTL..=crate::core::locks::MAX_TTL).contains(&ttl) {
             return Err(Error::BadOption(format!(
@@ -237,56 +256,41 @@ impl Lease {
                 crate::core::locks::MAX_TTL
             )));
         }
-        let sent = Instant::now();
-        let held = self
-            .shared
-            .backend
-            .renew(&self.shared.key, &self.shared.owner, ttl)
-            .await?;
-        if held {
-            self.shared.set_valid_until(sent + ttl);
+        if let Some(reason) = self.shared.lost.borrow().clone() {
+            return Err(self.shared.lost_error(reason));
+        }
+        if self.ask(|reply| Command::Extend(ttl, reply)).await? {
             Ok(())
         } else {
-            self.shared.mark_lost(LossReason::RenewalRefused);
-            Err(self.shared.lost_error(LossReason::RenewalRefused))
+            let reason = self
+                .shared
+                .lost
+                .borrow()
+                .clone()
+                .unwrap_or(LossReason::RenewalRefused);
+            Err(self.shared.lost_error(reason))
         }
     }
 
     /// Releases the lock now. Returns `true` if the lease was still held, `false` if it
     /// had already been lost (expired, or broken by `release --force`).
+    ///
+    /// Cancel safety: if the future is dropped, the release still completes in the
+    /// background.
     pub async fn release(mut self) -> Result<bool> {
-        self.released = true;
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-        let held = self
-            .shared
-            .backend
-            .release(&self.shared.key, &self.shared.owner)
-            .await;
-        self.shared.give_up_turn();
+        let held = self.ask(Command::Release).await;
+        // The task has handed the store-side lease back (or given it up): nothing is left
+        // for Drop to do.
+        self.task = None;
         held
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-        if self.released {
-            // release() ran (or was cancelled midway): the local queue moves on either way.
-            self.shared.give_up_turn();
-            return;
-        }
-        let shared = Arc::clone(&self.shared);
-        let release = async move {
-            if let Err(err) = shared.backend.release(&shared.key, &shared.owner).await {
-                tracing::warn!(key = %shared.key, %err, "background release of a dropped lease failed; it ends at its TTL");
-            }
-            shared.give_up_turn();
-        };
-        spawn_detached(release);
+        // The background task sees its command channel close and releases the lease
+        // itself, without blocking the dropping thread.
+        let _ = self.task.take();
     }
 }
 
@@ -341,19 +345,35 @@ impl LeaseHandle {
     }
 }
 
-/// The lease's background task: renews on schedule, and marks the lease lost when a
-/// renewal is refused, when the lease may have expired, or when the backend session
-/// holding it ends.
-async fn guard_lease(shared: Arc<Shared>, renew_every: Option<Duration>) {
+/// How long one renewal may take: a third of the TTL, so that a store that hangs still
+/// leaves time for more attempts before the lease may have expired.
+fn renewal_limit(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(10))
+}
+
+/// The lease's background task, sole owner of its store-side handle: renews on schedule,
+/// carries out `extend` and `release`, and marks the lease lost when a renewal is refused,
+/// when the lease may have expired, or when the store reports the lease's end. Every
+/// store call is bounded; the end signal is watched while a renewal runs, so neither can
+/// hold the other up.
+async fn guard_lease(
+    shared: Arc<Shared>,
+    mut lease: Box<dyn HeldLease>,
+    renew_every: Option<Duration>,
+    mut inbox: mpsc::Receiver<Command>,
+) {
     let expires = shared.backend.capabilities().expires;
-    let session_ended = shared.backend.session_ended(&shared.key, &shared.owner);
-    tokio::pin!(session_ended);
+    let mut ended = lease.ended();
     let mut next_renewal = renew_every.map(|every| Instant::now() + every);
     let mut last_error: Option<String> = None;
-    loop {
+    let outcome: Option<LossReason> = loop {
         let loss_deadline = shared.loss_deadline();
+        // A lease tied to a session lapses only when renewals keep failing: the store
+        // never expires it on its own, but a holder that cannot reach its store for a TTL
+        // cannot claim to hold it either.
+        let lapses = expires || last_error.is_some();
         let lapse = async {
-            if expires {
+            if lapses {
                 tokio::time::sleep_until(loss_deadline.into()).await
             } else {
                 std::future::pending().await
@@ -365,49 +385,58 @@ async fn guard_lease(shared: Arc<Shared>, renew_every: Option<Duration>) {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            detail = &mut session_ended => {
-                shared.mark_lost(LossReason::SessionEnded { detail });
-                return;
-            }
-            () = lapse => {
-                shared.mark_lost(match last_error.take() {
-                    Some(last_error) => LossReason::RenewalFailed { last_error },
-                    None => LossReason::Expired,
-                });
-                return;
-            }
-            () = shared.extended.notified() => continue,
-            () = renewal_due => {}
-        }
+        let ttl = tokio::select! {
+            biased;
+            reason = &mut ended => break Some(reason),
+            () = lapse => break Some(match last_error.take() {
+                Some(last_error) => LossReason::RenewalFailed { last_error },
+                None => LossReason::Expired,
+            }),
+            command = inbox.recv() => match command {
+                None => break None,
+                Some(Command::Release(reply)) => {
+                    let _ = reply.send(release_bounded(&shared, lease).await);
+                    shared.give_up_turn();
+                    return;
+                }
+                Some(Command::Extend(ttl, reply)) => {
+                    let sent = Instant::now();
+                    let outcome = renew_bounded(&shared, &mut lease, &mut ended, ttl).await;
+                    match outcome {
+                        Renewal::Done(Ok(true)) => {
+                            shared.set_valid_until(sent + ttl);
+                            last_error = None;
+                            let _ = reply.send(Ok(true));
+                            continue;
+                        }
+                        Renewal::Done(Ok(false)) => {
+                            let _ = reply.send(Ok(false));
+                            break Some(LossReason::RenewalRefused);
+                        }
+                        Renewal::Done(Err(err)) => {
+                            last_error = Some(err.to_string());
+                            let _ = reply.send(Err(err));
+                            continue;
+                        }
+                        Renewal::Ended(reason) => {
+                            let _ = reply.send(Ok(false));
+                            break Some(reason);
+                        }
+                    }
+                }
+            },
+            () = renewal_due => shared.ttl,
+        };
         let Some(every) = renew_every else { continue };
         let sent = Instant::now();
-        let renewal = shared.backend.renew(&shared.key, &shared.owner, shared.ttl);
-        let outcome = if expires {
-            match tokio::time::timeout_at(loss_deadline.into(), renewal).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(Error::unavailable(
-                    shared.backend.describe(),
-                    "renewal did not answer before the lease may have expired",
-                )),
-            }
-        } else {
-            renewal.await
-        };
-        match outcome {
-            Ok(true) => {
-                *shared
-                    .valid_until
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = sent + shared.ttl;
+        match renew_bounded(&shared, &mut lease, &mut ended, ttl).await {
+            Renewal::Done(Ok(true)) => {
+                shared.set_valid_until(sent + ttl);
                 last_error = None;
                 next_renewal = Some(sent + every);
             }
-            Ok(false) => {
-                shared.mark_lost(LossReason::RenewalRefused);
-                return;
-            }
-            Err(err) => {
+            Renewal::Done(Ok(false)) => break Some(LossReason::RenewalRefused),
+            Renewal::Done(Err(err)) => {
                 tracing::warn!(key = %shared.key, %err, "lease renewal failed; retrying");
                 last_error = Some(err.to_string());
                 // Retry sooner than the normal cadence, but leave time for a few tries
@@ -417,6 +446,64 @@ async fn guard_lease(shared: Arc<Shared>, renew_every: Option<Duration>) {
                 let retry_in = (left / 4).clamp(Duration::from_millis(10), every);
                 next_renewal = Some(now + retry_in);
             }
+            Renewal::Ended(reason) => break Some(reason),
         }
+    };
+    match outcome {
+        Some(reason) => {
+            shared.mark_lost(reason);
+            // Whatever the store still keeps of the lease (a record, a session) goes now;
+            // answering commands that arrive meanwhile with "not held".
+            inbox.close();
+            let _ = release_bounded(&shared, lease).await;
+        }
+        None => {
+            // The Lease was dropped: release in its place.
+            if let Err(err) = release_bounded(&shared, lease).await {
+                tracing::warn!(key = %shared.key, %err, "background release of a dropped lease failed; it ends at its TTL");
+            }
+            shared.give_up_turn();
+        }
+    }
+}
+
+enum Renewal {
+    Done(Result<bool>),
+    Ended(LossReason),
+}
+
+/// One renewal, bounded by a fraction of the TTL and by the moment the lease may have
+/// expired, while still listening for the store's end signal.
+async fn renew_bounded(
+    shared: &Shared,
+    lease: &mut Box<dyn HeldLease>,
+    ended: &mut crate::core::backend::EndSignal,
+    ttl: Duration,
+) -> Renewal {
+    let mut until = Instant::now() + renewal_limit(shared.ttl);
+    if shared.backend.capabilities().expires {
+        until = until.min(shared.loss_deadline());
+    }
+    let renewal = tokio::time::timeout_at(until.into(), lease.renew(ttl));
+    tokio::select! {
+        biased;
+        reason = ended => Renewal::Ended(reason),
+        outcome = renewal => Renewal::Done(outcome.unwrap_or_else(|_| Err(Error::unavailable(
+            shared.backend.describe(),
+            "renewal did not answer in time",
+        )))),
+    }
+}
+
+/// The release, bounded: a store that does not answer lets the lease end at its TTL (or
+/// with its session, whose handle is dropped here).
+async fn release_bounded(shared: &Shared, lease: Box<dyn HeldLease>) -> Result<bool> {
+    let limit = renewal_limit(shared.ttl).max(Duration::from_secs(1));
+    match tokio::time::timeout(limit, lease.release()).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Error::unavailable(
+            shared.backend.describe(),
+            "release did not answer in time; the lease ends at its TTL",
+        )),
     }
 }

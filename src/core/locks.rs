@@ -1,9 +1,10 @@
 //! [`Locks`], the handle on one backend, and [`LockBuilder`], the options of one lock.
 
 use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo};
-use crate::core::backoff::{expiry_spread, Backoff};
+use crate::core::backoff::Backoff;
 use crate::core::lease::{spawn_detached, Grant, Lease, LeaseHandle};
-use crate::core::local_queue::{LocalQueues, LocalTurn};
+use crate::core::local_queue::LocalQueues;
+use crate::core::wait;
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -42,7 +43,7 @@ pub struct Locks {
 impl Locks {
     /// Connects to the backend named by `url` (SPEC §3). Same as [`crate::connect`].
     pub async fn connect(url: &str) -> Result<Locks> {
-        crate::backends::open(url).await
+        Ok(Locks::from_arc(crate::registry::open(url).await?))
     }
 
     /// Wraps a backend of your own.
@@ -93,21 +94,38 @@ impl Locks {
     /// Who holds `key`, if anybody.
     pub async fn status(&self, key: impl AsRef<str>) -> Result<Option<LockInfo>> {
         let key = Key::new(key.as_ref())?;
-        self.backend.inspect(&key).await
+        self.admin_call(self.backend.inspect(&key)).await
     }
 
     /// Every lock currently held on this backend.
     pub async fn list(&self) -> Result<Vec<LockInfo>> {
-        self.backend.list().await
+        self.admin_call(self.backend.list()).await
     }
 
     /// Breaks the lock on `key` whoever holds it (an operator's tool); `true` if it was
     /// held. The holder's [`Lease::lost`] fires at its next renewal.
     pub async fn force_release(&self, key: impl AsRef<str>) -> Result<bool> {
         let key = Key::new(key.as_ref())?;
-        self.backend.force_release(&key).await
+        self.admin_call(self.backend.force_release(&key)).await
+    }
+
+    /// Bounds an operator's call: a store that does not answer is reported, not waited for.
+    async fn admin_call<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(ADMIN_CALL_LIMIT, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Error::unavailable(
+                self.describe(),
+                format!(
+                    "no answer within {}",
+                    crate::duration::format_duration(ADMIN_CALL_LIMIT)
+                ),
+            )),
+        }
     }
 }
+
+/// How long `status`, `list` and `release --force` wait for the store.
+const ADMIN_CALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// How long [`LockBuilder::acquire`] waits for a held lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,17 +316,19 @@ impl LockBuilder {
         let backend = Arc::clone(&self.locks.backend);
         let owner = Owner::random();
         let holder = Holder::current();
-        let request = AcquireRequest {
-            key: &key,
-            owner: &owner,
-            ttl: self.ttl,
-            holder: &holder,
-        };
         let started = Instant::now();
         let deadline = match self.wait {
             Wait::No => Some(started),
             Wait::For(limit) => started.checked_add(limit),
             Wait::Forever => None,
+        };
+        let request = AcquireRequest {
+            key: &key,
+            owner: &owner,
+            ttl: self.ttl,
+            holder: &holder,
+            deadline,
+            backoff: self.backoff,
         };
         // Tasks of this handle line up locally; only the first contends at the backend.
         let turn = match deadline {
@@ -325,105 +345,63 @@ impl LockBuilder {
             }
             None => self.locks.queues.enter(&key).await,
         };
-        let mut turn = Some(turn);
-        // An attempt whose future is dropped mid-flight may have taken the lock in the
-        // store; this guard releases it (by our unique owner token) unless disarmed.
+        // An acquire whose future is dropped mid-flight may have taken the lock in the
+        // store; this guard frees it (by our unique owner token) unless disarmed.
         let mut guard = AbandonGuard::new(&backend, &key, &owner);
-
-        if self.wait != Wait::No && backend.capabilities().native_wait {
-            let sent = Instant::now();
-            let fence = backend.acquire_wait(request, deadline).await?;
-            guard.disarm();
-            return Ok(fence
-                .map(|fence| self.lease(&backend, &key, owner.clone(), fence, sent, turn.take())));
-        }
-
-        let mut watch = match self.wait {
-            Wait::No => None,
-            _ => backend.watch(&key).await?,
-        };
-        let mut delays = self.backoff.delays();
-        loop {
-            let sent = Instant::now();
-            let attempt = backend.try_acquire(request).await;
-            let expires_in = match attempt {
-                Ok(Attempt::Acquired { fence }) => {
-                    guard.disarm();
-                    return Ok(Some(self.lease(
-                        &backend,
-                        &key,
-                        owner.clone(),
-                        fence,
-                        sent,
-                        turn.take(),
-                    )));
-                }
-                Ok(Attempt::Held { expires_in }) => expires_in,
-                Err(err) => {
-                    guard.disarm();
-                    // The attempt may have reached the store before failing.
-                    spawn_release(&backend, &key, &owner);
-                    return Err(err);
-                }
-            };
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                guard.disarm();
-                return Ok(None);
-            }
-            let pause = match (&watch, expires_in) {
-                // Woken by the store at release; the expiry covers a holder that died.
-                (Some(_), Some(expires_in)) => expiry_spread(expires_in),
-                (Some(_), None) => delays.ceiling(),
-                (None, Some(expires_in)) => delays.next_delay().min(expiry_spread(expires_in)),
-                (None, None) => delays.next_delay(),
-            };
-            let mut wake_at = now + pause;
-            if let Some(deadline) = deadline {
-                wake_at = wake_at.min(deadline);
-            }
-            match watch.as_mut() {
-                Some(watch) => {
-                    tokio::select! {
-                        () = watch.changed() => {}
-                        () = tokio::time::sleep_until(wake_at.into()) => {}
+        let outcome = if self.wait == Wait::No {
+            wait::bounded_attempt(backend.as_ref(), &request)
+                .await
+                .map(|attempt| match attempt {
+                    Attempt::Acquired(granted) => Some(granted),
+                    Attempt::Held { .. } => None,
+                })
+        } else {
+            // The store's own wait is bounded by the deadline plus a grace for its answer;
+            // without a deadline, the wait itself bounds each of its calls.
+            let wait = backend.acquire(&request);
+            match deadline {
+                Some(deadline) => {
+                    let until = deadline + wait::DEADLINE_GRACE;
+                    match tokio::time::timeout_at(until.into(), wait).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(Error::unavailable(
+                            backend.describe(),
+                            "the store did not answer before the wait's deadline",
+                        )),
                     }
                 }
-                None => tokio::time::sleep_until(wake_at.into()).await,
+                None => wait.await,
             }
-        }
-    }
-
-    fn lease(
-        &self,
-        backend: &Arc<dyn Backend>,
-        key: &Key,
-        owner: Owner,
-        fence: u64,
-        sent: Instant,
-        turn: Option<LocalTurn>,
-    ) -> Lease {
-        let grant = Grant {
-            key: key.clone(),
-            owner,
-            fence,
-            ttl: self.ttl,
-            sent_at: sent,
         };
-        Lease::start(Arc::clone(backend), grant, self.renew_every, turn)
+        match outcome {
+            Ok(Some(granted)) => {
+                guard.disarm();
+                let grant = Grant {
+                    key: key.clone(),
+                    owner: owner.clone(),
+                    fence: granted.fence,
+                    ttl: self.ttl,
+                    sent_at: granted.sent_at,
+                    lease: granted.lease,
+                };
+                Ok(Some(Lease::start(
+                    Arc::clone(&backend),
+                    grant,
+                    self.renew_every,
+                    Some(turn),
+                )))
+            }
+            Ok(None) => {
+                guard.disarm();
+                Ok(None)
+            }
+            // The attempt may have reached the store before failing: the guard frees it.
+            Err(err) => Err(err),
+        }
     }
 }
 
-fn spawn_release(backend: &Arc<dyn Backend>, key: &Key, owner: &Owner) {
-    let (backend, key, owner) = (Arc::clone(backend), key.clone(), owner.clone());
-    spawn_detached(async move {
-        if let Err(err) = backend.release(&key, &owner).await {
-            tracing::debug!(%key, %err, "cleanup after an abandoned acquire failed; it ends at its TTL");
-        }
-    });
-}
-
-/// Releases, in the background, whatever an abandoned acquire may have taken.
+/// Frees, in the background, whatever an abandoned or failed acquire may have taken.
 struct AbandonGuard<'a> {
     armed: bool,
     backend: &'a Arc<dyn Backend>,
@@ -448,8 +426,25 @@ impl<'a> AbandonGuard<'a> {
 
 impl Drop for AbandonGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            spawn_release(self.backend, self.key, self.owner);
+        if !self.armed {
+            return;
         }
+        let (backend, key, owner) = (
+            Arc::clone(self.backend),
+            self.key.clone(),
+            self.owner.clone(),
+        );
+        spawn_detached(async move {
+            let cleanup = backend.abandon(&key, &owner);
+            match tokio::time::timeout(wait::DEADLINE_GRACE * 4, cleanup).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(%key, %err, "cleanup after an abandoned acquire failed; it ends at its TTL")
+                }
+                Err(_) => {
+                    tracing::debug!(%key, "cleanup after an abandoned acquire timed out; it ends at its TTL")
+                }
+            }
+        });
     }
 }

@@ -9,3 +9,4 @@ pub(crate) mod local_queue;
 pub mod locks;
 pub mod owner;
 pub(crate) mod serde_time;
+pub mod wait;
