@@ -23,7 +23,9 @@ pub(crate) mod naming;
 mod proc_locks;
 pub(crate) mod record;
 
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo,
+};
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -32,21 +34,21 @@ use async_trait::async_trait;
 use flock::KernelWait;
 use proc_locks::{Holding, KernelLocks};
 use record::{Contents, Record};
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// A lock this process holds.
+/// A lock this process holds: the open, flocked file is the lease.
 #[derive(Debug)]
 struct HeldFile {
     file: File,
     path: PathBuf,
     record: Record,
     record_len: u64,
+    describe: Arc<str>,
 }
 
 impl Drop for HeldFile {
@@ -58,8 +60,7 @@ impl Drop for HeldFile {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    describe: String,
-    held: Mutex<HashMap<Owner, HeldFile>>,
+    describe: Arc<str>,
 }
 
 /// The file backend.
@@ -101,8 +102,7 @@ impl FileBackend {
         Ok(FileBackend {
             inner: Arc::new(Inner {
                 dir,
-                describe,
-                held: Mutex::new(HashMap::new()),
+                describe: describe.into(),
             }),
         })
     }
@@ -112,18 +112,8 @@ impl FileBackend {
         self.inner.dir.join(naming::file_name(key.as_str()))
     }
 
-    fn held(&self) -> MutexGuard<'_, HashMap<Owner, HeldFile>> {
-        self.inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn io_error(&self, what: &str, path: &Path, err: &io::Error) -> Error {
-        Error::unavailable(
-            &self.inner.describe,
-            format!("cannot {what} {}: {err}", path.display()),
-        )
+        io_error(&self.inner.describe, what, path, err)
     }
 
     /// Runs blocking file work (an fsync) on tokio's blocking pool, or in place on a
@@ -157,10 +147,44 @@ impl FileBackend {
         }
     }
 
-    fn keep(&self, owner: &Owner, held: HeldFile) -> u64 {
-        let fence = held.record.fence;
-        self.held().insert(owner.clone(), held);
-        fence
+    fn grant(held: HeldFile, sent_at: Instant) -> Granted {
+        Granted {
+            fence: held.record.fence,
+            sent_at,
+            lease: Box::new(held),
+        }
+    }
+}
+
+fn io_error(describe: &str, what: &str, path: &Path, err: &io::Error) -> Error {
+    Error::unavailable(describe, format!("cannot {what} {}: {err}", path.display())).caused_by(
+        io::Error::new(err.kind(), err.to_string()),
+    )
+}
+
+/// Opens `file:///abs/dir`.
+pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(FileBackend::open(&BackendUrl::parse(url)?)?))
+}
+
+#[async_trait]
+impl HeldLease for HeldFile {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let current = is_current(&self.file, &self.path)
+            .map_err(|e| io_error(&self.describe, "check", &self.path, &e))?;
+        if !current {
+            return Ok(false);
+        }
+        self.record.renewed_at_ms = Some(record::now_ms());
+        self.record.ttl_ms = Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self.record_len = record::write(&self.file, &self.record, self.record_len)
+            .map_err(|e| io_error(&self.describe, "write", &self.path, &e))?;
+        Ok(true)
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        // Dropping the handle unlocks the file; the file itself stays (see module docs).
+        Ok(is_current(&self.file, &self.path).unwrap_or(false))
     }
 }
 
@@ -189,6 +213,7 @@ fn is_current(file: &File, path: &Path) -> io::Result<bool> {
 fn claim(
     mut file: File,
     path: PathBuf,
+    describe: Arc<str>,
     new_record: impl FnOnce(u64) -> Record,
 ) -> io::Result<Option<HeldFile>> {
     if !is_current(&file, &path)? {
@@ -211,6 +236,7 @@ fn claim(
         path,
         record,
         record_len,
+        describe,
     }))
 }
 
@@ -221,21 +247,18 @@ impl Backend for FileBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            expires: false,
-            native_wait: true,
-            freed_on_holder_death: true,
-            shared_between_processes: true,
-        }
+        Capabilities::session_bound()
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
+        let sent_at = Instant::now();
         let path = self.path_of(request.key);
         let this = self.clone();
         let make = {
-            let template = Self::new_record(&request, 0);
+            let template = Self::new_record(request, 0);
             move |fence| Record { fence, ..template }
         };
+        let describe = Arc::clone(&self.inner.describe);
         let claimed = self
             .blocking(move || {
                 // A replaced file (release --force) is retried a few times at most.
@@ -245,7 +268,7 @@ impl Backend for FileBackend {
                     if !flock::try_lock(&file).map_err(|e| this.io_error("lock", &path, &e))? {
                         return Ok(None);
                     }
-                    if let Some(held) = claim(file, path.clone(), make.clone())
+                    if let Some(held) = claim(file, path.clone(), describe.clone(), make.clone())
                         .map_err(|e| this.io_error("write the fence to", &path, &e))?
                     {
                         return Ok(Some(held));
@@ -255,20 +278,15 @@ impl Backend for FileBackend {
             })
             .await?;
         Ok(match claimed {
-            Some(held) => Attempt::Acquired {
-                fence: self.keep(request.owner, held),
-            },
+            Some(held) => Attempt::Acquired(Self::grant(held, sent_at)),
             None => Attempt::Held { expires_in: None },
         })
     }
 
-    async fn acquire_wait(
-        &self,
-        request: AcquireRequest<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<u64>> {
+    async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Option<Granted>> {
+        let deadline = request.deadline;
         let path = self.path_of(request.key);
-        let template = Self::new_record(&request, 0);
+        let template = Self::new_record(request, 0);
         loop {
             let file = open_lock_file(&path).map_err(|e| self.io_error("open", &path, &e))?;
             // A free lock needs no waiting thread.
@@ -288,9 +306,10 @@ impl Backend for FileBackend {
             };
             let (path_for_claim, template) = (path.clone(), template.clone());
             let this = self.clone();
+            let describe = Arc::clone(&self.inner.describe);
             let claimed = self
                 .blocking(move || {
-                    claim(file, path_for_claim.clone(), |fence| Record {
+                    claim(file, path_for_claim.clone(), describe, |fence| Record {
                         fence,
                         ..template
                     })
@@ -298,37 +317,16 @@ impl Backend for FileBackend {
                 })
                 .await?;
             if let Some(held) = claimed {
-                return Ok(Some(self.keep(request.owner, held)));
+                // The kernel granted the lock just now; the flock lives while the file does.
+                return Ok(Some(Self::grant(held, Instant::now())));
             }
         }
     }
 
-    async fn renew(&self, _key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let mut held = self.held();
-        let Some(entry) = held.get_mut(owner) else {
-            return Ok(false);
-        };
-        let current = is_current(&entry.file, &entry.path)
-            .map_err(|e| self.io_error("check", &entry.path, &e))?;
-        if !current {
-            held.remove(owner);
-            return Ok(false);
-        }
-        entry.record.renewed_at_ms = Some(record::now_ms());
-        entry.record.ttl_ms = Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        entry.record_len = record::write(&entry.file, &entry.record, entry.record_len)
-            .map_err(|e| self.io_error("write", &entry.path, &e))?;
-        Ok(true)
-    }
+}
 
-    async fn release(&self, _key: &Key, owner: &Owner) -> Result<bool> {
-        let Some(entry) = self.held().remove(owner) else {
-            return Ok(false);
-        };
-        // Dropping the entry unlocks the file; the file itself stays (see module docs).
-        Ok(is_current(&entry.file, &entry.path).unwrap_or(false))
-    }
-
+#[async_trait]
+impl Admin for FileBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let path = self.path_of(key);
         let kernel = KernelLocks::read();
