@@ -30,6 +30,31 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+/// How long connecting may take past a limited wait: `--no-wait` against a store that
+/// does not answer must fail about as fast as against one that says "held".
+const CONNECT_GRACE: Duration = Duration::from_secs(1);
+
+/// Connects, within the wait's limit plus a grace when the wait is limited.
+async fn connect_within(backend: Option<String>, wait: Wait) -> Result<dlock::Locks, dlock::Error> {
+    let limit = match wait {
+        Wait::No => Duration::ZERO,
+        Wait::For(limit) => limit,
+        Wait::Forever => return connect(backend).await,
+    };
+    let url = match backend {
+        Some(url) => url,
+        None => dlock::default_url()?,
+    };
+    let describe = dlock::redact(&url);
+    match tokio::time::timeout(limit.saturating_add(CONNECT_GRACE), connect(Some(url))).await {
+        Ok(connected) => connected,
+        Err(_) => Err(dlock::Error::unavailable(
+            &describe,
+            "no answer while connecting, within the wait's limit",
+        )),
+    }
+}
+
 /// Signals dlock listens to, while waiting and while COMMAND runs.
 struct Signals(Vec<(libc::c_int, Signal)>);
 
@@ -85,14 +110,14 @@ pub async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
-    let locks = match connect(args.backend.backend).await {
-        Ok(locks) => locks,
-        Err(err) => return exit::fail(&err),
-    };
     let wait = match (args.no_wait, args.wait) {
         (true, _) => Wait::No,
         (false, Some(limit)) => Wait::For(limit),
         (false, None) => Wait::Forever,
+    };
+    let locks = match connect_within(args.backend.backend, wait).await {
+        Ok(locks) => locks,
+        Err(err) => return exit::fail(&err),
     };
     let acquire = locks.lock(&args.key).ttl(args.ttl).wait(wait).acquire();
     let lease = tokio::select! {
