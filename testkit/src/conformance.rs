@@ -363,8 +363,15 @@ pub async fn waiter_gets_lock_at_release(target: &Target) {
 ///
 /// For `memory://`, whose locks live inside one process, it checks instead that another
 /// process does not see this process's locks.
+///
+/// A target without a URL (a backend written outside dlock) cannot be run by the `dlock`
+/// binary: there the holder is a runtime of its own that is shut down without releasing,
+/// which drops every store-side handle the way a dying process would.
 pub async fn holder_process_killed_frees_the_lock(target: &Target) {
     let key = target.unique_key("killed");
+    if !target.has_cli() {
+        return holder_runtime_dropped_frees_the_lock(target, &key).await;
+    }
     if !target
         .locks()
         .await
@@ -446,6 +453,46 @@ pub async fn holder_process_killed_frees_the_lock(target: &Target) {
             assert!(!is_alive(pid), "the killed holder is still alive");
         }
     }
+}
+
+async fn holder_runtime_dropped_frees_the_lock(target: &Target, key: &str) {
+    let holder_locks = target.locks().await;
+    let held_key = key.to_owned();
+    let fence = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let lease = runtime.block_on(async {
+            holder_locks
+                .lock(&held_key)
+                .ttl(Duration::from_secs(1))
+                .acquire()
+                .await
+                .unwrap()
+        });
+        let fence = lease.fence();
+        // The lease's task dies with its runtime; the lease itself is never released.
+        std::mem::forget(lease);
+        drop(runtime);
+        fence
+    })
+    .join()
+    .unwrap();
+    let locks = target.locks().await;
+    let limit = if locks.backend().capabilities().freed_on_holder_death {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(1) + PROMPTLY
+    };
+    let lease = within(
+        limit,
+        "acquire after the holder's runtime was dropped",
+        locks.lock(key).acquire(),
+    )
+    .await
+    .unwrap();
+    assert!(lease.fence() > fence);
 }
 
 /// Every bad key of SPEC §2 is a typed `BadKey` error from every entry point.

@@ -80,6 +80,11 @@ impl Target {
         }
     }
 
+    /// True if the target can be run by the `dlock` binary (it has a URL).
+    pub fn has_cli(&self) -> bool {
+        self.url.is_some() && self.cli.is_some()
+    }
+
     /// The `dlock` binary.
     pub fn cli(&self) -> &PathBuf {
         match &self.cli {
