@@ -1,7 +1,6 @@
 //! The `dlock` command line (SPEC §4): a thin user of the library that maps its errors
 //! to exit statuses.
 
-mod bench;
 mod child;
 mod exit;
 mod inspect;
@@ -95,18 +94,6 @@ its COMMAND SIGTERM and exits 76).")]
         #[command(flatten)]
         backend: BackendArg,
     },
-    /// Measure lock cost and hand-off latency on a backend
-    #[command(after_help = "\
-Examples:
-  dlock bench --backend redis://127.0.0.1:6379 --concurrency 64
-  dlock bench --mode handoff --concurrency 16 --hold 5ms
-  dlock bench --mode held --concurrency 10000 --duration 60s --json
-
-Modes: uncontended (fresh random keys: pairs/s, acquire latency), contended (one
-key: pairs/s, latency, switch share, tasks served), handoff (release -> next
-holder latency), held (memory, CPU and renewal traffic of many held leases).
-Every mode checks mutual exclusion and exits 70 if it was violated.")]
-    Bench(bench::BenchArgs),
     /// Print the SQL that creates the tables of a PostgreSQL or MySQL backend URL
     #[command(after_help = "\
 Example:
@@ -181,7 +168,6 @@ pub fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run::run(args).await,
-            Command::Bench(args) => bench::bench(args).await,
             Command::Status { key, backend, json } => {
                 inspect::status(&key, backend.backend, json).await
             }
