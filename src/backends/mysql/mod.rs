@@ -60,7 +60,7 @@ pub const MAX_LOCK_NAME_CHARS: usize = 64;
 pub use super::sql_url::Mode;
 
 /// Everything parsed from a MySQL URL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     /// Which mode.
     pub mode: Mode,
@@ -72,6 +72,18 @@ pub struct Settings {
     pub counter: String,
     /// The URL with its password hidden.
     pub describe: String,
+}
+
+// By hand: the Debug of mysql_async's `Opts` shows the password.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("mode", &self.mode)
+            .field("table", &self.table)
+            .field("counter", &self.counter)
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Opens a MySQL backend from its URL.
@@ -148,11 +160,19 @@ pub fn lock_name(key: &str) -> String {
 /// work on it finished without error ([`Lent::keep`]); one whose future was dropped
 /// mid-statement or that failed is closed instead (the server then rolls back anything
 /// it left open). Connections idle for a minute are pinged before reuse.
-#[derive(Debug)]
 pub(crate) struct Conns {
     opts: Opts,
     describe: String,
     idle: std::sync::Mutex<Vec<(mysql_async::Conn, std::time::Instant)>>,
+}
+
+// By hand: the Debug of `Opts` shows the password.
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns")
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
 }
 
 const MAX_IDLE: usize = 32;
