@@ -262,17 +262,10 @@ VALUES (UNHEX(SHA2(?, 256)), ?, 'frozen', 1001, UTC_TIMESTAMP(6) + INTERVAL 1 HO
         .await
         .unwrap();
 
-    let second = within(
-        PROMPTLY,
-        "connect beside a stalled acquirer",
-        dlock::connect(&url),
-    )
-    .await
-    .unwrap();
     let free = within(
         PROMPTLY,
         "acquire of an unrelated key",
-        second.lock(&free_key).try_acquire(),
+        first.lock(&free_key).try_acquire(),
     )
     .await
     .unwrap()
@@ -282,10 +275,17 @@ VALUES (UNHEX(SHA2(?, 256)), ?, 'frozen', 1001, UTC_TIMESTAMP(6) + INTERVAL 1 HO
         "fence {} not above the old counter",
         free.fence()
     );
+    let second = within(
+        PROMPTLY,
+        "connect beside a stalled acquirer",
+        dlock::connect(&url),
+    )
+    .await
+    .unwrap();
     let old = within(
         PROMPTLY,
         "acquire of a key with an old row",
-        first.lock(&old_key).try_acquire(),
+        second.lock(&old_key).try_acquire(),
     )
     .await
     .unwrap()
