@@ -166,6 +166,10 @@ impl Backend {
                 Err("no network between client and store: the backend is local, or the harness does not control it")
             }
             Nemesis::Partition => Ok(()),
+            Nemesis::HostileDir if self.kind == Kind::Flock && self.url.starts_with("file://") => {
+                Ok(())
+            }
+            Nemesis::HostileDir => Err("only the file backend has a lock directory"),
         }
     }
 

@@ -22,6 +22,12 @@ pub enum Nemesis {
     /// Cut one client off from the server(s) for longer than the TTL, then heal: every
     /// client reaches the servers through proxies of its own, which stop moving bytes.
     Partition,
+    /// Plant, in the file backend's lock directory, what a hostile member of a shared
+    /// directory's group could: links to a file outside it, dangling links, FIFOs, hard
+    /// links, for other keys and in place of the workers' key's fence file. Nothing
+    /// outside the directory may be written or created, and a planted entry never works
+    /// as a lock. Not part of `mixed`.
+    HostileDir,
     /// Each fault picked at random among those that apply.
     Mixed,
 }
@@ -35,6 +41,7 @@ pub const ALL: &[Nemesis] = &[
     Nemesis::PauseServer,
     Nemesis::Clock,
     Nemesis::Partition,
+    Nemesis::HostileDir,
     Nemesis::Mixed,
 ];
 
@@ -49,6 +56,7 @@ impl Nemesis {
             Nemesis::PauseServer => "pause-server",
             Nemesis::Clock => "clock",
             Nemesis::Partition => "partition",
+            Nemesis::HostileDir => "hostile-dir",
             Nemesis::Mixed => "mixed",
         }
     }
@@ -82,6 +90,69 @@ pub fn set_clock_offset(file: &Path, offset_secs: f64) -> std::io::Result<()> {
     let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(tmp, file)
+}
+
+/// Files outside the lock directory that the hostile-directory nemesis points its plants
+/// at, and checks afterwards: the canary must keep its contents and its single extra link,
+/// and the absent file must never appear.
+pub struct Hostile {
+    canary: std::path::PathBuf,
+    absent: std::path::PathBuf,
+}
+
+const CANARY: &[u8] = b"written by the hostile-dir nemesis; dlock must never change this\n";
+
+/// What to plant.
+#[derive(Debug, Clone, Copy)]
+pub enum Plant {
+    /// A symbolic link to the canary.
+    Link,
+    /// A symbolic link to a file that does not exist.
+    Dangling,
+    /// A FIFO.
+    Fifo,
+    /// A hard link to the canary.
+    HardLink,
+}
+
+impl Hostile {
+    /// Creates the canary in `outside` (a directory other than the lock directory).
+    pub fn new(outside: &Path) -> std::io::Result<Hostile> {
+        let canary = outside.join("hostile-canary");
+        std::fs::write(&canary, CANARY)?;
+        Ok(Hostile {
+            canary,
+            absent: outside.join("hostile-absent"),
+        })
+    }
+
+    /// Plants `what` at `at`, replacing whatever is there (atomically, by a rename, as an
+    /// attacker racing dlock would).
+    pub fn plant(&self, what: Plant, at: &Path) -> std::io::Result<()> {
+        let tmp = at.with_extension(format!("plant{:08x}", rand::random::<u32>()));
+        match what {
+            Plant::Link => std::os::unix::fs::symlink(&self.canary, &tmp)?,
+            Plant::Dangling => std::os::unix::fs::symlink(&self.absent, &tmp)?,
+            Plant::HardLink => std::fs::hard_link(&self.canary, &tmp)?,
+            Plant::Fifo => {
+                let c = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes())
+                    .map_err(std::io::Error::other)?;
+                // SAFETY: mkfifo on a NUL-terminated path.
+                if unsafe { libc::mkfifo(c.as_ptr(), 0o666) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+        }
+        std::fs::rename(&tmp, at).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
+    /// Whether everything outside the lock directory is as the nemesis left it.
+    pub fn intact(&self) -> bool {
+        std::fs::read(&self.canary).is_ok_and(|c| c == CANARY)
+            && std::fs::symlink_metadata(&self.absent).is_err()
+    }
 }
 
 /// Sends `signal` to `pid`; false if the process does not exist.

@@ -54,6 +54,9 @@ pub struct RunResult {
     pub worker_errors: u64,
     /// Whether the README allows overlap here.
     pub overlap_allowed: bool,
+    /// Hostile-directory nemesis: a file outside the lock directory written or created
+    /// through a planted entry, or a planted entry that worked as a lock.
+    pub hostile_breaches: u64,
     /// Where the logs are.
     pub logs: PathBuf,
 }
@@ -98,6 +101,12 @@ impl RunResult {
                 c.overlaps
             ));
         }
+        if self.hostile_breaches > 0 {
+            out.push(format!(
+                "{what}: {} planted entries were followed outside the lock directory or used as locks",
+                self.hostile_breaches
+            ));
+        }
         if c.accepted_writes == 0 {
             out.push(format!(
                 "{what}: no write was accepted: the workload made no progress"
@@ -127,6 +136,7 @@ enum Active {
     PausedServer(Vec<u32>),
     Clock(PathBuf),
     Partitioned(Vec<crate::proxy::Proxy>),
+    Planted(Vec<PathBuf>),
 }
 
 struct Runner<'a> {
@@ -142,6 +152,8 @@ struct Runner<'a> {
     panics: u64,
     hung: u64,
     worker_errors: u64,
+    hostile: Option<nemesis::Hostile>,
+    hostile_breaches: u64,
 }
 
 /// Runs `nemesis` against `backend` and checks the history.
@@ -170,6 +182,8 @@ pub async fn run(
         panics: 0,
         hung: 0,
         worker_errors: 0,
+        hostile: None,
+        hostile_breaches: 0,
     };
     for _ in 0..config.workers {
         runner.spawn_worker().await?;
@@ -177,6 +191,9 @@ pub async fn run(
     runner.drive(nemesis).await?;
     let duration = started.elapsed();
     runner.finish().await;
+    if runner.hostile.as_ref().is_some_and(|h| !h.intact()) {
+        runner.hostile_breaches += 1;
+    }
     let left_held = runner.left_held().await;
     let history = store.history();
     let lines: Vec<String> = history.iter().map(|e| format!("{e:?}")).collect();
@@ -193,6 +210,7 @@ pub async fn run(
         incarnations: u64::from(runner.next_client - 1),
         worker_errors: runner.worker_errors,
         overlap_allowed: backend.overlap_possible(nemesis),
+        hostile_breaches: runner.hostile_breaches,
         logs: dir,
     })
 }
@@ -489,8 +507,60 @@ impl Runner<'_> {
                     Instant::now() + nemesis::pause_length(ttl),
                 )))
             }
+            Nemesis::HostileDir => self.plant().await,
             Nemesis::None | Nemesis::Mixed => Ok(None),
         }
+    }
+
+    /// Plants a link, FIFO or hard link in the lock directory: in place of the workers'
+    /// key's fence file (the workers then get errors until it is removed, and their fences
+    /// continue from the lock record), or as another key's lock file, which the harness
+    /// then tries to lock, inspect and force-release: each must fail or do nothing.
+    async fn plant(&mut self) -> std::io::Result<Option<(Active, Instant)>> {
+        use nemesis::Plant;
+        let Some(lock_dir) = self.backend.url.strip_prefix("file://").map(PathBuf::from) else {
+            return Ok(None);
+        };
+        if self.hostile.is_none() {
+            self.hostile = Some(nemesis::Hostile::new(&self.dir)?);
+        }
+        let Some(hostile) = &self.hostile else {
+            return Ok(None);
+        };
+        let kinds = [Plant::Link, Plant::Dangling, Plant::Fifo, Plant::HardLink];
+        let mut planted = Vec::new();
+        let mut probes = Vec::new();
+        // One plant in place of the workers' fence file, two as other keys' lock files.
+        for own_key in [true, false, false] {
+            let what = kinds[rand::rng().random_range(0..kinds.len())];
+            let (key, name) = if own_key {
+                (self.key.clone(), format!("{}.fence", self.key))
+            } else {
+                let key = format!("hostile-{:08x}", rand::random::<u32>());
+                let name = format!("{key}.lock");
+                (key, name)
+            };
+            let at = lock_dir.join(&name);
+            // A hard link across file systems is impossible: that one is not planted.
+            if hostile.plant(what, &at).is_err() {
+                continue;
+            }
+            self.store.fault(format!("planted {what:?} as {name}"));
+            planted.push(at);
+            if !own_key {
+                probes.push(key);
+            }
+        }
+        for key in probes {
+            self.hostile_breaches += probe(&self.backend.url, &key).await;
+        }
+        if planted.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((
+            Active::Planted(planted),
+            Instant::now() + self.config.ttl,
+        )))
     }
 
     fn undo(&mut self, active: Active) {
@@ -514,6 +584,14 @@ impl Runner<'_> {
             Active::Partitioned(proxies) => {
                 for proxy in proxies {
                     proxy.set(crate::proxy::Mode::Pass, 0);
+                }
+            }
+            Active::Planted(planted) => {
+                for at in planted {
+                    let _ = std::fs::remove_file(&at);
+                }
+                if self.hostile.as_ref().is_some_and(|h| !h.intact()) {
+                    self.hostile_breaches += 1;
                 }
             }
         }
@@ -597,6 +675,27 @@ impl Runner<'_> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Tries to lock, inspect and force-release `key`, whose lock file is a planted entry:
+/// 1 if dlock took it as a lock, else 0 (errors are the expected answers).
+async fn probe(url: &str, key: &str) -> u64 {
+    let limit = Duration::from_secs(10);
+    let Ok(Ok(locks)) = tokio::time::timeout(limit, dlock::connect(url)).await else {
+        return 0;
+    };
+    let mut breaches = 0;
+    let attempt = locks.lock(key).no_wait().try_acquire();
+    if let Ok(Ok(Some(lease))) = tokio::time::timeout(limit, attempt).await {
+        breaches += 1;
+        let _ = lease.release().await;
+    }
+    let _ = tokio::time::timeout(limit, locks.status(key)).await;
+    let _ = tokio::time::timeout(limit, locks.list()).await;
+    if let Ok(Ok(true)) = tokio::time::timeout(limit, locks.force_release(key)).await {
+        breaches += 1;
+    }
+    breaches
 }
 
 async fn connect_retrying(url: &str, until: Instant) -> dlock::Result<dlock::Locks> {

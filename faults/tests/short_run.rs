@@ -99,3 +99,10 @@ backends! {
     mysql => "mysql",
     mysql_lease => "mysql-lease",
 }
+
+/// The file backend's short run includes the hostile lock directory nemesis.
+#[test]
+fn file_runs_the_hostile_dir_nemesis() {
+    assert!(Backend::file().applicable(Nemesis::HostileDir).is_ok());
+    assert!(Backend::memory().applicable(Nemesis::HostileDir).is_err());
+}

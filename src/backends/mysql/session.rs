@@ -1,8 +1,8 @@
 //! `mode=session` on MySQL/MariaDB: a lock is a user-level lock (`GET_LOCK`).
 //!
 //! Each held lease has a connection of its own (user-level locks belong to the session),
-//! from a small idle pool of this handle. The name is the key itself when it has at most
-//! 64 characters, else a hash (see [`lock_name`](super::lock_name)). After `GET_LOCK`
+//! from a small idle pool of this handle. The name is a hash of the fence namespace and
+//! the key (see [`lock_name`](super::lock_name)). After `GET_LOCK`
 //! returns 1, the same connection bumps the fence counter and records the holder row
 //! `(k, key_text, lock_name, owner, fence, conn_id, …)`; any failure in between closes the
 //! connection, which frees the lock.
@@ -16,8 +16,8 @@
 //! restarted, network gone) fires the lease's `lost()`.
 
 use super::{
-    counter_ddl, ensure_schema, epoch_us, is_connection_error, lock_name, my_error, row_key,
-    Settings,
+    counter_ddl, counter_probe, ensure_schema, epoch_us, is_connection_error, lock_name, my_error,
+    row_key, table_probe, Settings,
 };
 use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, LockInfo};
 use crate::core::owner::Owner;
@@ -102,6 +102,8 @@ struct Held {
 
 struct Inner {
     describe: String,
+    /// The fence counter (`database.table`), which namespaces the lock names.
+    namespace: String,
     opts: Opts,
     sql: Sql,
     admin: Pool,
@@ -160,11 +162,11 @@ struct Params {
 }
 
 impl Params {
-    fn of(request: &AcquireRequest<'_>) -> Self {
+    fn of(request: &AcquireRequest<'_>, namespace: &str) -> Self {
         Params {
             k: row_key(request.key.as_str()),
             key: request.key.to_string(),
-            name: lock_name(request.key.as_str()),
+            name: lock_name(namespace, request.key.as_str()),
             owner: request.owner.to_string(),
             ttl_ms: i64::try_from(request.ttl.as_millis()).unwrap_or(i64::MAX),
             pid: request.holder.pid,
@@ -215,10 +217,15 @@ impl MysqlSessionBackend {
             .map_err(|e| my_error(&settings.describe, &e))?;
         let mut statements = counter_ddl(&settings.counter);
         statements.push(ddl(&settings.table));
-        ensure_schema(&mut conn, &settings.describe, statements).await?;
+        let probes = [
+            counter_probe(&settings.counter),
+            table_probe(&settings.table),
+        ];
+        ensure_schema(&mut conn, &settings.describe, &probes, statements).await?;
         drop(conn);
         Ok(MysqlSessionBackend {
             inner: Arc::new(Inner {
+                namespace: settings.namespace,
                 sql: Sql::new(&settings.table, &settings.counter),
                 describe: settings.describe,
                 opts: settings.opts,
@@ -281,6 +288,10 @@ impl MysqlSessionBackend {
         );
     }
 
+    fn lock_name(&self, key: &Key) -> String {
+        lock_name(&self.inner.namespace, key.as_str())
+    }
+
     async fn admin(&self) -> Result<mysql_async::Conn> {
         self.inner.admin.get_conn().await.map_err(|e| self.err(&e))
     }
@@ -302,7 +313,7 @@ impl Backend for MysqlSessionBackend {
     }
 
     async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
-        let params = Params::of(&request);
+        let params = Params::of(&request, &self.inner.namespace);
         let mut conn = self.take_conn().await?;
         // A dropped future drops `conn`: the connection closes and frees what it took.
         match params.lock(&mut conn, &self.inner.sql, 0).await {
@@ -326,7 +337,7 @@ impl Backend for MysqlSessionBackend {
         request: AcquireRequest<'_>,
         deadline: Option<Instant>,
     ) -> Result<Option<u64>> {
-        let params = Params::of(&request);
+        let params = Params::of(&request, &self.inner.namespace);
         let mut conn = self.take_conn().await?;
         let mut kill = KillOnDrop {
             pool: Some(self.inner.admin.clone()),
@@ -482,7 +493,7 @@ impl Backend for MysqlSessionBackend {
 
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let mut conn = self.admin().await?;
-        let name = lock_name(key.as_str());
+        let name = self.lock_name(key);
         let holder: Option<Option<u64>> = conn
             .exec_first("SELECT IS_USED_LOCK(?)", (name.as_str(),))
             .await
@@ -536,8 +547,9 @@ impl Backend for MysqlSessionBackend {
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
         let mut conn = self.admin().await?;
+        let name = self.lock_name(key);
         let holder: Option<Option<u64>> = conn
-            .exec_first("SELECT IS_USED_LOCK(?)", (lock_name(key.as_str()),))
+            .exec_first("SELECT IS_USED_LOCK(?)", (name.as_str(),))
             .await
             .map_err(|e| self.err(&e))?;
         let Some(conn_id) = holder.flatten() else {
@@ -549,7 +561,7 @@ impl Backend for MysqlSessionBackend {
         // KILL returns before the connection is gone; wait (briefly) until the lock is free.
         for _ in 0..100 {
             let still: Option<Option<u64>> = conn
-                .exec_first("SELECT IS_USED_LOCK(?)", (lock_name(key.as_str()),))
+                .exec_first("SELECT IS_USED_LOCK(?)", (name.as_str(),))
                 .await
                 .map_err(|e| self.err(&e))?;
             if still.flatten() != Some(conn_id) {

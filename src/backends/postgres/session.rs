@@ -17,8 +17,8 @@
 //! state is then uncertain is closed, never pooled: the server frees whatever its session
 //! held. Only connections released in order (unlock confirmed) go back to the pool.
 
-use super::keys::{advisory_key, pg_locks_halves};
-use super::{ensure_schema, millis, pg_error, Conn, Settings, Shared};
+use super::keys::{namespaced_key, pg_locks_halves};
+use super::{ensure_schema, fence_namespace, millis, pg_error, Conn, Settings, Shared};
 use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, LockInfo};
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
@@ -129,6 +129,8 @@ struct Held {
 
 struct Inner {
     describe: String,
+    /// The schema-qualified fence sequence, which namespaces the advisory keys.
+    namespace: String,
     config: Config,
     sql: Sql,
     admin: Shared,
@@ -184,9 +186,9 @@ struct Params {
 }
 
 impl Params {
-    fn of(request: &AcquireRequest<'_>) -> Self {
+    fn of(request: &AcquireRequest<'_>, namespace: &str) -> Self {
         Params {
-            lock_id: advisory_key(request.key.as_str()),
+            lock_id: namespaced_key(namespace, request.key.as_str()),
             key: request.key.to_string(),
             owner: request.owner.to_string(),
             ttl_ms: millis(request.ttl),
@@ -230,8 +232,10 @@ impl PgSessionBackend {
             &ddl(&settings.table),
         )
         .await?;
+        let namespace = fence_namespace(&conn, &settings.describe, &settings.sequence).await?;
         Ok(PgSessionBackend {
             inner: Arc::new(Inner {
+                namespace,
                 sql: Sql::new(&settings.table, &settings.sequence),
                 describe: settings.describe,
                 config: settings.config,
@@ -252,6 +256,10 @@ impl PgSessionBackend {
 
     fn err(&self, err: &tokio_postgres::Error) -> Error {
         pg_error(&self.inner.describe, err)
+    }
+
+    fn lock_id(&self, key: &Key) -> i64 {
+        namespaced_key(&self.inner.namespace, key.as_str())
     }
 
     /// An idle connection of the pool, or a new one.
@@ -355,7 +363,7 @@ impl Backend for PgSessionBackend {
 
     async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
         self.maybe_sweep();
-        let params = Params::of(&request);
+        let params = Params::of(&request, &self.inner.namespace);
         let conn = self.take_conn().await?;
         // If this future is dropped mid-query, `conn` is dropped with it: the connection
         // closes and the server frees anything it took.
@@ -380,7 +388,7 @@ impl Backend for PgSessionBackend {
         deadline: Option<Instant>,
     ) -> Result<Option<u64>> {
         self.maybe_sweep();
-        let params = Params::of(&request);
+        let params = Params::of(&request, &self.inner.namespace);
         let lock_id = params.lock_id;
         let conn = self.take_conn().await?;
         let mut cancel = CancelOnDrop(Some(conn.cancel.clone()));
@@ -505,7 +513,7 @@ impl Backend for PgSessionBackend {
     }
 
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let (classid, objid) = pg_locks_halves(advisory_key(key.as_str()));
+        let (classid, objid) = pg_locks_halves(self.lock_id(key));
         let conn = self.inner.admin.get().await?;
         let rows = conn
             .query_typed(
@@ -537,8 +545,8 @@ impl Backend for PgSessionBackend {
             let app: Option<String> = row.try_get(9).ok().flatten();
             let mut info = info;
             info.note = Some(format!(
-                "advisory lock {} held by PostgreSQL session pid {server_pid}{from} (application {:?}), which is not a dlock lease on this key",
-                advisory_key(key.as_str()),
+                "advisory lock {} held by PostgreSQL session pid {server_pid}{from} (application {:?}), which is not a dlock lease on this key in this table",
+                self.lock_id(key),
                 app.unwrap_or_default()
             ));
             Ok(Some(info))
@@ -566,7 +574,7 @@ impl Backend for PgSessionBackend {
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
-        let (classid, objid) = pg_locks_halves(advisory_key(key.as_str()));
+        let (classid, objid) = pg_locks_halves(self.lock_id(key));
         let conn = self.inner.admin.get().await?;
         let rows = conn
             .query_typed(
