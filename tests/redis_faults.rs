@@ -529,7 +529,11 @@ async fn attempts_on_a_frozen_server_fail_typed_soon_after_their_deadline() {
     let ttl = Duration::from_secs(2);
     // Connects the handle through the proxy before the freeze.
     let lease = locks.lock("frozen-warmup").try_acquire().await.unwrap();
-    assert!(lease.expect("free key not acquired").release().await.unwrap());
+    assert!(lease
+        .expect("free key not acquired")
+        .release()
+        .await
+        .unwrap());
 
     proxy.freeze();
     let err = within(

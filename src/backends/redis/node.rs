@@ -443,4 +443,57 @@ mod tests {
         assert!(!is_side_key(&names.lock));
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
+
+    fn server_answer(reply: &[u8]) -> redis::RedisError {
+        match redis::parse_redis_value(reply).unwrap().extract_error() {
+            Err(err) => err,
+            Ok(value) => panic!("not an error reply: {value:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_that_heal_are_transient_and_refusals_are_not() {
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        for (err, transient) in [
+            (io, true),
+            (
+                server_answer(b"-LOADING Redis is loading the dataset in memory\r\n"),
+                true,
+            ),
+            (
+                server_answer(b"-BUSY Redis is busy running a script\r\n"),
+                true,
+            ),
+            (
+                server_answer(b"-MASTERDOWN Link with MASTER is down\r\n"),
+                true,
+            ),
+            (
+                server_answer(b"-WRONGPASS invalid username-password pair\r\n"),
+                false,
+            ),
+            (
+                server_answer(b"-NOAUTH Authentication required.\r\n"),
+                false,
+            ),
+            (
+                server_answer(
+                    b"-NOPERM this user has no permissions to run the 'eval' command\r\n",
+                ),
+                false,
+            ),
+            (server_answer(b"-ERR unknown command\r\n"), false),
+        ] {
+            let mapped = map_error("redis://h:6379", &err);
+            assert_eq!(
+                mapped.is_transient(),
+                transient,
+                "{err:?} became {mapped:?}"
+            );
+            assert!(
+                std::error::Error::source(&mapped).is_some(),
+                "{mapped:?} lost its source"
+            );
+        }
+    }
 }

@@ -65,7 +65,9 @@ impl RedisBackend {
 
 /// Opens `redis://` and `rediss://` URLs, for the registry of schemes.
 pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
-    Ok(Arc::new(RedisBackend::open(&BackendUrl::parse(url)?).await?))
+    Ok(Arc::new(
+        RedisBackend::open(&BackendUrl::parse(url)?).await?,
+    ))
 }
 
 /// One lease held on the node: everything its renewals and release need (the TTL comes
