@@ -625,3 +625,61 @@ async fn waiter_without_limit_waits_across_a_server_restart_then_acquires() {
     assert!(lease.release().await.unwrap());
     drop(holder);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_attempts_with_a_frozen_majority_fail_typed_soon_after_their_deadline() {
+    let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut proxies = Vec::new();
+    for node in &nodes {
+        proxies.push(FreezingProxy::start(node.port()).await);
+    }
+    let hosts: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.port()))
+        .collect();
+    let locks = dlock::connect(&format!("redlock://{}", hosts.join(",")))
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(2);
+    let lease = locks.lock("redlock-warmup").try_acquire().await.unwrap();
+    assert!(lease
+        .expect("free key not acquired")
+        .release()
+        .await
+        .unwrap());
+
+    proxies[0].freeze();
+    proxies[2].freeze();
+    let err = within(
+        FROZEN_SLACK,
+        "Redlock try_acquire with 2 of 3 nodes frozen",
+        locks.lock("redlock-frozen").ttl(ttl).try_acquire(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("quorum"), "{err}");
+
+    for proxy in &proxies {
+        proxy.thaw();
+    }
+    let lease = within(
+        Duration::from_secs(15),
+        "Redlock acquire after the thaw",
+        locks
+            .lock("redlock-frozen")
+            .ttl(ttl)
+            .wait_for(Duration::from_secs(10))
+            .acquire(),
+    )
+    .await
+    .unwrap();
+    assert!(lease.release().await.unwrap());
+    for (index, node) in nodes.iter().enumerate() {
+        assert_eq!(
+            stray_keys(node),
+            Vec::<String>::new(),
+            "stray keys on node {index}"
+        );
+    }
+}
