@@ -598,6 +598,21 @@ pub async fn release_reports_whether_still_held(target: &Target) {
     assert!(!lease.release().await.unwrap());
 }
 
+/// A key released by `release()` can be taken again at once through the same handle:
+/// the release has reached the store, and the handle's local queue has moved on, by the
+/// time `release()` returns.
+pub async fn released_key_is_free_at_once_on_the_same_handle(target: &Target) {
+    let key = target.unique_key("again");
+    let locks = target.locks().await;
+    for _ in 0..20 {
+        let lease = locks.lock(&key).acquire().await.unwrap();
+        assert!(lease.release().await.unwrap());
+        let again = locks.lock(&key).try_acquire().await.unwrap();
+        let again = again.expect("the key just released was not free on the same handle");
+        assert!(again.release().await.unwrap());
+    }
+}
+
 /// `run` (with_lock) holds the lock during the work and releases it afterwards.
 pub async fn with_lock_runs_work_and_releases(target: &Target) {
     let key = target.unique_key("with");
