@@ -25,7 +25,9 @@ async fn short_run(name: &str) {
         "libfaketime is not installed: install the Debian package `faketime` (apt-get install faketime)"
     );
     let backend = Backend::start(name).unwrap_or_else(|e| panic!("{e}"));
-    let log_dir = std::env::temp_dir().join(format!("dlock-faults-ci-{}", std::process::id()));
+    // One directory per backend: the backends run side by side and each removes its own.
+    let log_dir =
+        std::env::temp_dir().join(format!("dlock-faults-ci-{}-{}", std::process::id(), name));
     let mut results = Vec::new();
     let mut skipped = Vec::new();
     for &nemesis in ALL {
