@@ -136,6 +136,13 @@ enum Active {
     PausedServer(Vec<u32>),
     Clock(PathBuf),
     Partitioned(Vec<crate::proxy::Proxy>),
+    Slowed(Vec<crate::proxy::Proxy>),
+    Frozen(Vec<crate::proxy::Proxy>),
+    /// The degrade sequence, at `step` (1 slow, 2 frozen, 3 cut off).
+    Degrading(Vec<crate::proxy::Proxy>, u8),
+    /// A burst of force-releases, running beside the drive loop (a force-release may wait
+    /// on the server, and the loop must keep reaping workers meanwhile).
+    ForceBurst(tokio::task::JoinHandle<()>),
     Planted(Vec<PathBuf>),
 }
 
@@ -152,6 +159,10 @@ struct Runner<'a> {
     panics: u64,
     hung: u64,
     worker_errors: u64,
+    /// The harness's own connection to the backend (for force-release), made when needed.
+    admin: Option<dlock::Locks>,
+    /// A force-release burst still running when the run ended.
+    burst: Option<tokio::task::JoinHandle<()>>,
     hostile: Option<nemesis::Hostile>,
     hostile_breaches: u64,
 }
@@ -182,6 +193,8 @@ pub async fn run(
         panics: 0,
         hung: 0,
         worker_errors: 0,
+        admin: None,
+        burst: None,
         hostile: None,
         hostile_breaches: 0,
     };
@@ -191,6 +204,12 @@ pub async fn run(
     runner.drive(nemesis).await?;
     let duration = started.elapsed();
     runner.finish().await;
+    if let Some(mut burst) = runner.burst.take() {
+        let limit = config.ttl * 4 + Duration::from_secs(2);
+        if tokio::time::timeout(limit, &mut burst).await.is_err() {
+            burst.abort();
+        }
+    }
     if runner.hostile.as_ref().is_some_and(|h| !h.intact()) {
         runner.hostile_breaches += 1;
     }
@@ -226,6 +245,9 @@ fn sanitize(name: &str) -> String {
         })
         .collect()
 }
+
+/// How often the drive loop looks whether a force-release burst is over.
+const BURST_POLL: Duration = Duration::from_millis(50);
 
 fn fmt_dur(d: Duration) -> String {
     format!("{}ms", d.as_millis())
@@ -268,10 +290,7 @@ impl Runner<'_> {
         }
         let mut url = self.backend.url.clone();
         let mut proxies = Vec::new();
-        if let (Some(via), true) = (
-            &self.backend.via,
-            matches!(self.nemesis, Nemesis::Partition | Nemesis::Mixed),
-        ) {
+        if let (Some(via), true) = (&self.backend.via, self.nemesis.uses_proxies()) {
             let mut ports = Vec::new();
             for &port in &via.ports {
                 let proxy = crate::proxy::Proxy::start(port).await?;
@@ -373,18 +392,35 @@ impl Runner<'_> {
         if nemesis != Nemesis::Mixed {
             return nemesis;
         }
-        let options: Vec<Nemesis> = [
-            Nemesis::KillClient,
-            Nemesis::PauseClient,
-            Nemesis::KillServer,
-            Nemesis::PauseServer,
-            Nemesis::Clock,
-            Nemesis::Partition,
-        ]
-        .into_iter()
-        .filter(|n| self.backend.applicable(*n).is_ok())
-        .collect();
+        let options: Vec<Nemesis> = nemesis::ALL
+            .iter()
+            .copied()
+            .filter(|n| n.in_mix() && self.backend.applicable(*n).is_ok())
+            .collect();
         options[rand::rng().random_range(0..options.len())]
+    }
+
+    /// A live worker with proxies of its own, and a copy of them.
+    fn pick_proxies(&self) -> Option<(u32, Vec<crate::proxy::Proxy>)> {
+        let worker = &self.workers[self.pick_worker()?];
+        if worker.proxies.is_empty() {
+            return None;
+        }
+        Some((worker.client, worker.proxies.clone()))
+    }
+
+    /// The harness's own connection to the backend, made at first use.
+    async fn admin(&mut self) -> Option<dlock::Locks> {
+        if self.admin.is_none() {
+            let until = Instant::now() + self.config.ttl * 4 + Duration::from_secs(2);
+            match connect_retrying(&self.backend.url, until).await {
+                Ok(locks) => self.admin = Some(locks),
+                Err(err) => self
+                    .store
+                    .fault(format!("force-release: cannot connect: {err}")),
+            }
+        }
+        self.admin.clone()
     }
 
     fn next_fault_at(&self) -> Instant {
@@ -507,6 +543,73 @@ impl Runner<'_> {
                     Instant::now() + nemesis::pause_length(ttl),
                 )))
             }
+            Nemesis::Slow => {
+                let Some((client, proxies)) = self.pick_proxies() else {
+                    return Ok(None);
+                };
+                for proxy in &proxies {
+                    proxy.set_latency(Some(nemesis::latency()));
+                }
+                self.store
+                    .fault(format!("slow network for client {client}"));
+                Ok(Some((
+                    Active::Slowed(proxies),
+                    Instant::now() + nemesis::pause_length(ttl),
+                )))
+            }
+            Nemesis::Freeze => {
+                let Some((client, proxies)) = self.pick_proxies() else {
+                    return Ok(None);
+                };
+                for proxy in &proxies {
+                    proxy.set(crate::proxy::Mode::Freeze, 0);
+                }
+                let length = nemesis::freeze_length(ttl);
+                self.store.fault(format!(
+                    "freeze connections of client {client} for {}ms",
+                    length.as_millis()
+                ));
+                Ok(Some((Active::Frozen(proxies), Instant::now() + length)))
+            }
+            Nemesis::Degrade => {
+                let Some((client, proxies)) = self.pick_proxies() else {
+                    return Ok(None);
+                };
+                for proxy in &proxies {
+                    proxy.set_latency(Some(nemesis::latency()));
+                }
+                self.store
+                    .fault(format!("degrade the network of client {client}: slow"));
+                Ok(Some((Active::Degrading(proxies, 1), Instant::now() + ttl)))
+            }
+            Nemesis::ForceRelease => {
+                let Some(locks) = self.admin().await else {
+                    return Ok(None);
+                };
+                let (store, key) = (self.store.clone(), self.key.clone());
+                let limit = ttl * 4 + Duration::from_secs(2);
+                let count = rand::rng().random_range(2..=5);
+                let burst = tokio::spawn(async move {
+                    for i in 0..count {
+                        if i > 0 {
+                            let gap = Duration::from_millis(rand::rng().random_range(10..150));
+                            tokio::time::sleep(gap).await;
+                        }
+                        let what =
+                            match tokio::time::timeout(limit, locks.force_release(&key)).await {
+                                Ok(Ok(true)) => "force-release (was held)".to_owned(),
+                                Ok(Ok(false)) => "force-release (was free)".to_owned(),
+                                Ok(Err(err)) => format!("force-release failed: {err}"),
+                                Err(_) => "force-release timed out".to_owned(),
+                            };
+                        store.fault(what);
+                    }
+                });
+                Ok(Some((
+                    Active::ForceBurst(burst),
+                    Instant::now() + BURST_POLL,
+                )))
+            }
             Nemesis::HostileDir => self.plant().await,
             Nemesis::None | Nemesis::Mixed => Ok(None),
         }
@@ -563,8 +666,46 @@ impl Runner<'_> {
         )))
     }
 
-    fn undo(&mut self, active: Active) {
+    /// Ends a fault, or moves a sequence of faults to its next step (returned with when it
+    /// ends). With `ending`, the run is over: sequences stop and everything heals at once.
+    async fn undo(&mut self, active: Active, ending: bool) -> Option<(Active, Instant)> {
+        let ttl = self.config.ttl;
         match active {
+            Active::Degrading(proxies, step) if !ending && step < 3 => {
+                let (mode, what, length) = if step == 1 {
+                    (
+                        crate::proxy::Mode::Freeze,
+                        "frozen",
+                        nemesis::freeze_length(ttl),
+                    )
+                } else {
+                    (
+                        crate::proxy::Mode::Partition,
+                        "cut off",
+                        nemesis::pause_length(ttl),
+                    )
+                };
+                for proxy in &proxies {
+                    proxy.set(mode, 0);
+                }
+                self.store.fault(format!("degrade: {what}"));
+                return Some((
+                    Active::Degrading(proxies, step + 1),
+                    Instant::now() + length,
+                ));
+            }
+            Active::ForceBurst(burst) if !ending && !burst.is_finished() => {
+                return Some((Active::ForceBurst(burst), Instant::now() + BURST_POLL));
+            }
+            // A force-release still waiting on the server when the run ends settles after
+            // the workers have exited, so that what it did is in the history.
+            Active::ForceBurst(burst) => self.burst = Some(burst),
+            Active::Slowed(proxies) | Active::Frozen(proxies) | Active::Degrading(proxies, _) => {
+                for proxy in proxies {
+                    proxy.set_latency(None);
+                    proxy.set(crate::proxy::Mode::Pass, 0);
+                }
+            }
             Active::PausedClient(client) => {
                 if let Some(worker) = self.workers.iter_mut().find(|w| w.client == client) {
                     if let Handle::Process(child) = &worker.handle {
@@ -595,6 +736,7 @@ impl Runner<'_> {
                 }
             }
         }
+        None
     }
 
     /// The run proper: reap and replace workers, inject faults at random times.
@@ -607,7 +749,7 @@ impl Runner<'_> {
             if let Some((_, until)) = &active {
                 if now >= *until {
                     if let Some((what, _)) = active.take() {
-                        self.undo(what);
+                        active = self.undo(what, false).await;
                     }
                     next_fault = self.next_fault_at();
                 }
@@ -618,7 +760,7 @@ impl Runner<'_> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some((what, _)) = active.take() {
-            self.undo(what);
+            self.undo(what, true).await;
         }
         Ok(())
     }
