@@ -1,0 +1,323 @@
+//! Private etcd clusters for tests (one member, or three): started from the installed
+//! `etcd` binary (Debian `etcd-server`) on loopback ports below 32768, each member with a
+//! data directory in one temporary directory, killed and removed when dropped (and,
+//! through [`spawn_tied`], when the test process dies).
+
+use crate::process::{logged, require_binary, signal, spawn_tied, temp_dir, wait_for_port};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One member's ports and process.
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+/// A private etcd cluster.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    binary: PathBuf,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+/// A loopback port below 32768 that nothing listens on now. The kernel hands out its
+/// ephemeral ports above 32768, so ports taken here do not race with outgoing
+/// connections; a port another program binds between this check and etcd's start makes
+/// the launch fail loudly.
+fn low_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20000 + (rand::random::<u16>() % 12000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000");
+}
+
+impl EtcdCluster {
+    /// A single-member cluster.
+    pub fn start() -> EtcdCluster {
+        EtcdCluster::start_members(1)
+    }
+
+    /// A cluster of `count` members, started together; returns once it has a leader.
+    pub fn start_members(count: usize) -> EtcdCluster {
+        let binary = require_binary("etcd", "etcd-server", &[]);
+        let dir = temp_dir("dlock-etcd-");
+        let mut ports = Vec::new();
+        while ports.len() < count * 2 {
+            let port = low_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let members = (0..count)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
+                child: Mutex::new(None),
+            })
+            .collect();
+        let cluster = EtcdCluster {
+            members,
+            binary,
+            token: format!("dlock-test-{:016x}", rand::random::<u64>()),
+            dir,
+        };
+        for i in 0..count {
+            cluster.spawn_member(i);
+        }
+        for i in 0..count {
+            cluster.wait_member(i);
+        }
+        cluster.wait_healthy();
+        cluster
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn member_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.members[i].name)
+    }
+
+    fn spawn_member(&self, i: usize) {
+        let member = &self.members[i];
+        let log = format!("{}.log", member.name);
+        // A log file per start, so a restart does not truncate what the crash left.
+        let log_path = self.dir.path().join(&log);
+        if std::fs::metadata(&log_path).is_ok_and(|meta| meta.len() > 0) {
+            let _ = std::fs::rename(&log_path, self.dir.path().join(format!("{log}.old")));
+        }
+        let mut command = logged(&self.binary, self.dir.path(), &log);
+        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        command
+            .arg("--name")
+            .arg(&member.name)
+            .arg("--data-dir")
+            .arg(self.member_dir(i))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster()])
+            .args(["--initial-cluster-token", &self.token])
+            // A restarted member finds its data directory and ignores this.
+            .args(["--initial-cluster-state", "new"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            // The defaults (100 ms heartbeat, 1 s election timeout): etcd's shortest lease
+            // is then 2 s, which is what the backend's documentation describes.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"]);
+        let child = spawn_tied(command).expect("cannot start etcd");
+        *member.child.lock().unwrap() = Some(child);
+    }
+
+    fn wait_member(&self, i: usize) {
+        let member = &self.members[i];
+        if !wait_for_port(member.client_port, Duration::from_secs(20)) {
+            panic!(
+                "etcd member {} did not listen on port {} within 20 s; log:\n{}",
+                member.name,
+                member.client_port,
+                self.log(i)
+            );
+        }
+    }
+
+    /// The log of member `i` (its current start).
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("{}.log", self.members[i].name)),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Waits until a quorum answers a linearizable read.
+    pub fn wait_healthy(&self) {
+        let started = Instant::now();
+        loop {
+            let output = self
+                .etcdctl(&["get", "--consistency=l", "dlock-launcher-probe"])
+                .output()
+                .expect("cannot run etcdctl");
+            if output.status.success() {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "etcd cluster did not become healthy within 30 s: {}\nlog of m0:\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                self.log(0)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `etcdctl` (Debian `etcd-client`) against the running members.
+    pub fn etcdctl(&self, args: &[&str]) -> Command {
+        let binary = require_binary("etcdctl", "etcd-client", &[]);
+        let mut command = Command::new(binary);
+        command
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .arg("--command-timeout=5s")
+            .arg("--dial-timeout=2s")
+            .args(args);
+        command
+    }
+
+    /// Runs `etcdctl ARGS`, returning its stdout; fails the test if it fails.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let output = self.etcdctl(args).output().expect("cannot run etcdctl");
+        assert!(
+            output.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `host:port` of every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// `etcd://h1:p1,h2:p2,…` for every member.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoints().join(","))
+    }
+
+    /// How many members the cluster has.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Always false: a cluster has at least one member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The index of the member that is the raft leader now, if one answers as leader.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.members.len()).find(|&i| {
+            if self.pid(i).is_none() {
+                return false;
+            }
+            let binary = require_binary("etcdctl", "etcd-client", &[]);
+            let output = Command::new(binary)
+                .env("ETCDCTL_API", "3")
+                .arg(format!(
+                    "--endpoints=127.0.0.1:{}",
+                    self.members[i].client_port
+                ))
+                .args(["--command-timeout=3s", "endpoint", "status", "-w", "simple"])
+                .output();
+            // ENDPOINT, ID, VERSION, DB SIZE, IS LEADER, …
+            output.is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split(',')
+                    .nth(4)
+                    .is_some_and(|field| field.trim() == "true")
+            })
+        })
+    }
+
+    /// Waits until some member is the leader, and returns it.
+    pub fn wait_leader(&self) -> usize {
+        let started = Instant::now();
+        loop {
+            if let Some(leader) = self.leader() {
+                return leader;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no etcd leader within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The process id of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i]
+            .child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(Child::id)
+    }
+
+    /// Kills member `i` with SIGKILL (a crash); its data directory stays.
+    pub fn kill(&self, i: usize) {
+        if let Some(mut child) = self.members[i].child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again from its data directory after [`kill`](Self::kill).
+    pub fn start_again(&self, i: usize) {
+        if self.pid(i).is_none() {
+            self.spawn_member(i);
+            self.wait_member(i);
+        }
+    }
+
+    /// Freezes member `i` with SIGSTOP.
+    pub fn pause(&self, i: usize) {
+        if let Some(pid) = self.pid(i) {
+            signal(pid, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws member `i` after [`pause`](Self::pause).
+    pub fn resume(&self, i: usize) {
+        if let Some(pid) = self.pid(i) {
+            signal(pid, libc::SIGCONT);
+        }
+    }
+
+    /// Turns on authentication with user `root` and `password` (etcd's root user has
+    /// every permission); clients must then give `root:password@` in the URL.
+    pub fn enable_auth(&self, password: &str) {
+        self.ctl(&[
+            "user",
+            "add",
+            "root",
+            &format!("--new-user-password={password}"),
+        ]);
+        self.ctl(&["auth", "enable"]);
+    }
+
+    /// The temporary directory holding every member's data and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.resume(i);
+            self.kill(i);
+        }
+    }
+}
