@@ -2,24 +2,14 @@
 //! three-member cluster.
 
 use dlock_testkit::servers::etcd::EtcdCluster;
-use std::sync::{Arc, OnceLock};
-
-fn single() -> &'static EtcdCluster {
-    static SERVER: OnceLock<EtcdCluster> = OnceLock::new();
-    SERVER.get_or_init(EtcdCluster::start)
-}
-
-fn cluster() -> &'static EtcdCluster {
-    static CLUSTER: OnceLock<EtcdCluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| EtcdCluster::start_members(3))
-}
+use std::sync::Arc;
 
 mod one_member {
     use super::*;
 
     async fn target() -> dlock_testkit::Target {
-        dlock_testkit::Target::new(single().url(), env!("CARGO_BIN_EXE_dlock"))
-            .keeping(Arc::new(()))
+        let url = EtcdCluster::shared(1).url();
+        dlock_testkit::Target::new(url, env!("CARGO_BIN_EXE_dlock")).keeping(Arc::new(()))
     }
 
     dlock_testkit::conformance_tests!(target());
@@ -29,8 +19,8 @@ mod three_members {
     use super::*;
 
     async fn target() -> dlock_testkit::Target {
-        dlock_testkit::Target::new(cluster().url(), env!("CARGO_BIN_EXE_dlock"))
-            .keeping(Arc::new(()))
+        let url = EtcdCluster::shared(3).url();
+        dlock_testkit::Target::new(url, env!("CARGO_BIN_EXE_dlock")).keeping(Arc::new(()))
     }
 
     dlock_testkit::conformance_tests!(target());

@@ -40,7 +40,44 @@ fn low_port() -> u16 {
     panic!("no free loopback port between 20000 and 32000");
 }
 
+/// Clusters shared by the tests of one process, stopped and removed when it exits
+/// (statics are never dropped).
+static SHARED: Mutex<Vec<&'static EtcdCluster>> = Mutex::new(Vec::new());
+
+extern "C" fn stop_shared() {
+    let shared = std::mem::take(&mut *SHARED.lock().unwrap_or_else(|e| e.into_inner()));
+    for cluster in shared {
+        for i in 0..cluster.members.len() {
+            cluster.resume(i);
+            cluster.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(cluster.dir.path());
+    }
+}
+
 impl EtcdCluster {
+    /// A cluster of `count` members shared by every test of this process that asks for
+    /// the same size; its processes and files go when the process exits.
+    pub fn shared(count: usize) -> &'static EtcdCluster {
+        static START: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = START.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = shared.iter().find(|c| c.members.len() == count) {
+            return found;
+        }
+        if shared.is_empty() {
+            // SAFETY: registers a plain function without arguments.
+            unsafe { libc::atexit(stop_shared) };
+        }
+        drop(shared);
+        let cluster: &'static EtcdCluster = Box::leak(Box::new(EtcdCluster::start_members(count)));
+        SHARED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cluster);
+        cluster
+    }
+
     /// A single-member cluster.
     pub fn start() -> EtcdCluster {
         EtcdCluster::start_members(1)
