@@ -36,9 +36,9 @@ use crate::key::Key;
 use async_trait::async_trait;
 use config::Config;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, LeaseGrantOptions,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, KeyValue,
+    LeaseGrantOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchFilterType, WatchOptions, WatchStream,
 };
 use names::Record;
 use std::future::Future;
@@ -143,40 +143,53 @@ impl Store {
         }
     }
 
-    /// Runs one etcd call, answered by `until` (and within the command timeout).
-    async fn call<T>(
-        &self,
-        what: &str,
-        until: Option<Instant>,
-        call: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
+    /// Sends one etcd request, answered by `until` (and within the command timeout).
+    ///
+    /// A request that fails transiently is sent again until then: the client balances
+    /// over every endpoint, so a retry reaches another member when one is down, and an
+    /// election lasts about one election timeout. Every request sent here is safe to
+    /// repeat: puts of the same entry, deletes and revokes that check what they remove,
+    /// grants of a fixed lease ID, reads. (A repeated grant of a longer lease may leave an
+    /// unused lease behind, which ends at its TTL.)
+    async fn call<T, F, Fut>(&self, what: &str, until: Option<Instant>, mut send: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
         let mut limit = Instant::now() + self.command_timeout;
         if let Some(until) = until {
             limit = limit.min(until);
         }
-        match tokio::time::timeout_at(limit.into(), call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(self.error(what, err)),
-            Err(_) => Err(Error::unavailable(
-                &self.describe,
-                format!("cannot {what}: etcd did not answer in time"),
-            )),
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match tokio::time::timeout_at(limit.into(), send(self.client.clone())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(err)) if is_transient(&err) && Instant::now() + pause < limit => {
+                    tracing::debug!(%err, "etcd request failed; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+                Ok(Err(err)) => return Err(self.error(what, err)),
+                Err(_) => {
+                    return Err(Error::unavailable(
+                        &self.describe,
+                        format!("cannot {what}: etcd did not answer in time"),
+                    ))
+                }
+            }
         }
     }
 
     /// Revokes a lease (deleting every key bound to it); `false` if it was already gone.
     async fn revoke(&self, lease: i64, until: Option<Instant>) -> Result<bool> {
-        let mut client = self.client.lease_client();
-        let limit = until.unwrap_or_else(|| Instant::now() + self.command_timeout);
-        match tokio::time::timeout_at(limit.into(), client.revoke(lease)).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(err)) if is_lease_not_found(&err) => Ok(false),
-            Ok(Err(err)) => Err(self.error("revoke a lease", err)),
-            Err(_) => Err(Error::unavailable(
-                &self.describe,
-                "cannot revoke a lease: etcd did not answer in time",
-            )),
-        }
+        self.call("revoke a lease", until, |mut client| async move {
+            match client.lease_revoke(lease).await {
+                Ok(_) => Ok(true),
+                Err(err) if is_lease_not_found(&err) => Ok(false),
+                Err(err) => Err(err),
+            }
+        })
+        .await
     }
 
     /// Revokes in the background, for cleanups that must not hold their caller up.
@@ -198,44 +211,39 @@ impl Store {
 
     /// One keep-alive round trip: `false` if etcd no longer knows the lease.
     async fn keep_alive(&self, lease: i64, until: Option<Instant>) -> Result<bool> {
-        let mut client = self.client.lease_client();
-        let limit = until.unwrap_or_else(|| Instant::now() + self.command_timeout);
-        match tokio::time::timeout_at(limit.into(), client.keep_alive(lease)).await {
+        self.call("renew a lease", until, |mut client| async move {
             // The call sends one keep-alive and reads its answer; dropping the stream
-            // ends it, so no later answer can be mistaken for the next renewal's.
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(err)) if is_lease_not_found(&err) => Ok(false),
-            Ok(Err(err)) => Err(self.error("renew a lease", err)),
-            Err(_) => Err(Error::unavailable(
-                &self.describe,
-                "cannot renew a lease: etcd did not answer in time",
-            )),
-        }
+            // ends it, so no late answer can be taken for the next renewal's.
+            match client.lease_keep_alive(lease).await {
+                Ok(_) => Ok(true),
+                Err(err) if is_lease_not_found(&err) => Ok(false),
+                Err(err) => Err(err),
+            }
+        })
+        .await
     }
 
     /// Grants lease `id` for `seconds`, replacing a leftover of an earlier attempt with
     /// the same owner; returns the TTL etcd granted (it may raise it to its minimum).
     async fn grant(&self, id: i64, seconds: i64, until: Option<Instant>) -> Result<i64> {
         for _ in 0..3 {
-            let mut client = self.client.lease_client();
-            let options = LeaseGrantOptions::new().with_id(id);
-            let limit = until
-                .unwrap_or_else(|| Instant::now() + self.command_timeout)
-                .min(Instant::now() + self.command_timeout);
-            match tokio::time::timeout_at(limit.into(), client.grant(seconds, Some(options))).await
-            {
-                Ok(Ok(granted)) => return Ok(granted.ttl()),
+            let granted = self
+                .call("grant a lease", until, |mut client| async move {
+                    let options = LeaseGrantOptions::new().with_id(id);
+                    match client.lease_grant(seconds, Some(options)).await {
+                        Ok(granted) => Ok(Some(granted.ttl())),
+                        Err(err) if is_lease_exists(&err) => Ok(None),
+                        Err(err) => Err(err),
+                    }
+                })
+                .await?;
+            match granted {
+                Some(ttl) => return Ok(ttl),
                 // The ID is a function of this acquire's owner token: the lease is what
-                // an earlier, cancelled attempt of this very acquire left behind.
-                Ok(Err(err)) if is_lease_exists(&err) => {
+                // an earlier, cancelled attempt of this very acquire left behind (or a
+                // retried grant that had reached etcd).
+                None => {
                     self.revoke(id, until).await?;
-                }
-                Ok(Err(err)) => return Err(self.error("grant a lease", err)),
-                Err(_) => {
-                    return Err(Error::unavailable(
-                        &self.describe,
-                        "cannot grant a lease: etcd did not answer in time",
-                    ))
                 }
             }
         }
@@ -243,6 +251,30 @@ impl Store {
             &self.describe,
             "cannot grant a lease: its ID stays taken",
         ))
+    }
+
+    /// A transaction.
+    async fn txn(&self, what: &str, until: Option<Instant>, txn: Txn) -> Result<TxnResponse> {
+        self.call(what, until, |mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
+    /// A read.
+    async fn get(
+        &self,
+        what: &str,
+        until: Option<Instant>,
+        key: &[u8],
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse> {
+        self.call(what, until, |mut client| {
+            let (key, options) = (key.to_vec(), options.clone());
+            async move { client.get(key, options).await }
+        })
+        .await
     }
 
     /// The contenders for the lock whose etcd range is `range`, lowest create revision
@@ -263,13 +295,8 @@ impl Store {
         if let Some(limit) = limit {
             options = options.with_limit(limit);
         }
-        let mut client = self.client.kv_client();
         let mut response = self
-            .call(
-                "read the lock's queue",
-                until,
-                client.get(range.to_vec(), Some(options)),
-            )
+            .get("read the lock's queue", until, range, Some(options))
             .await?;
         let revision = response.header().map_or(0, |h| h.revision());
         Ok((response.take_kvs(), revision))
@@ -289,10 +316,7 @@ impl Store {
                 revision,
             )])
             .and_then([TxnOp::delete(entry.to_vec(), None)]);
-        let mut client = self.client.kv_client();
-        let response = self
-            .call("delete a lock entry", until, client.txn(txn))
-            .await?;
+        let response = self.txn("delete a lock entry", until, txn).await?;
         Ok(response.succeeded())
     }
 
@@ -301,12 +325,10 @@ impl Store {
         let options = WatchOptions::new()
             .with_start_revision(revision)
             .with_filters([WatchFilterType::NoPut]);
-        let mut client = self.client.watch_client();
-        self.call(
-            "watch a lock entry",
-            None,
-            client.watch(entry.to_vec(), Some(options)),
-        )
+        self.call("watch a lock entry", None, |mut client| {
+            let (entry, options) = (entry.to_vec(), options.clone());
+            async move { client.watch(entry, Some(options)).await }
+        })
         .await
     }
 }
@@ -431,10 +453,7 @@ impl EtcdBackend {
             TxnOp::get(entry.clone(), Some(GetOptions::new().with_keys_only())),
             TxnOp::get(range, Some(first)),
         ]);
-        let mut client = store.client.kv_client();
-        let response = store
-            .call("put a lock entry", until, client.txn(txn))
-            .await?;
+        let response = store.txn("put a lock entry", until, txn).await?;
         let responses = response.op_responses();
         let kvs = |i: usize| match responses.get(i) {
             Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
@@ -569,9 +588,10 @@ impl EtcdLease {
     /// was granted with); the entry keeps its create revision, hence the fence.
     async fn lengthen(&mut self, seconds: i64) -> Result<bool> {
         let store = &self.store;
-        let mut leases = store.client.lease_client();
         let granted = store
-            .call("grant a lease", None, leases.grant(seconds, None))
+            .call("grant a lease", None, |mut client| async move {
+                client.lease_grant(seconds, None).await
+            })
             .await?;
         let new_id = granted.id();
         let txn = Txn::new()
@@ -585,8 +605,7 @@ impl EtcdLease {
                 Vec::new(),
                 Some(PutOptions::new().with_lease(new_id).with_ignore_value()),
             )]);
-        let mut client = store.client.kv_client();
-        let moved = store.call("renew a lease", None, client.txn(txn)).await;
+        let moved = store.txn("renew a lease", None, txn).await;
         match moved {
             Ok(response) if response.succeeded() => {
                 let old = std::mem::replace(&mut self.id, new_id);
@@ -659,10 +678,7 @@ async fn watch_end(store: Store, entry: Vec<u8>, revision: i64) -> LossReason {
                 }
                 if response.canceled() {
                     // Compacted past our revision: look at the entry itself.
-                    let mut client = store.client.kv_client();
-                    let now = store
-                        .call("read a lock entry", None, client.get(entry.clone(), None))
-                        .await;
+                    let now = store.get("read a lock entry", None, &entry, None).await;
                     if let Ok(now) = now {
                         let same = now
                             .kvs()
@@ -776,14 +792,15 @@ impl Admin for EtcdBackend {
             key.to_string(),
             fence_of(kv.create_revision()),
         );
-        let mut leases = self.store.client.lease_client();
+        let lease = kv.lease();
+        let ttl = self
+            .store
+            .call("read a lease", None, |mut client| async move {
+                client.lease_time_to_live(lease, None).await
+            })
+            .await;
         // The expiry is a courtesy: status still answers when this extra read fails.
-        if let Ok(Ok(ttl)) = tokio::time::timeout(
-            self.store.command_timeout,
-            leases.time_to_live(kv.lease(), None),
-        )
-        .await
-        {
+        if let Ok(ttl) = ttl {
             if let Ok(left) = u64::try_from(ttl.ttl()) {
                 info.expires_at = Some(SystemTime::now() + Duration::from_secs(left));
             }
