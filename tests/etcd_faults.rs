@@ -6,8 +6,8 @@ use dlock::{Error, Locks};
 use dlock_testkit::process::signal;
 use dlock_testkit::servers::etcd::EtcdCluster;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
 
 const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
 
@@ -15,11 +15,7 @@ const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
 const SOON: Duration = Duration::from_secs(30);
 
 /// The fault tests start 3-member clusters of their own; one at a time is enough load.
-static CLUSTERS: Mutex<()> = Mutex::new(());
-
-fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    CLUSTERS.lock().unwrap_or_else(|e| e.into_inner())
-}
+static CLUSTERS: Mutex<()> = Mutex::const_new(());
 
 fn unique(name: &str) -> String {
     format!("{name}-{:016x}", rand::random::<u64>())
@@ -73,7 +69,7 @@ async fn wait_held(locks: &Locks, key: &str) -> u64 {
 /// meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_while_held_keeps_the_lease_and_one_holder() {
-    let _one = one_cluster_at_a_time();
+    let _one = CLUSTERS.lock().await;
     let cluster = EtcdCluster::start_members(3);
     let key = unique("leader");
     let locks = dlock::connect(&cluster.url()).await.unwrap();
@@ -159,7 +155,7 @@ async fn killed_holder_process_is_freed_at_its_ttl_and_the_waiter_is_woken() {
 /// revisions, committed to each member's log before they are handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fences_increase_across_a_restart_of_every_member() {
-    let _one = one_cluster_at_a_time();
+    let _one = CLUSTERS.lock().await;
     let cluster = EtcdCluster::start_members(3);
     let key = unique("restart");
     let locks = dlock::connect(&cluster.url()).await.unwrap();
@@ -300,4 +296,23 @@ async fn credentials_in_the_url() {
     let anonymous = dlock::connect(&cluster.url()).await.unwrap();
     let err = anonymous.lock(&key).try_acquire().await.unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+}
+
+/// A member serving TLS only: reached with `?ca_file=`, refused without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_ca_file() {
+    let cluster = EtcdCluster::start_tls();
+    let locks = dlock::connect(&cluster.url()).await.unwrap();
+    let key = unique("tls");
+    let lease = locks.lock(&key).acquire().await.unwrap();
+    let info = locks.status(&key).await.unwrap().expect("no holder");
+    assert_eq!(info.fence, Some(lease.fence()));
+    assert!(lease.release().await.unwrap());
+    let plain = format!(
+        "etcd://{}?command_timeout=1s",
+        cluster.endpoints().join(",")
+    );
+    let plain = dlock::connect(&plain).await.unwrap();
+    let err = plain.lock(&key).try_acquire().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
 }

@@ -750,6 +750,11 @@ impl Backend for EtcdBackend {
                 Ok(Turn::Lost) => {
                     // Our lease or entry vanished while waiting: queue again, behind.
                     let _ = self.abandon(request.key, request.owner).await;
+                    let mut wake_at = Instant::now() + delays.next_delay();
+                    if let Some(deadline) = request.deadline {
+                        wake_at = wake_at.min(deadline);
+                    }
+                    tokio::time::sleep_until(wake_at.into()).await;
                 }
                 Err(err) => {
                     let until = Instant::now() + DEADLINE_GRACE / 2;

@@ -23,6 +23,7 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     binary: PathBuf,
     token: String,
+    tls: bool,
     dir: tempfile::TempDir,
 }
 
@@ -85,6 +86,16 @@ impl EtcdCluster {
 
     /// A cluster of `count` members, started together; returns once it has a leader.
     pub fn start_members(count: usize) -> EtcdCluster {
+        EtcdCluster::launch(count, false)
+    }
+
+    /// A single member serving clients over TLS only, with a certificate for 127.0.0.1
+    /// signed by a CA made for it (see [`ca_file`](Self::ca_file)).
+    pub fn start_tls() -> EtcdCluster {
+        EtcdCluster::launch(1, true)
+    }
+
+    fn launch(count: usize, tls: bool) -> EtcdCluster {
         let binary = require_binary("etcd", "etcd-server", &[]);
         let dir = temp_dir("dlock-etcd-");
         let mut ports = Vec::new();
@@ -106,8 +117,12 @@ impl EtcdCluster {
             members,
             binary,
             token: format!("dlock-test-{:016x}", rand::random::<u64>()),
+            tls,
             dir,
         };
+        if tls {
+            make_certificates(cluster.dir.path());
+        }
         for i in 0..count {
             cluster.spawn_member(i);
         }
@@ -139,7 +154,8 @@ impl EtcdCluster {
             let _ = std::fs::rename(&log_path, self.dir.path().join(format!("{log}.old")));
         }
         let mut command = logged(&self.binary, self.dir.path(), &log);
-        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", member.client_port);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
         command
             .arg("--name")
@@ -158,6 +174,13 @@ impl EtcdCluster {
             // The defaults (100 ms heartbeat, 1 s election timeout): etcd's shortest lease
             // is then 2 s, which is what the backend's documentation describes.
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"]);
+        if self.tls {
+            command
+                .arg("--cert-file")
+                .arg(self.dir.path().join("server.pem"))
+                .arg("--key-file")
+                .arg(self.dir.path().join("server.key"));
+        }
         let child = spawn_tied(command).expect("cannot start etcd");
         *member.child.lock().unwrap() = Some(child);
     }
@@ -213,8 +236,11 @@ impl EtcdCluster {
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoints().join(",")))
             .arg("--command-timeout=5s")
-            .arg("--dial-timeout=2s")
-            .args(args);
+            .arg("--dial-timeout=2s");
+        if self.tls {
+            command.arg(format!("--cacert={}", self.ca_file().display()));
+        }
+        command.args(args);
         command
     }
 
@@ -237,9 +263,19 @@ impl EtcdCluster {
             .collect()
     }
 
-    /// `etcd://h1:p1,h2:p2,…` for every member.
+    /// `etcd://h1:p1,h2:p2,…` for every member (with `?ca_file=` for TLS).
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoints().join(","))
+        let url = format!("etcd://{}", self.endpoints().join(","));
+        if self.tls {
+            format!("{url}?ca_file={}", self.ca_file().display())
+        } else {
+            url
+        }
+    }
+
+    /// The PEM file of the CA that signed a TLS member's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// How many members the cluster has.
@@ -357,4 +393,76 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it, made with the
+/// `openssl` command (package `openssl`).
+fn make_certificates(dir: &Path) {
+    let openssl = require_binary("openssl", "openssl", &[]);
+    let run = |args: &[&str]| {
+        let output = Command::new(&openssl)
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("cannot run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dlock etcd test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
+    ca.extend(ec);
+    run(&ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
+    csr.extend(ec);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("cannot write ext.cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
 }
