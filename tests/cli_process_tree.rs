@@ -320,6 +320,8 @@ fn ctrl_c_on_a_terminal_reaches_command_once() {
         });
     }
     let mut holder = Running(command.spawn().unwrap());
+    // Only dlock and its children keep the terminal open from here on.
+    drop(command);
     drop(slave);
     let output = Arc::new(Mutex::new(Vec::new()));
     let mut reader = std::fs::File::from(master.try_clone().unwrap());
