@@ -3,7 +3,7 @@
 //! or a `kill -INT` reaches COMMAND exactly once. File backend in a temporary directory.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -82,7 +82,10 @@ impl Drop for Strays {
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_owned()))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_owned())
+        })
         .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
 }
 
@@ -153,10 +156,7 @@ fn force_release_stops_commands_foreground_children() {
     let grandchild = read_pid(&pid_file);
     let _strays = Strays(vec![grandchild]);
     let written = Instant::now();
-    let out = dir
-        .dlock(&["release", "job", "--force"])
-        .output()
-        .unwrap();
+    let out = dir.dlock(&["release", "job", "--force"]).output().unwrap();
     assert!(out.status.success(), "release --force failed: {out:?}");
     let status = holder.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(76), "{status:?}");
@@ -165,7 +165,10 @@ fn force_release_stops_commands_foreground_children() {
         "COMMAND's child {grandchild} runs on after the lease was lost"
     );
     std::thread::sleep(Duration::from_secs(5).saturating_sub(written.elapsed()));
-    assert!(!marker.exists(), "COMMAND's child went on working outside the lock");
+    assert!(
+        !marker.exists(),
+        "COMMAND's child went on working outside the lock"
+    );
 }
 
 #[test]
@@ -187,7 +190,10 @@ fn sigkill_of_dlock_stops_commands_foreground_children() {
         "COMMAND's child {grandchild} runs on after dlock was killed"
     );
     std::thread::sleep(Duration::from_secs(5).saturating_sub(written.elapsed()));
-    assert!(!marker.exists(), "COMMAND's child went on working outside the lock");
+    assert!(
+        !marker.exists(),
+        "COMMAND's child went on working outside the lock"
+    );
     let out = dir
         .dlock(&["run", "job", "--no-wait", "--", "true"])
         .output()
@@ -199,7 +205,11 @@ fn sigkill_of_dlock_stops_commands_foreground_children() {
 fn children_named(parent: i32, needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
@@ -345,6 +355,15 @@ fn ctrl_c_on_a_terminal_reaches_command_once() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Whether a SIGINT from the terminal and dlock's forwarded one would coalesce is up to
+    // the scheduler; who the terminal signals is not.
+    let foreground = unsafe { libc::tcgetpgrp(master.as_raw_fd()) };
+    assert_ne!(
+        foreground,
+        holder.pid(),
+        "dlock shares the terminal's foreground group with COMMAND: Ctrl-C reaches COMMAND \
+         from the terminal and again from dlock"
+    );
     let mut terminal = std::fs::File::from(master);
     terminal.write_all(b"\x03").unwrap();
     let status = holder.wait(Duration::from_secs(20));

@@ -133,7 +133,10 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
 
 pub fn main() -> ExitCode {
     // Before clap: the watchdog is no user-facing subcommand.
-    if std::env::args_os().nth(1).is_some_and(|arg| arg == tree::WATCHDOG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == tree::WATCHDOG)
+    {
         return tree::watchdog();
     }
     let cli = match Cli::try_parse() {

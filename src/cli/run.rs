@@ -170,7 +170,10 @@ pub async fn run(args: RunArgs) -> ExitCode {
     group.stop(args.kill_after).await;
     group.close();
     if let Err(err) = lease.release().await {
-        exit::report(format!("{err} (the lease on {:?} ends at its TTL)", args.key));
+        exit::report(format!(
+            "{err} (the lease on {:?} ends at its TTL)",
+            args.key
+        ));
     }
     ExitCode::from(code)
 }
