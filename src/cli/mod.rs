@@ -6,6 +6,7 @@ mod exit;
 mod inspect;
 mod run;
 mod schema;
+mod tree;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
@@ -53,10 +54,12 @@ Examples:
   dlock run deploy --no-wait -- ./deploy.sh          exit 75 at once if held elsewhere
   dlock run migrate --wait 30s --backend postgres://db/app -- ./migrate
 
-COMMAND sees DLOCK_KEY, DLOCK_FENCE (the fencing token) and DLOCK_OWNER. SIGINT,
-SIGTERM and SIGHUP sent to dlock are passed to COMMAND. If the lease is lost,
-COMMAND gets SIGTERM, then SIGKILL after --kill-after, and dlock exits 76. If dlock
-itself dies, even by SIGKILL, the kernel kills COMMAND (PR_SET_PDEATHSIG).")]
+COMMAND sees DLOCK_KEY, DLOCK_FENCE (the fencing token) and DLOCK_OWNER. It runs in
+a process group of its own (in the terminal's foreground when dlock is); SIGINT,
+SIGTERM and SIGHUP sent to dlock are passed to that group. If the lease is lost, the
+whole tree gets SIGTERM, then SIGKILL after --kill-after, and dlock exits 76; what
+COMMAND leaves running when it exits is stopped the same way. If dlock itself dies,
+even by SIGKILL, a watchdog process SIGKILLs COMMAND's group.")]
     Run(run::RunArgs),
     /// Show who holds KEY (exit 0 if held, 1 if free)
     #[command(after_help = "Example:\n  dlock status nightly-report --json")]
@@ -116,6 +119,13 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
 }
 
 pub fn main() -> ExitCode {
+    // Before clap: the watchdog is no user-facing subcommand.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == tree::WATCHDOG)
+    {
+        return tree::watchdog();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
