@@ -4,3 +4,4 @@
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
+pub mod zookeeper;
