@@ -1,7 +1,9 @@
 //! Private ZooKeeper servers for tests: one standalone server or a 3-server ensemble,
 //! started from Debian's `zookeeper` package with `java` (not as the system service),
 //! each on loopback ports with its data in a temporary directory, killed when dropped
-//! (and, through [`spawn_tied`], when the test process dies).
+//! (and, through [`spawn_tied`], when the test process dies). Servers kept in a `static`
+//! are never dropped: they are killed and their directories removed when the test
+//! process exits.
 //!
 //! `tickTime` is 200 ms so that sessions may be short: the servers grant session
 //! timeouts from 400 ms (2 ticks) to 30 s.
@@ -13,6 +15,33 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Every running member (pid) and every data directory, for the cleanup at exit.
+static RUNNING: Mutex<(Vec<u32>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
+
+extern "C" fn clean_up_at_exit() {
+    let Ok(mut running) = RUNNING.lock() else {
+        return;
+    };
+    for pid in running.0.drain(..) {
+        // SAFETY: kill(2) and waitpid(2) on children this process started.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+        }
+    }
+    for dir in running.1.drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn register_cleanup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function that only touches a static.
+    ONCE.call_once(|| unsafe {
+        libc::atexit(clean_up_at_exit);
+    });
+}
 
 const JARS: &str = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar";
 
@@ -58,7 +87,9 @@ impl ZooKeeper {
 
     fn start_members(count: usize) -> ZooKeeper {
         let java = check_installed();
+        register_cleanup();
         let dir = temp_dir("dlock-zk-");
+        RUNNING.lock().unwrap().1.push(dir.path().to_owned());
         let ensemble = count > 1;
         let ports: Vec<(u16, u16, u16)> = (0..count)
             .map(|_| (free_port(), free_port(), free_port()))
@@ -204,6 +235,7 @@ impl ZooKeeper {
         if let Some(mut child) = self.members[i].child.lock().unwrap().take() {
             let _ = child.kill();
             let _ = child.wait();
+            RUNNING.lock().unwrap().0.retain(|pid| *pid != child.id());
         }
     }
 
@@ -246,5 +278,7 @@ impl Drop for ZooKeeper {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+        let dir = self._dir.path().to_owned();
+        RUNNING.lock().unwrap().1.retain(|d| *d != dir);
     }
 }
