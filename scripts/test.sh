@@ -15,6 +15,9 @@ have pgbench || missing+=(postgresql-client)
 have mariadbd || have mysqld || missing+=(mariadb-server)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
 have mariadb-install-db || have mysql_install_db || missing+=(mariadb-server)
+have java || missing+=(default-jre-headless)
+[ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
+[ -f /usr/share/java/slf4j-simple.jar ] || missing+=(libslf4j-java)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}" >&2
