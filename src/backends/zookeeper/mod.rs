@@ -234,6 +234,7 @@ struct Entry {
     dir: String,
     name: String,
     czxid: i64,
+    record: HolderRecord,
 }
 
 impl Entry {
@@ -349,6 +350,7 @@ impl ZkBackend {
                         client,
                         dir,
                         czxid: stat.czxid,
+                        record,
                     })
                 }
                 Err(zk::Error::NoNode) => {
@@ -432,14 +434,36 @@ impl ZkBackend {
         })
     }
 
+    /// Rewrites the record of an entry that waited, so that `status` shows when it got the
+    /// lock rather than when it queued.
+    async fn stamp_acquired(&self, entry: &Entry, limit: Duration) -> Result<()> {
+        let record = HolderRecord {
+            acquired_at_ms: now_ms(),
+            ..entry.record.clone()
+        };
+        let data = serde_json::to_vec(&record).map_err(|err| {
+            Error::backend(
+                self.describe_str(),
+                format!("cannot encode the holder record: {err}"),
+            )
+        })?;
+        bounded(
+            self.describe_str(),
+            "update the holder record",
+            limit,
+            entry.client.set_data(&entry.path(), &data, None),
+        )
+        .await?
+        .map_err(|err| zk_error(self.describe_str(), "cannot update the holder record", err))?;
+        Ok(())
+    }
+
     /// Deletes an entry's znode (best effort: closing its session deletes it too).
     async fn leave(&self, entry: Entry) {
         let path = entry.path();
-        let _ = tokio::time::timeout(
-            ADMIN_LIMIT.min(Duration::from_secs(2)),
-            entry.client.delete(&path, None),
-        )
-        .await;
+        // Within the engine's grace past a deadline; closing the session is the fallback.
+        let _ = tokio::time::timeout(Duration::from_millis(500), entry.client.delete(&path, None))
+            .await;
     }
 
     /// The lowest lock child of `dir` with its data and stat, read on the admin session.
@@ -625,11 +649,17 @@ impl ZkBackend {
         let entry = self
             .enter(request, call_deadline(request, Instant::now()))
             .await?;
+        let mut waited = false;
         loop {
             let sent_at = Instant::now();
             let limit = call_deadline(request, sent_at).saturating_duration_since(sent_at);
             let predecessor = match self.place(&entry, limit).await? {
-                Place::First => return self.grant(entry, sent_at, limit).await.map(Some),
+                Place::First => {
+                    if waited {
+                        self.stamp_acquired(&entry, limit).await?;
+                    }
+                    return self.grant(entry, sent_at, limit).await.map(Some);
+                }
                 Place::Gone => {
                     return Err(Error::unavailable(
                         self.describe_str(),
@@ -638,6 +668,7 @@ impl ZkBackend {
                 }
                 Place::Behind(predecessor) => predecessor,
             };
+            waited = true;
             let path = format!("{}/{predecessor}", entry.dir);
             let watched = bounded(
                 self.describe_str(),
@@ -851,15 +882,12 @@ impl HeldLease for ZkLease {
                 tokio::select! {
                     event = &mut node, if node_watched => {
                         node_watched = false;
-                        match event.event_type {
-                            zk::EventType::NodeDeleted => {
-                                return LossReason::SessionEnded {
-                                    detail: "its lock znode was deleted (release --force)".to_owned(),
-                                }
-                            }
-                            // A session event: the state check above reports it. Any other
-                            // change leaves deletion to the renewal's check.
-                            _ => {}
+                        // A session event is reported by the state check above; after
+                        // any other change, deletion is left to the renewal's check.
+                        if event.event_type == zk::EventType::NodeDeleted {
+                            return LossReason::SessionEnded {
+                                detail: "its lock znode was deleted (release --force)".to_owned(),
+                            };
                         }
                     }
                     _ = state.changed() => {}
