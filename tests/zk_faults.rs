@@ -258,3 +258,32 @@ fn fifty_parallel_runs_count_to_fifty() {
     }
     assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "50");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_cut_off_longer_than_its_session_could_live_is_lost() {
+    let zk = ZooKeeper::start();
+    let url = zk.url();
+    let locks = connect(&url).await;
+    let lease = locks
+        .lock("cut-off")
+        .ttl(Duration::from_secs(2))
+        // Without renewals, failing ones cannot end the lease first: only the watch on
+        // the session's connection can.
+        .auto_renew(false)
+        .acquire()
+        .await
+        .unwrap();
+    // A frozen server answers nothing, and its session tracker stands still too: only the
+    // client's own reckoning can end the lease.
+    zk.pause(0);
+    let reason = tokio::time::timeout(PROMPTLY, lease.lost()).await;
+    zk.resume(0);
+    let reason = reason.expect("the lease was not given up while the server was silent");
+    assert!(
+        matches!(&reason, dlock::LossReason::SessionEnded { detail } if detail.contains("disconnected")),
+        "{reason:?}"
+    );
+    // The servers may or may not have expired the session meanwhile; either way the
+    // release completes.
+    let _ = lease.release().await;
+}

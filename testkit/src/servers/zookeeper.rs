@@ -232,10 +232,25 @@ impl ZooKeeper {
 
     /// Kills member `i` with SIGKILL.
     pub fn kill(&self, i: usize) {
+        self.resume(i);
         if let Some(mut child) = self.members[i].child.lock().unwrap().take() {
             let _ = child.kill();
             let _ = child.wait();
             RUNNING.lock().unwrap().0.retain(|pid| *pid != child.id());
+        }
+    }
+
+    /// Freezes member `i` with SIGSTOP: its connections stay open, nothing answers.
+    pub fn pause(&self, i: usize) {
+        if let Some(child) = self.members[i].child.lock().unwrap().as_ref() {
+            crate::process::signal(child.id(), libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws member `i` after [`pause`](Self::pause).
+    pub fn resume(&self, i: usize) {
+        if let Some(child) = self.members[i].child.lock().unwrap().as_ref() {
+            crate::process::signal(child.id(), libc::SIGCONT);
         }
     }
 
