@@ -252,6 +252,7 @@ impl Backend for MemoryBackend {
             rx: self.store.released.subscribe(),
         })))
     }
+
 }
 
 #[async_trait]

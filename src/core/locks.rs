@@ -4,8 +4,8 @@ use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo, L
 use crate::core::backoff::Backoff;
 use crate::core::lease::{spawn_detached, Grant, Lease, LeaseHandle};
 use crate::core::local_queue::LocalQueues;
-use crate::core::owner::Owner;
 use crate::core::wait;
+use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
 use std::future::Future;

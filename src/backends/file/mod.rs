@@ -157,8 +157,9 @@ impl FileBackend {
 }
 
 fn io_error(describe: &str, what: &str, path: &Path, err: &io::Error) -> Error {
-    Error::unavailable(describe, format!("cannot {what} {}: {err}", path.display()))
-        .caused_by(io::Error::new(err.kind(), err.to_string()))
+    Error::unavailable(describe, format!("cannot {what} {}: {err}", path.display())).caused_by(
+        io::Error::new(err.kind(), err.to_string()),
+    )
 }
 
 /// Opens `file:///abs/dir`.
@@ -321,6 +322,7 @@ impl Backend for FileBackend {
             }
         }
     }
+
 }
 
 #[async_trait]
