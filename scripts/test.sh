@@ -19,6 +19,9 @@ have etcd || missing+=(etcd-server)
 have etcdctl || missing+=(etcd-client)
 # etcd-client compiles the etcd protobuf definitions at build time.
 have protoc || missing+=(protobuf-compiler)
+have java || missing+=(default-jre-headless)
+[ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
+[ -f /usr/share/java/slf4j-simple.jar ] || missing+=(libslf4j-java)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}" >&2

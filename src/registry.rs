@@ -25,6 +25,8 @@ pub enum Scheme {
     Mysql,
     /// `etcd://h1:p1,h2:p2,…`: etcd v3 leases, revisions and watches.
     Etcd,
+    /// `zk://h1:p1,h2:p2[/chroot]`: ZooKeeper's lock recipe.
+    Zookeeper,
 }
 
 impl Scheme {
@@ -37,6 +39,7 @@ impl Scheme {
         Scheme::Postgres,
         Scheme::Mysql,
         Scheme::Etcd,
+        Scheme::Zookeeper,
     ];
 
     /// The URL schemes that name this backend; the first is the canonical one.
@@ -49,6 +52,7 @@ impl Scheme {
             Scheme::Postgres => &["postgres", "postgresql"],
             Scheme::Mysql => &["mysql"],
             Scheme::Etcd => &["etcd"],
+            Scheme::Zookeeper => &["zk", "zookeeper"],
         }
     }
 
@@ -61,6 +65,7 @@ impl Scheme {
             Scheme::Postgres => "postgres",
             Scheme::Mysql => "mysql",
             Scheme::Etcd => "etcd",
+            Scheme::Zookeeper => "zookeeper",
         }
     }
 
@@ -73,6 +78,7 @@ impl Scheme {
             Scheme::Postgres => cfg!(feature = "postgres"),
             Scheme::Mysql => cfg!(feature = "mysql"),
             Scheme::Etcd => cfg!(feature = "etcd"),
+            Scheme::Zookeeper => cfg!(feature = "zookeeper"),
         }
     }
 
@@ -147,6 +153,8 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         Scheme::Mysql => crate::backends::mysql::open(url).await,
         #[cfg(feature = "etcd")]
         Scheme::Etcd => crate::backends::etcd::open(url).await,
+        #[cfg(feature = "zookeeper")]
+        Scheme::Zookeeper => crate::backends::zookeeper::open(url).await,
         other => Err(not_built(url, other)),
     }
 }

@@ -16,3 +16,5 @@ pub mod postgres;
 pub mod redis;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) mod sql_url;
+#[cfg(feature = "zookeeper")]
+pub mod zookeeper;
