@@ -32,4 +32,30 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The MongoDB backend is tested against SecantusDB, a MongoDB-compatible server from
+# PyPI, installed once into a virtualenv in the test cache and reused by every run (the
+# test kit installs it too when it is missing; see testkit/src/servers/mongodb.rs).
+missing=()
+have python3 || missing+=(python3)
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+secantusdb_version=0.7.0b3
+cache="${DLOCK_TEST_CACHE:-$HOME/.cache/dlock-test}"
+venv="$cache/secantusdb-$secantusdb_version"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "test.sh: installing secantusdb $secantusdb_version into $venv" >&2
+  mkdir -p "$cache"
+  rm -rf "$venv.partial"
+  python3 -m venv "$venv.partial"
+  "$venv.partial/bin/python" -m pip install --quiet --disable-pip-version-check "secantusdb==$secantusdb_version"
+  mv "$venv.partial" "$venv"
+fi
+
 exec cargo test --workspace --all-features "$@"

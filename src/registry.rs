@@ -27,6 +27,8 @@ pub enum Scheme {
     Etcd,
     /// `zk://h1:p1,h2:p2[/chroot]`: ZooKeeper's lock recipe.
     Zookeeper,
+    /// `mongodb://`: one document per key, expiry by the server's clock.
+    Mongodb,
 }
 
 impl Scheme {
@@ -40,6 +42,7 @@ impl Scheme {
         Scheme::Mysql,
         Scheme::Etcd,
         Scheme::Zookeeper,
+        Scheme::Mongodb,
     ];
 
     /// The URL schemes that name this backend; the first is the canonical one.
@@ -53,6 +56,7 @@ impl Scheme {
             Scheme::Mysql => &["mysql"],
             Scheme::Etcd => &["etcd"],
             Scheme::Zookeeper => &["zk", "zookeeper"],
+            Scheme::Mongodb => &["mongodb"],
         }
     }
 
@@ -66,6 +70,7 @@ impl Scheme {
             Scheme::Mysql => "mysql",
             Scheme::Etcd => "etcd",
             Scheme::Zookeeper => "zookeeper",
+            Scheme::Mongodb => "mongodb",
         }
     }
 
@@ -79,6 +84,7 @@ impl Scheme {
             Scheme::Mysql => cfg!(feature = "mysql"),
             Scheme::Etcd => cfg!(feature = "etcd"),
             Scheme::Zookeeper => cfg!(feature = "zookeeper"),
+            Scheme::Mongodb => cfg!(feature = "mongodb"),
         }
     }
 
@@ -155,6 +161,8 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         Scheme::Etcd => crate::backends::etcd::open(url).await,
         #[cfg(feature = "zookeeper")]
         Scheme::Zookeeper => crate::backends::zookeeper::open(url).await,
+        #[cfg(feature = "mongodb")]
+        Scheme::Mongodb => crate::backends::mongodb::open(url).await,
         other => Err(not_built(url, other)),
     }
 }

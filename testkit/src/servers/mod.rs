@@ -2,6 +2,7 @@
 //! binaries.
 
 pub mod etcd;
+pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;

@@ -1,0 +1,234 @@
+//! Private MongoDB-compatible servers for tests: SecantusDB (the PyPI package
+//! `secantusdb`, on WiredTiger, with unique and TTL indexes and change streams), since
+//! no MongoDB server package can be installed from the distribution.
+//!
+//! The package is installed once into a virtualenv in the test cache
+//! (`$DLOCK_TEST_CACHE`, default `~/.cache/dlock-test`), then reused by every run. Each
+//! server runs in a Python process of its own on a private loopback port below 32768
+//! (outside the kernel's range of ephemeral ports, so that no client socket takes it
+//! between a stop and a restart), with its data in a temporary directory and its TTL
+//! sweep every second. It is killed when dropped; a server kept in a `static` (never
+//! dropped) stops and removes its directory itself when the test process dies.
+
+use crate::process::{logged, signal, spawn_tied, temp_dir, wait_for_port};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The SecantusDB release the backend is tested against.
+pub const SECANTUSDB_VERSION: &str = "0.7.0b3";
+
+/// Starts one server: `python -c SCRIPT PORT DATA_DIR CLEANUP_DIR`. SIGTERM stops it
+/// and keeps its data (for restarts); the death of the test process (SIGHUP, through
+/// `PR_SET_PDEATHSIG`) stops it and removes `CLEANUP_DIR`.
+const LAUNCHER: &str = r#"
+import ctypes, os, shutil, signal, sys, threading
+port, data, cleanup = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+parent = os.getppid()
+ctypes.CDLL(None).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    shutil.rmtree(cleanup, ignore_errors=True)
+    sys.exit(1)
+from secantus import SecantusDBServer
+server = SecantusDBServer(host="127.0.0.1", port=port, storage_path=data, ttl_sweep_seconds=1.0)
+why = []
+done = threading.Event()
+def stop(signum, frame):
+    why.append(signum)
+    done.set()
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGHUP, stop)
+server.start()
+done.wait()
+server.stop()
+if why and why[0] == signal.SIGHUP:
+    shutil.rmtree(cleanup, ignore_errors=True)
+"#;
+
+/// The test cache directory.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DLOCK_TEST_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/dlock-test")
+}
+
+/// The virtualenv's Python with SecantusDB, installing it first if needed (once: an
+/// exclusive lock on the cache serializes concurrent test processes).
+pub fn python() -> PathBuf {
+    let cache = cache_dir();
+    let venv = cache.join(format!("secantusdb-{SECANTUSDB_VERSION}"));
+    let python = venv.join("bin/python");
+    if python.is_file() {
+        return python;
+    }
+    std::fs::create_dir_all(&cache).expect("cannot create the test cache directory");
+    let lock = std::fs::File::create(cache.join(".install.lock"))
+        .expect("cannot create the test cache's lock file");
+    // SAFETY: flock(2) on a file descriptor we own; released when `lock` is closed.
+    use std::os::fd::AsRawFd;
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    if python.is_file() {
+        return python;
+    }
+    let staging = cache.join(format!("secantusdb-{SECANTUSDB_VERSION}.partial"));
+    let _ = std::fs::remove_dir_all(&staging);
+    let run = |command: &mut Command, what: &str| {
+        let output = command.output().unwrap_or_else(|err| {
+            panic!("cannot run {what}: {err}; install python3 and python3-venv")
+        });
+        assert!(
+            output.status.success(),
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(
+        Command::new("python3").arg("-m").arg("venv").arg(&staging),
+        "python3 -m venv (Debian package python3-venv)",
+    );
+    run(
+        Command::new(staging.join("bin/python")).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("secantusdb=={SECANTUSDB_VERSION}"),
+        ]),
+        "pip install secantusdb",
+    );
+    std::fs::rename(&staging, &venv).expect("cannot move the virtualenv into place");
+    python
+}
+
+/// A free loopback port below 32768.
+fn private_port() -> u16 {
+    for _ in 0..1000 {
+        let port = rand::random_range(20000..32000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000");
+}
+
+/// A private SecantusDB server.
+pub struct MongoServer {
+    port: u16,
+    python: PathBuf,
+    dir: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl MongoServer {
+    /// Starts a server in a fresh directory.
+    pub fn start() -> MongoServer {
+        let server = MongoServer {
+            port: private_port(),
+            python: python(),
+            dir: temp_dir("dlock-mongodb-"),
+            child: Mutex::new(None),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&self) {
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("cannot create the data directory");
+        let mut command = logged(&self.python, self.dir.path(), "server.log");
+        command
+            .arg("-c")
+            .arg(LAUNCHER)
+            .arg(self.port.to_string())
+            .arg(&data)
+            .arg(self.dir.path());
+        let child = spawn_tied(command).expect("cannot start SecantusDB");
+        *self.child.lock().unwrap() = Some(child);
+        // Importing the server takes seconds on a loaded machine.
+        if !wait_for_port(self.port, Duration::from_secs(90)) {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            panic!(
+                "SecantusDB did not listen on port {} within 90 s; log:\n{log}",
+                self.port
+            );
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mongodb://127.0.0.1:PORT/DATABASE`.
+    pub fn url(&self, database: &str) -> String {
+        format!("mongodb://127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(Child::id)
+    }
+
+    /// Kills it with SIGKILL (a crash).
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            signal(child.id(), libc::SIGCONT);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops it cleanly (SIGTERM), keeping its data; killed if it takes over 30 s.
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            signal(child.id(), libc::SIGCONT);
+            signal(child.id(), libc::SIGTERM);
+            for _ in 0..300 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes it with SIGSTOP: connections stay open, nothing answers.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws it after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGCONT);
+        }
+    }
+
+    /// Stops it cleanly and starts it again on the same port with the same data.
+    pub fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// The server's directory (its data is in `data/`, its log in `server.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for MongoServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
