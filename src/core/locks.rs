@@ -3,7 +3,7 @@
 use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo, LockKind};
 use crate::core::backoff::Backoff;
 use crate::core::lease::{spawn_detached, Grant, Lease, LeaseHandle};
-use crate::core::local_queue::LocalQueues;
+use crate::core::local_queue::{LocalQueues, LocalTurn};
 use crate::core::owner::Owner;
 use crate::core::wait;
 use crate::error::{Error, Result};
@@ -80,6 +80,28 @@ impl Locks {
             renew_every: Some(DEFAULT_TTL / 3),
             renew_set: false,
             kind: LockKind::Exclusive,
+        }
+    }
+
+    /// Starts describing one permit of the semaphore `key`: at most `permits` leases on
+    /// the key at once, each a lease of its own (owner token, TTL, renewal, loss signal,
+    /// fence). Every holder must agree on `permits`; a holder that asks with another
+    /// count gets a typed error instead of over-admission.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), dlock::Error> {
+    /// let locks = dlock::connect("memory://").await?;
+    /// let a = locks.semaphore("api-slots", 2).acquire().await?;
+    /// let b = locks.semaphore("api-slots", 2).acquire().await?;
+    /// assert!(locks.semaphore("api-slots", 2).try_acquire().await?.is_none());
+    /// assert!(a.fence() < b.fence());
+    /// # Ok(()) }
+    /// ```
+    pub fn semaphore(&self, key: impl AsRef<str>, permits: u32) -> LockBuilder {
+        LockBuilder {
+            kind: LockKind::Semaphore { permits },
+            ..self.lock(key)
         }
     }
 
@@ -187,6 +209,24 @@ impl LockBuilder {
     /// Wait up to `limit` for a held lock.
     pub fn wait_for(self, limit: Duration) -> Self {
         self.wait(Wait::For(limit))
+    }
+
+    /// Take a shared (read) lease: readers share the key, while a writer (the default,
+    /// exclusive kind) excludes every reader and writer.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), dlock::Error> {
+    /// let locks = dlock::connect("memory://").await?;
+    /// let r1 = locks.lock("catalog").shared().acquire().await?;
+    /// let r2 = locks.lock("catalog").shared().acquire().await?;
+    /// assert!(locks.lock("catalog").try_acquire().await?.is_none()); // a writer waits
+    /// # drop((r1, r2));
+    /// # Ok(()) }
+    /// ```
+    pub fn shared(mut self) -> Self {
+        self.kind = LockKind::Shared;
+        self
     }
 
     /// Do not wait: one attempt only.
@@ -339,7 +379,17 @@ impl LockBuilder {
                 what: format!("{:?} leases", self.kind),
             });
         }
-        // Tasks of this handle line up locally; only the first contends at the backend.
+        if let LockKind::Semaphore { permits: 0 } = self.kind {
+            return Err(Error::BadOption(
+                "a semaphore needs at least one permit".to_owned(),
+            ));
+        }
+        // Tasks of this handle that want the same key exclusively line up locally; only
+        // the first contends at the backend. Shared and semaphore leases go to the store
+        // directly, since several of them may hold the key at once.
+        if self.kind != LockKind::Exclusive {
+            return self.acquire_from_store(&backend, request, None).await;
+        }
         let turn = match deadline {
             _ if self.wait == Wait::No => match self.locks.queues.try_enter(&key) {
                 Some(turn) => turn,
@@ -354,9 +404,19 @@ impl LockBuilder {
             }
             None => self.locks.queues.enter(&key).await,
         };
+        self.acquire_from_store(&backend, request, Some(turn)).await
+    }
+
+    async fn acquire_from_store(
+        &self,
+        backend: &Arc<dyn Backend>,
+        request: AcquireRequest<'_>,
+        turn: Option<LocalTurn>,
+    ) -> Result<Option<Lease>> {
+        let (key, owner, deadline) = (request.key, request.owner, request.deadline);
         // An acquire whose future is dropped mid-flight may have taken the lock in the
         // store; this guard frees it (by our unique owner token) unless disarmed.
-        let mut guard = AbandonGuard::new(&backend, &key, &owner);
+        let mut guard = AbandonGuard::new(backend, key, owner);
         let outcome = if self.wait == Wait::No {
             wait::bounded_attempt(backend.as_ref(), &request)
                 .await
@@ -394,10 +454,10 @@ impl LockBuilder {
                     lease: granted.lease,
                 };
                 Ok(Some(Lease::start(
-                    Arc::clone(&backend),
+                    Arc::clone(backend),
                     grant,
                     self.renew_every,
-                    Some(turn),
+                    turn,
                 )))
             }
             Ok(None) => {
