@@ -88,15 +88,36 @@ impl Backend {
         }
     }
 
-    /// A backend at a URL the harness does not control (only client nemeses apply).
-    pub fn external(url: &str) -> Backend {
-        let kind = match url.split("://").next().unwrap_or("") {
-            "file" => Kind::Flock,
-            "memory" => Kind::Memory,
-            "postgres" | "postgresql" | "mysql" if !url.contains("mode=lease") => Kind::Session,
-            _ => Kind::Ttl,
+    /// A backend at a URL the harness does not control (only client nemeses apply),
+    /// classified by what the backend itself declares, never by the URL's text.
+    pub fn external(url: &str) -> Result<Backend, String> {
+        let capabilities = {
+            let url = url.to_owned();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    dlock::connect(&url)
+                        .await
+                        .map(|locks| locks.backend().capabilities())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .join()
+            .map_err(|_| "the connecting thread panicked".to_owned())??
         };
-        Backend {
+        let kind = if !capabilities.shared_between_processes {
+            Kind::Memory
+        } else if capabilities.expires {
+            Kind::Ttl
+        } else if matches!(dlock::Scheme::of(url), Ok(dlock::Scheme::File)) {
+            Kind::Flock
+        } else {
+            Kind::Session
+        };
+        Ok(Backend {
             name: dlock::redact(url),
             url: url.to_owned(),
             kind,
@@ -104,7 +125,7 @@ impl Backend {
             durable_fences: true,
             keep: Vec::new(),
             via: None,
-        }
+        })
     }
 
     /// Every backend this build can start, by name.
@@ -119,6 +140,9 @@ impl Backend {
             "postgres-lease",
             "mysql",
             "mysql-lease",
+            "etcd",
+            "zookeeper",
+            "mongodb",
         ]
     }
 
@@ -134,7 +158,10 @@ impl Backend {
             "postgres-lease" => Ok(crate::servers::postgres(true)),
             "mysql" => Ok(crate::servers::mysql(false)),
             "mysql-lease" => Ok(crate::servers::mysql(true)),
-            url if url.contains("://") => Ok(Backend::external(url)),
+            "etcd" => Ok(crate::servers::etcd()),
+            "zookeeper" => Ok(crate::servers::zookeeper()),
+            "mongodb" => Ok(crate::servers::mongodb()),
+            url if url.contains("://") => Backend::external(url),
             other => Err(format!(
                 "unknown backend {other:?}; known: {} or a URL",
                 Backend::names().join(", ")

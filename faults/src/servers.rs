@@ -1,12 +1,16 @@
 //! The server backends: Redis (with and without AOF), Redlock over three Redis nodes,
-//! PostgreSQL and MariaDB (each in session and lease-table mode), started privately by the
-//! testkit launchers, with the controls the nemeses need.
+//! PostgreSQL and MariaDB (each in session and lease-table mode), etcd and ZooKeeper (three
+//! members each) and a MongoDB-wire server, started privately by the testkit launchers,
+//! with the controls the nemeses need.
 
 use crate::cluster::{Backend, Kind, ServerCtl, Via};
 use crate::nemesis::{pid_listening_on, process_tree, signal, wait_port_closed};
+use dlock_testkit::servers::etcd::EtcdCluster;
+use dlock_testkit::servers::mongodb::MongoServer;
 use dlock_testkit::servers::mysql::Mysql;
 use dlock_testkit::servers::postgres::Postgres;
 use dlock_testkit::servers::redis::{RedisConfig, RedisServer};
+use dlock_testkit::servers::zookeeper::ZooKeeper;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -234,6 +238,151 @@ pub fn mysql(lease: bool) -> Backend {
         kind,
         durable_fences: true,
         ctl: Arc::new(MysqlCtl(Arc::clone(&server))),
+        keep: server,
+    })
+}
+
+/// One member of a multi-server store (etcd or ZooKeeper) the nemeses can kill and pause.
+struct MemberCtl<C> {
+    cluster: Arc<C>,
+    index: usize,
+    label: &'static str,
+    port: u16,
+}
+
+/// What the harness needs of a multi-server launcher.
+trait Members: Send + Sync + 'static {
+    fn member_pid(&self, i: usize) -> Option<u32>;
+    fn kill_member(&self, i: usize);
+    fn start_member(&self, i: usize);
+}
+
+impl Members for EtcdCluster {
+    fn member_pid(&self, i: usize) -> Option<u32> {
+        self.pid(i)
+    }
+    fn kill_member(&self, i: usize) {
+        self.kill(i);
+    }
+    fn start_member(&self, i: usize) {
+        self.start_again(i);
+    }
+}
+
+impl Members for ZooKeeper {
+    fn member_pid(&self, i: usize) -> Option<u32> {
+        self.pid(i)
+    }
+    fn kill_member(&self, i: usize) {
+        self.kill(i);
+    }
+    fn start_member(&self, i: usize) {
+        self.start_again(i);
+    }
+}
+
+impl<C: Members> ServerCtl for MemberCtl<C> {
+    fn name(&self) -> String {
+        format!("{} member {} (127.0.0.1:{})", self.label, self.index, self.port)
+    }
+    fn pid(&self) -> Option<u32> {
+        self.cluster.member_pid(self.index)
+    }
+    fn kill_and_restart(&self) {
+        self.cluster.kill_member(self.index);
+        self.cluster.start_member(self.index);
+    }
+}
+
+/// A store of `ports.len()` members behind one URL listing them all.
+fn ensemble<C: Members>(
+    name: &str,
+    label: &'static str,
+    cluster: Arc<C>,
+    ports: Vec<u16>,
+    url_for: fn(&[u16]) -> String,
+) -> Backend {
+    let url = url_for(&ports);
+    wait_ready(&url);
+    Backend {
+        name: name.into(),
+        url,
+        kind: Kind::Ttl,
+        servers: ports
+            .iter()
+            .enumerate()
+            .map(|(index, &port)| {
+                Arc::new(MemberCtl {
+                    cluster: Arc::clone(&cluster),
+                    index,
+                    label,
+                    port,
+                }) as Arc<dyn ServerCtl>
+            })
+            .collect(),
+        durable_fences: true,
+        keep: vec![cluster as Arc<dyn std::any::Any + Send + Sync>],
+        via: Some(Via {
+            ports,
+            url: Arc::new(url_for),
+        }),
+    }
+}
+
+fn port_of(host_port: &str) -> u16 {
+    host_port
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a host:port endpoint")
+}
+
+fn loopback_list(scheme: &str, ports: &[u16]) -> String {
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!("{scheme}://{}", hosts.join(","))
+}
+
+/// etcd, three members: a lease ends at its etcd lease's TTL when not kept alive.
+pub fn etcd() -> Backend {
+    let cluster = Arc::new(EtcdCluster::start_members(3));
+    let ports = cluster.endpoints().iter().map(|e| port_of(e)).collect();
+    ensemble("etcd", "etcd", cluster, ports, |p| loopback_list("etcd", p))
+}
+
+/// ZooKeeper, a three-server ensemble: a lease ends with its session's timeout.
+pub fn zookeeper() -> Backend {
+    let ensemble_ = Arc::new(ZooKeeper::start_ensemble());
+    let ports = ensemble_.hosts().split(',').map(port_of).collect();
+    ensemble("zookeeper", "zookeeper", ensemble_, ports, |p| {
+        loopback_list("zk", p)
+    })
+}
+
+struct MongoCtl(Arc<MongoServer>);
+
+impl ServerCtl for MongoCtl {
+    fn name(&self) -> String {
+        format!("secantusdb 127.0.0.1:{}", self.0.port())
+    }
+    fn pid(&self) -> Option<u32> {
+        self.0.pid()
+    }
+    fn kill_and_restart(&self) {
+        self.0.kill();
+        self.0.restart();
+    }
+}
+
+/// A MongoDB-wire server (SecantusDB), one document per key.
+pub fn mongodb() -> Backend {
+    let server = Arc::new(MongoServer::start());
+    single(Single {
+        name: "mongodb",
+        url: server.url("dlock_faults"),
+        port: server.port(),
+        kind: Kind::Ttl,
+        durable_fences: true,
+        ctl: Arc::new(MongoCtl(Arc::clone(&server))),
         keep: server,
     })
 }

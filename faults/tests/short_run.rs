@@ -110,6 +110,9 @@ backends! {
     postgres_lease => "postgres-lease",
     mysql => "mysql",
     mysql_lease => "mysql-lease",
+    etcd => "etcd",
+    zookeeper => "zookeeper",
+    mongodb => "mongodb",
 }
 
 /// The file backend's short run includes the hostile lock directory nemesis.

@@ -240,6 +240,11 @@ impl ZooKeeper {
         }
     }
 
+    /// The pid of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.lock().unwrap().as_ref().map(Child::id)
+    }
+
     /// Freezes member `i` with SIGSTOP: its connections stay open, nothing answers.
     pub fn pause(&self, i: usize) {
         if let Some(child) = self.members[i].child.lock().unwrap().as_ref() {
