@@ -60,6 +60,39 @@ impl Scheme {
         }
     }
 
+    /// How a URL of this backend is written, and what the backend is, for help texts.
+    pub fn usage(self) -> (&'static str, &'static str) {
+        match self {
+            Scheme::File => (
+                "file:///dir",
+                "flock(2) on files in a directory of this host",
+            ),
+            Scheme::Memory => ("memory://[name]", "inside one process (tests)"),
+            Scheme::Redis => (
+                "redis://[user:pass@]host:port[/db]",
+                "one Redis node (rediss:// for TLS)",
+            ),
+            Scheme::Redlock => (
+                "redlock://h1:p1,h2:p2,h3:p3",
+                "Redlock over independent Redis nodes",
+            ),
+            Scheme::Postgres => (
+                "postgres://user@host/db[?mode=lease]",
+                "PostgreSQL advisory locks or a lease table",
+            ),
+            Scheme::Mysql => (
+                "mysql://user@host/db[?mode=lease]",
+                "MySQL/MariaDB GET_LOCK or a lease table",
+            ),
+            Scheme::Etcd => ("etcd://h1:p1[,h2:p2,…]", "etcd v3 leases"),
+            Scheme::Zookeeper => ("zk://h1:p1[,h2:p2,…][/chroot]", "ZooKeeper's lock recipe"),
+            Scheme::Mongodb => (
+                "mongodb://host:port/db[?collection=…]",
+                "MongoDB, a document per key",
+            ),
+        }
+    }
+
     /// The cargo feature that builds this backend.
     pub fn feature(self) -> &'static str {
         match self {

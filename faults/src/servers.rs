@@ -283,7 +283,10 @@ impl Members for ZooKeeper {
 
 impl<C: Members> ServerCtl for MemberCtl<C> {
     fn name(&self) -> String {
-        format!("{} member {} (127.0.0.1:{})", self.label, self.index, self.port)
+        format!(
+            "{} member {} (127.0.0.1:{})",
+            self.label, self.index, self.port
+        )
     }
     fn pid(&self) -> Option<u32> {
         self.cluster.member_pid(self.index)

@@ -8,24 +8,37 @@ mod run;
 mod schema;
 mod tree;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const AFTER_HELP: &str = "\
-Backends (--backend or DLOCK_BACKEND):
-  file:///dir                    flock(2) on files in a directory (default: $DLOCK_DIR,
-                                 else $XDG_STATE_HOME/dlock, else ~/.local/state/dlock)
-  memory://                      inside one process (tests)
-  redis://[user:pass@]host:port[/db], rediss://…, redlock://h1:p1,h2:p2,h3:p3
-  postgres://…, mysql://…
-
+const EXIT_HELP: &str = "\
 Exit statuses: COMMAND's own; 75 lock not acquired; 69 backend unavailable;
 64 bad usage; 76 lease lost while COMMAND ran; 126/127 COMMAND not runnable/found.";
 
+/// The backends of this build, from the registry, then the exit statuses.
+fn after_help() -> String {
+    let mut text = String::from("Backends (--backend or DLOCK_BACKEND; default: file:// in $DLOCK_DIR,\nelse $XDG_STATE_HOME/dlock, else ~/.local/state/dlock):\n");
+    let mut missing = Vec::new();
+    for scheme in dlock::Scheme::ALL {
+        if scheme.is_enabled() {
+            let (url, what) = scheme.usage();
+            text.push_str(&format!("  {url:<40} {what}\n"));
+        } else {
+            missing.push(format!("{scheme} (feature {})", scheme.feature()));
+        }
+    }
+    if !missing.is_empty() {
+        text.push_str(&format!("  not in this build: {}\n", missing.join(", ")));
+    }
+    text.push('\n');
+    text.push_str(EXIT_HELP);
+    text
+}
+
 /// Distributed locks with leases and fencing tokens: flock(1) for a fleet.
 #[derive(Debug, Parser)]
-#[command(name = "dlock", version, about, after_help = AFTER_HELP, propagate_version = true)]
+#[command(name = "dlock", version, about, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -126,7 +139,11 @@ pub fn main() -> ExitCode {
     {
         return tree::watchdog();
     }
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .after_help(after_help())
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(err) => {
             use clap::error::ErrorKind;

@@ -242,7 +242,12 @@ impl ZooKeeper {
 
     /// The pid of member `i`, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.members[i].child.lock().unwrap().as_ref().map(Child::id)
+        self.members[i]
+            .child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(Child::id)
     }
 
     /// Freezes member `i` with SIGSTOP: its connections stay open, nothing answers.
