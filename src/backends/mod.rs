@@ -14,3 +14,5 @@ pub mod postgres;
 pub mod redis;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) mod sql_url;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) mod sql_session;

@@ -19,7 +19,9 @@
 
 use super::listener::Listener;
 use super::{ensure_schema, millis, pg_error, Settings, Shared};
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, KeyWatch, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+};
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
@@ -173,8 +175,28 @@ impl PgLeaseBackend {
         })
     }
 
-    fn err(&self, err: &tokio_postgres::Error) -> crate::Error {
+    fn err(&self, err: tokio_postgres::Error) -> crate::Error {
         pg_error(&self.inner.describe, err)
+    }
+
+    /// The owner-checked release: `true` if the lease was still live.
+    async fn release_row(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        let conn = self.inner.db.get().await?;
+        let rows = conn
+            .query_typed(
+                &self.inner.sql.release,
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&owner.as_str(), Type::TEXT),
+                    (&self.inner.channel.as_str(), Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false))
     }
 
     fn maybe_sweep(&self) {
@@ -212,6 +234,37 @@ fn info_of(row: &Row) -> LockInfo {
     info
 }
 
+/// One held row, renewed and released through the handle's shared connection.
+struct PgLease {
+    backend: PgLeaseBackend,
+    key: Key,
+    owner: Owner,
+}
+
+#[async_trait]
+impl HeldLease for PgLease {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let inner = &self.backend.inner;
+        let conn = inner.db.get().await?;
+        let n = conn
+            .execute_typed(
+                &inner.sql.renew,
+                &[
+                    (&self.key.as_str(), Type::TEXT),
+                    (&self.owner.as_str(), Type::TEXT),
+                    (&millis(ttl), Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| self.backend.err(e))?;
+        Ok(n == 1)
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        self.backend.release_row(&self.key, &self.owner).await
+    }
+}
+
 #[async_trait]
 impl Backend for PgLeaseBackend {
     fn describe(&self) -> &str {
@@ -219,13 +272,14 @@ impl Backend for PgLeaseBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities::expiring()
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         self.maybe_sweep();
         let conn = self.inner.db.get().await?;
         let pid = i32::try_from(request.holder.pid).ok();
+        let sent_at = Instant::now();
         let rows = conn
             .query_typed(
                 &self.inner.sql.acquire,
@@ -238,12 +292,18 @@ impl Backend for PgLeaseBackend {
                 ],
             )
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         let row = rows.first();
         if let Some(fence) = row.and_then(|r| r.try_get::<_, Option<i64>>(0).ok().flatten()) {
-            return Ok(Attempt::Acquired {
+            return Ok(Attempt::Acquired(Granted {
                 fence: u64::try_from(fence).unwrap_or(0),
-            });
+                sent_at,
+                lease: Box::new(PgLease {
+                    backend: self.clone(),
+                    key: request.key.clone(),
+                    owner: request.owner.clone(),
+                }),
+            }));
         }
         let expires_in = row
             .and_then(|r| r.try_get::<_, Option<i64>>(1).ok().flatten())
@@ -252,51 +312,23 @@ impl Backend for PgLeaseBackend {
         Ok(Attempt::Held { expires_in })
     }
 
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let conn = self.inner.db.get().await?;
-        let n = conn
-            .execute_typed(
-                &self.inner.sql.renew,
-                &[
-                    (&key.as_str(), Type::TEXT),
-                    (&owner.as_str(), Type::TEXT),
-                    (&millis(ttl), Type::INT8),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(n == 1)
-    }
-
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
-        let conn = self.inner.db.get().await?;
-        let rows = conn
-            .query_typed(
-                &self.inner.sql.release,
-                &[
-                    (&key.as_str(), Type::TEXT),
-                    (&owner.as_str(), Type::TEXT),
-                    (&self.inner.channel.as_str(), Type::TEXT),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.try_get::<_, bool>(0).ok())
-            .unwrap_or(false))
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        self.release_row(key, owner).await.map(drop)
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
         Ok(Some(self.inner.listener.watch(key.as_str()).await?))
     }
+}
 
+#[async_trait]
+impl Admin for PgLeaseBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let conn = self.inner.db.get().await?;
         let rows = conn
             .query_typed(&self.inner.sql.inspect, &[(&key.as_str(), Type::TEXT)])
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         Ok(rows.first().map(info_of))
     }
 
@@ -305,7 +337,7 @@ impl Backend for PgLeaseBackend {
         let rows = conn
             .query_typed(&self.inner.sql.list, &[])
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         Ok(rows.iter().map(info_of).collect())
     }
 
@@ -320,7 +352,7 @@ impl Backend for PgLeaseBackend {
                 ],
             )
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         Ok(rows
             .first()
             .and_then(|r| r.try_get::<_, bool>(0).ok())
