@@ -25,7 +25,9 @@ use super::{
     counter_ddl, ensure_schema, epoch_us, from_micros, micros, my_error, row_key, Conns, Lent,
     Settings,
 };
-use crate::core::backend::{AcquireRequest, Attempt, Backend, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo,
+};
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
@@ -194,7 +196,7 @@ impl MysqlLeaseBackend {
         })
     }
 
-    fn err(&self, err: &mysql_async::Error) -> crate::Error {
+    fn err(&self, err: mysql_async::Error) -> crate::Error {
         my_error(&self.inner.describe, err)
     }
 
@@ -244,10 +246,10 @@ impl MysqlLeaseBackend {
         let mut tx = conn
             .start_transaction(mysql_async::TxOpts::default())
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         tx.query_drop(self.inner.sql.bump.as_str())
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         let fence = tx.last_insert_id().ok_or_else(|| {
             crate::Error::backend(&self.inner.describe, "the fence counter returned no value")
         })?;
@@ -265,21 +267,21 @@ impl MysqlLeaseBackend {
             ),
         )
         .await
-        .map_err(|e| self.err(&e))?;
+        .map_err(|e| self.err(e))?;
         // A locking read: the newest row version, which this transaction now has locked.
         let now: Option<(String, u64, bool)> = tx
             .exec_first(self.inner.sql.mine.as_str(), (k.as_slice(),))
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         let ours = matches!(now, Some((owner, f, live)) if live && owner == request.owner.as_str() && f == fence)
             // A lease whose validity (counted from before the attempt) is already over
             // must not be handed out.
             && began.elapsed() < request.ttl;
         if ours {
-            tx.commit().await.map_err(|e| self.err(&e))?;
+            tx.commit().await.map_err(|e| self.err(e))?;
             Ok(Some(fence))
         } else {
-            tx.rollback().await.map_err(|e| self.err(&e))?;
+            tx.rollback().await.map_err(|e| self.err(e))?;
             Ok(None)
         }
     }
@@ -291,7 +293,11 @@ impl Backend for MysqlLeaseBackend {
         &self.inner.describe
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::expiring()
+    }
+
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let began = Instant::now();
         self.maybe_sweep();
         let mut conn = self.conn().await?;
@@ -299,7 +305,7 @@ impl Backend for MysqlLeaseBackend {
         let remaining: Option<Option<i64>> = conn
             .exec_first(self.inner.sql.peek.as_str(), (k.as_slice(),))
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         if let Some(Some(us)) = remaining {
             if us > 0 {
                 conn.keep();
@@ -309,32 +315,63 @@ impl Backend for MysqlLeaseBackend {
             }
         }
         // A dropped future closes the connection, and the server rolls the transaction back.
-        let claimed = self.claim(&mut conn, &request, began).await?;
+        let claimed = self.claim(&mut conn, request, began).await?;
         conn.keep();
         match claimed {
-            Some(fence) => Ok(Attempt::Acquired { fence }),
+            Some(fence) => Ok(Attempt::Acquired(Granted {
+                fence,
+                sent_at: began,
+                lease: Box::new(MysqlLease {
+                    backend: self.clone(),
+                    key: request.key.clone(),
+                    owner: request.owner.clone(),
+                }),
+            })),
             None => Ok(Attempt::Held { expires_in: None }),
         }
     }
 
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let mut conn = self.conn().await?;
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        self.release_row(key, owner).await.map(drop)
+    }
+}
+
+/// One held row, renewed and released on connections of the handle's pool.
+struct MysqlLease {
+    backend: MysqlLeaseBackend,
+    key: Key,
+    owner: Owner,
+}
+
+#[async_trait]
+impl HeldLease for MysqlLease {
+
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let backend = &self.backend;
+        let mut conn = backend.conn().await?;
         conn.exec_drop(
-            self.inner.sql.renew.as_str(),
+            backend.inner.sql.renew.as_str(),
             (
-                i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+                super::millis(ttl),
                 micros(ttl),
-                row_key(key.as_str()),
-                owner.as_str(),
+                row_key(self.key.as_str()),
+                self.owner.as_str(),
             ),
         )
         .await
-        .map_err(|e| self.err(&e))?;
+        .map_err(|e| backend.err(e))?;
         conn.keep();
         Ok(conn.affected_rows() == 1)
     }
 
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
+    async fn release(self: Box<Self>) -> Result<bool> {
+        self.backend.release_row(&self.key, &self.owner).await
+    }
+}
+
+impl MysqlLeaseBackend {
+    /// The owner-checked delete: `true` if the lease was still live.
+    async fn release_row(&self, key: &Key, owner: &Owner) -> Result<bool> {
         let mut conn = self.conn().await?;
         let k = row_key(key.as_str());
         conn.exec_drop(
@@ -342,7 +379,7 @@ impl Backend for MysqlLeaseBackend {
             (k.as_slice(), owner.as_str()),
         )
         .await
-        .map_err(|e| self.err(&e))?;
+        .map_err(|e| self.err(e))?;
         if conn.affected_rows() == 1 {
             conn.keep();
             return Ok(true);
@@ -352,17 +389,20 @@ impl Backend for MysqlLeaseBackend {
             (k.as_slice(), owner.as_str()),
         )
         .await
-        .map_err(|e| self.err(&e))?;
+        .map_err(|e| self.err(e))?;
         conn.keep();
         Ok(false)
     }
+}
 
+#[async_trait]
+impl Admin for MysqlLeaseBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let mut conn = self.conn().await?;
         let row: Option<Row> = conn
             .exec_first(self.inner.sql.inspect.as_str(), (row_key(key.as_str()),))
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         conn.keep();
         Ok(row.map(info_of))
     }
@@ -372,7 +412,7 @@ impl Backend for MysqlLeaseBackend {
         let rows: Vec<Row> = conn
             .query(self.inner.sql.list.as_str())
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         conn.keep();
         Ok(rows.into_iter().map(info_of).collect())
     }
@@ -381,7 +421,7 @@ impl Backend for MysqlLeaseBackend {
         let mut conn = self.conn().await?;
         conn.exec_drop(self.inner.sql.force.as_str(), (row_key(key.as_str()),))
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         conn.keep();
         Ok(conn.affected_rows() > 0)
     }
