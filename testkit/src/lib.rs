@@ -13,6 +13,7 @@
 
 pub mod conformance;
 pub mod process;
+pub mod proxy;
 pub mod servers;
 mod target;
 
