@@ -948,7 +948,9 @@ async fn no_wait_behind_a_frozen_link_fails_promptly_with_a_typed_error() {
         let locks = dlock::connect(&url).await.unwrap();
         let k = key("frozen");
         // A connection in the pool, so that the attempt meets a stalled open connection.
-        let warm = locks.lock(&k).try_acquire().await.unwrap().unwrap();
+        // (Another key: the released lease's local turn is given up just after its
+        // release returns.)
+        let warm = locks.lock(key("warm")).try_acquire().await.unwrap().unwrap();
         assert!(warm.release().await.unwrap());
         proxy.freeze();
         for no_wait in [true, false] {

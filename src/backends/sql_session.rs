@@ -503,3 +503,22 @@ impl<D: Dialect> Admin for SessionLocks<D> {
         Ok(true)
     }
 }
+
+/// Runs the cleanup of an abandoned attempt in the background, bounded by [`CALL_LIMIT`].
+pub(crate) fn in_background(
+    cleanup: impl Future<Output = Result<bool>> + Send + 'static,
+    key: &Key,
+) {
+    let key = key.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(CALL_LIMIT, cleanup).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(%key, %err, "cleanup after an abandoned attempt failed; it ends at its TTL")
+            }
+            Err(_) => {
+                tracing::debug!(%key, "cleanup after an abandoned attempt timed out; it ends at its TTL")
+            }
+        }
+    });
+}

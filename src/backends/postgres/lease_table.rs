@@ -312,8 +312,16 @@ impl Backend for PgLeaseBackend {
         Ok(Attempt::Held { expires_in })
     }
 
+    /// The owner-checked release, in the background: the caller gave up on a store that
+    /// did not answer, and must not wait for that store again.
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        self.release_row(key, owner).await.map(drop)
+        let lease = Box::new(PgLease {
+            backend: self.clone(),
+            key: key.clone(),
+            owner: owner.clone(),
+        });
+        crate::backends::sql_session::in_background(lease.release(), key);
+        Ok(())
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
