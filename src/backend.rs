@@ -9,8 +9,8 @@
 //! this crate proves itself with the conformance suite of the `dlock-testkit` crate.
 
 pub use crate::core::backend::{
-    AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease,
-    Holder, KeyWatch,
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, Holder,
+    KeyWatch,
 };
 pub use crate::core::backoff::Backoff;
 pub use crate::core::owner::Owner;

@@ -204,12 +204,16 @@ impl Error {
     pub fn caused_by(self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
         let cause = Some(Cause(Arc::new(cause)));
         match self {
-            Error::Unavailable { backend, detail, .. } => Error::Unavailable {
+            Error::Unavailable {
+                backend, detail, ..
+            } => Error::Unavailable {
                 backend,
                 detail,
                 source: cause,
             },
-            Error::Backend { backend, detail, .. } => Error::Backend {
+            Error::Backend {
+                backend, detail, ..
+            } => Error::Backend {
                 backend,
                 detail,
                 source: cause,

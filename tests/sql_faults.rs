@@ -869,11 +869,19 @@ async fn stalled_then_killed(
     });
     proxy.freeze_for(Duration::from_millis(1500)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!lease.is_lost(), "a stall shorter than the TTL lost the lease");
+    assert!(
+        !lease.is_lost(),
+        "a stall shorter than the TTL lost the lease"
+    );
     assert!(!waiting.is_finished(), "the waiter got a held lock");
     let killed_at = Instant::now();
     kill.await;
-    let reason = within(Duration::from_secs(5), "lost() after the kill", lease.lost()).await;
+    let reason = within(
+        Duration::from_secs(5),
+        "lost() after the kill",
+        lease.lost(),
+    )
+    .await;
     let lost_at = Instant::now();
     assert!(
         matches!(reason, LossReason::SessionEnded { .. }),
@@ -883,7 +891,10 @@ async fn stalled_then_killed(
         .await
         .unwrap();
     let next = next.unwrap();
-    assert!(admitted_at > killed_at, "the waiter was admitted before the kill");
+    assert!(
+        admitted_at > killed_at,
+        "the waiter was admitted before the kill"
+    );
     assert!(next.fence() > lease.fence());
     eprintln!(
         "after the kill: holder lost at {:?}, waiter admitted at {:?}",
@@ -950,7 +961,12 @@ async fn no_wait_behind_a_frozen_link_fails_promptly_with_a_typed_error() {
         // A connection in the pool, so that the attempt meets a stalled open connection.
         // (Another key: the released lease's local turn is given up just after its
         // release returns.)
-        let warm = locks.lock(key("warm")).try_acquire().await.unwrap().unwrap();
+        let warm = locks
+            .lock(key("warm"))
+            .try_acquire()
+            .await
+            .unwrap()
+            .unwrap();
         assert!(warm.release().await.unwrap());
         proxy.freeze();
         for no_wait in [true, false] {
@@ -962,10 +978,19 @@ async fn no_wait_behind_a_frozen_link_fails_promptly_with_a_typed_error() {
                     locks.lock(&k).try_acquire().await
                 }
             };
-            let outcome = within(Duration::from_millis(1500), "an attempt behind a frozen link", attempt).await;
+            let outcome = within(
+                Duration::from_millis(1500),
+                "an attempt behind a frozen link",
+                attempt,
+            )
+            .await;
             let err = outcome.expect_err("an attempt behind a frozen link succeeded");
             assert!(err.is_transient(), "{url}: {err:?}");
-            eprintln!("{}: failed after {:?}: {err}", dlock::redact(&url), started.elapsed());
+            eprintln!(
+                "{}: failed after {:?}: {err}",
+                dlock::redact(&url),
+                started.elapsed()
+            );
         }
         proxy.thaw();
     }
@@ -990,13 +1015,20 @@ async fn pg_unlimited_waiter_survives_a_server_restart() {
     in_blocking(move || stopping.stop()).await;
     within(PROMPTLY, "the holder's lost() at the stop", lease.lost()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!waiting.is_finished(), "the waiter gave up while the server was down");
+    assert!(
+        !waiting.is_finished(),
+        "the waiter gave up while the server was down"
+    );
     let starting = std::sync::Arc::clone(&server);
     in_blocking(move || starting.launch()).await;
-    let next = within(Duration::from_secs(30), "the waiter's acquire after the restart", waiting)
-        .await
-        .unwrap()
-        .expect("the waiter returned an error instead of waiting");
+    let next = within(
+        Duration::from_secs(30),
+        "the waiter's acquire after the restart",
+        waiting,
+    )
+    .await
+    .unwrap()
+    .expect("the waiter returned an error instead of waiting");
     assert!(next.fence() > lease.fence());
     assert!(next.release().await.unwrap());
     drop(lease);

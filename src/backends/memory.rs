@@ -252,7 +252,6 @@ impl Backend for MemoryBackend {
             rx: self.store.released.subscribe(),
         })))
     }
-
 }
 
 #[async_trait]

@@ -54,6 +54,8 @@ pub(crate) struct Claim<L> {
     pub(crate) ttl: Duration,
     pub(crate) pid: u32,
     pub(crate) host: String,
+    /// When a wait in the server's queue gives up (`None`: never).
+    pub(crate) deadline: Option<Instant>,
     /// The database's name of the lock (an advisory key, a `GET_LOCK` name).
     pub(crate) lock: L,
 }
@@ -98,14 +100,13 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
         conn: &mut Self::Conn,
         claim: &Claim<Self::Lock>,
     ) -> Result<Option<u64>>;
-    /// Waits in the server's queue until `deadline` (`None`: without limit): its fence,
-    /// or `None` if the deadline passed. The connection is closed afterwards unless it
-    /// returned a fence.
+    /// Waits in the server's queue until the claim's deadline (`None`: without limit):
+    /// its fence, or `None` if the deadline passed. The connection is closed afterwards
+    /// unless it returned a fence.
     async fn wait_lock(
         &self,
         conn: &mut Self::Conn,
         claim: &Claim<Self::Lock>,
-        deadline: Option<Instant>,
     ) -> Result<Option<u64>>;
     /// What [`interrupt`](Dialect::interrupt) needs to stop `conn`'s running statement.
     fn interrupter(&self, conn: &Self::Conn) -> Self::Interrupt;
@@ -145,7 +146,10 @@ struct Pool<D: Dialect> {
 
 impl<D: Dialect> Pool<D> {
     fn pop(&self) -> Option<(D::Conn, Instant)> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop()
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
     }
 
     /// Returns a connection that holds no lock.
@@ -213,6 +217,7 @@ impl<D: Dialect> SessionLocks<D> {
             ttl: request.ttl,
             pid: request.holder.pid,
             host: request.holder.host.clone(),
+            deadline: request.deadline,
             lock: self.pool.dialect.lock_of(request.key),
         }
     }
@@ -236,11 +241,8 @@ impl<D: Dialect> SessionLocks<D> {
     /// blocking statement is never dropped mid-flight, and a wait whose caller went away
     /// (deadline, dropped future) is interrupted, its connection closed (which frees a
     /// lock granted too late).
-    async fn wait_once(
-        &self,
-        claim: &Claim<D::Lock>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<Granted>> {
+    async fn wait_once(&self, claim: &Claim<D::Lock>) -> Result<Option<Granted>> {
+        let deadline = claim.deadline;
         let mut conn = self.pool.take().await?;
         let sent_at = Instant::now();
         let mut interrupt = InterruptOnDrop {
@@ -251,7 +253,7 @@ impl<D: Dialect> SessionLocks<D> {
         let pool = Arc::clone(&self.pool);
         let owned = claim.clone();
         tokio::spawn(async move {
-            let outcome = match pool.dialect.wait_lock(&mut conn, &owned, deadline).await {
+            let outcome = match pool.dialect.wait_lock(&mut conn, &owned).await {
                 Ok(Some(fence)) => Ok(Some((conn, fence))),
                 Ok(None) => Ok(None),
                 Err(err) => Err(err),
@@ -276,7 +278,9 @@ impl<D: Dialect> SessionLocks<D> {
         };
         interrupt.disarm();
         match received {
-            Ok(Ok(Some((conn, fence)))) => Ok(Some(self.grant(conn, claim.clone(), fence, sent_at))),
+            Ok(Ok(Some((conn, fence)))) => {
+                Ok(Some(self.grant(conn, claim.clone(), fence, sent_at)))
+            }
             Ok(Ok(None)) => Ok(None),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(Error::unavailable(
@@ -310,7 +314,9 @@ impl<D: Dialect> Drop for InterruptOnDrop<D> {
                     .await
                     .is_err()
                 {
-                    tracing::debug!("interrupting an abandoned wait timed out; its connection is closed anyway");
+                    tracing::debug!(
+                        "interrupting an abandoned wait timed out; its connection is closed anyway"
+                    );
                 }
             });
         }
@@ -459,7 +465,7 @@ impl<D: Dialect> Backend for SessionLocks<D> {
         }
         .delays();
         loop {
-            let err = match self.wait_once(&claim, request.deadline).await {
+            let err = match self.wait_once(&claim).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(err) if err.is_transient() => err,
                 Err(err) => return Err(err),

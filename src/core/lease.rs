@@ -232,7 +232,10 @@ impl Lease {
         }
     }
 
-    async fn ask(&self, command: impl FnOnce(oneshot::Sender<Result<bool>>) -> Command) -> Result<bool> {
+    async fn ask(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<bool>>) -> Command,
+    ) -> Result<bool> {
         let (reply, answer) = oneshot::channel();
         if self.commands.send(command(reply)).await.is_err() {
             // The task has ended: the lease was lost (and given up) before this call.

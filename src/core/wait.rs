@@ -47,7 +47,10 @@ pub(crate) async fn bounded_attempt<B: Backend + ?Sized>(
 }
 
 /// Frees what an abandoned attempt may have taken, waiting at most the grace for it.
-pub(crate) async fn abandon_bounded<B: Backend + ?Sized>(backend: &B, request: &AcquireRequest<'_>) {
+pub(crate) async fn abandon_bounded<B: Backend + ?Sized>(
+    backend: &B,
+    request: &AcquireRequest<'_>,
+) {
     let cleanup = backend.abandon(request.key, request.owner);
     match tokio::time::timeout(DEADLINE_GRACE, cleanup).await {
         Ok(Ok(())) => {}
@@ -128,9 +131,7 @@ pub async fn poll_until_acquired<B: Backend + ?Sized>(
                     // Woken by the store at release; the expiry covers a holder that died.
                     (Some(_), Some(expires_in)) => expiry_spread(expires_in),
                     (Some(_), None) => delays.ceiling(),
-                    (None, Some(expires_in)) => {
-                        delays.next_delay().min(expiry_spread(expires_in))
-                    }
+                    (None, Some(expires_in)) => delays.next_delay().min(expiry_spread(expires_in)),
                     (None, None) => delays.next_delay(),
                 }
             }

@@ -131,7 +131,10 @@ async fn pump(
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send((Instant::now() + latency(), buf[..n].to_vec())).is_err() {
+                    if tx
+                        .send((Instant::now() + latency(), buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }

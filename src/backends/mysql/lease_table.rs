@@ -25,16 +25,15 @@ use super::{
     counter_ddl, ensure_schema, epoch_us, from_micros, micros, my_error, row_key, Conns, Lent,
     Settings,
 };
-use crate::core::backend::{
-    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo,
-};
+use crate::backends::sql_sweep::SweepClock;
+use crate::core::backend::{AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, LockInfo};
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
 use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
 use mysql_async::Row;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -131,15 +130,7 @@ struct Inner {
     describe: String,
     conns: Arc<Conns>,
     sql: Sql,
-    last_sweep: Mutex<Instant>,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlLeaseBackend")
-            .field("url", &self.describe)
-            .finish()
-    }
+    sweeps: SweepClock,
 }
 
 pub(crate) fn info_of(mut row: Row) -> LockInfo {
@@ -186,12 +177,7 @@ impl MysqlLeaseBackend {
                 describe: settings.describe,
                 conns,
                 sql: Sql::new(&settings.table, &settings.counter),
-                // The first acquire of a new handle sweeps, so short-lived clients (the CLI) do too.
-                last_sweep: Mutex::new(
-                    Instant::now()
-                        .checked_sub(SWEEP_EVERY)
-                        .unwrap_or_else(Instant::now),
-                ),
+                sweeps: SweepClock::new(SWEEP_EVERY, true),
             }),
         })
     }
@@ -205,16 +191,8 @@ impl MysqlLeaseBackend {
     }
 
     fn maybe_sweep(&self) {
-        {
-            let mut last = self
-                .inner
-                .last_sweep
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() < SWEEP_EVERY {
-                return;
-            }
-            *last = Instant::now();
+        if !self.inner.sweeps.due() {
+            return;
         }
         let this = self.clone();
         tokio::spawn(async move {
@@ -287,14 +265,16 @@ impl MysqlLeaseBackend {
     }
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::backends::sql_url::fmt_backend(f, "MysqlLeaseBackend", &self.describe)
+    }
+}
+
 #[async_trait]
 impl Backend for MysqlLeaseBackend {
     fn describe(&self) -> &str {
         &self.inner.describe
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
@@ -321,11 +301,7 @@ impl Backend for MysqlLeaseBackend {
             Some(fence) => Ok(Attempt::Acquired(Granted {
                 fence,
                 sent_at: began,
-                lease: Box::new(MysqlLease {
-                    backend: self.clone(),
-                    key: request.key.clone(),
-                    owner: request.owner.clone(),
-                }),
+                lease: self.held(request.key, request.owner),
             })),
             None => Ok(Attempt::Held { expires_in: None }),
         }
@@ -334,13 +310,19 @@ impl Backend for MysqlLeaseBackend {
     /// The owner-checked release, in the background: the caller gave up on a store that
     /// did not answer, and must not wait for that store again.
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        let lease = Box::new(MysqlLease {
+        crate::backends::sql_session::in_background(self.held(key, owner).release(), key);
+        Ok(())
+    }
+}
+
+impl MysqlLeaseBackend {
+    /// The handle of a row held (or maybe taken) by `owner`.
+    fn held(&self, key: &Key, owner: &Owner) -> Box<dyn HeldLease> {
+        Box::new(MysqlLease {
             backend: self.clone(),
             key: key.clone(),
             owner: owner.clone(),
-        });
-        crate::backends::sql_session::in_background(lease.release(), key);
-        Ok(())
+        })
     }
 }
 
@@ -353,7 +335,6 @@ struct MysqlLease {
 
 #[async_trait]
 impl HeldLease for MysqlLease {
-
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         let backend = &self.backend;
         let mut conn = backend.conn().await?;

@@ -214,7 +214,9 @@ impl Conns {
 
     /// An idle connection, or a new one.
     pub(crate) async fn take(self: &std::sync::Arc<Self>) -> Result<Lent> {
-        self.take_raw().await.map_err(|e| my_error(&self.describe, e))
+        self.take_raw()
+            .await
+            .map_err(|e| my_error(&self.describe, e))
     }
 
     /// [`take`](Self::take), with the client library's error.
@@ -407,11 +409,12 @@ mod tests {
     #[test]
     fn schema_for_admins() {
         let sql = schema_sql("mysql://u@h/db?mode=lease").unwrap();
-        assert!(
-            sql.contains("CREATE TABLE IF NOT EXISTS dlock_leases"),
-            "{sql}"
-        );
-        assert!(sql.contains("dlock_fence_counter"), "{sql}");
+        for part in [
+            "CREATE TABLE IF NOT EXISTS dlock_leases",
+            "dlock_fence_counter",
+        ] {
+            assert!(sql.contains(part), "{part} missing from {sql}");
+        }
     }
 
     #[test]

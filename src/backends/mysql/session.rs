@@ -17,8 +17,8 @@
 //! connections has no sessions left either.
 
 use super::{
-    counter_ddl, ensure_schema, epoch_us, is_connection_error, lock_name, my_error, row_key,
-    Conns, Settings,
+    counter_ddl, ensure_schema, epoch_us, is_connection_error, lock_name, my_error, row_key, Conns,
+    Settings,
 };
 use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Liveness, SessionLocks};
 use crate::core::backend::LockInfo;
@@ -146,7 +146,9 @@ impl MySession {
         get_lock: &str,
         timeout_secs: u64,
     ) -> Result<Option<u64>> {
-        let outcome = self.lock_raw(&mut conn.conn, claim, get_lock, timeout_secs).await;
+        let outcome = self
+            .lock_raw(&mut conn.conn, claim, get_lock, timeout_secs)
+            .await;
         outcome.map_err(|err| {
             conn.failed(&err);
             self.err(err)
@@ -187,7 +189,8 @@ impl MySession {
     /// The connection id holding `name`, asked on an administrative connection.
     async fn used_by(&self, name: &str) -> mysql_async::Result<Option<u64>> {
         let mut conn = self.admin.take_raw().await?;
-        let holder: Option<Option<u64>> = conn.exec_first("SELECT IS_USED_LOCK(?)", (name,)).await?;
+        let holder: Option<Option<u64>> =
+            conn.exec_first("SELECT IS_USED_LOCK(?)", (name,)).await?;
         conn.keep();
         Ok(holder.flatten())
     }
@@ -202,14 +205,6 @@ impl Dialect for MySession {
     type Lock = String;
     type Interrupt = Waiting;
 
-    fn describe(&self) -> &str {
-        &self.describe
-    }
-
-    fn lock_of(&self, key: &Key) -> String {
-        lock_name(key.as_str())
-    }
-
     async fn connect(&self) -> Result<MyConn> {
         let (conn, mariadb) = super::open_conn(&self.opts)
             .await
@@ -219,6 +214,14 @@ impl Dialect for MySession {
             mariadb,
             broken: false,
         })
+    }
+
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn lock_of(&self, key: &Key) -> String {
+        lock_name(key.as_str())
     }
 
     fn is_closed(&self, conn: &MyConn) -> bool {
@@ -241,12 +244,8 @@ impl Dialect for MySession {
         self.lock(conn, claim, "SELECT GET_LOCK(?, ?)", 0).await
     }
 
-    async fn wait_lock(
-        &self,
-        conn: &mut MyConn,
-        claim: &Claim<String>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<u64>> {
+    async fn wait_lock(&self, conn: &mut MyConn, claim: &Claim<String>) -> Result<Option<u64>> {
+        let deadline = claim.deadline;
         let timeout_secs = deadline.map_or(FOREVER_SECS, |d| {
             d.saturating_duration_since(Instant::now())
                 .as_secs()
@@ -269,7 +268,9 @@ impl Dialect for MySession {
     async fn interrupt(&self, waiting: Waiting) {
         let killed = async {
             let mut admin = self.admin.take_raw().await?;
-            admin.query_drop(format!("KILL QUERY {}", waiting.0)).await?;
+            admin
+                .query_drop(format!("KILL QUERY {}", waiting.0))
+                .await?;
             admin.keep();
             mysql_async::Result::Ok(())
         };

@@ -19,14 +19,15 @@
 
 use super::listener::Listener;
 use super::{ensure_schema, millis, pg_error, Settings, Shared};
+use crate::backends::sql_sweep::SweepClock;
 use crate::core::backend::{
-    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+    AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, KeyWatch, LockInfo,
 };
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
 use async_trait::async_trait;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
@@ -129,14 +130,12 @@ struct Inner {
     db: Shared,
     listener: Arc<Listener>,
     sql: Sql,
-    last_sweep: Mutex<Instant>,
+    sweeps: SweepClock,
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgLeaseBackend")
-            .field("url", &self.describe)
-            .finish()
+        crate::backends::sql_url::fmt_backend(f, "PgLeaseBackend", &self.describe)
     }
 }
 
@@ -165,12 +164,7 @@ impl PgLeaseBackend {
                 channel,
                 db,
                 sql: Sql::new(&settings.table, &settings.sequence),
-                // The first acquire of a new handle sweeps, so short-lived clients (the CLI) do too.
-                last_sweep: Mutex::new(
-                    Instant::now()
-                        .checked_sub(SWEEP_EVERY)
-                        .unwrap_or_else(Instant::now),
-                ),
+                sweeps: SweepClock::new(SWEEP_EVERY, true),
             }),
         })
     }
@@ -200,7 +194,7 @@ impl PgLeaseBackend {
     }
 
     fn maybe_sweep(&self) {
-        if !super::sweep_due(&self.inner.last_sweep, SWEEP_EVERY) {
+        if !self.inner.sweeps.due() {
             return;
         }
         let this = self.clone();
@@ -232,6 +226,17 @@ fn info_of(row: &Row) -> LockInfo {
         .and_then(|t| u64::try_from(t).ok())
         .map(Duration::from_millis);
     info
+}
+
+impl PgLeaseBackend {
+    /// The handle of a row held (or maybe taken) by `owner`.
+    fn held(&self, key: &Key, owner: &Owner) -> Box<dyn HeldLease> {
+        Box::new(PgLease {
+            backend: self.clone(),
+            key: key.clone(),
+            owner: owner.clone(),
+        })
+    }
 }
 
 /// One held row, renewed and released through the handle's shared connection.
@@ -271,10 +276,6 @@ impl Backend for PgLeaseBackend {
         &self.inner.describe
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
-    }
-
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         self.maybe_sweep();
         let conn = self.inner.db.get().await?;
@@ -298,11 +299,7 @@ impl Backend for PgLeaseBackend {
             return Ok(Attempt::Acquired(Granted {
                 fence: u64::try_from(fence).unwrap_or(0),
                 sent_at,
-                lease: Box::new(PgLease {
-                    backend: self.clone(),
-                    key: request.key.clone(),
-                    owner: request.owner.clone(),
-                }),
+                lease: self.held(request.key, request.owner),
             }));
         }
         let expires_in = row
@@ -315,12 +312,7 @@ impl Backend for PgLeaseBackend {
     /// The owner-checked release, in the background: the caller gave up on a store that
     /// did not answer, and must not wait for that store again.
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        let lease = Box::new(PgLease {
-            backend: self.clone(),
-            key: key.clone(),
-            owner: owner.clone(),
-        });
-        crate::backends::sql_session::in_background(lease.release(), key);
+        crate::backends::sql_session::in_background(self.held(key, owner).release(), key);
         Ok(())
     }
 

@@ -321,18 +321,6 @@ pub(crate) fn pg_error(describe: &str, err: tokio_postgres::Error) -> Error {
     mapped.caused_by(err)
 }
 
-/// Whether a background sweep of stale rows is due: true at most once every `every`.
-pub(crate) fn sweep_due(last: &std::sync::Mutex<std::time::Instant>, every: Duration) -> bool {
-    let mut last = last
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if last.elapsed() < every {
-        return false;
-    }
-    *last = std::time::Instant::now();
-    true
-}
-
 /// Runs a sweep statement on `db`; a failure only delays the sweep to the next one.
 pub(crate) async fn run_sweep(db: &Shared, sql: &str, what: &str) {
     if let Ok(conn) = db.get().await {

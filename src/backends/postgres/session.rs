@@ -23,11 +23,12 @@
 use super::keys::{advisory_key, pg_locks_halves};
 use super::{ensure_schema, millis, pg_error, Conn, Settings, Shared};
 use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Liveness, SessionLocks};
+use crate::backends::sql_sweep::SweepClock;
 use crate::core::backend::LockInfo;
 use crate::error::{Error, Result};
 use crate::key::Key;
 use async_trait::async_trait;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Config, NoTls, Row};
@@ -126,7 +127,7 @@ pub(crate) struct PgSession {
     config: Config,
     sql: Arc<Sql>,
     admin: Arc<Shared>,
-    last_sweep: Mutex<Instant>,
+    sweeps: SweepClock,
 }
 
 /// The PostgreSQL advisory-lock backend (`?mode=session`, the default).
@@ -152,7 +153,7 @@ pub(crate) async fn connect(settings: Settings) -> Result<PgSessionBackend> {
         describe: settings.describe,
         config: settings.config,
         admin,
-        last_sweep: Mutex::new(Instant::now()),
+        sweeps: SweepClock::new(SWEEP_EVERY, false),
     }))
 }
 
@@ -162,7 +163,10 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 const QUERY_CANCELED: &str = "57014";
 
 /// The parameters of an acquire statement, in the order the statements take them.
-fn run_params<'a>(claim: &'a Claim<i64>, owned: &'a Owned) -> [(&'a (dyn tokio_postgres::types::ToSql + Sync), Type); 6] {
+fn run_params<'a>(
+    claim: &'a Claim<i64>,
+    owned: &'a Owned,
+) -> [(&'a (dyn tokio_postgres::types::ToSql + Sync), Type); 6] {
     [
         (&claim.lock, Type::INT8),
         (&owned.key, Type::TEXT),
@@ -196,7 +200,7 @@ fn is_code(err: &tokio_postgres::Error, code: &str) -> bool {
 
 impl PgSession {
     fn maybe_sweep(&self) {
-        if !super::sweep_due(&self.last_sweep, SWEEP_EVERY) {
+        if !self.sweeps.due() {
             return;
         }
         let (admin, sql) = (Arc::clone(&self.admin), Arc::clone(&self.sql));
@@ -205,7 +209,12 @@ impl PgSession {
         });
     }
 
-    async fn lock_with(&self, conn: &Conn, claim: &Claim<i64>, sql: &str) -> Result<Option<u64>, tokio_postgres::Error> {
+    async fn lock_with(
+        &self,
+        conn: &Conn,
+        claim: &Claim<i64>,
+        sql: &str,
+    ) -> Result<Option<u64>, tokio_postgres::Error> {
         let owned = Owned::of(claim);
         let rows = conn.query_typed(sql, &run_params(claim, &owned)).await?;
         let Some(row) = rows.first() else {
@@ -220,7 +229,11 @@ impl PgSession {
             .map(|fence| u64::try_from(fence).unwrap_or(0)))
     }
 
-    async fn admin_rows(&self, sql: &str, params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)]) -> Result<Vec<Row>> {
+    async fn admin_rows(
+        &self,
+        sql: &str,
+        params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>> {
         let conn = self.admin.get().await?;
         conn.query_typed(sql, params)
             .await
@@ -269,18 +282,18 @@ impl Dialect for PgSession {
             .map_err(|e| pg_error(&self.describe, e))
     }
 
-    async fn wait_lock(
-        &self,
-        conn: &mut Conn,
-        claim: &Claim<i64>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<u64>> {
+    async fn wait_lock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<Option<u64>> {
+        let deadline = claim.deadline;
         self.maybe_sweep();
         // The server ends the wait by itself at the deadline, and the statement's other
         // work stays bounded; "0" (no limit) for a wait without one.
         let limit = deadline.map_or_else(
             || "0".to_owned(),
-            |d| millis(d.saturating_duration_since(Instant::now())).max(1).to_string(),
+            |d| {
+                millis(d.saturating_duration_since(Instant::now()))
+                    .max(1)
+                    .to_string()
+            },
         );
         let set = conn
             .query_typed(
@@ -367,11 +380,25 @@ impl Dialect for PgSession {
     async fn check(&self, lock: &i64, id: u64) -> Liveness {
         let (classid, objid) = pg_locks_halves(*lock);
         match self
-            .admin_rows(&self.sql.held, &[(&classid, Type::OID), (&objid, Type::OID)])
+            .admin_rows(
+                &self.sql.held,
+                &[(&classid, Type::OID), (&objid, Type::OID)],
+            )
             .await
         {
-            Ok(rows) if rows.iter().any(|r| r.try_get::<_, i32>(0).ok().and_then(|p| u64::try_from(p).ok()) == Some(id)) => Liveness::Holding,
-            Ok(_) => Liveness::Gone(format!("session pid {id} no longer holds the advisory lock")),
+            Ok(rows)
+                if rows.iter().any(|r| {
+                    r.try_get::<_, i32>(0)
+                        .ok()
+                        .and_then(|p| u64::try_from(p).ok())
+                        == Some(id)
+                }) =>
+            {
+                Liveness::Holding
+            }
+            Ok(_) => Liveness::Gone(format!(
+                "session pid {id} no longer holds the advisory lock"
+            )),
             Err(_) => Liveness::Unknown,
         }
     }
@@ -379,7 +406,10 @@ impl Dialect for PgSession {
     async fn holder(&self, key: &Key) -> Result<Option<u64>> {
         let (classid, objid) = pg_locks_halves(advisory_key(key.as_str()));
         let rows = self
-            .admin_rows(&self.sql.held, &[(&classid, Type::OID), (&objid, Type::OID)])
+            .admin_rows(
+                &self.sql.held,
+                &[(&classid, Type::OID), (&objid, Type::OID)],
+            )
             .await?;
         Ok(rows
             .first()
@@ -477,4 +507,3 @@ fn holder_info(mut info: LockInfo, row: &Row, first: usize) -> LockInfo {
         .map(Duration::from_millis);
     info
 }
-
