@@ -212,15 +212,9 @@ impl Drop for RedisServer {
 fn make_certificates(dir: &Path) {
     let openssl = require_binary("openssl", "openssl", &[]);
     let run = |args: &[&str]| {
-        let output = Command::new(&openssl)
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .expect("cannot run openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        super::run_checked(
+            Command::new(&openssl).current_dir(dir).args(args),
+            &format!("openssl {args:?}"),
         );
     };
     let ec = [
