@@ -6,7 +6,7 @@
 
 It starts private servers (redis-server, a PostgreSQL cluster) on free loopback ports,
 builds dlock and the peer clients, and measures in one go, on this machine:
-`dlock bench` per backend; the raw stores with their official clients (redis-rs,
+`dlock-bench` per backend; the raw stores with their official clients (redis-rs,
 tokio-postgres), `redis-benchmark` and `pgbench` running the same commands; and the peer
 lock clients a user would pick instead (rslock, redis-py's Lock, python-redis-lock,
 node-redlock), each with default and tuned retry settings. It writes JSON lines to
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "bench" / "peers"
 OUT = ROOT / "docs" / "bench"
 DLOCK = ROOT / "target" / "release" / "dlock"
+DLOCK_BENCH = ROOT / "target" / "release" / "dlock-bench"
 PEER_BIN = PEERS / "target" / "release" / "dlock-bench-peers"
 VENV = ROOT / "bench" / ".venv"
 
@@ -127,7 +128,7 @@ class Servers:
 
 
 def build():
-    run(["cargo", "build", "--release", "--all-features", "--bin", "dlock"], cwd=ROOT)
+    run(["cargo", "build", "--release", "--all-features", "--bin", "dlock", "--bin", "dlock-bench"], cwd=ROOT)
     run(["cargo", "build", "--release"], cwd=PEERS)
     if not (VENV / "bin" / "python").exists():
         run([sys.executable, "-m", "venv", str(VENV)])
@@ -160,7 +161,7 @@ class Results:
 
     def dlock(self, backend, url, mode, c, extra=()):
         seconds = self.seconds if mode != "held" else self.held_seconds
-        return self.json_cmd(backend, [str(DLOCK), "bench", "--backend", url, "--mode", mode, "-c", str(c),
+        return self.json_cmd(backend, [str(DLOCK_BENCH), "--backend", url, "--mode", mode, "-c", str(c),
                                        "--duration", f"{seconds}s", "--json", *extra], client="dlock")
 
     def peer(self, backend, client, url, mode, c):

@@ -10,7 +10,7 @@
 
 pub use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, Holder,
-    KeyWatch,
+    KeyWatch, LockKind,
 };
 pub use crate::core::backoff::Backoff;
 pub use crate::core::owner::Owner;

@@ -23,6 +23,8 @@ pub enum Scheme {
     Postgres,
     /// `mysql://`: `GET_LOCK` or a lease table.
     Mysql,
+    /// `etcd://h1:p1,h2:p2,…`: etcd v3 leases, revisions and watches.
+    Etcd,
 }
 
 impl Scheme {
@@ -34,6 +36,7 @@ impl Scheme {
         Scheme::Redlock,
         Scheme::Postgres,
         Scheme::Mysql,
+        Scheme::Etcd,
     ];
 
     /// The URL schemes that name this backend; the first is the canonical one.
@@ -45,6 +48,7 @@ impl Scheme {
             Scheme::Redlock => &["redlock"],
             Scheme::Postgres => &["postgres", "postgresql"],
             Scheme::Mysql => &["mysql"],
+            Scheme::Etcd => &["etcd"],
         }
     }
 
@@ -56,6 +60,7 @@ impl Scheme {
             Scheme::Redis | Scheme::Redlock => "redis",
             Scheme::Postgres => "postgres",
             Scheme::Mysql => "mysql",
+            Scheme::Etcd => "etcd",
         }
     }
 
@@ -67,6 +72,7 @@ impl Scheme {
             Scheme::Redis | Scheme::Redlock => cfg!(feature = "redis"),
             Scheme::Postgres => cfg!(feature = "postgres"),
             Scheme::Mysql => cfg!(feature = "mysql"),
+            Scheme::Etcd => cfg!(feature = "etcd"),
         }
     }
 
@@ -139,6 +145,8 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         Scheme::Postgres => crate::backends::postgres::open(url).await,
         #[cfg(feature = "mysql")]
         Scheme::Mysql => crate::backends::mysql::open(url).await,
+        #[cfg(feature = "etcd")]
+        Scheme::Etcd => crate::backends::etcd::open(url).await,
         other => Err(not_built(url, other)),
     }
 }

@@ -1,10 +1,11 @@
 //! Fault tests on real redis-server processes: Redlock with nodes down, a single node
-//! restarted or frozen under a holder, a holder killed with SIGKILL, TLS and AUTH, and
-//! Redlock's multi-key acquisition.
+//! restarted or frozen under a holder or a waiter, attempts on a frozen server, a holder
+//! killed with SIGKILL, TLS and AUTH, and Redlock's multi-key acquisition.
 
 use dlock::backends::redis::RedlockBackend;
 use dlock::{Error, Wait};
 use dlock_testkit::process::signal;
+use dlock_testkit::proxy::Proxy;
 use dlock_testkit::servers::redis::{RedisConfig, RedisServer};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -511,4 +512,174 @@ async fn redlock_lease_is_lost_when_renewal_cannot_reach_a_majority() {
         matches!(reason, dlock::LossReason::RenewalFailed { .. }),
         "{reason:?}"
     );
+}
+
+/// How long past its deadline a call on a frozen server may take to fail: a liveness bound
+/// (the engine's grace for the answer, then a brief cleanup), not a speed target.
+const FROZEN_SLACK: Duration = Duration::from_millis(1500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attempts_on_a_frozen_server_fail_typed_soon_after_their_deadline() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let locks = dlock::connect(&format!("redis://127.0.0.1:{}", proxy.port()))
+        .await
+        .unwrap();
+    let key = "frozen-attempt";
+    let ttl = Duration::from_secs(2);
+    // Connects the handle through the proxy before the freeze.
+    let lease = locks.lock("frozen-warmup").try_acquire().await.unwrap();
+    assert!(lease
+        .expect("free key not acquired")
+        .release()
+        .await
+        .unwrap());
+
+    proxy.freeze();
+    let err = within(
+        FROZEN_SLACK,
+        "try_acquire on a frozen server",
+        locks.lock(key).ttl(ttl).try_acquire(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    let err = within(
+        FROZEN_SLACK,
+        "acquire().no_wait() on a frozen server",
+        locks.lock(key).ttl(ttl).no_wait().acquire(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    let wait = Duration::from_millis(500);
+    let err = within(
+        wait + FROZEN_SLACK,
+        "acquire() with a wait on a frozen server",
+        locks.lock(key).ttl(ttl).wait_for(wait).acquire(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Unavailable { .. } | Error::NotAcquired { .. }),
+        "{err:?}"
+    );
+
+    // The frozen attempts reach the server at the thaw; their cleanups follow them on the
+    // same connection, and anything left ends at its TTL.
+    proxy.thaw();
+    let lease = within(
+        Duration::from_secs(15),
+        "acquire after the thaw",
+        locks
+            .lock(key)
+            .ttl(ttl)
+            .wait_for(Duration::from_secs(10))
+            .acquire(),
+    )
+    .await
+    .unwrap();
+    assert!(lease.release().await.unwrap());
+    assert_eq!(stray_keys(&server), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiter_without_limit_waits_across_a_server_restart_then_acquires() {
+    let server = RedisServer::start();
+    let key = "restart-wait";
+    let holder_locks = dlock::connect(&server.url()).await.unwrap();
+    let holder = holder_locks
+        .lock(key)
+        .ttl(Duration::from_secs(30))
+        .acquire()
+        .await
+        .unwrap();
+    let locks = dlock::connect(&server.url()).await.unwrap();
+    let waiter = tokio::spawn(async move {
+        locks
+            .lock(key)
+            .ttl(Duration::from_secs(5))
+            .wait(Wait::Forever)
+            .acquire()
+            .await
+    });
+    let still_waiting = |waiter: &tokio::task::JoinHandle<_>, when: &str| {
+        assert!(!waiter.is_finished(), "the waiter returned {when}");
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_waiting(&waiter, "while the lock was held");
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    still_waiting(&waiter, "while the server was down");
+    // Without persistence the restarted server has forgotten the holder's key.
+    server.start_again();
+    let lease = within(
+        Duration::from_secs(20),
+        "the waiter acquires after the restart",
+        waiter,
+    )
+    .await
+    .unwrap()
+    .unwrap_or_else(|err| panic!("the waiter failed instead of waiting on: {err:?}"));
+    assert!(lease.release().await.unwrap());
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_attempts_with_a_frozen_majority_fail_typed_soon_after_their_deadline() {
+    let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut proxies = Vec::new();
+    for node in &nodes {
+        proxies.push(Proxy::start(node.port()).await);
+    }
+    let hosts: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.port()))
+        .collect();
+    let locks = dlock::connect(&format!("redlock://{}", hosts.join(",")))
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(2);
+    let lease = locks.lock("redlock-warmup").try_acquire().await.unwrap();
+    assert!(lease
+        .expect("free key not acquired")
+        .release()
+        .await
+        .unwrap());
+
+    proxies[0].freeze();
+    proxies[2].freeze();
+    let err = within(
+        FROZEN_SLACK,
+        "Redlock try_acquire with 2 of 3 nodes frozen",
+        locks.lock("redlock-frozen").ttl(ttl).try_acquire(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("quorum"), "{err}");
+
+    for proxy in &proxies {
+        proxy.thaw();
+    }
+    let lease = within(
+        Duration::from_secs(15),
+        "Redlock acquire after the thaw",
+        locks
+            .lock("redlock-frozen")
+            .ttl(ttl)
+            .wait_for(Duration::from_secs(10))
+            .acquire(),
+    )
+    .await
+    .unwrap();
+    assert!(lease.release().await.unwrap());
+    for (index, node) in nodes.iter().enumerate() {
+        assert_eq!(
+            stray_keys(node),
+            Vec::<String>::new(),
+            "stray keys on node {index}"
+        );
+    }
 }

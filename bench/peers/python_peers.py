@@ -1,6 +1,6 @@
-"""redis-py's Lock and python-redis-lock, measured the way `dlock bench` measures dlock.
+"""redis-py's Lock and python-redis-lock, measured the way `dlock-bench` measures dlock.
 
-Prints one JSON object per run (same fields as `dlock bench --json`).
+Prints one JSON object per run (same fields as `dlock-bench --json`).
 
   python3 python_peers.py --client redis-py|redis-py-tuned|python-redis-lock \
       --url redis://127.0.0.1:6379 --mode uncontended|handoff -c N --seconds S

@@ -1,7 +1,7 @@
 //! The checker: counts, from one recorded history, what went wrong.
 
 use crate::store::Event;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// One critical section, on the harness clock.
@@ -19,6 +19,8 @@ pub struct Section {
     pub end: Duration,
     /// `Some(lost)` when the worker reported its end; `None` when it was killed or exited.
     pub lost_at_end: Option<bool>,
+    /// Whether the lease's `release()` answered that it was no longer held.
+    pub released_lost: bool,
 }
 
 /// The counts of one run.
@@ -39,8 +41,11 @@ pub struct Counts {
     /// (d) accepted writes whose update is missing: each accepted write must build on the
     /// value of the previous one, and the final value must equal the number of accepted writes.
     pub lost_updates: u64,
-    /// (e) sections overtaken by another holder whose `lost()` had not fired by their end.
+    /// (e) sections overtaken by another holder whose `lost()` had not fired by their end
+    /// and whose `release()` did not answer "no longer held" either.
     pub silent_losses: u64,
+    /// Overtaken sections whose holder learned it only from `release()` (not in (e)).
+    pub learned_at_release: u64,
     /// Faults injected.
     pub faults: u64,
 }
@@ -51,6 +56,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
     // When each killed or exited worker died.
     let mut dead: HashMap<u32, Duration> = HashMap::new();
     let mut done = Vec::new();
+    let mut released_lost: HashSet<(u32, u64)> = HashSet::new();
     let last_t = history
         .iter()
         .map(|e| match e {
@@ -58,6 +64,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
             | Event::End { t, .. }
             | Event::Read { t, .. }
             | Event::Write { t, .. }
+            | Event::Released { t, .. }
             | Event::Killed { t, .. }
             | Event::Exited { t, .. }
             | Event::Fault { t, .. } => *t,
@@ -78,6 +85,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     begin,
                     end: at,
                     lost_at_end: None,
+                    released_lost: false,
                 });
             }
         }
@@ -100,6 +108,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     begin: at,
                     end: at,
                     lost_at_end: None,
+                    released_lost: false,
                 });
             }
             Event::Begin {
@@ -131,7 +140,16 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     begin,
                     end: *t,
                     lost_at_end: Some(*lost),
+                    released_lost: false,
                 });
+            }
+            Event::Released {
+                client,
+                section,
+                held: Some(false),
+                ..
+            } => {
+                released_lost.insert((*client, *section));
             }
             Event::Killed { t, client } | Event::Exited { t, client } => {
                 dead.entry(*client).or_insert(*t);
@@ -143,6 +161,9 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
     let clients: Vec<u32> = open.keys().map(|(c, _)| *c).collect();
     for client in clients {
         close_client(&mut open, &mut done, client, last_t);
+    }
+    for s in &mut done {
+        s.released_lost = released_lost.contains(&(s.client, s.section));
     }
     done.sort_by_key(|s| (s.begin, s.end));
     done
@@ -169,11 +190,17 @@ pub fn check(history: &[Event], final_value: u64) -> Counts {
         active.push(i);
     }
     counts.overtaken = overtaken.iter().filter(|o| **o).count() as u64;
-    counts.silent_losses = sections
+    // A holder learns it was overtaken from lost() (a refused or failed renewal, an ended
+    // session) or, if no renewal fell inside its section, from release() answering that
+    // the lease was no longer held. Only the holders that learned neither way are silent.
+    let unaware: Vec<&Section> = sections
         .iter()
         .zip(&overtaken)
         .filter(|(s, o)| **o && s.lost_at_end == Some(false))
-        .count() as u64;
+        .map(|(s, _)| s)
+        .collect();
+    counts.learned_at_release = unaware.iter().filter(|s| s.released_lost).count() as u64;
+    counts.silent_losses = unaware.len() as u64 - counts.learned_at_release;
 
     // (b), (c), (d) from the operations, in the order the store applied them.
     let mut max_accepted_fence = 0u64;
@@ -255,6 +282,47 @@ mod tests {
         let c = check(&h, 0);
         assert_eq!(c.overlaps, 1);
         assert_eq!(c.silent_losses, 1);
+    }
+
+    #[test]
+    fn a_release_that_finds_the_lease_lost_is_not_silent() {
+        let mut h = section(1, 1, 0, 100, false);
+        h.extend(section(2, 2, 50, 60, false));
+        h.sort_by_key(|e| match e {
+            Event::Begin { t, .. } | Event::End { t, .. } => *t,
+            _ => Duration::ZERO,
+        });
+        h.push(Event::Released {
+            t: ms(101),
+            client: 1,
+            section: 1,
+            fence: 1,
+            held: Some(false),
+        });
+        let c = check(&h, 0);
+        assert_eq!(c.overlaps, 1);
+        assert_eq!((c.silent_losses, c.learned_at_release), (0, 1));
+    }
+
+    #[test]
+    fn a_release_that_still_held_the_lease_stays_silent() {
+        let mut h = section(1, 1, 0, 100, false);
+        h.extend(section(2, 2, 50, 60, false));
+        h.sort_by_key(|e| match e {
+            Event::Begin { t, .. } | Event::End { t, .. } => *t,
+            _ => Duration::ZERO,
+        });
+        for (client, fence) in [(1, 1), (2, 2)] {
+            h.push(Event::Released {
+                t: ms(101),
+                client,
+                section: 1,
+                fence,
+                held: Some(true),
+            });
+        }
+        let c = check(&h, 0);
+        assert_eq!((c.silent_losses, c.learned_at_release), (1, 0));
     }
 
     #[test]

@@ -162,10 +162,17 @@ impl Backend {
                 Err("libfaketime is not installed (apt-get install faketime)")
             }
             Nemesis::Clock => Ok(()),
-            Nemesis::Partition if self.via.is_none() => {
+            Nemesis::Partition | Nemesis::Slow | Nemesis::Freeze | Nemesis::Degrade
+                if self.via.is_none() =>
+            {
                 Err("no network between client and store: the backend is local, or the harness does not control it")
             }
-            Nemesis::Partition => Ok(()),
+            Nemesis::Partition | Nemesis::Slow | Nemesis::Freeze | Nemesis::Degrade => Ok(()),
+            Nemesis::ForceRelease => Ok(()),
+            Nemesis::HostileDir if self.kind == Kind::Flock && self.url.starts_with("file://") => {
+                Ok(())
+            }
+            Nemesis::HostileDir => Err("only the file backend has a lock directory"),
         }
     }
 
@@ -173,6 +180,9 @@ impl Backend {
     /// backend under `nemesis` (the fence must then reject the stale holder's writes).
     pub fn overlap_possible(&self, nemesis: Nemesis) -> bool {
         match (self.kind, nemesis) {
+            // Breaking a held lock is what force-release is for: the next holder starts
+            // while the old one may still be inside its section, on every backend.
+            (_, Nemesis::ForceRelease) => true,
             (_, Nemesis::None | Nemesis::KillClient) => false,
             // A stopped holder keeps its flock; clocks play no part in flock.
             (Kind::Flock | Kind::Memory, _) => false,

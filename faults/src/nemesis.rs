@@ -3,56 +3,91 @@
 use std::path::Path;
 use std::time::Duration;
 
-/// A kind of fault, or a mix of all that apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Nemesis {
-    /// No faults: the baseline.
-    None,
-    /// SIGKILL a client process (a replacement starts at once).
-    KillClient,
-    /// SIGSTOP a client for longer than the TTL, then SIGCONT.
-    PauseClient,
-    /// SIGKILL a backend server, then restart it on the same port and data.
-    KillServer,
-    /// SIGSTOP a backend server for longer than the TTL, then SIGCONT.
-    PauseServer,
-    /// Jump a client's clock (libfaketime, wall and monotonic) by more than the TTL, one way
-    /// and back again.
-    Clock,
-    /// Cut one client off from the server(s) for longer than the TTL, then heal: every
-    /// client reaches the servers through proxies of its own, which stop moving bytes.
-    Partition,
-    /// Each fault picked at random among those that apply.
-    Mixed,
+/// Declares the nemeses: one entry each, in report order. Adding a nemesis is an entry
+/// here, its arms in `Backend::applicable` and `Backend::overlap_possible` (cluster.rs),
+/// and its injection in `Runner::inject` (run.rs). `mixed`: whether the mixed nemesis
+/// picks it; `proxies`: whether each client reaches the servers through proxies of its own
+/// under it.
+macro_rules! nemeses {
+    ($(
+        $(#[doc = $doc:literal])*
+        $variant:ident = $name:literal, mixed: $mixed:literal, proxies: $proxies:literal;
+    )*) => {
+        /// A kind of fault, or a mix of all that apply.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Nemesis {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        /// Every nemesis, in report order.
+        pub const ALL: &[Nemesis] = &[$(Nemesis::$variant),*];
+
+        impl Nemesis {
+            /// Its name on the command line and in reports.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Nemesis::$variant => $name,)*
+                }
+            }
+
+            /// Whether [`Nemesis::Mixed`] picks this one among its faults.
+            pub fn in_mix(self) -> bool {
+                match self {
+                    $(Nemesis::$variant => $mixed,)*
+                }
+            }
+
+            /// Whether clients reach the servers through proxies of their own (which the
+            /// network nemeses slow down, freeze or cut).
+            pub fn uses_proxies(self) -> bool {
+                match self {
+                    $(Nemesis::$variant => $proxies,)*
+                }
+            }
+        }
+    };
 }
 
-/// Every nemesis, in report order.
-pub const ALL: &[Nemesis] = &[
-    Nemesis::None,
-    Nemesis::KillClient,
-    Nemesis::PauseClient,
-    Nemesis::KillServer,
-    Nemesis::PauseServer,
-    Nemesis::Clock,
-    Nemesis::Partition,
-    Nemesis::Mixed,
-];
+nemeses! {
+    /// No faults: the baseline.
+    None = "none", mixed: false, proxies: false;
+    /// SIGKILL a client process (a replacement starts at once).
+    KillClient = "kill-client", mixed: true, proxies: false;
+    /// SIGSTOP a client for longer than the TTL, then SIGCONT.
+    PauseClient = "pause-client", mixed: true, proxies: false;
+    /// SIGKILL a backend server, then restart it on the same port and data.
+    KillServer = "kill-server", mixed: true, proxies: false;
+    /// SIGSTOP a backend server for longer than the TTL, then SIGCONT.
+    PauseServer = "pause-server", mixed: true, proxies: false;
+    /// Jump a client's clock (libfaketime, wall and monotonic) by more than the TTL, one way
+    /// and back again.
+    Clock = "clock", mixed: true, proxies: false;
+    /// Cut one client off from the server(s) for longer than the TTL, then heal: every
+    /// client reaches the servers through proxies of its own, which stop moving bytes.
+    Partition = "partition", mixed: true, proxies: true;
+    /// Slow one client's network: its proxies delay every chunk each way by 20–100 ms
+    /// (jitter, in order) for longer than the TTL, then forward at once again.
+    Slow = "slow", mixed: true, proxies: true;
+    /// Freeze one client's open connections (no byte moves, nothing is closed) for 1–3×TTL,
+    /// then thaw them; connections it opens meanwhile pass.
+    Freeze = "freeze", mixed: true, proxies: true;
+    /// A network going bad the way networks do, on one client: slow, then frozen, then cut
+    /// off, then healed.
+    Degrade = "degrade", mixed: false, proxies: true;
+    /// Break the lock with the backend's force-release (an operator's `dlock release KEY
+    /// --force`), in bursts, whoever holds it.
+    ForceRelease = "force-release", mixed: false, proxies: false;
+    /// Plant, in the file backend's lock directory, what a hostile member of a shared
+    /// directory's group could: links to a file outside it, dangling links, FIFOs, hard
+    /// links, for other keys and in place of the workers' key's fence file. Nothing
+    /// outside the directory may be written or created, and a planted entry never works
+    /// as a lock.
+    HostileDir = "hostile-dir", mixed: false, proxies: false;
+    /// Each fault picked at random among those that apply.
+    Mixed = "mixed", mixed: false, proxies: true;
+}
 
 impl Nemesis {
-    /// Its name on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Nemesis::None => "none",
-            Nemesis::KillClient => "kill-client",
-            Nemesis::PauseClient => "pause-client",
-            Nemesis::KillServer => "kill-server",
-            Nemesis::PauseServer => "pause-server",
-            Nemesis::Clock => "clock",
-            Nemesis::Partition => "partition",
-            Nemesis::Mixed => "mixed",
-        }
-    }
-
     /// Parses a name.
     pub fn parse(name: &str) -> Option<Nemesis> {
         ALL.iter().copied().find(|n| n.name() == name)
@@ -82,6 +117,69 @@ pub fn set_clock_offset(file: &Path, offset_secs: f64) -> std::io::Result<()> {
     let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(tmp, file)
+}
+
+/// Files outside the lock directory that the hostile-directory nemesis points its plants
+/// at, and checks afterwards: the canary must keep its contents and its single extra link,
+/// and the absent file must never appear.
+pub struct Hostile {
+    canary: std::path::PathBuf,
+    absent: std::path::PathBuf,
+}
+
+const CANARY: &[u8] = b"written by the hostile-dir nemesis; dlock must never change this\n";
+
+/// What to plant.
+#[derive(Debug, Clone, Copy)]
+pub enum Plant {
+    /// A symbolic link to the canary.
+    Link,
+    /// A symbolic link to a file that does not exist.
+    Dangling,
+    /// A FIFO.
+    Fifo,
+    /// A hard link to the canary.
+    HardLink,
+}
+
+impl Hostile {
+    /// Creates the canary in `outside` (a directory other than the lock directory).
+    pub fn new(outside: &Path) -> std::io::Result<Hostile> {
+        let canary = outside.join("hostile-canary");
+        std::fs::write(&canary, CANARY)?;
+        Ok(Hostile {
+            canary,
+            absent: outside.join("hostile-absent"),
+        })
+    }
+
+    /// Plants `what` at `at`, replacing whatever is there (atomically, by a rename, as an
+    /// attacker racing dlock would).
+    pub fn plant(&self, what: Plant, at: &Path) -> std::io::Result<()> {
+        let tmp = at.with_extension(format!("plant{:08x}", rand::random::<u32>()));
+        match what {
+            Plant::Link => std::os::unix::fs::symlink(&self.canary, &tmp)?,
+            Plant::Dangling => std::os::unix::fs::symlink(&self.absent, &tmp)?,
+            Plant::HardLink => std::fs::hard_link(&self.canary, &tmp)?,
+            Plant::Fifo => {
+                let c = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes())
+                    .map_err(std::io::Error::other)?;
+                // SAFETY: mkfifo on a NUL-terminated path.
+                if unsafe { libc::mkfifo(c.as_ptr(), 0o666) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+        }
+        std::fs::rename(&tmp, at).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
+    /// Whether everything outside the lock directory is as the nemesis left it.
+    pub fn intact(&self) -> bool {
+        std::fs::read(&self.canary).is_ok_and(|c| c == CANARY)
+            && std::fs::symlink_metadata(&self.absent).is_err()
+    }
 }
 
 /// Sends `signal` to `pid`; false if the process does not exist.
@@ -139,6 +237,17 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
 /// How long a pause lasts: well past the TTL, so a TTL lease surely expires meanwhile.
 pub fn pause_length(ttl: Duration) -> Duration {
     ttl * 3 + Duration::from_millis(200)
+}
+
+/// The latency the slow nemesis adds to each chunk, each way: (shortest, longest).
+pub fn latency() -> (Duration, Duration) {
+    (Duration::from_millis(20), Duration::from_millis(100))
+}
+
+/// How long a freeze lasts: between 1 and 3 TTLs, so that some freezes end before the
+/// lease may expire and others after.
+pub fn freeze_length(ttl: Duration) -> Duration {
+    ttl.mul_f64(rand::Rng::random_range(&mut rand::rng(), 1.0..3.0))
 }
 
 /// How far a clock jump goes: past the TTL.

@@ -54,6 +54,9 @@ pub struct RunResult {
     pub worker_errors: u64,
     /// Whether the README allows overlap here.
     pub overlap_allowed: bool,
+    /// Hostile-directory nemesis: a file outside the lock directory written or created
+    /// through a planted entry, or a planted entry that worked as a lock.
+    pub hostile_breaches: u64,
     /// Where the logs are.
     pub logs: PathBuf,
 }
@@ -98,6 +101,12 @@ impl RunResult {
                 c.overlaps
             ));
         }
+        if self.hostile_breaches > 0 {
+            out.push(format!(
+                "{what}: {} planted entries were followed outside the lock directory or used as locks",
+                self.hostile_breaches
+            ));
+        }
         if c.accepted_writes == 0 {
             out.push(format!(
                 "{what}: no write was accepted: the workload made no progress"
@@ -127,6 +136,14 @@ enum Active {
     PausedServer(Vec<u32>),
     Clock(PathBuf),
     Partitioned(Vec<crate::proxy::Proxy>),
+    Slowed(Vec<crate::proxy::Proxy>),
+    Frozen(Vec<crate::proxy::Proxy>),
+    /// The degrade sequence, at `step` (1 slow, 2 frozen, 3 cut off).
+    Degrading(Vec<crate::proxy::Proxy>, u8),
+    /// A burst of force-releases, running beside the drive loop (a force-release may wait
+    /// on the server, and the loop must keep reaping workers meanwhile).
+    ForceBurst(tokio::task::JoinHandle<()>),
+    Planted(Vec<PathBuf>),
 }
 
 struct Runner<'a> {
@@ -142,6 +159,12 @@ struct Runner<'a> {
     panics: u64,
     hung: u64,
     worker_errors: u64,
+    /// The harness's own connection to the backend (for force-release), made when needed.
+    admin: Option<dlock::Locks>,
+    /// A force-release burst still running when the run ended.
+    burst: Option<tokio::task::JoinHandle<()>>,
+    hostile: Option<nemesis::Hostile>,
+    hostile_breaches: u64,
 }
 
 /// Runs `nemesis` against `backend` and checks the history.
@@ -170,6 +193,10 @@ pub async fn run(
         panics: 0,
         hung: 0,
         worker_errors: 0,
+        admin: None,
+        burst: None,
+        hostile: None,
+        hostile_breaches: 0,
     };
     for _ in 0..config.workers {
         runner.spawn_worker().await?;
@@ -177,6 +204,15 @@ pub async fn run(
     runner.drive(nemesis).await?;
     let duration = started.elapsed();
     runner.finish().await;
+    if let Some(mut burst) = runner.burst.take() {
+        let limit = config.ttl * 4 + Duration::from_secs(2);
+        if tokio::time::timeout(limit, &mut burst).await.is_err() {
+            burst.abort();
+        }
+    }
+    if runner.hostile.as_ref().is_some_and(|h| !h.intact()) {
+        runner.hostile_breaches += 1;
+    }
     let left_held = runner.left_held().await;
     let history = store.history();
     let lines: Vec<String> = history.iter().map(|e| format!("{e:?}")).collect();
@@ -193,6 +229,7 @@ pub async fn run(
         incarnations: u64::from(runner.next_client - 1),
         worker_errors: runner.worker_errors,
         overlap_allowed: backend.overlap_possible(nemesis),
+        hostile_breaches: runner.hostile_breaches,
         logs: dir,
     })
 }
@@ -208,6 +245,9 @@ fn sanitize(name: &str) -> String {
         })
         .collect()
 }
+
+/// How often the drive loop looks whether a force-release burst is over.
+const BURST_POLL: Duration = Duration::from_millis(50);
 
 fn fmt_dur(d: Duration) -> String {
     format!("{}ms", d.as_millis())
@@ -250,10 +290,7 @@ impl Runner<'_> {
         }
         let mut url = self.backend.url.clone();
         let mut proxies = Vec::new();
-        if let (Some(via), true) = (
-            &self.backend.via,
-            matches!(self.nemesis, Nemesis::Partition | Nemesis::Mixed),
-        ) {
+        if let (Some(via), true) = (&self.backend.via, self.nemesis.uses_proxies()) {
             let mut ports = Vec::new();
             for &port in &via.ports {
                 let proxy = crate::proxy::Proxy::start(port).await?;
@@ -355,18 +392,35 @@ impl Runner<'_> {
         if nemesis != Nemesis::Mixed {
             return nemesis;
         }
-        let options: Vec<Nemesis> = [
-            Nemesis::KillClient,
-            Nemesis::PauseClient,
-            Nemesis::KillServer,
-            Nemesis::PauseServer,
-            Nemesis::Clock,
-            Nemesis::Partition,
-        ]
-        .into_iter()
-        .filter(|n| self.backend.applicable(*n).is_ok())
-        .collect();
+        let options: Vec<Nemesis> = nemesis::ALL
+            .iter()
+            .copied()
+            .filter(|n| n.in_mix() && self.backend.applicable(*n).is_ok())
+            .collect();
         options[rand::rng().random_range(0..options.len())]
+    }
+
+    /// A live worker with proxies of its own, and a copy of them.
+    fn pick_proxies(&self) -> Option<(u32, Vec<crate::proxy::Proxy>)> {
+        let worker = &self.workers[self.pick_worker()?];
+        if worker.proxies.is_empty() {
+            return None;
+        }
+        Some((worker.client, worker.proxies.clone()))
+    }
+
+    /// The harness's own connection to the backend, made at first use.
+    async fn admin(&mut self) -> Option<dlock::Locks> {
+        if self.admin.is_none() {
+            let until = Instant::now() + self.config.ttl * 4 + Duration::from_secs(2);
+            match connect_retrying(&self.backend.url, until).await {
+                Ok(locks) => self.admin = Some(locks),
+                Err(err) => self
+                    .store
+                    .fault(format!("force-release: cannot connect: {err}")),
+            }
+        }
+        self.admin.clone()
     }
 
     fn next_fault_at(&self) -> Instant {
@@ -489,12 +543,169 @@ impl Runner<'_> {
                     Instant::now() + nemesis::pause_length(ttl),
                 )))
             }
+            Nemesis::Slow => {
+                let Some((client, proxies)) = self.pick_proxies() else {
+                    return Ok(None);
+                };
+                for proxy in &proxies {
+                    proxy.set_latency(Some(nemesis::latency()));
+                }
+                self.store
+                    .fault(format!("slow network for client {client}"));
+                Ok(Some((
+                    Active::Slowed(proxies),
+                    Instant::now() + nemesis::pause_length(ttl),
+                )))
+            }
+            Nemesis::Freeze => {
+                let Some((client, proxies)) = self.pick_proxies() else {
+                    return Ok(None);
+                };
+                for proxy in &proxies {
+                    proxy.set(crate::proxy::Mode::Freeze, 0);
+                }
+                let length = nemesis::freeze_length(ttl);
+                self.store.fault(format!(
+                    "freeze connections of client {client} for {}ms",
+                    length.as_millis()
+                ));
+                Ok(Some((Active::Frozen(proxies), Instant::now() + length)))
+            }
+            Nemesis::Degrade => {
+                let Some((client, proxies)) = self.pick_proxies() else {
+                    return Ok(None);
+                };
+                for proxy in &proxies {
+                    proxy.set_latency(Some(nemesis::latency()));
+                }
+                self.store
+                    .fault(format!("degrade the network of client {client}: slow"));
+                Ok(Some((Active::Degrading(proxies, 1), Instant::now() + ttl)))
+            }
+            Nemesis::ForceRelease => {
+                let Some(locks) = self.admin().await else {
+                    return Ok(None);
+                };
+                let (store, key) = (self.store.clone(), self.key.clone());
+                let limit = ttl * 4 + Duration::from_secs(2);
+                let count = rand::rng().random_range(2..=5);
+                let burst = tokio::spawn(async move {
+                    for i in 0..count {
+                        if i > 0 {
+                            let gap = Duration::from_millis(rand::rng().random_range(10..150));
+                            tokio::time::sleep(gap).await;
+                        }
+                        let what =
+                            match tokio::time::timeout(limit, locks.force_release(&key)).await {
+                                Ok(Ok(true)) => "force-release (was held)".to_owned(),
+                                Ok(Ok(false)) => "force-release (was free)".to_owned(),
+                                Ok(Err(err)) => format!("force-release failed: {err}"),
+                                Err(_) => "force-release timed out".to_owned(),
+                            };
+                        store.fault(what);
+                    }
+                });
+                Ok(Some((
+                    Active::ForceBurst(burst),
+                    Instant::now() + BURST_POLL,
+                )))
+            }
+            Nemesis::HostileDir => self.plant().await,
             Nemesis::None | Nemesis::Mixed => Ok(None),
         }
     }
 
-    fn undo(&mut self, active: Active) {
+    /// Plants a link, FIFO or hard link in the lock directory: in place of the workers'
+    /// key's fence file (the workers then get errors until it is removed, and their fences
+    /// continue from the lock record), or as another key's lock file, which the harness
+    /// then tries to lock, inspect and force-release: each must fail or do nothing.
+    async fn plant(&mut self) -> std::io::Result<Option<(Active, Instant)>> {
+        use nemesis::Plant;
+        let Some(lock_dir) = self.backend.url.strip_prefix("file://").map(PathBuf::from) else {
+            return Ok(None);
+        };
+        if self.hostile.is_none() {
+            self.hostile = Some(nemesis::Hostile::new(&self.dir)?);
+        }
+        let Some(hostile) = &self.hostile else {
+            return Ok(None);
+        };
+        let kinds = [Plant::Link, Plant::Dangling, Plant::Fifo, Plant::HardLink];
+        let mut planted = Vec::new();
+        let mut probes = Vec::new();
+        // One plant in place of the workers' fence file, two as other keys' lock files.
+        for own_key in [true, false, false] {
+            let what = kinds[rand::rng().random_range(0..kinds.len())];
+            let (key, name) = if own_key {
+                (self.key.clone(), format!("{}.fence", self.key))
+            } else {
+                let key = format!("hostile-{:08x}", rand::random::<u32>());
+                let name = format!("{key}.lock");
+                (key, name)
+            };
+            let at = lock_dir.join(&name);
+            // A hard link across file systems is impossible: that one is not planted.
+            if hostile.plant(what, &at).is_err() {
+                continue;
+            }
+            self.store.fault(format!("planted {what:?} as {name}"));
+            planted.push(at);
+            if !own_key {
+                probes.push(key);
+            }
+        }
+        for key in probes {
+            self.hostile_breaches += probe(&self.backend.url, &key).await;
+        }
+        if planted.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((
+            Active::Planted(planted),
+            Instant::now() + self.config.ttl,
+        )))
+    }
+
+    /// Ends a fault, or moves a sequence of faults to its next step (returned with when it
+    /// ends). With `ending`, the run is over: sequences stop and everything heals at once.
+    async fn undo(&mut self, active: Active, ending: bool) -> Option<(Active, Instant)> {
+        let ttl = self.config.ttl;
         match active {
+            Active::Degrading(proxies, step) if !ending && step < 3 => {
+                let (mode, what, length) = if step == 1 {
+                    (
+                        crate::proxy::Mode::Freeze,
+                        "frozen",
+                        nemesis::freeze_length(ttl),
+                    )
+                } else {
+                    (
+                        crate::proxy::Mode::Partition,
+                        "cut off",
+                        nemesis::pause_length(ttl),
+                    )
+                };
+                for proxy in &proxies {
+                    proxy.set(mode, 0);
+                }
+                self.store.fault(format!("degrade: {what}"));
+                return Some((
+                    Active::Degrading(proxies, step + 1),
+                    Instant::now() + length,
+                ));
+            }
+            Active::ForceBurst(burst) if !ending && !burst.is_finished() => {
+                return Some((Active::ForceBurst(burst), Instant::now() + BURST_POLL));
+            }
+            // A force-release still waiting on the server when the run ends settles after
+            // the workers have exited, so that what it did is in the history.
+            Active::ForceBurst(burst) => self.burst = Some(burst),
+            Active::Slowed(proxies) | Active::Frozen(proxies) | Active::Degrading(proxies, _) => {
+                for proxy in proxies {
+                    proxy.set_latency(None);
+                    proxy.set(crate::proxy::Mode::Pass, 0);
+                }
+            }
             Active::PausedClient(client) => {
                 if let Some(worker) = self.workers.iter_mut().find(|w| w.client == client) {
                     if let Handle::Process(child) = &worker.handle {
@@ -516,7 +727,16 @@ impl Runner<'_> {
                     proxy.set(crate::proxy::Mode::Pass, 0);
                 }
             }
+            Active::Planted(planted) => {
+                for at in planted {
+                    let _ = std::fs::remove_file(&at);
+                }
+                if self.hostile.as_ref().is_some_and(|h| !h.intact()) {
+                    self.hostile_breaches += 1;
+                }
+            }
         }
+        None
     }
 
     /// The run proper: reap and replace workers, inject faults at random times.
@@ -529,7 +749,7 @@ impl Runner<'_> {
             if let Some((_, until)) = &active {
                 if now >= *until {
                     if let Some((what, _)) = active.take() {
-                        self.undo(what);
+                        active = self.undo(what, false).await;
                     }
                     next_fault = self.next_fault_at();
                 }
@@ -540,7 +760,7 @@ impl Runner<'_> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some((what, _)) = active.take() {
-            self.undo(what);
+            self.undo(what, true).await;
         }
         Ok(())
     }
@@ -597,6 +817,27 @@ impl Runner<'_> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Tries to lock, inspect and force-release `key`, whose lock file is a planted entry:
+/// 1 if dlock took it as a lock, else 0 (errors are the expected answers).
+async fn probe(url: &str, key: &str) -> u64 {
+    let limit = Duration::from_secs(10);
+    let Ok(Ok(locks)) = tokio::time::timeout(limit, dlock::connect(url)).await else {
+        return 0;
+    };
+    let mut breaches = 0;
+    let attempt = locks.lock(key).no_wait().try_acquire();
+    if let Ok(Ok(Some(lease))) = tokio::time::timeout(limit, attempt).await {
+        breaches += 1;
+        let _ = lease.release().await;
+    }
+    let _ = tokio::time::timeout(limit, locks.status(key)).await;
+    let _ = tokio::time::timeout(limit, locks.list()).await;
+    if let Ok(Ok(true)) = tokio::time::timeout(limit, locks.force_release(key)).await {
+        breaches += 1;
+    }
+    breaches
 }
 
 async fn connect_retrying(url: &str, until: Instant) -> dlock::Result<dlock::Locks> {

@@ -13,6 +13,10 @@
 //!                                         -> S <highest>   stale: rejected
 //! E <client> <section> <fence> <lost>     -> OK            section ends; lost = 1 if the
 //!                                                          lease's lost() had fired
+//! X <client> <section> <fence> <held>     -> OK            the lease was released; held =
+//!                                                          1 if release() said it was
+//!                                                          still held, 0 if it said it
+//!                                                          was lost, 2 if it failed
 //! ```
 //!
 //! Reads are fenced too: a read with fence F raises the highest fence seen to F, so a
@@ -50,6 +54,20 @@ pub enum Event {
         fence: u64,
         /// Whether the lease's `lost()` had fired by then.
         lost: bool,
+    },
+    /// A worker released the lease of a section (after its End).
+    Released {
+        /// Harness time.
+        t: Duration,
+        /// Worker incarnation.
+        client: u32,
+        /// Section number within that worker.
+        section: u64,
+        /// The lease's fence.
+        fence: u64,
+        /// What `release()` answered: `Some(true)` still held, `Some(false)` already lost
+        /// (the holder learned it was overtaken), `None` an error or a timeout.
+        held: Option<bool>,
     },
     /// A fenced read.
     Read {
@@ -196,6 +214,20 @@ impl Store {
                     section,
                     fence,
                     lost: num(4) == Some(1),
+                });
+                "OK".into()
+            }
+            "X" => {
+                state.history.push(Event::Released {
+                    t,
+                    client,
+                    section,
+                    fence,
+                    held: match num(4) {
+                        Some(1) => Some(true),
+                        Some(0) => Some(false),
+                        _ => None,
+                    },
                 });
                 "OK".into()
             }

@@ -37,6 +37,8 @@ pub struct WorkerStats {
     pub stale: u64,
     /// Sections in which `lost()` had fired by their end.
     pub lost: u64,
+    /// Releases that found the lease already lost.
+    pub released_lost: u64,
     /// dlock errors (acquire, release), by message.
     pub errors: Vec<String>,
 }
@@ -95,11 +97,23 @@ pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerSt
         store
             .call(&format!("E {client} {section} {fence} {}", u8::from(lost)))
             .await?;
-        match tokio::time::timeout(limit, lease.release()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => stats.errors.push(format!("release: {err}")),
-            Err(_) => stats.errors.push("release timed out".into()),
-        }
+        // A release that finds the lease gone is how a holder overtaken between two
+        // renewals learns it: the checker counts that as learned, not as silent.
+        let held = match tokio::time::timeout(limit, lease.release()).await {
+            Ok(Ok(held)) => u8::from(held),
+            Ok(Err(err)) => {
+                stats.errors.push(format!("release: {err}"));
+                2
+            }
+            Err(_) => {
+                stats.errors.push("release timed out".into());
+                2
+            }
+        };
+        stats.released_lost += u64::from(held == 0);
+        store
+            .call(&format!("X {client} {section} {fence} {held}"))
+            .await?;
     }
     Ok(stats)
 }

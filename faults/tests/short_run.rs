@@ -25,7 +25,9 @@ async fn short_run(name: &str) {
         "libfaketime is not installed: install the Debian package `faketime` (apt-get install faketime)"
     );
     let backend = Backend::start(name).unwrap_or_else(|e| panic!("{e}"));
-    let log_dir = std::env::temp_dir().join(format!("dlock-faults-ci-{}", std::process::id()));
+    // One directory per backend: the backends run side by side and each removes its own.
+    let log_dir =
+        std::env::temp_dir().join(format!("dlock-faults-ci-{}-{}", std::process::id(), name));
     let mut results = Vec::new();
     let mut skipped = Vec::new();
     for &nemesis in ALL {
@@ -37,7 +39,13 @@ async fn short_run(name: &str) {
             workers: 3,
             ttl: Duration::from_millis(500),
             work: Duration::from_millis(20),
-            duration: secs(),
+            // Degrade runs its steps one after the other (slow, frozen, cut off: up to
+            // 3.7 s at this TTL); it needs the time to reach the last one.
+            duration: if nemesis == Nemesis::Degrade {
+                secs() * 2
+            } else {
+                secs()
+            },
             fault_every: Duration::from_millis(1000),
             worker_bin: env!("CARGO_BIN_EXE_dlock-fault-worker").into(),
             log_dir: log_dir.clone(),
@@ -52,6 +60,10 @@ async fn short_run(name: &str) {
         eprintln!("{name}: skipped {s}");
     }
     let failures: Vec<String> = results.iter().flat_map(|r| r.failures()).collect();
+    // The logs and histories are kept only when something failed, for the post-mortem.
+    if failures.is_empty() {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    }
     assert!(
         failures.is_empty(),
         "fault-injection failures:\n{}",
@@ -98,4 +110,11 @@ backends! {
     postgres_lease => "postgres-lease",
     mysql => "mysql",
     mysql_lease => "mysql-lease",
+}
+
+/// The file backend's short run includes the hostile lock directory nemesis.
+#[test]
+fn file_runs_the_hostile_dir_nemesis() {
+    assert!(Backend::file().applicable(Nemesis::HostileDir).is_ok());
+    assert!(Backend::memory().applicable(Nemesis::HostileDir).is_err());
 }

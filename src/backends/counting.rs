@@ -1,5 +1,5 @@
 //! A wrapper that counts the calls a backend receives, to measure the round trips that
-//! renewal and waiting cost (used by `dlock bench`).
+//! renewal and waiting cost (used by `dlock-bench`).
 
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, KeyWatch,

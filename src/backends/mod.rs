@@ -2,6 +2,8 @@
 //! registry. Each module offers `open(url)`, returning its backend behind the one trait.
 
 pub mod counting;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(feature = "memory")]

@@ -21,9 +21,11 @@ use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, LockInfo,
 };
 use crate::core::backoff::Backoff;
+use crate::core::owner::Owner;
 use crate::error::{Error, LossReason, Result};
 use crate::key::Key;
 use async_trait::async_trait;
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -510,21 +512,58 @@ impl<D: Dialect> Admin for SessionLocks<D> {
     }
 }
 
-/// Runs the cleanup of an abandoned attempt in the background, bounded by [`CALL_LIMIT`].
-pub(crate) fn in_background(
-    cleanup: impl Future<Output = Result<bool>> + Send + 'static,
-    key: &Key,
-) {
-    let key = key.clone();
-    tokio::spawn(async move {
-        match tokio::time::timeout(CALL_LIMIT, cleanup).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => {
-                tracing::debug!(%key, %err, "cleanup after an abandoned attempt failed; it ends at its TTL")
+/// The cleanups of abandoned attempts still running on one lease-table handle.
+///
+/// A cleanup frees the row by owner token, and every attempt of one acquire carries the
+/// same token: a cleanup that ran after a later attempt of the same acquire was granted
+/// would free that grant under its holder. So while a cleanup for a key and owner is
+/// running, the later attempts of that acquire count the key as held. A cleanup that did
+/// not answer may still reach the server (a stalled link delivers it late): its mark stays
+/// one more [`CALL_LIMIT`].
+#[derive(Debug, Default)]
+pub(crate) struct Cleanups {
+    running: Arc<Mutex<HashSet<(Key, String)>>>,
+}
+
+impl Cleanups {
+    /// True while a cleanup of an attempt by `owner` on `key` may still reach the server.
+    pub(crate) fn running(&self, key: &Key, owner: &Owner) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(key.clone(), owner.as_str().to_owned()))
+    }
+
+    /// Runs `cleanup` in the background, bounded by [`CALL_LIMIT`]: the caller gave up on
+    /// a store that did not answer, and must not wait for it again.
+    pub(crate) fn spawn(
+        &self,
+        cleanup: impl Future<Output = Result<bool>> + Send + 'static,
+        key: &Key,
+        owner: &Owner,
+    ) {
+        let mark = (key.clone(), owner.as_str().to_owned());
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(mark.clone());
+        let running = Arc::clone(&self.running);
+        tokio::spawn(async move {
+            let key = &mark.0;
+            match tokio::time::timeout(CALL_LIMIT, cleanup).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(%key, %err, "cleanup after an abandoned attempt failed; it ends at its TTL")
+                }
+                Err(_) => {
+                    tracing::debug!(%key, "cleanup after an abandoned attempt timed out; it ends at its TTL");
+                    tokio::time::sleep(CALL_LIMIT).await;
+                }
             }
-            Err(_) => {
-                tracing::debug!(%key, "cleanup after an abandoned attempt timed out; it ends at its TTL")
-            }
-        }
-    });
+            running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&mark);
+        });
+    }
 }

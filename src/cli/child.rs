@@ -8,11 +8,13 @@ use std::process::ExitStatus;
 pub const FORWARDED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// Builds COMMAND so that it dies with dlock: if dlock is killed (even with SIGKILL) the
-/// kernel sends COMMAND SIGKILL (`PR_SET_PDEATHSIG`), so it never runs on outside the lock.
+/// kernel sends COMMAND SIGKILL (`PR_SET_PDEATHSIG`). That covers COMMAND itself, and not
+/// after an exec that changes credentials (setuid, file capabilities); the rest of its
+/// tree is the watchdog's (see `tree`).
 ///
 /// The death signal is tied to the thread that forks; dlock spawns COMMAND from its main
 /// thread, which lives as long as the process.
-pub fn command(program: &str, args: &[String]) -> tokio::process::Command {
+pub fn command(program: &str, args: &[String]) -> std::process::Command {
     let mut command = std::process::Command::new(program);
     command.args(args);
     let parent = std::process::id();
@@ -29,15 +31,7 @@ pub fn command(program: &str, args: &[String]) -> tokio::process::Command {
             Ok(())
         });
     }
-    tokio::process::Command::from(command)
-}
-
-/// Sends `signal` to the process `pid`.
-pub fn send(pid: u32, signal: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid, signal) };
-    }
+    command
 }
 
 /// The exit status dlock passes on: COMMAND's code, or 128 + the signal that killed it.

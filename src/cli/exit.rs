@@ -27,7 +27,8 @@ pub fn status_of(err: &Error) -> u8 {
     }
 }
 
-/// Prints `message` as one line on stderr, prefixed with `dlock: `.
+/// Prints `message` as one line on stderr, prefixed with `dlock: `, with control
+/// characters made visible (see [`printable`]).
 pub fn report(message: impl std::fmt::Display) {
     let text = message.to_string();
     let one_line: Vec<&str> = text
@@ -35,11 +36,60 @@ pub fn report(message: impl std::fmt::Display) {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    eprintln!("dlock: {}", one_line.join(" "));
+    eprintln!("dlock: {}", printable(&one_line.join(" ")));
 }
 
 /// Reports `err` and returns its exit status.
 pub fn fail(err: &Error) -> ExitCode {
     report(err);
     ExitCode::from(status_of(err))
+}
+
+/// `text` with every character a terminal would act on rather than show replaced by a
+/// visible escape (`\x1b`, `\n`, `\u{202e}`): C0 controls, DEL, C1 controls and the
+/// bidirectional overrides, isolates and marks, and the Unicode line and paragraph
+/// separators. Keys, hosts and notes come from whoever took a lock, and raw they could
+/// clear or retitle the operator's terminal, forge a table row, or reorder what is
+/// shown. Backslashes are left alone, so ordinary text reads as it is.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    fn escaped(c: char) -> bool {
+        matches!(c,
+            '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}'
+            | '\u{61c}' | '\u{200e}' | '\u{200f}'
+            | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c < ' ' || c == '\u{7f}' => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c if escaped(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn escapes_what_a_terminal_acts_on() {
+        assert_eq!(
+            printable("plain key/with\\slash é"),
+            "plain key/with\\slash é"
+        );
+        assert_eq!(
+            printable("a\u{1b}[2J\r\n\t\u{7f}"),
+            "a\\x1b[2J\\r\\n\\t\\x7f"
+        );
+        assert_eq!(printable("\u{9b}\u{85}"), "\\u{9b}\\u{85}");
+        assert_eq!(printable("x\u{202e}y\u{2066}"), "x\\u{202e}y\\u{2066}");
+    }
 }

@@ -1,5 +1,6 @@
 //! `dlock status`, `dlock list` and `dlock release --force`.
 
+use super::exit::printable;
 use super::{connect, exit};
 use dlock::LockInfo;
 use std::process::ExitCode;
@@ -26,7 +27,7 @@ pub async fn status(key: &str, backend: Option<String>, json: bool) -> ExitCode 
             if json {
                 print_json(&LockInfo::new(key), false);
             } else {
-                println!("{key}: free");
+                println!("{}: free", printable(key));
             }
             ExitCode::from(1)
         }
@@ -46,7 +47,7 @@ pub async fn list(backend: Option<String>, json: bool) -> ExitCode {
                     print_json(info, true);
                 }
             } else if all.is_empty() {
-                println!("no locks held on {}", locks.describe());
+                println!("no locks held on {}", printable(locks.describe()));
             } else {
                 print_table(&all);
             }
@@ -72,11 +73,11 @@ pub async fn release(key: &str, force: bool, backend: Option<String>) -> ExitCod
     };
     match locks.force_release(key).await {
         Ok(true) => {
-            println!("{key}: released");
+            println!("{}: released", printable(key));
             ExitCode::SUCCESS
         }
         Ok(false) => {
-            println!("{key}: was not held");
+            println!("{}: was not held", printable(key));
             ExitCode::from(1)
         }
         Err(err) => exit::fail(&err),
@@ -118,7 +119,7 @@ fn print_table(all: &[LockInfo]) {
     let rows: Vec<[String; 7]> = all
         .iter()
         .map(|i| {
-            [
+            let cells = [
                 i.key.clone(),
                 i.fence.map_or("-".into(), |f| f.to_string()),
                 i.owner
@@ -137,7 +138,8 @@ fn print_table(all: &[LockInfo]) {
                     (None, None) => "-".into(),
                 },
                 i.note.clone().unwrap_or_default(),
-            ]
+            ];
+            cells.map(|cell| printable(&cell).into_owned())
         })
         .collect();
     let header = [

@@ -1,12 +1,12 @@
 //! The `dlock` command line (SPEC §4): a thin user of the library that maps its errors
 //! to exit statuses.
 
-mod bench;
 mod child;
 mod exit;
 mod inspect;
 mod run;
 mod schema;
+mod tree;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
@@ -54,10 +54,12 @@ Examples:
   dlock run deploy --no-wait -- ./deploy.sh          exit 75 at once if held elsewhere
   dlock run migrate --wait 30s --backend postgres://db/app -- ./migrate
 
-COMMAND sees DLOCK_KEY, DLOCK_FENCE (the fencing token) and DLOCK_OWNER. SIGINT,
-SIGTERM and SIGHUP sent to dlock are passed to COMMAND. If the lease is lost,
-COMMAND gets SIGTERM, then SIGKILL after --kill-after, and dlock exits 76. If dlock
-itself dies, even by SIGKILL, the kernel kills COMMAND (PR_SET_PDEATHSIG).")]
+COMMAND sees DLOCK_KEY, DLOCK_FENCE (the fencing token) and DLOCK_OWNER. It runs in
+a process group of its own (in the terminal's foreground when dlock is); SIGINT,
+SIGTERM and SIGHUP sent to dlock are passed to that group. If the lease is lost, the
+whole tree gets SIGTERM, then SIGKILL after --kill-after, and dlock exits 76; what
+COMMAND leaves running when it exits is stopped the same way. If dlock itself dies,
+even by SIGKILL, a watchdog process SIGKILLs COMMAND's group.")]
     Run(run::RunArgs),
     /// Show who holds KEY (exit 0 if held, 1 if free)
     #[command(after_help = "Example:\n  dlock status nightly-report --json")]
@@ -95,18 +97,6 @@ its COMMAND SIGTERM and exits 76).")]
         #[command(flatten)]
         backend: BackendArg,
     },
-    /// Measure lock cost and hand-off latency on a backend
-    #[command(after_help = "\
-Examples:
-  dlock bench --backend redis://127.0.0.1:6379 --concurrency 64
-  dlock bench --mode handoff --concurrency 16 --hold 5ms
-  dlock bench --mode held --concurrency 10000 --duration 60s --json
-
-Modes: uncontended (fresh random keys: pairs/s, acquire latency), contended (one
-key: pairs/s, latency, switch share, tasks served), handoff (release -> next
-holder latency), held (memory, CPU and renewal traffic of many held leases).
-Every mode checks mutual exclusion and exits 70 if it was violated.")]
-    Bench(bench::BenchArgs),
     /// Print the SQL that creates the tables of a PostgreSQL or MySQL backend URL
     #[command(after_help = "\
 Example:
@@ -129,6 +119,13 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
 }
 
 pub fn main() -> ExitCode {
+    // Before clap: the watchdog is no user-facing subcommand.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == tree::WATCHDOG)
+    {
+        return tree::watchdog();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -181,7 +178,6 @@ pub fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run::run(args).await,
-            Command::Bench(args) => bench::bench(args).await,
             Command::Status { key, backend, json } => {
                 inspect::status(&key, backend.backend, json).await
             }

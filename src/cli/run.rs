@@ -1,6 +1,6 @@
 //! `dlock run KEY -- COMMAND`: flock(1) with leases.
 
-use super::{child, connect, duration_arg, exit, BackendArg};
+use super::{child, connect, duration_arg, exit, tree, BackendArg};
 use clap::Args;
 use dlock::{Key, Wait};
 use std::process::ExitCode;
@@ -28,6 +28,31 @@ pub struct RunArgs {
     /// The command to run under the lock, after `--`
     #[arg(required = true, last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+/// How long connecting may take past a limited wait: `--no-wait` against a store that
+/// does not answer must fail about as fast as against one that says "held".
+const CONNECT_GRACE: Duration = Duration::from_secs(1);
+
+/// Connects, within the wait's limit plus a grace when the wait is limited.
+async fn connect_within(backend: Option<String>, wait: Wait) -> Result<dlock::Locks, dlock::Error> {
+    let limit = match wait {
+        Wait::No => Duration::ZERO,
+        Wait::For(limit) => limit,
+        Wait::Forever => return connect(backend).await,
+    };
+    let url = match backend {
+        Some(url) => url,
+        None => dlock::default_url()?,
+    };
+    let describe = dlock::redact(&url);
+    match tokio::time::timeout(limit.saturating_add(CONNECT_GRACE), connect(Some(url))).await {
+        Ok(connected) => connected,
+        Err(_) => Err(dlock::Error::unavailable(
+            &describe,
+            "no answer while connecting, within the wait's limit",
+        )),
+    }
 }
 
 /// Signals dlock listens to, while waiting and while COMMAND runs.
@@ -85,14 +110,14 @@ pub async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
-    let locks = match connect(args.backend.backend).await {
-        Ok(locks) => locks,
-        Err(err) => return exit::fail(&err),
-    };
     let wait = match (args.no_wait, args.wait) {
         (true, _) => Wait::No,
         (false, Some(limit)) => Wait::For(limit),
         (false, None) => Wait::Forever,
+    };
+    let locks = match connect_within(args.backend.backend, wait).await {
+        Ok(locks) => locks,
+        Err(err) => return exit::fail(&err),
     };
     let acquire = locks.lock(&args.key).ttl(args.ttl).wait(wait).acquire();
     let lease = tokio::select! {
@@ -106,39 +131,51 @@ pub async fn run(args: RunArgs) -> ExitCode {
         }
     };
 
+    // Registered before COMMAND starts, so that its end is never missed.
+    let mut children = match signal(SignalKind::child()) {
+        Ok(children) => children,
+        Err(err) => {
+            exit::report(format!("cannot handle signals: {err}"));
+            let _ = lease.release().await;
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    if let Err(err) = tree::become_subreaper() {
+        tracing::debug!("not a child subreaper: {err}");
+    }
+    let mut group = match tree::Group::new(tree::foreground_terminal()) {
+        Ok(group) => group,
+        Err(err) => {
+            exit::report(format!(
+                "cannot start the watchdog that stops {program:?} if dlock dies: {err}"
+            ));
+            let _ = lease.release().await;
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
     let mut command = child::command(&program, &args.command[1..]);
     command
         .env("DLOCK_KEY", lease.key())
         .env("DLOCK_FENCE", lease.fence().to_string())
         .env("DLOCK_OWNER", lease.owner());
-    let mut running = match command.spawn() {
-        Ok(running) => running,
-        Err(err) => {
-            let (status, message) = child::spawn_failure(&program, &err);
-            exit::report(message);
-            let _ = lease.release().await;
-            return ExitCode::from(status);
-        }
-    };
-    let pid = running.id().unwrap_or(0);
+    if let Err(err) = group.spawn(command) {
+        let (status, message) = child::spawn_failure(&program, &err);
+        exit::report(message);
+        group.close();
+        let _ = lease.release().await;
+        return ExitCode::from(status);
+    }
     let lost = lease.lost();
     tokio::pin!(lost);
-    loop {
+    let code = loop {
         tokio::select! {
-            status = running.wait() => {
-                let code = match status {
-                    Ok(status) => child::exit_code(status),
-                    Err(err) => {
-                        exit::report(format!("cannot wait for {program:?}: {err}"));
-                        exit::UNAVAILABLE
-                    }
-                };
-                if let Err(err) = lease.release().await {
-                    exit::report(format!("{err} (the lease on {:?} ends at its TTL)", args.key));
+            _ = children.recv() => {
+                if let Some(status) = group.reap() {
+                    break child::exit_code(status);
                 }
-                return ExitCode::from(code);
+                group.follow_stop();
             }
-            number = signals.recv() => child::send(pid, number),
+            number = signals.recv() => group.forward(number),
             reason = &mut lost => {
                 let err = dlock::Error::LeaseLost {
                     key: lease.key().to_owned(),
@@ -146,15 +183,22 @@ pub async fn run(args: RunArgs) -> ExitCode {
                     fence: lease.fence(),
                     reason,
                 };
-                exit::report(format!("{err}; stopping {program:?} (SIGTERM, SIGKILL after {:?})", args.kill_after));
-                child::send(pid, libc::SIGTERM);
-                if tokio::time::timeout(args.kill_after, running.wait()).await.is_err() {
-                    child::send(pid, libc::SIGKILL);
-                    let _ = running.wait().await;
-                }
+                exit::report(format!("{err}; stopping {program:?} and its process group (SIGTERM, SIGKILL after {:?})", args.kill_after));
+                group.stop(args.kill_after).await;
+                group.close();
                 drop(lease);
                 return ExitCode::from(exit::LEASE_LOST);
             }
         }
+    };
+    // What COMMAND left running (background jobs, daemons) must not outlive the lock.
+    group.stop(args.kill_after).await;
+    group.close();
+    if let Err(err) = lease.release().await {
+        exit::report(format!(
+            "{err} (the lease on {:?} ends at its TTL)",
+            args.key
+        ));
     }
+    ExitCode::from(code)
 }

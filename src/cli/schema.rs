@@ -14,7 +14,10 @@ pub fn print(backend: Option<String>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(None) => {
-            println!("-- {} needs no schema", dlock::redact(&url));
+            println!(
+                "-- {} needs no schema",
+                super::exit::printable(&dlock::redact(&url))
+            );
             ExitCode::SUCCESS
         }
         Err(err) => exit::fail(&err),

@@ -51,6 +51,26 @@ pub struct AcquireRequest<'a> {
     pub deadline: Option<Instant>,
     /// Retry delays for waiting without a wake-up from the store.
     pub backoff: Backoff,
+    /// Which kind of lease is asked for. The engine only sends a kind the backend
+    /// declares in its [`Capabilities`].
+    pub kind: LockKind,
+}
+
+/// The kind of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum LockKind {
+    /// One holder at a time (the default).
+    #[default]
+    Exclusive,
+    /// Readers share the key; a writer ([`LockKind::Exclusive`]) excludes every reader
+    /// and writer.
+    Shared,
+    /// At most `permits` holders at a time, each with a lease of its own.
+    Semaphore {
+        /// How many leases the key admits at once; every holder must agree on it.
+        permits: u32,
+    },
 }
 
 /// A lease the store granted: its fence and the handle that owns its store-side state.
@@ -98,6 +118,10 @@ pub struct Capabilities {
     pub freed_on_holder_death: bool,
     /// Locks are visible to other processes (false only for `memory://`).
     pub shared_between_processes: bool,
+    /// The backend takes [`LockKind::Shared`] leases.
+    pub shared_locks: bool,
+    /// The backend takes [`LockKind::Semaphore`] leases.
+    pub semaphores: bool,
 }
 
 impl Capabilities {
@@ -108,6 +132,8 @@ impl Capabilities {
             expires: true,
             freed_on_holder_death: false,
             shared_between_processes: true,
+            shared_locks: false,
+            semaphores: false,
         }
     }
 
@@ -117,6 +143,17 @@ impl Capabilities {
             expires: false,
             freed_on_holder_death: true,
             shared_between_processes: true,
+            shared_locks: false,
+            semaphores: false,
+        }
+    }
+
+    /// Whether the backend takes leases of `kind`.
+    pub fn supports(&self, kind: LockKind) -> bool {
+        match kind {
+            LockKind::Exclusive => true,
+            LockKind::Shared => self.shared_locks,
+            LockKind::Semaphore { .. } => self.semaphores,
         }
     }
 

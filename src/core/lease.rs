@@ -398,8 +398,10 @@ async fn guard_lease(
             command = inbox.recv() => match command {
                 None => break None,
                 Some(Command::Release(reply)) => {
-                    let _ = reply.send(release_bounded(&shared, lease).await);
+                    let released = release_bounded(&shared, lease).await;
+                    // The next local task may go as soon as the caller hears back.
                     shared.give_up_turn();
+                    let _ = reply.send(released);
                     return;
                 }
                 Some(Command::Extend(ttl, reply)) => {

@@ -1,6 +1,6 @@
 //! [`Locks`], the handle on one backend, and [`LockBuilder`], the options of one lock.
 
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo};
+use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo, LockKind};
 use crate::core::backoff::Backoff;
 use crate::core::lease::{spawn_detached, Grant, Lease, LeaseHandle};
 use crate::core::local_queue::LocalQueues;
@@ -79,6 +79,7 @@ impl Locks {
             backoff: Backoff::default(),
             renew_every: Some(DEFAULT_TTL / 3),
             renew_set: false,
+            kind: LockKind::Exclusive,
         }
     }
 
@@ -164,6 +165,7 @@ pub struct LockBuilder {
     backoff: Backoff,
     renew_every: Option<Duration>,
     renew_set: bool,
+    kind: LockKind,
 }
 
 impl LockBuilder {
@@ -329,7 +331,14 @@ impl LockBuilder {
             holder: &holder,
             deadline,
             backoff: self.backoff,
+            kind: self.kind,
         };
+        if !backend.capabilities().supports(self.kind) {
+            return Err(Error::Unsupported {
+                backend: backend.describe().to_owned(),
+                what: format!("{:?} leases", self.kind),
+            });
+        }
         // Tasks of this handle line up locally; only the first contends at the backend.
         let turn = match deadline {
             _ if self.wait == Wait::No => match self.locks.queues.try_enter(&key) {

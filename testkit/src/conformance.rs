@@ -135,7 +135,8 @@ pub async fn fences_strictly_increase_across_handles(target: &Target) {
     }
 }
 
-/// Release and renewal by another owner token change nothing.
+/// Cleaning up after an abandoned attempt of another owner token changes nothing: only
+/// the lease's own handle can renew or release it.
 pub async fn wrong_owner_cannot_release_or_renew(target: &Target) {
     let key_text = target.unique_key("owner");
     let key = Key::new(&key_text).unwrap();
@@ -143,8 +144,6 @@ pub async fn wrong_owner_cannot_release_or_renew(target: &Target) {
     let lease = locks.lock(&key_text).acquire().await.unwrap();
     let stranger = Owner::random();
     let backend = target.locks().await.backend().clone();
-    // Renewal and release go through the holder's own handle now; what a stranger can
-    // still reach is the owner-checked cleanup of an abandoned acquire.
     backend.abandon(&key, &stranger).await.unwrap();
     assert!(target
         .locks()
@@ -155,6 +154,7 @@ pub async fn wrong_owner_cannot_release_or_renew(target: &Target) {
         .unwrap()
         .is_none());
     assert!(!lease.is_lost());
+    lease.extend(Duration::from_secs(60)).await.unwrap();
     assert!(
         lease.release().await.unwrap(),
         "the real owner lost its lease"
@@ -363,8 +363,15 @@ pub async fn waiter_gets_lock_at_release(target: &Target) {
 ///
 /// For `memory://`, whose locks live inside one process, it checks instead that another
 /// process does not see this process's locks.
+///
+/// A target without a URL (a backend written outside dlock) cannot be run by the `dlock`
+/// binary: there the holder is a runtime of its own that is shut down without releasing,
+/// which drops every store-side handle the way a dying process would.
 pub async fn holder_process_killed_frees_the_lock(target: &Target) {
     let key = target.unique_key("killed");
+    if !target.has_cli() {
+        return holder_runtime_dropped_frees_the_lock(target, &key).await;
+    }
     if !target
         .locks()
         .await
@@ -446,6 +453,46 @@ pub async fn holder_process_killed_frees_the_lock(target: &Target) {
             assert!(!is_alive(pid), "the killed holder is still alive");
         }
     }
+}
+
+async fn holder_runtime_dropped_frees_the_lock(target: &Target, key: &str) {
+    let holder_locks = target.locks().await;
+    let held_key = key.to_owned();
+    let fence = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let lease = runtime.block_on(async {
+            holder_locks
+                .lock(&held_key)
+                .ttl(Duration::from_secs(1))
+                .acquire()
+                .await
+                .unwrap()
+        });
+        let fence = lease.fence();
+        // The lease's task dies with its runtime; the lease itself is never released.
+        std::mem::forget(lease);
+        drop(runtime);
+        fence
+    })
+    .join()
+    .unwrap();
+    let locks = target.locks().await;
+    let limit = if locks.backend().capabilities().freed_on_holder_death {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(1) + PROMPTLY
+    };
+    let lease = within(
+        limit,
+        "acquire after the holder's runtime was dropped",
+        locks.lock(key).acquire(),
+    )
+    .await
+    .unwrap();
+    assert!(lease.fence() > fence);
 }
 
 /// Every bad key of SPEC §2 is a typed `BadKey` error from every entry point.
@@ -549,6 +596,21 @@ pub async fn release_reports_whether_still_held(target: &Target) {
     let lease = locks.lock(&key).acquire().await.unwrap();
     assert!(locks.force_release(&key).await.unwrap());
     assert!(!lease.release().await.unwrap());
+}
+
+/// A key released by `release()` can be taken again at once through the same handle:
+/// the release has reached the store, and the handle's local queue has moved on, by the
+/// time `release()` returns.
+pub async fn released_key_is_free_at_once_on_the_same_handle(target: &Target) {
+    let key = target.unique_key("again");
+    let locks = target.locks().await;
+    for _ in 0..20 {
+        let lease = locks.lock(&key).acquire().await.unwrap();
+        assert!(lease.release().await.unwrap());
+        let again = locks.lock(&key).try_acquire().await.unwrap();
+        let again = again.expect("the key just released was not free on the same handle");
+        assert!(again.release().await.unwrap());
+    }
 }
 
 /// `run` (with_lock) holds the lock during the work and releases it afterwards.

@@ -41,6 +41,7 @@ macro_rules! conformance_tests {
             hostile_keys_are_just_keys,
             status_and_list_show_the_holder,
             release_reports_whether_still_held,
+            released_key_is_free_at_once_on_the_same_handle,
             with_lock_runs_work_and_releases,
             with_lock_cancels_work_when_lease_is_lost
         );

@@ -1,11 +1,14 @@
-//! A TCP proxy on loopback between a client and a private server, for fault tests: it
-//! can add latency to every byte in each direction, freeze the traffic (bytes are held,
-//! connections stay open, as on a stalled network) and cut every open connection.
+//! A TCP proxy on 127.0.0.1 in front of a real server, for fault tests. It can add
+//! latency to every byte in each direction, freeze the traffic as a hung server or a
+//! network partition would (connections stay open, new ones are accepted but reach the
+//! server only at the thaw, and bytes and closes already in flight are held until then),
+//! and cut every open connection.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -18,7 +21,23 @@ struct State {
     cuts: watch::Sender<u64>,
 }
 
-/// A running proxy; stops (and closes its connections) when dropped.
+impl State {
+    fn latency(&self) -> Duration {
+        *self.latency.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Resolves at once while the proxy forwards, else at the thaw.
+    async fn thawed(&self) {
+        let mut frozen = self.frozen.subscribe();
+        while *frozen.borrow_and_update() {
+            if frozen.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A running proxy; stops, and closes its connections, when dropped.
 pub struct Proxy {
     port: u16,
     state: Arc<State>,
@@ -26,7 +45,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on a free loopback port and forwards to `127.0.0.1:upstream`.
+    /// Listens on a free loopback port and forwards to `127.0.0.1:upstream`, on the
+    /// current tokio runtime.
     pub async fn start(upstream: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -40,12 +60,23 @@ impl Proxy {
         let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
         let shared = Arc::clone(&state);
         let accept = tokio::spawn(async move {
+            // Owned by this task: aborting it (on drop) closes every connection.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 let state = Arc::clone(&shared);
+                let mut cuts = state.cuts.subscribe();
+                cuts.mark_unchanged();
                 connections.spawn(async move {
-                    if let Ok(server) = TcpStream::connect(upstream).await {
-                        relay(client, server, state).await;
+                    let connect = async {
+                        state.thawed().await;
+                        TcpStream::connect(upstream).await
+                    };
+                    let server = tokio::select! {
+                        server = connect => server,
+                        _ = cuts.changed() => return,
+                    };
+                    if let Ok(server) = server {
+                        relay(client, server, state, cuts).await;
                     }
                 });
                 while connections.try_join_next().is_some() {}
@@ -65,15 +96,20 @@ impl Proxy {
 
     /// Delays every chunk by `latency` in each direction from now on.
     pub fn set_latency(&self, latency: Duration) {
-        *self.state.latency.lock().unwrap() = latency;
+        *self
+            .state
+            .latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = latency;
     }
 
-    /// Holds every byte in both directions until [`thaw`](Self::thaw).
+    /// Holds every byte and close in both directions, and new connections, until
+    /// [`thaw`](Self::thaw).
     pub fn freeze(&self) {
         self.state.frozen.send_replace(true);
     }
 
-    /// Lets the held bytes go on.
+    /// Forwards again, starting with what was held while frozen.
     pub fn thaw(&self) {
         self.state.frozen.send_replace(false);
     }
@@ -98,11 +134,14 @@ impl Drop for Proxy {
     }
 }
 
-async fn relay(client: TcpStream, server: TcpStream, state: Arc<State>) {
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    state: Arc<State>,
+    mut cuts: watch::Receiver<u64>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let mut cuts = state.cuts.subscribe();
-    cuts.mark_unchanged();
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let up = pump(client_read, server_write, Arc::clone(&state));
@@ -114,47 +153,125 @@ async fn relay(client: TcpStream, server: TcpStream, state: Arc<State>) {
 }
 
 /// Copies one direction: a reader that stamps each chunk with its due time, and a
-/// writer that sends it then, and only while the proxy is not frozen.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    state: Arc<State>,
-) {
+/// writer that sends it then, and only while the proxy is not frozen; the end of the
+/// stream is passed on the same way.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, state: Arc<State>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let latency = {
+    let reader = {
         let state = Arc::clone(&state);
-        move || *state.latency.lock().unwrap()
-    };
-    let reader = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match from.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx
-                        .send((Instant::now() + latency(), buf[..n].to_vec()))
-                        .is_err()
-                    {
-                        break;
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let due = Instant::now() + state.latency();
+                        if tx.send((due, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
                     }
                 }
             }
         }
     };
     let writer = async move {
-        let mut frozen = state.frozen.subscribe();
         while let Some((due, chunk)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
-            while *frozen.borrow_and_update() {
-                if frozen.changed().await.is_err() {
-                    return;
-                }
-            }
+            state.thawed().await;
             if to.write_all(&chunk).await.is_err() {
                 return;
             }
         }
+        state.thawed().await;
         let _ = to.shutdown().await;
     };
     tokio::join!(reader, writer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Proxy;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// An echo server on loopback, for the proxy to stand in front of.
+    async fn echo() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    async fn round_trip(conn: &mut tokio::net::TcpStream, what: &[u8]) -> Vec<u8> {
+        conn.write_all(what).await.unwrap();
+        let mut got = vec![0u8; what.len()];
+        conn.read_exact(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn latency_keeps_bytes_in_order_and_a_freeze_holds_them_until_the_thaw() {
+        let proxy = Proxy::start(echo().await).await;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        proxy.set_latency(Duration::from_millis(20));
+        for i in 0..20u8 {
+            assert_eq!(round_trip(&mut conn, &[i; 3]).await, vec![i; 3]);
+        }
+        proxy.set_latency(Duration::ZERO);
+        proxy.freeze();
+        conn.write_all(b"held").await.unwrap();
+        let mut got = [0u8; 4];
+        let early = tokio::time::timeout(Duration::from_millis(300), conn.read_exact(&mut got));
+        assert!(early.await.is_err(), "bytes crossed a frozen proxy");
+        // A connection opened during the freeze gets no answer either.
+        let mut late = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        late.write_all(b"late").await.unwrap();
+        let mut got_late = [0u8; 4];
+        let early =
+            tokio::time::timeout(Duration::from_millis(300), late.read_exact(&mut got_late));
+        assert!(
+            early.await.is_err(),
+            "a new connection crossed a frozen proxy"
+        );
+        proxy.thaw();
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"held");
+        late.read_exact(&mut got_late).await.unwrap();
+        assert_eq!(&got_late, b"late");
+    }
+
+    #[tokio::test]
+    async fn a_cut_closes_open_connections_only() {
+        let proxy = Proxy::start(echo().await).await;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut conn, b"a").await, b"a");
+        proxy.cut();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("a cut connection stayed open");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        let mut next = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut next, b"b").await, b"b");
+    }
 }

@@ -1,5 +1,5 @@
 //! Raw-store and peer-client figures for the comparison in docs/benchmarks.md, measured the
-//! way `dlock bench` measures dlock and printed as the same JSON objects:
+//! way `dlock-bench` measures dlock and printed as the same JSON objects:
 //!
 //! - `raw-redis`: redis-rs `SET key token NX PX ttl` + `EVALSHA` compare-and-delete on one
 //!   multiplexed connection: the commands a dlock Redis lease costs, with no library around them.
@@ -183,7 +183,7 @@ async fn main() {
     println!("{report}");
 }
 
-/// The hand-off of `dlock bench --mode handoff`: N waiters on one key; the holder holds,
+/// The hand-off of `dlock-bench --mode handoff`: N waiters on one key; the holder holds,
 /// releases, and steps aside until someone else has acquired. A waiter whose retries run
 /// out (rslock's default gives up after 3 tries) simply tries again.
 async fn rslock_handoff(args: &Args, manager: Arc<rslock::LockManager>) -> serde_json::Value {

@@ -26,7 +26,7 @@ enum Cmd {
         /// A backend name (file, memory, …), a URL, `all`, or a comma-separated list.
         #[arg(long, default_value = "all")]
         backend: String,
-        /// A nemesis (none, kill-client, pause-client, kill-server, pause-server, clock, mixed), `all`, or a list.
+        /// A nemesis (none, kill-client, pause-client, kill-server, pause-server, clock, partition, slow, freeze, degrade, force-release, mixed), `all`, or a list.
         #[arg(long, default_value = "all")]
         nemesis: String,
         /// How long each backend runs in total, split evenly between its nemeses.

@@ -71,12 +71,13 @@ fn main() {
                     eprintln!("worker {}: dlock error: {err}", args.client);
                 }
                 println!(
-                    "worker {} sections={} accepted={} stale={} lost={} errors={}",
+                    "worker {} sections={} accepted={} stale={} lost={} released_lost={} errors={}",
                     args.client,
                     stats.sections,
                     stats.accepted,
                     stats.stale,
                     stats.lost,
+                    stats.released_lost,
                     stats.errors.len()
                 );
                 0

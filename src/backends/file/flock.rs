@@ -39,6 +39,24 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Takes an exclusive lock, retrying for at most `limit`: `Ok(false)` if it stayed held.
+/// For locks held only for a few writes (fence files), where a kernel wait on a thread
+/// of its own would cost more than the rare retry.
+pub(crate) fn lock_within(file: &File, limit: Duration) -> io::Result<bool> {
+    let until = Instant::now() + limit;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if try_lock(file)? {
+            return Ok(true);
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
 /// Releases the lock on the open file description explicitly, so that a copy of the
 /// descriptor inherited by a forked child cannot keep it.
 pub(crate) fn unlock(file: &File) {

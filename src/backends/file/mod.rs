@@ -5,8 +5,7 @@
 //! kernel frees the lock when the holder process dies, and queues waiters: a waiter
 //! blocks in the kernel and is woken at release.
 //!
-//! The lock file holds a one-line record (see [`record`]): the last fence handed out for
-//! the key, fsynced under the lock before the lease is handed over, and the holder's owner
+//! The lock file holds a one-line record (see [`record`]): the holder's fence, owner
 //! token, pid, host, acquisition and renewal times. `status` reads it without locking, and
 //! asks the kernel (`/proc/locks`) whether, and by which pid, the file is locked.
 //!
@@ -15,38 +14,63 @@
 //! the record's `renewed_at`, so `status` flags a holder that has not renewed within its
 //! TTL. Lock files are never deleted: deleting a flock file lets two processes lock two
 //! different files of the same name. `release --force` replaces the file by a new one
-//! (same fence counter) instead: new acquirers lock the new file, and the old holder sees
-//! at its next renewal that its file was replaced and reports its lease lost.
+//! instead: new acquirers lock the new file, and the old holder sees at its next renewal
+//! that its file was replaced and reports its lease lost.
+//!
+//! Fences. The counter of a key is its fence file `<dir>/<name>.fence` (see [`naming`]),
+//! which dlock never replaces or deletes. A fence is handed out only by [`advance`], under
+//! an exclusive flock on that file, verified after locking to still be the file of that
+//! name, and is written and fsynced there before the flock is dropped and before the
+//! lease is handed over. So every acquirer of the key, whichever lock file it holds,
+//! serializes on one inode and reads the value the previous one left: fences strictly
+//! increase with no assumption about timing. That matters because after a force-release
+//! two lock files of a key exist for a while, and a waiter on the old one can still take
+//! it (it checked the file was current just before the replacement): it gets a fence of
+//! its own, lower than every later holder's, and the fenced resource rejects it. Keeping
+//! the counter in the lock file, as before, gave both files the same count.
+//!
+//! The lock record's copy of the fence is a floor: the next fence exceeds both it and
+//! the fence file, so a fence file deleted by hand (or a directory from before fence
+//! files) continues from the record. Only if neither holds a number (both cut short by a
+//! crash, or overwritten by another program) does the counter fall back to the clock, in
+//! microseconds since 1970, which exceeds any count of acquisitions. A counter at
+//! `u64::MAX` is an error, never a repeated fence.
+//!
+//! Every entry of the directory is opened through [`dir::LockDir`]: relative to a
+//! descriptor of the directory, never following a link, and used only if it is a regular
+//! file with one name, since in a shared directory anyone in the group can plant links.
 
+mod dir;
 mod flock;
 pub(crate) mod naming;
 mod proc_locks;
 pub(crate) mod record;
 
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, LockInfo};
-use crate::core::owner::Owner;
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo,
+};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::location::BackendUrl;
 use async_trait::async_trait;
+use dir::{Access, LockDir, OpenError};
 use flock::KernelWait;
 use proc_locks::{Holding, KernelLocks};
-use record::{Contents, Record};
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use record::{Contents, Record, Stored};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// A lock this process holds.
+/// A lock this process holds: the open, flocked file is the lease's handle.
 #[derive(Debug)]
 struct HeldFile {
     file: File,
-    path: PathBuf,
+    name: String,
     record: Record,
     record_len: u64,
+    inner: Arc<Inner>,
 }
 
 impl Drop for HeldFile {
@@ -57,9 +81,8 @@ impl Drop for HeldFile {
 
 #[derive(Debug)]
 struct Inner {
-    dir: PathBuf,
+    dir: LockDir,
     describe: String,
-    held: Mutex<HashMap<Owner, HeldFile>>,
 }
 
 /// The file backend.
@@ -86,44 +109,20 @@ impl FileBackend {
     /// Opens (creating if needed) a lock directory.
     pub fn open_dir(dir: PathBuf, describe: &str) -> Result<Self> {
         let describe = describe.trim_end_matches('/').to_owned();
-        std::fs::create_dir_all(&dir).map_err(|err| {
+        let dir = LockDir::open(&dir).map_err(|err| {
             Error::unavailable(
                 &describe,
-                format!("cannot create the lock directory {}: {err}", dir.display()),
+                format!("cannot open the lock directory {}: {err}", dir.display()),
             )
         })?;
-        if !dir.is_dir() {
-            return Err(Error::unavailable(
-                &describe,
-                format!("{} is not a directory", dir.display()),
-            ));
-        }
         Ok(FileBackend {
-            inner: Arc::new(Inner {
-                dir,
-                describe,
-                held: Mutex::new(HashMap::new()),
-            }),
+            inner: Arc::new(Inner { dir, describe }),
         })
     }
 
     /// The lock file of `key`.
     pub fn path_of(&self, key: &Key) -> PathBuf {
-        self.inner.dir.join(naming::file_name(key.as_str()))
-    }
-
-    fn held(&self) -> MutexGuard<'_, HashMap<Owner, HeldFile>> {
-        self.inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn io_error(&self, what: &str, path: &Path, err: &io::Error) -> Error {
-        Error::unavailable(
-            &self.inner.describe,
-            format!("cannot {what} {}: {err}", path.display()),
-        )
+        self.inner.dir.path().join(naming::file_name(key.as_str()))
     }
 
     /// Runs blocking file work (an fsync) on tokio's blocking pool, or in place on a
@@ -157,61 +156,226 @@ impl FileBackend {
         }
     }
 
-    fn keep(&self, owner: &Owner, held: HeldFile) -> u64 {
-        let fence = held.record.fence;
-        self.held().insert(owner.clone(), held);
-        fence
+    fn grant(held: HeldFile, sent_at: Instant) -> Granted {
+        Granted {
+            fence: held.record.fence,
+            sent_at,
+            lease: Box::new(held),
+        }
     }
 }
 
-fn open_lock_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o664)
-        .open(path)
+/// Opens `file:///abs/dir`.
+pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(FileBackend::open(&BackendUrl::parse(url)?)?))
 }
 
-/// True if `file` is still the file at `path` (not replaced by `release --force`).
-fn is_current(file: &File, path: &Path) -> io::Result<bool> {
-    let open = file.metadata()?;
-    match std::fs::metadata(path) {
-        Ok(now) => Ok(now.ino() == open.ino() && now.dev() == open.dev()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(err),
+#[async_trait]
+impl HeldLease for HeldFile {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let inner = Arc::clone(&self.inner);
+        let current = inner
+            .dir
+            .is_current(&self.file, &self.name)
+            .map_err(|e| inner.io_error("check", &self.name, &e))?;
+        if !current {
+            return Ok(false);
+        }
+        self.record.renewed_at_ms = Some(record::now_ms());
+        self.record.ttl_ms = Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self.record_len = record::write(&self.file, &self.record, self.record_len)
+            .map_err(|e| inner.io_error("write", &self.name, &e))?;
+        Ok(true)
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        // Dropping the handle unlocks the file; the file itself stays (see module docs).
+        Ok(self
+            .inner
+            .dir
+            .is_current(&self.file, &self.name)
+            .unwrap_or(false))
     }
 }
 
-/// After the flock is taken: checks the file is still current, hands out the next
-/// fence and writes the record durably. `None` if the file was replaced meanwhile.
-fn claim(
-    mut file: File,
-    path: PathBuf,
-    new_record: impl FnOnce(u64) -> Record,
-) -> io::Result<Option<HeldFile>> {
-    if !is_current(&file, &path)? {
-        flock::unlock(&file);
-        return Ok(None);
+/// How long a fence file may stay locked by someone else before taking a fence fails.
+/// dlock holds it only for a read, a write and an fsync.
+const FENCE_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+impl Inner {
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
     }
-    let (contents, old_len) = record::read(&mut file)?;
-    let fence = match contents {
-        Contents::Empty => 1,
-        Contents::Record(previous) => previous.fence.saturating_add(1),
-        // The counter is unreadable (a crash cut the write short, or another program
-        // wrote the file). Milliseconds since 1970 exceed any count of acquisitions.
-        Contents::Unreadable => record::now_ms().saturating_mul(1000),
-    };
-    let record = new_record(fence);
-    let record_len = record::write(&file, &record, old_len)?;
-    file.sync_data()?;
-    Ok(Some(HeldFile {
-        file,
-        path,
-        record,
-        record_len,
-    }))
+
+    fn io_error(&self, what: &str, name: &str, err: &io::Error) -> Error {
+        Error::unavailable(
+            &self.describe,
+            format!("cannot {what} {}: {err}", self.path(name)),
+        )
+    }
+
+    fn open_error(&self, name: &str, err: OpenError) -> Error {
+        match err {
+            OpenError::Io(err) => self.io_error("open", name, &err),
+            OpenError::Refused(why) => Error::backend(
+                &self.describe,
+                format!(
+                    "refusing to use {}: {why}; remove it (whoever can write the lock directory may have planted it)",
+                    self.path(name)
+                ),
+            ),
+        }
+    }
+
+    fn open(&self, name: &str, access: Access) -> Result<File> {
+        self.dir
+            .open_file(name, access)
+            .map_err(|e| self.open_error(name, e))
+    }
+
+    fn exhausted(&self, key: &str, name: &str) -> Error {
+        Error::backend(
+            &self.describe,
+            format!(
+                "the fence counter of key {key:?} is exhausted ({} in {}): no larger fence exists, so the lock is not handed out",
+                u64::MAX,
+                self.path(name)
+            ),
+        )
+    }
+
+    /// Takes the next fence of `key` (`step` 1), or makes sure the fence file is at least
+    /// `in_record` (`step` 0, for force-release), under the fence file's flock. See the
+    /// module docs for why this makes fences strictly increasing. `in_record` is the
+    /// fence in the lock record (`None` if it is unreadable).
+    fn advance(
+        &self,
+        key: &str,
+        lock_name: &str,
+        in_record: Option<u64>,
+        step: u64,
+    ) -> Result<u64> {
+        let name = naming::fence_name(key);
+        for _ in 0..8 {
+            let file = Unlocking(self.open(&name, Access::Create)?);
+            if !flock::lock_within(&file.0, FENCE_LOCK_WAIT)
+                .map_err(|e| self.io_error("lock", &name, &e))?
+            {
+                return Err(Error::unavailable(
+                    &self.describe,
+                    format!(
+                        "{} stayed locked by another process for {}; only dlock should lock fence files",
+                        self.path(&name),
+                        crate::duration::format_duration(FENCE_LOCK_WAIT)
+                    ),
+                ));
+            }
+            // Removed or replaced by hand between open and lock: lock the file now there.
+            if !self
+                .dir
+                .is_current(&file.0, &name)
+                .map_err(|e| self.io_error("check", &name, &e))?
+            {
+                continue;
+            }
+            let stored =
+                record::read_fence(&file.0).map_err(|e| self.io_error("read", &name, &e))?;
+            let known = match stored {
+                Stored::Fence(v) => Some(v.max(in_record.unwrap_or(0))),
+                Stored::Empty => in_record,
+                Stored::Unreadable => None,
+            };
+            let next = match known {
+                Some(k) => k.checked_add(step).ok_or_else(|| {
+                    let source = if in_record == Some(k) {
+                        lock_name
+                    } else {
+                        &name
+                    };
+                    self.exhausted(key, source)
+                })?,
+                // The counter is lost: the clock, in µs, exceeds any count of acquisitions.
+                None => in_record
+                    .unwrap_or(0)
+                    .checked_add(step)
+                    .ok_or_else(|| self.exhausted(key, lock_name))?
+                    .max(record::clock_floor()),
+            };
+            if !matches!(stored, Stored::Fence(v) if v == next) {
+                record::write_fence(&file.0, next)
+                    .and_then(|()| file.0.sync_data())
+                    .map_err(|e| self.io_error("write the fence to", &name, &e))?;
+                if matches!(stored, Stored::Empty) {
+                    // A new fence file must survive a crash, or the counter restarts.
+                    self.dir.sync().map_err(|e| self.io_error("sync", "", &e))?;
+                }
+            }
+            return Ok(next);
+        }
+        Err(Error::unavailable(
+            &self.describe,
+            format!(
+                "{} keeps being replaced while dlock locks it",
+                self.path(&name)
+            ),
+        ))
+    }
+
+    /// After the flock is taken: checks the file is still current, takes the next fence
+    /// and writes the record. `None` if the file was replaced meanwhile.
+    fn claim(
+        self: &Arc<Self>,
+        mut file: File,
+        key: &str,
+        new_record: impl FnOnce(u64) -> Record,
+    ) -> Result<Option<HeldFile>> {
+        let name = naming::file_name(key);
+        let current = self
+            .dir
+            .is_current(&file, &name)
+            .map_err(|e| self.io_error("check", &name, &e))?;
+        if !current {
+            flock::unlock(&file);
+            return Ok(None);
+        }
+        let claimed = (|| {
+            let (contents, old_len) =
+                record::read(&mut file).map_err(|e| self.io_error("read", &name, &e))?;
+            let in_record = match contents {
+                Contents::Empty => Some(0),
+                Contents::Record(previous) => Some(previous.fence),
+                Contents::Unreadable => None,
+            };
+            let fence = self.advance(key, &name, in_record, 1)?;
+            let record = new_record(fence);
+            // The fence file is durable already; this copy is for status, and a floor.
+            let record_len = record::write(&file, &record, old_len)
+                .map_err(|e| self.io_error("write", &name, &e))?;
+            Ok((record, record_len))
+        })();
+        match claimed {
+            Ok((record, record_len)) => Ok(Some(HeldFile {
+                file,
+                name,
+                record,
+                record_len,
+                inner: Arc::clone(self),
+            })),
+            Err(err) => {
+                flock::unlock(&file);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// A file whose flock is released explicitly when it is dropped (see [`flock::unlock`]).
+struct Unlocking(File);
+
+impl Drop for Unlocking {
+    fn drop(&mut self) {
+        flock::unlock(&self.0);
+    }
 }
 
 #[async_trait]
@@ -221,33 +385,27 @@ impl Backend for FileBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            expires: false,
-            native_wait: true,
-            freed_on_holder_death: true,
-            shared_between_processes: true,
-        }
+        Capabilities::session_bound()
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
-        let path = self.path_of(request.key);
-        let this = self.clone();
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
+        let sent_at = Instant::now();
+        let key = request.key.to_string();
+        let inner = Arc::clone(&self.inner);
         let make = {
-            let template = Self::new_record(&request, 0);
+            let template = Self::new_record(request, 0);
             move |fence| Record { fence, ..template }
         };
         let claimed = self
             .blocking(move || {
+                let name = naming::file_name(&key);
                 // A replaced file (release --force) is retried a few times at most.
                 for _ in 0..8 {
-                    let file =
-                        open_lock_file(&path).map_err(|e| this.io_error("open", &path, &e))?;
-                    if !flock::try_lock(&file).map_err(|e| this.io_error("lock", &path, &e))? {
+                    let file = inner.open(&name, Access::Create)?;
+                    if !flock::try_lock(&file).map_err(|e| inner.io_error("lock", &name, &e))? {
                         return Ok(None);
                     }
-                    if let Some(held) = claim(file, path.clone(), make.clone())
-                        .map_err(|e| this.io_error("write the fence to", &path, &e))?
-                    {
+                    if let Some(held) = inner.claim(file, &key, make.clone())? {
                         return Ok(Some(held));
                     }
                 }
@@ -255,89 +413,64 @@ impl Backend for FileBackend {
             })
             .await?;
         Ok(match claimed {
-            Some(held) => Attempt::Acquired {
-                fence: self.keep(request.owner, held),
-            },
+            Some(held) => Attempt::Acquired(Self::grant(held, sent_at)),
             None => Attempt::Held { expires_in: None },
         })
     }
 
-    async fn acquire_wait(
-        &self,
-        request: AcquireRequest<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<u64>> {
-        let path = self.path_of(request.key);
-        let template = Self::new_record(&request, 0);
+    async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Option<Granted>> {
+        let deadline = request.deadline;
+        let key = request.key.to_string();
+        let name = naming::file_name(&key);
+        let template = Self::new_record(request, 0);
+        let inner = &self.inner;
         loop {
-            let file = open_lock_file(&path).map_err(|e| self.io_error("open", &path, &e))?;
+            let file = inner.open(&name, Access::Create)?;
             // A free lock needs no waiting thread.
-            let file = if flock::try_lock(&file).map_err(|e| self.io_error("lock", &path, &e))? {
+            let file = if flock::try_lock(&file).map_err(|e| inner.io_error("lock", &name, &e))? {
                 file
             } else {
                 let wait =
-                    KernelWait::start(file).map_err(|e| self.io_error("wait for", &path, &e))?;
+                    KernelWait::start(file).map_err(|e| inner.io_error("wait for", &name, &e))?;
                 match wait
                     .wait(deadline)
                     .await
-                    .map_err(|e| self.io_error("lock", &path, &e))?
+                    .map_err(|e| inner.io_error("lock", &name, &e))?
                 {
                     Some(file) => file,
                     None => return Ok(None),
                 }
             };
-            let (path_for_claim, template) = (path.clone(), template.clone());
-            let this = self.clone();
+            let (key, template) = (key.clone(), template.clone());
+            let this = Arc::clone(inner);
             let claimed = self
-                .blocking(move || {
-                    claim(file, path_for_claim.clone(), |fence| Record {
-                        fence,
-                        ..template
-                    })
-                    .map_err(|e| this.io_error("write the fence to", &path_for_claim, &e))
-                })
+                .blocking(move || this.claim(file, &key, |fence| Record { fence, ..template }))
                 .await?;
             if let Some(held) = claimed {
-                return Ok(Some(self.keep(request.owner, held)));
+                // The kernel granted the lock just now; the flock lives while the file does.
+                return Ok(Some(Self::grant(held, Instant::now())));
             }
         }
     }
+}
 
-    async fn renew(&self, _key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let mut held = self.held();
-        let Some(entry) = held.get_mut(owner) else {
-            return Ok(false);
-        };
-        let current = is_current(&entry.file, &entry.path)
-            .map_err(|e| self.io_error("check", &entry.path, &e))?;
-        if !current {
-            held.remove(owner);
-            return Ok(false);
-        }
-        entry.record.renewed_at_ms = Some(record::now_ms());
-        entry.record.ttl_ms = Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        entry.record_len = record::write(&entry.file, &entry.record, entry.record_len)
-            .map_err(|e| self.io_error("write", &entry.path, &e))?;
-        Ok(true)
-    }
-
-    async fn release(&self, _key: &Key, owner: &Owner) -> Result<bool> {
-        let Some(entry) = self.held().remove(owner) else {
-            return Ok(false);
-        };
-        // Dropping the entry unlocks the file; the file itself stays (see module docs).
-        Ok(is_current(&entry.file, &entry.path).unwrap_or(false))
-    }
-
+#[async_trait]
+impl Admin for FileBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let path = self.path_of(key);
+        let name = naming::file_name(key.as_str());
         let kernel = KernelLocks::read();
-        Ok(inspect_file(&path, &kernel, Some(key.as_str())))
+        Ok(inspect_file(
+            &self.inner,
+            &name,
+            &kernel,
+            Some(key.as_str()),
+        ))
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let dir = self.inner.dir.clone();
-        let entries = std::fs::read_dir(&dir).map_err(|e| self.io_error("read", &dir, &e))?;
+        let inner = &self.inner;
+        let entries =
+            std::fs::read_dir(inner.dir.path()).map_err(|e| inner.io_error("read", "", &e))?;
         let kernel = KernelLocks::read();
         let mut all = Vec::new();
         for entry in entries.flatten() {
@@ -347,7 +480,7 @@ impl Backend for FileBackend {
                 continue;
             }
             let key = naming::key_of(name);
-            if let Some(info) = inspect_file(&entry.path(), &kernel, key.as_deref()) {
+            if let Some(info) = inspect_file(inner, name, &kernel, key.as_deref()) {
                 all.push(info);
             }
         }
@@ -356,58 +489,76 @@ impl Backend for FileBackend {
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
-        let path = self.path_of(key);
-        let was_held = matches!(
-            std::fs::metadata(&path).map(|meta| KernelLocks::read().holder(&meta)),
-            Ok(Holding::HeldBy(_) | Holding::Unknown)
-        );
-        if !was_held {
-            return Ok(false);
-        }
-        // Replace the file by a new one that carries the fence counter forward.
-        let fence = File::open(&path)
-            .ok()
-            .and_then(|mut f| record::read_unlocked(&mut f))
-            .map_or(0, |r| r.fence);
-        let fresh = Record {
-            key: key.to_string(),
-            fence,
-            owner: None,
-            pid: None,
-            host: None,
-            acquired_at_ms: None,
-            renewed_at_ms: None,
-            ttl_ms: None,
-        };
-        let temp = self
-            .inner
-            .dir
-            .join(format!(".{}.{}.tmp", std::process::id(), Owner::random()));
-        let written = (|| -> io::Result<()> {
-            let file = open_lock_file(&temp)?;
-            record::write(&file, &fresh, 0)?;
-            file.sync_data()?;
-            std::fs::rename(&temp, &path)
-        })();
-        if let Err(err) = written {
-            let _ = std::fs::remove_file(&temp);
-            return Err(self.io_error("replace", &path, &err));
-        }
-        Ok(true)
+        let key = key.to_string();
+        let inner = Arc::clone(&self.inner);
+        self.blocking(move || force_release(&inner, &key)).await
     }
 }
 
-/// What `status` shows for one lock file, or `None` if it is not locked.
-fn inspect_file(path: &Path, kernel: &KernelLocks, key: Option<&str>) -> Option<LockInfo> {
-    let meta = std::fs::metadata(path).ok()?;
+/// Replaces the lock file of `key` by a new one if it is locked.
+fn force_release(inner: &Inner, key: &str) -> Result<bool> {
+    let name = naming::file_name(key);
+    let mut old = match inner.dir.open_file(&name, Access::Inspect) {
+        Ok(file) => file,
+        Err(OpenError::Io(err)) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(inner.open_error(&name, err)),
+    };
+    let meta = old
+        .metadata()
+        .map_err(|e| inner.io_error("check", &name, &e))?;
+    let was_held = matches!(
+        KernelLocks::read().holder(&meta),
+        Holding::HeldBy(_) | Holding::Unknown
+    );
+    if !was_held {
+        return Ok(false);
+    }
+    // The counter stays in the fence file, which is not replaced; carrying the old
+    // record's fence into it first keeps a directory from before fence files, or whose
+    // fence file was deleted, from restarting at the new file's copy.
+    let in_record = record::read_unlocked(&mut old).map(|r| r.fence);
+    let fence = inner.advance(key, &name, in_record, 0)?;
+    let fresh = Record {
+        key: key.to_owned(),
+        fence,
+        owner: None,
+        pid: None,
+        host: None,
+        acquired_at_ms: None,
+        renewed_at_ms: None,
+        ttl_ms: None,
+    };
+    let (temp, file) = inner
+        .dir
+        .create_temp()
+        .map_err(|e| inner.io_error("create a file in", "", &e))?;
+    let written = record::write(&file, &fresh, 0)
+        .and_then(|_| file.sync_data())
+        .and_then(|()| inner.dir.rename(&temp, &name))
+        .and_then(|()| inner.dir.sync());
+    if let Err(err) = written {
+        let _ = inner.dir.remove(&temp);
+        return Err(inner.io_error("replace", &name, &err));
+    }
+    Ok(true)
+}
+
+/// What `status` shows for one lock file, or `None` if it is not locked (or not a lock
+/// file dlock would use).
+fn inspect_file(
+    inner: &Inner,
+    name: &str,
+    kernel: &KernelLocks,
+    key: Option<&str>,
+) -> Option<LockInfo> {
+    let mut file = inner.dir.open_file(name, Access::Inspect).ok()?;
+    let meta = file.metadata().ok()?;
     let holder_pid = match kernel.holder(&meta) {
         Holding::Free => return None,
         Holding::HeldBy(pid) => Some(pid),
         Holding::Unknown => None,
     };
-    let record = File::open(path)
-        .ok()
-        .and_then(|mut f| record::read_unlocked(&mut f));
+    let record = record::read_unlocked(&mut file);
     let key = key
         .map(str::to_owned)
         .or_else(|| record.as_ref().map(|r| r.key.clone()))?;

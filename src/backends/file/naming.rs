@@ -9,10 +9,15 @@
 //!
 //! The mapping is one-to-one: plain names contain neither `%` nor `~`, escaped names
 //! contain `%` but not `~` (it is escaped), and shortened names contain `~`.
+//!
+//! The fence counter of a key lives next to its lock file, under the same name with
+//! `.fence` instead of `.lock` (shortened by the same rule when that would exceed 255
+//! bytes). A fence file name never ends in `.lock`, so it is never a key's lock file.
 
 use sha2::{Digest, Sha256};
 
 const SUFFIX: &str = ".lock";
+const FENCE_SUFFIX: &str = ".fence";
 const NAME_MAX: usize = 255;
 const SHORTENED_PREFIX: usize = 120;
 
@@ -25,13 +30,22 @@ fn is_plain(key: &str) -> bool {
 
 /// The lock file name of `key`.
 pub(crate) fn file_name(key: &str) -> String {
+    name_with(key, SUFFIX)
+}
+
+/// The fence file name of `key`.
+pub(crate) fn fence_name(key: &str) -> String {
+    name_with(key, FENCE_SUFFIX)
+}
+
+fn name_with(key: &str, suffix: &str) -> String {
     let base = if is_plain(key) {
         key.to_owned()
     } else {
         escape(key)
     };
-    if base.len() + SUFFIX.len() <= NAME_MAX {
-        return base + SUFFIX;
+    if base.len() + suffix.len() <= NAME_MAX {
+        return base + suffix;
     }
     let mut cut = SHORTENED_PREFIX;
     // Do not split a %XX escape.
@@ -40,7 +54,7 @@ pub(crate) fn file_name(key: &str) -> String {
     }
     let digest = Sha256::digest(key.as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}~{hex}{SUFFIX}", &base[..cut])
+    format!("{}~{hex}{suffix}", &base[..cut])
 }
 
 fn escape(key: &str) -> String {
@@ -127,6 +141,24 @@ mod tests {
         let unicode = "ж".repeat(400);
         let n = file_name(&unicode);
         assert!(n.len() <= NAME_MAX, "{}", n.len());
+    }
+
+    #[test]
+    fn fence_names_fit_and_differ_from_lock_names() {
+        for key in [
+            "a",
+            "../x",
+            &"k".repeat(250),
+            &"k".repeat(249),
+            &"k".repeat(1024),
+        ] {
+            let fence = fence_name(key);
+            assert!(fence.len() <= NAME_MAX, "{}", fence.len());
+            assert!(fence.ends_with(".fence") && !fence.starts_with('.'));
+            assert_eq!(key_of(&fence), None);
+        }
+        assert_eq!(fence_name("nightly"), "nightly.fence");
+        assert_ne!(fence_name(&"k".repeat(250)), fence_name(&"k".repeat(251)));
     }
 
     #[test]

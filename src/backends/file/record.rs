@@ -2,8 +2,9 @@
 //!
 //! The holder writes one JSON line at the start of the file (padded with spaces to the
 //! previous length, so a shorter record never leaves old bytes after its newline), under
-//! the lock. Readers read it without taking the lock; the fence in it is the last one
-//! handed out for the key, written and fsynced before the lease is handed over.
+//! the lock. Readers read it without taking the lock. The fence in it is the holder's;
+//! the counter proper is the key's fence file (see the module docs of `file`), of which
+//! the record is a copy for `status` and a floor should the fence file be lost.
 
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -77,6 +78,46 @@ pub(crate) fn read_unlocked(file: &mut File) -> Option<Record> {
         }
     }
     None
+}
+
+/// What a fence file says.
+pub(crate) enum Stored {
+    /// New or emptied: nothing stored yet.
+    Empty,
+    Fence(u64),
+    /// Not a number (cut short, or written by someone else).
+    Unreadable,
+}
+
+/// Reads a fence file: one decimal number on the first line.
+pub(crate) fn read_fence(file: &File) -> io::Result<Stored> {
+    let mut buf = [0u8; 64];
+    let n = file.read_at(&mut buf, 0)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let line = text.lines().next().unwrap_or("").trim();
+    Ok(if n == 0 || text.trim().is_empty() {
+        Stored::Empty
+    } else {
+        line.parse().map_or(Stored::Unreadable, Stored::Fence)
+    })
+}
+
+/// Overwrites a fence file with `fence`. The value only grows, so the new line is never
+/// shorter than a valid old one; the file is cut to the line in case it held garbage
+/// (until then, reading the first line still gives the new value).
+pub(crate) fn write_fence(file: &File, fence: u64) -> io::Result<()> {
+    let line = format!("{fence}\n");
+    file.write_all_at(line.as_bytes(), 0)?;
+    file.set_len(line.len() as u64)
+}
+
+/// Microseconds since 1970: a fence floor for a counter that was lost, larger than any
+/// count of acquisitions made since.
+pub(crate) fn clock_floor() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Overwrites the record in one write at offset 0, padded to `old_len`.

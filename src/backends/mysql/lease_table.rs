@@ -1,34 +1,38 @@
 //! `mode=lease` on MySQL/MariaDB: a lock is a row of the lease table, with an expiry on the
 //! server's clock (`UTC_TIMESTAMP(6)`, independent of the session time zone).
 //!
+//! * A key's row is never deleted: release and force-release clear its owner and expire
+//!   it, so its `fence` column carries the key's last fence to the next holder. No row is
+//!   shared between keys, so a client stalled while holding one row's lock delays that
+//!   key alone (and by at most the session's `innodb_lock_wait_timeout`).
 //! * acquire: a read of the row (a held row answers at once, with the server-computed
-//!   time to its expiry); else one short transaction: bump the fence counter
-//!   (`fence = LAST_INSERT_ID(fence + 1)`, whose row lock orders acquirers), then
-//!   `INSERT … ON DUPLICATE KEY UPDATE` that overwrites only an expired row, then a locking
-//!   read of the row (`SELECT owner, fence, expires_at > UTC_TIMESTAMP(6) … FOR UPDATE`,
-//!   in the same transaction, under the row lock the insert took): the lock is ours only
-//!   if the row now has this request's owner token and fence and has not already expired.
+//!   time to its expiry); else one autocommit `INSERT … ON DUPLICATE KEY UPDATE` that
+//!   takes over only an expired (or released) row and then bumps its fence
+//!   (`fence = IF(expired, fence + 1, fence)`), and inserts a new key's row with the
+//!   handle's first fence: one above the counter `dlock_fence_counter` that earlier
+//!   versions drew every fence from, where it exists, so that fences of keys whose rows
+//!   those versions deleted keep increasing. Then a plain read of the row: the lock is
+//!   ours only if the row has this request's owner token and has not already expired.
 //!   `UTC_TIMESTAMP(6)` is the time a statement *started*: an insert that waited for the
 //!   row lock longer than the TTL judged the row, and stamped the new expiry, with the
-//!   time it began waiting, so it could take over a lease and commit it already expired,
-//!   and the next acquirer took it over at once (two grants microseconds apart). The
-//!   read's own, fresh, timestamp catches that; so does the client-side check that the
-//!   attempt did not outlast the TTL before committing.
+//!   time it began waiting, so it could take over a lease already expired, and the next
+//!   acquirer could take it over at once (two grants microseconds apart). The read's own,
+//!   fresh, timestamp catches that; so does the client-side check that the attempt did
+//!   not outlast the TTL. A grant refused that way is cleared at once.
 //! * renew: `UPDATE … WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)`.
-//! * release: `DELETE … WHERE k = ? AND owner = ?`.
-//! * Expired rows are swept (at most every 30 s per handle); released rows are deleted.
+//! * release: `UPDATE … SET owner = '', expires_at = <long ago> WHERE k = ? AND owner = ?`.
 //!
 //! MySQL has no LISTEN/NOTIFY: waiters retry with the engine's jittered backoff (5 ms
 //! doubling to 1 s) and no later than the holder's expiry.
 
 use super::{
-    counter_ddl, ensure_schema, epoch_us, from_micros, micros, my_error, row_key, Conns, Lent,
-    Settings,
+    ensure_schema, epoch_us, from_micros, is_lock_wait_timeout, micros, my_error, row_key,
+    table_probe, Conns, Lent, Settings, STATEMENT_TIMEOUT,
 };
-use crate::backends::sql_sweep::SweepClock;
+use crate::backends::sql_session::Cleanups;
 use crate::core::backend::{AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, LockInfo};
 use crate::core::owner::Owner;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::key::Key;
 use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
@@ -36,7 +40,11 @@ use mysql_async::Row;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long before the engine's limit of an acquire attempt its statements give up.
+const ATTEMPT_MARGIN: Duration = Duration::from_millis(100);
+
+/// The expiry of a released row: long past, so that any later statement sees it expired.
+const RELEASED: &str = "'1970-01-01 00:00:01'";
 
 /// The lease table's definition.
 pub(crate) fn ddl(table: &str) -> String {
@@ -59,21 +67,19 @@ pub(crate) fn ddl(table: &str) -> String {
 
 struct Sql {
     peek: String,
-    bump: String,
-    insert: String,
+    claim: String,
     mine: String,
+    clear: String,
     renew: String,
     release_live: String,
     release_any: String,
     force: String,
     inspect: String,
     list: String,
-    sweep: String,
-    sweep_one: String,
 }
 
 impl Sql {
-    fn new(t: &str, counter: &str) -> Self {
+    fn new(t: &str) -> Self {
         let cols = format!(
             "key_text, owner, fence, pid, host, {}, {}, {}, ttl_ms",
             epoch_us("acquired_at"),
@@ -81,17 +87,17 @@ impl Sql {
             epoch_us("expires_at")
         );
         let expired = "expires_at <= UTC_TIMESTAMP(6)";
+        let free = format!("owner = '', expires_at = {RELEASED}");
         Sql {
             peek: format!("SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) FROM {t} WHERE k = ?"),
-            bump: format!("UPDATE {counter} SET fence = LAST_INSERT_ID(fence + 1) WHERE id = 1"),
             // Assignments run left to right and see earlier ones: expires_at goes last so
             // every condition reads the old expiry.
-            insert: format!(
+            claim: format!(
                 "INSERT INTO {t} (k, key_text, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host)
-VALUES (?, ?, ?, LAST_INSERT_ID(), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), ?, ?, ?)
+VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), ?, ?, ?)
 ON DUPLICATE KEY UPDATE
+    fence = IF({expired}, fence + 1, fence),
     owner = IF({expired}, VALUES(owner), owner),
-    fence = IF({expired}, VALUES(fence), fence),
     acquired_at = IF({expired}, VALUES(acquired_at), acquired_at),
     renewed_at = IF({expired}, VALUES(renewed_at), renewed_at),
     ttl_ms = IF({expired}, VALUES(ttl_ms), ttl_ms),
@@ -100,22 +106,18 @@ ON DUPLICATE KEY UPDATE
     expires_at = IF({expired}, VALUES(expires_at), expires_at)"
             ),
             mine: format!(
-                "SELECT owner, fence, expires_at > UTC_TIMESTAMP(6) FROM {t} WHERE k = ? FOR UPDATE"
+                "SELECT owner, fence, expires_at > UTC_TIMESTAMP(6) FROM {t} WHERE k = ?"
             ),
+            clear: format!("UPDATE {t} SET {free} WHERE k = ? AND owner = ?"),
             renew: format!(
                 "UPDATE {t} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
 WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"
             ),
-            release_live: format!("DELETE FROM {t} WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"),
-            release_any: format!("DELETE FROM {t} WHERE k = ? AND owner = ?"),
-            force: format!("DELETE FROM {t} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6)"),
+            release_live: format!("UPDATE {t} SET {free} WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"),
+            release_any: format!("UPDATE {t} SET {free} WHERE k = ? AND owner = ?"),
+            force: format!("UPDATE {t} SET {free} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6)"),
             inspect: format!("SELECT {cols} FROM {t} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6)"),
             list: format!("SELECT {cols} FROM {t} WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY key_text"),
-            // Found by a plain read, deleted one row at a time by primary key: a range
-            // DELETE would take gap locks on the expiry index and could deadlock with an
-            // acquirer taking over an expired row.
-            sweep: format!("SELECT k FROM {t} WHERE expires_at < UTC_TIMESTAMP(6) LIMIT 1000"),
-            sweep_one: format!("DELETE FROM {t} WHERE k = ? AND expires_at < UTC_TIMESTAMP(6)"),
         }
     }
 }
@@ -130,7 +132,17 @@ struct Inner {
     describe: String,
     conns: Arc<Conns>,
     sql: Sql,
-    sweeps: SweepClock,
+    /// The fence of a key's first row: above every fence the counter of earlier versions
+    /// handed out, where that counter exists.
+    first_fence: u64,
+    /// Abandoned attempts whose rows are being freed.
+    cleanups: Cleanups,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::backends::sql_url::fmt_backend(f, "MysqlLeaseBackend", &self.describe)
+    }
 }
 
 pub(crate) fn info_of(mut row: Row) -> LockInfo {
@@ -162,112 +174,183 @@ pub(crate) fn info_of(mut row: Row) -> LockInfo {
     info
 }
 
+/// The server's error code for a missing table.
+const ER_NO_SUCH_TABLE: u16 = 1146;
+
 impl MysqlLeaseBackend {
-    /// Connects, and creates the counter and lease tables unless they exist.
+    /// Connects, and creates the lease table unless it exists. A connect to an existing
+    /// table only reads.
     pub async fn connect(settings: Settings) -> Result<Self> {
         let conns = Conns::new(settings.opts.clone(), settings.describe.clone());
         let mut conn = conns.take().await?;
-        let mut statements = counter_ddl(&settings.counter);
-        statements.push(ddl(&settings.table));
-        ensure_schema(&mut conn, &settings.describe, statements).await?;
+        ensure_schema(
+            &mut conn,
+            &settings.describe,
+            &[table_probe(&settings.table)],
+            vec![ddl(&settings.table)],
+        )
+        .await?;
+        // A plain (consistent, non-locking) read: a stalled client of an earlier version
+        // holding the counter's row lock does not delay it.
+        let old: mysql_async::Result<Option<u64>> = conn
+            .query_first(format!(
+                "SELECT fence FROM {} WHERE id = 1",
+                settings.counter
+            ))
+            .await;
+        let old = match old {
+            Ok(old) => old.unwrap_or(0),
+            Err(mysql_async::Error::Server(err)) if err.code == ER_NO_SUCH_TABLE => 0,
+            Err(err) => return Err(my_error(&settings.describe, err)),
+        };
         conn.keep();
         drop(conn);
         Ok(MysqlLeaseBackend {
             inner: Arc::new(Inner {
                 describe: settings.describe,
                 conns,
-                sql: Sql::new(&settings.table, &settings.counter),
-                sweeps: SweepClock::new(SWEEP_EVERY, true),
+                sql: Sql::new(&settings.table),
+                first_fence: old.saturating_add(1),
+                cleanups: Cleanups::default(),
             }),
         })
     }
 
-    fn err(&self, err: mysql_async::Error) -> crate::Error {
-        my_error(&self.inner.describe, err)
+    /// Runs one statement on the lease row of `key`, bounded in time; a row-lock wait that
+    /// ran out is reported as such.
+    async fn on_row<T>(
+        &self,
+        key: &str,
+        statement: impl std::future::Future<Output = mysql_async::Result<T>>,
+    ) -> Result<T> {
+        self.on_row_until(key, None, statement).await
+    }
+
+    /// [`on_row`](Self::on_row), for an acquire attempt on connection `id` that must
+    /// answer by `end`, earlier than the row-lock wait can run out: a statement still
+    /// waiting then (the read before it answered, so the server does) is reported as the
+    /// lock wait it is, and interrupted on the server, so that it cannot take the row
+    /// after its caller gave up.
+    async fn on_row_until<T>(
+        &self,
+        key: &str,
+        attempt: Option<(Instant, u32)>,
+        statement: impl std::future::Future<Output = mysql_async::Result<T>>,
+    ) -> Result<T> {
+        let limit = Instant::now() + STATEMENT_TIMEOUT;
+        let until = attempt.map_or(limit, |(end, _)| end.min(limit));
+        match tokio::time::timeout_at(until.into(), statement).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) if is_lock_wait_timeout(&err) => Err(Error::unavailable(
+                &self.inner.describe,
+                format!(
+                    "lock wait timeout on the lease row of {key:?}: another session held its row lock for over {} s (a client stalled mid-statement, or a transaction left open on the table); try again",
+                    super::ROW_LOCK_WAIT.as_secs()
+                ),
+            )),
+            Ok(Err(err)) => Err(my_error(&self.inner.describe, err)),
+            // Dropping the statement drops its connection (never pooled again).
+            Err(_) if until < limit => {
+                if let Some((_, id)) = attempt {
+                    self.interrupt(id).await;
+                }
+                Err(Error::unavailable(
+                &self.inner.describe,
+                format!(
+                    "lock wait timeout on the lease row of {key:?}: its row lock stayed taken until this attempt's deadline (another session holds it: a client stalled mid-statement, or a transaction left open on the table; or the server stopped answering); try again"
+                    ),
+                ))
+            }
+            Err(_) => Err(Error::unavailable(
+                &self.inner.describe,
+                format!(
+                    "no answer within {} s to a statement on the lease row of {key:?}",
+                    STATEMENT_TIMEOUT.as_secs()
+                ),
+            )),
+        }
+    }
+
+    /// Stops the statement running on connection `id` (`KILL QUERY`), briefly bounded.
+    async fn interrupt(&self, id: u32) {
+        let killed = tokio::time::timeout(ATTEMPT_MARGIN / 2, async {
+            let mut admin = self.inner.conns.take_raw().await?;
+            admin.query_drop(format!("KILL QUERY {id}")).await?;
+            admin.keep();
+            mysql_async::Result::Ok(())
+        })
+        .await;
+        if !matches!(killed, Ok(Ok(()))) {
+            tracing::debug!(id, "interrupting an acquire that waited on a row lock failed; its connection is closed anyway");
+        }
     }
 
     async fn conn(&self) -> Result<Lent> {
         self.inner.conns.take().await
     }
 
-    fn maybe_sweep(&self) {
-        if !self.inner.sweeps.due() {
-            return;
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Ok(mut conn) = this.conn().await {
-                let swept: mysql_async::Result<()> = async {
-                    let keys: Vec<Vec<u8>> = conn.query(this.inner.sql.sweep.as_str()).await?;
-                    for k in keys {
-                        conn.exec_drop(this.inner.sql.sweep_one.as_str(), (k,))
-                            .await?;
-                    }
-                    Ok(())
-                }
-                .await;
-                match swept {
-                    Ok(()) => conn.keep(),
-                    Err(err) => tracing::debug!(%err, "sweeping expired leases failed"),
-                }
-            }
-        });
-    }
-
-    /// One acquiring transaction: `Some(fence)` if the row is ours.
+    /// The acquiring statement and the read that judges it: `Some(fence)` if the row is ours.
     async fn claim(
         &self,
         conn: &mut mysql_async::Conn,
         request: &AcquireRequest<'_>,
         began: Instant,
     ) -> Result<Option<u64>> {
-        let mut tx = conn
-            .start_transaction(mysql_async::TxOpts::default())
-            .await
-            .map_err(|e| self.err(e))?;
-        tx.query_drop(self.inner.sql.bump.as_str())
-            .await
-            .map_err(|e| self.err(e))?;
-        let fence = tx.last_insert_id().ok_or_else(|| {
-            crate::Error::backend(&self.inner.describe, "the fence counter returned no value")
-        })?;
-        let k = row_key(request.key.as_str());
-        tx.exec_drop(
-            self.inner.sql.insert.as_str(),
-            (
-                k.as_slice(),
-                request.key.as_str().as_bytes(),
-                request.owner.as_str(),
-                micros(request.ttl),
-                i64::try_from(request.ttl.as_millis()).unwrap_or(i64::MAX),
-                request.holder.pid,
-                request.holder.host.as_str(),
+        let key = request.key.as_str();
+        let k = row_key(key);
+        // Answer before the engine gives up on the attempt, so that a row-lock wait is
+        // reported as such rather than as a store that did not answer.
+        let attempt = crate::core::wait::call_deadline(request, began)
+            .checked_sub(ATTEMPT_MARGIN)
+            .filter(|end| *end > began)
+            .map(|end| (end, conn.id()));
+        self.on_row_until(
+            key,
+            attempt,
+            conn.exec_drop(
+                self.inner.sql.claim.as_str(),
+                (
+                    k.as_slice(),
+                    key.as_bytes(),
+                    request.owner.as_str(),
+                    self.inner.first_fence,
+                    micros(request.ttl),
+                    super::millis(request.ttl),
+                    request.holder.pid,
+                    request.holder.host.as_str(),
+                ),
             ),
         )
-        .await
-        .map_err(|e| self.err(e))?;
-        // A locking read: the newest row version, which this transaction now has locked.
-        let now: Option<(String, u64, bool)> = tx
-            .exec_first(self.inner.sql.mine.as_str(), (k.as_slice(),))
-            .await
-            .map_err(|e| self.err(e))?;
-        let ours = matches!(now, Some((owner, f, live)) if live && owner == request.owner.as_str() && f == fence)
-            // A lease whose validity (counted from before the attempt) is already over
-            // must not be handed out.
-            && began.elapsed() < request.ttl;
-        if ours {
-            tx.commit().await.map_err(|e| self.err(e))?;
-            Ok(Some(fence))
-        } else {
-            tx.rollback().await.map_err(|e| self.err(e))?;
-            Ok(None)
+        .await?;
+        // A fresh statement, so a fresh UTC_TIMESTAMP(6): is the row ours, and still live?
+        let now: Option<(String, u64, bool)> = self
+            .on_row_until(
+                key,
+                attempt,
+                conn.exec_first(self.inner.sql.mine.as_str(), (k.as_slice(),)),
+            )
+            .await?;
+        let Some((owner, fence, live)) = now else {
+            return Ok(None);
+        };
+        if owner != request.owner.as_str() {
+            return Ok(None);
         }
-    }
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        crate::backends::sql_url::fmt_backend(f, "MysqlLeaseBackend", &self.describe)
+        // A lease whose validity (counted from before the attempt) is already over must
+        // not be handed out.
+        if live && began.elapsed() < request.ttl {
+            return Ok(Some(fence));
+        }
+        // Taken, but too late to hand out: free it for the next acquirer at once.
+        self.on_row(
+            key,
+            conn.exec_drop(
+                self.inner.sql.clear.as_str(),
+                (k.as_slice(), request.owner.as_str()),
+            ),
+        )
+        .await?;
+        Ok(None)
     }
 }
 
@@ -279,13 +362,18 @@ impl Backend for MysqlLeaseBackend {
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let began = Instant::now();
-        self.maybe_sweep();
+        if self.inner.cleanups.running(request.key, request.owner) {
+            return Ok(Attempt::Held { expires_in: None });
+        }
         let mut conn = self.conn().await?;
-        let k = row_key(request.key.as_str());
-        let remaining: Option<Option<i64>> = conn
-            .exec_first(self.inner.sql.peek.as_str(), (k.as_slice(),))
-            .await
-            .map_err(|e| self.err(e))?;
+        let key = request.key.as_str();
+        let k = row_key(key);
+        let remaining: Option<Option<i64>> = self
+            .on_row(
+                key,
+                conn.exec_first(self.inner.sql.peek.as_str(), (k.as_slice(),)),
+            )
+            .await?;
         if let Some(Some(us)) = remaining {
             if us > 0 {
                 conn.keep();
@@ -294,7 +382,7 @@ impl Backend for MysqlLeaseBackend {
                 });
             }
         }
-        // A dropped future closes the connection, and the server rolls the transaction back.
+        // A dropped future (or a failed statement) closes the connection.
         let claimed = self.claim(&mut conn, request, began).await?;
         conn.keep();
         match claimed {
@@ -310,7 +398,9 @@ impl Backend for MysqlLeaseBackend {
     /// The owner-checked release, in the background: the caller gave up on a store that
     /// did not answer, and must not wait for that store again.
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        crate::backends::sql_session::in_background(self.held(key, owner).release(), key);
+        self.inner
+            .cleanups
+            .spawn(self.held(key, owner).release(), key, owner);
         Ok(())
     }
 }
@@ -338,17 +428,20 @@ impl HeldLease for MysqlLease {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         let backend = &self.backend;
         let mut conn = backend.conn().await?;
-        conn.exec_drop(
-            backend.inner.sql.renew.as_str(),
-            (
-                super::millis(ttl),
-                micros(ttl),
-                row_key(self.key.as_str()),
-                self.owner.as_str(),
-            ),
-        )
-        .await
-        .map_err(|e| backend.err(e))?;
+        backend
+            .on_row(
+                self.key.as_str(),
+                conn.exec_drop(
+                    backend.inner.sql.renew.as_str(),
+                    (
+                        super::millis(ttl),
+                        micros(ttl),
+                        row_key(self.key.as_str()),
+                        self.owner.as_str(),
+                    ),
+                ),
+            )
+            .await?;
         conn.keep();
         Ok(conn.affected_rows() == 1)
     }
@@ -359,26 +452,31 @@ impl HeldLease for MysqlLease {
 }
 
 impl MysqlLeaseBackend {
-    /// The owner-checked delete: `true` if the lease was still live.
+    /// The owner-checked release (the row stays, with its fence): `true` if the lease
+    /// was still live.
     async fn release_row(&self, key: &Key, owner: &Owner) -> Result<bool> {
         let mut conn = self.conn().await?;
         let k = row_key(key.as_str());
-        conn.exec_drop(
-            self.inner.sql.release_live.as_str(),
-            (k.as_slice(), owner.as_str()),
+        self.on_row(
+            key.as_str(),
+            conn.exec_drop(
+                self.inner.sql.release_live.as_str(),
+                (k.as_slice(), owner.as_str()),
+            ),
         )
-        .await
-        .map_err(|e| self.err(e))?;
+        .await?;
         if conn.affected_rows() == 1 {
             conn.keep();
             return Ok(true);
         }
-        conn.exec_drop(
-            self.inner.sql.release_any.as_str(),
-            (k.as_slice(), owner.as_str()),
+        self.on_row(
+            key.as_str(),
+            conn.exec_drop(
+                self.inner.sql.release_any.as_str(),
+                (k.as_slice(), owner.as_str()),
+            ),
         )
-        .await
-        .map_err(|e| self.err(e))?;
+        .await?;
         conn.keep();
         Ok(false)
     }
@@ -388,29 +486,32 @@ impl MysqlLeaseBackend {
 impl Admin for MysqlLeaseBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let mut conn = self.conn().await?;
-        let row: Option<Row> = conn
-            .exec_first(self.inner.sql.inspect.as_str(), (row_key(key.as_str()),))
-            .await
-            .map_err(|e| self.err(e))?;
+        let row: Option<Row> = self
+            .on_row(
+                key.as_str(),
+                conn.exec_first(self.inner.sql.inspect.as_str(), (row_key(key.as_str()),)),
+            )
+            .await?;
         conn.keep();
         Ok(row.map(info_of))
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let mut conn = self.conn().await?;
-        let rows: Vec<Row> = conn
-            .query(self.inner.sql.list.as_str())
-            .await
-            .map_err(|e| self.err(e))?;
+        let rows: Vec<Row> = self
+            .on_row("*", conn.query(self.inner.sql.list.as_str()))
+            .await?;
         conn.keep();
         Ok(rows.into_iter().map(info_of).collect())
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
         let mut conn = self.conn().await?;
-        conn.exec_drop(self.inner.sql.force.as_str(), (row_key(key.as_str()),))
-            .await
-            .map_err(|e| self.err(e))?;
+        self.on_row(
+            key.as_str(),
+            conn.exec_drop(self.inner.sql.force.as_str(), (row_key(key.as_str()),)),
+        )
+        .await?;
         conn.keep();
         Ok(conn.affected_rows() > 0)
     }

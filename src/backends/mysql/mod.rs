@@ -10,9 +10,17 @@
 //!   with an expiry on the server's clock (`UTC_TIMESTAMP(6)`), taken in one short
 //!   transaction and renewed and released by single owner-checked statements.
 //!
-//! Fences come from the one-row InnoDB counter table `dlock_fence_counter`, incremented
-//! (`fence = LAST_INSERT_ID(fence + 1)`) while the lock is held or in the acquiring
-//! transaction: strictly increasing for every key, and durable across restarts.
+//! Fences are strictly increasing for every key and durable across restarts. Session
+//! mode draws them from the one-row InnoDB counter table `dlock_fence_counter`
+//! (`fence = LAST_INSERT_ID(fence + 1)`, one autocommit statement while the lock is held);
+//! its `GET_LOCK` names are namespaced by that counter (database and table, see
+//! [`lock_name`]), so URLs that share a counter share locks and others do not. Lease mode
+//! keeps a fence per key in the key's row, which outlives releases: no row is shared by
+//! different keys.
+//!
+//! Every connection bounds its InnoDB row-lock waits (`innodb_lock_wait_timeout`), so a
+//! client stalled while holding a row lock delays others by seconds, with an error that
+//! says so, not by the server's default 50 s.
 
 mod lease_table;
 mod session;
@@ -60,7 +68,7 @@ pub const MAX_LOCK_NAME_CHARS: usize = 64;
 pub use super::sql_url::Mode;
 
 /// Everything parsed from a MySQL URL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     /// Which mode.
     pub mode: Mode,
@@ -70,8 +78,24 @@ pub struct Settings {
     pub table: String,
     /// The fence counter table, in the same database.
     pub counter: String,
+    /// The fence namespace of session-mode locks: `database.dlock_fence_counter`, with
+    /// the database of the table (the URL's unless the table names one).
+    pub namespace: String,
     /// The URL with its password hidden.
     pub describe: String,
+}
+
+// By hand: the Debug of mysql_async's `Opts` shows the password.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("mode", &self.mode)
+            .field("table", &self.table)
+            .field("counter", &self.counter)
+            .field("namespace", &self.namespace)
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Opens a MySQL backend from its URL.
@@ -87,12 +111,13 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
 /// own for the handshake).
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
-/// Server-side bounds of the session's statements: row-lock waits (`innodb_lock_wait_timeout`,
-/// seconds) and every statement (MariaDB's `max_statement_time`, seconds; MySQL's
-/// `max_execution_time`, milliseconds, which bounds `SELECT`s). A `GET_LOCK` wait lifts
-/// the statement bound for itself: its own timeout is the caller's deadline.
-const MARIADB_BOUNDS: &str = "SET SESSION innodb_lock_wait_timeout = 5, max_statement_time = 15";
-const MYSQL_BOUNDS: &str = "SET SESSION innodb_lock_wait_timeout = 5, max_execution_time = 15000";
+/// Server-side bounds of every statement of the session (MariaDB's `max_statement_time`,
+/// seconds; MySQL's `max_execution_time`, milliseconds, which bounds `SELECT`s), beside
+/// the row-lock wait bound ([`ROW_LOCK_WAIT`]) the connection's init statements set. A
+/// `GET_LOCK` wait lifts the statement bound for itself: its own timeout is the caller's
+/// deadline.
+const MARIADB_BOUNDS: &str = "SET SESSION max_statement_time = 15";
+const MYSQL_BOUNDS: &str = "SET SESSION max_execution_time = 15000";
 
 /// Opens a connection with the statement bounds set, bounded in time; `true` for MariaDB.
 pub(crate) async fn open_conn(opts: &Opts) -> mysql_async::Result<(mysql_async::Conn, bool)> {
@@ -146,7 +171,16 @@ impl Settings {
         }
         let parsed =
             Opts::from_url(client_url.as_str()).map_err(|err| url.error(err.to_string()))?;
-        let mut builder = OptsBuilder::from_opts(parsed);
+        let namespace = match counter.split_once('.') {
+            Some(_) => counter.clone(),
+            None => format!("{}.{counter}", parsed.db_name().unwrap_or_default()),
+        };
+        let mut init = parsed.init().to_vec();
+        init.push(format!(
+            "SET SESSION innodb_lock_wait_timeout = {}",
+            ROW_LOCK_WAIT.as_secs()
+        ));
+        let mut builder = OptsBuilder::from_opts(parsed).init(init);
         if url.option("prefer_socket").is_none() {
             builder = builder.prefer_socket(false);
         }
@@ -167,6 +201,7 @@ impl Settings {
             opts: builder.into(),
             table,
             counter,
+            namespace,
             describe: url.redacted().to_owned(),
         })
     }
@@ -178,26 +213,52 @@ pub(crate) fn row_key(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
 }
 
-/// The `GET_LOCK` name of a key: the key itself when it has at most 64 characters, else
-/// `dlock:` and the first 58 hex digits of its SHA-256 (232 bits).
-pub fn lock_name(key: &str) -> String {
-    if key.chars().count() <= MAX_LOCK_NAME_CHARS {
-        return key.to_owned();
-    }
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+/// The `GET_LOCK` name of `key` among the locks whose fences come from the counter
+/// `namespace` (`database.dlock_fence_counter`): `dlock:` and the first 58 hex digits
+/// (232 bits) of the SHA-256 of the namespace, a NUL byte and the key. User-level lock
+/// names are server-wide while counters are per database, so the name carries the
+/// counter: two URLs that share a counter exclude each other, two that do not never do
+/// (keys contain no NUL, so no key of one namespace names a lock of another).
+pub fn lock_name(namespace: &str, key: &str) -> String {
+    let mut hash = Sha256::new();
+    hash.update(namespace.as_bytes());
+    hash.update([0u8]);
+    hash.update(key.as_bytes());
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
     format!("dlock:{}", &hex[..MAX_LOCK_NAME_CHARS - 6])
+}
+
+/// How long a statement waits for an InnoDB row lock before failing (`ER_LOCK_WAIT_TIMEOUT`).
+pub(crate) const ROW_LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// The client-side bound of one statement: the row-lock wait plus time to run.
+pub(crate) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's error code for an exhausted row-lock wait.
+pub(crate) const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+
+/// True for the server error of an exhausted row-lock wait.
+pub(crate) fn is_lock_wait_timeout(err: &mysql_async::Error) -> bool {
+    matches!(err, mysql_async::Error::Server(server) if server.code == ER_LOCK_WAIT_TIMEOUT)
 }
 
 /// A small pool of idle connections of one handle. A connection goes back only when the
 /// work on it finished without error ([`Lent::keep`]); one whose future was dropped
 /// mid-statement or that failed is closed instead (the server then rolls back anything
 /// it left open). Connections idle for a minute are pinged before reuse.
-#[derive(Debug)]
 pub(crate) struct Conns {
     opts: Opts,
     describe: String,
     idle: std::sync::Mutex<Vec<(mysql_async::Conn, std::time::Instant)>>,
+}
+
+// By hand: the Debug of `Opts` shows the password.
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns")
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
 }
 
 const MAX_IDLE: usize = 32;
@@ -336,14 +397,39 @@ pub(crate) fn counter_ddl(counter: &str) -> Vec<String> {
     ]
 }
 
-/// Creates the counter and `table` unless they exist, serialised by a user-level lock.
+/// Creates what `probes` look for unless it exists, with `statements` serialised by a
+/// user-level lock. Each probe is a plain read that fails, or returns no row, when its
+/// table (or row) is missing: a connect to an existing schema writes nothing and takes no
+/// row lock, so it cannot wait behind a stalled client.
 pub(crate) async fn ensure_schema(
     conn: &mut mysql_async::Conn,
     describe: &str,
+    probes: &[String],
     statements: Vec<String>,
 ) -> Result<()> {
     use mysql_async::prelude::Queryable;
+    let mut present = true;
+    for probe in probes {
+        let found: mysql_async::Result<Option<mysql_async::Row>> = conn.query_first(probe).await;
+        match found {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(mysql_async::Error::Server(_)) => {
+                present = false;
+                break;
+            }
+            Err(err) => return Err(my_error(describe, err)),
+        }
+    }
+    if present {
+        return Ok(());
+    }
     let fail = |err: mysql_async::Error| {
+        if is_lock_wait_timeout(&err) {
+            return Error::unavailable(
+                describe,
+                format!("lock wait timeout while creating the dlock tables: another session holds a row lock on them ({err})"),
+            );
+        }
         Error::backend(
             describe,
             format!("cannot create the dlock tables ({err}); have them created by a user with CREATE (see docs/backends/mysql.md and dlock::backends::mysql::schema_sql)"),
@@ -363,16 +449,30 @@ pub(crate) async fn ensure_schema(
     outcome
 }
 
+/// A probe of [`ensure_schema`]: a row when `table` exists.
+pub(crate) fn table_probe(table: &str) -> String {
+    format!("SELECT EXISTS (SELECT 1 FROM {table} LIMIT 1)")
+}
+
+/// A probe of [`ensure_schema`]: a row when the counter has its row.
+pub(crate) fn counter_probe(counter: &str) -> String {
+    format!("SELECT fence FROM {counter} WHERE id = 1")
+}
+
 /// The SQL that creates what `url`'s mode needs, for administrators who create the tables
 /// themselves (clients then need only SELECT, INSERT, UPDATE, DELETE on them).
 pub fn schema_sql(url: &str) -> Result<String> {
     let url = BackendUrl::parse(url)?;
     let settings = Settings::parse(&url)?;
-    let mut statements = counter_ddl(&settings.counter);
-    statements.push(match settings.mode {
-        Mode::Session => session::ddl(&settings.table),
-        Mode::Lease => lease_table::ddl(&settings.table),
-    });
+    // Lease mode keeps its fences in its own rows and needs no counter.
+    let statements = match settings.mode {
+        Mode::Session => {
+            let mut statements = counter_ddl(&settings.counter);
+            statements.push(session::ddl(&settings.table));
+            statements
+        }
+        Mode::Lease => vec![lease_table::ddl(&settings.table)],
+    };
     Ok(statements.iter().map(|s| format!("{s};\n")).collect())
 }
 
@@ -398,23 +498,32 @@ mod tests {
 
     #[test]
     fn lock_names() {
-        assert_eq!(lock_name("short"), "short");
-        let long = "x".repeat(65);
-        let name = lock_name(&long);
-        assert_eq!(name.chars().count(), 64);
-        assert!(name.starts_with("dlock:"));
-        assert_eq!(lock_name(&"é".repeat(64)), "é".repeat(64));
+        let ns = "app.dlock_fence_counter";
+        for key in ["short".to_owned(), "x".repeat(1024), "é".repeat(64)] {
+            let name = lock_name(ns, &key);
+            assert_eq!(name.chars().count(), 64);
+            assert!(name.starts_with("dlock:"));
+            assert_eq!(name, lock_name(ns, &key));
+            assert_ne!(name, lock_name("other.dlock_fence_counter", &key));
+        }
+        let s =
+            Settings::parse(&BackendUrl::parse("mysql://u@h/app?table=db2.t").unwrap()).unwrap();
+        assert_eq!(s.namespace, "db2.dlock_fence_counter");
+        let s = Settings::parse(&BackendUrl::parse("mysql://u@h/app").unwrap()).unwrap();
+        assert_eq!(s.namespace, "app.dlock_fence_counter");
     }
 
     #[test]
     fn schema_for_admins() {
         let sql = schema_sql("mysql://u@h/db?mode=lease").unwrap();
-        for part in [
-            "CREATE TABLE IF NOT EXISTS dlock_leases",
-            "dlock_fence_counter",
-        ] {
-            assert!(sql.contains(part), "{part} missing from {sql}");
-        }
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_leases"),
+            "{sql}"
+        );
+        assert!(!sql.contains("dlock_fence_counter"), "{sql}");
+        let sql = schema_sql("mysql://u@h/db").unwrap();
+        assert!(sql.contains("dlock_fence_counter"), "{sql}");
+        assert!(sql.contains("dlock_sessions"), "{sql}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `mode=session` on MySQL/MariaDB: a lock is a user-level lock (`GET_LOCK`).
 //!
 //! Each held lease has a connection of its own (user-level locks belong to the session).
-//! The name is the key itself when it has at most 64 characters, else a hash (see
+//! The name is a hash of the fence namespace and the key (see
 //! [`lock_name`](super::lock_name)). After `GET_LOCK` returns 1, the same connection
 //! bumps the fence counter and records the holder row `(k, key_text, lock_name, owner,
 //! fence, conn_id, …)`; any failure in between closes the connection, which frees the
@@ -17,8 +17,8 @@
 //! connections has no sessions left either.
 
 use super::{
-    counter_ddl, ensure_schema, epoch_us, is_connection_error, lock_name, my_error, row_key, Conns,
-    Settings,
+    counter_ddl, counter_probe, ensure_schema, epoch_us, is_connection_error, lock_name, my_error,
+    row_key, table_probe, Conns, Settings,
 };
 use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Liveness, SessionLocks};
 use crate::core::backend::LockInfo;
@@ -107,6 +107,8 @@ impl MyConn {
 /// MySQL's half of the session engine.
 pub(crate) struct MySession {
     describe: String,
+    /// The fence counter (`database.table`), which namespaces the lock names.
+    namespace: String,
     opts: mysql_async::Opts,
     sql: Sql,
     admin: Arc<Conns>,
@@ -121,10 +123,15 @@ pub(crate) async fn connect(settings: Settings) -> Result<MysqlSessionBackend> {
     let mut conn = admin.take().await?;
     let mut statements = counter_ddl(&settings.counter);
     statements.push(ddl(&settings.table));
-    ensure_schema(&mut conn, &settings.describe, statements).await?;
+    let probes = [
+        counter_probe(&settings.counter),
+        table_probe(&settings.table),
+    ];
+    ensure_schema(&mut conn, &settings.describe, &probes, statements).await?;
     conn.keep();
     drop(conn);
     Ok(SessionLocks::new(MySession {
+        namespace: settings.namespace,
         sql: Sql::new(&settings.table, &settings.counter),
         describe: settings.describe,
         opts: settings.opts,
@@ -221,7 +228,7 @@ impl Dialect for MySession {
     }
 
     fn lock_of(&self, key: &Key) -> String {
-        lock_name(key.as_str())
+        lock_name(&self.namespace, key.as_str())
     }
 
     fn is_closed(&self, conn: &MyConn) -> bool {
@@ -347,7 +354,7 @@ impl Dialect for MySession {
     }
 
     async fn holder(&self, key: &Key) -> Result<Option<u64>> {
-        self.used_by(&lock_name(key.as_str()))
+        self.used_by(&self.lock_of(key))
             .await
             .map_err(|e| self.err(e))
     }
@@ -362,7 +369,7 @@ impl Dialect for MySession {
     }
 
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let name = lock_name(key.as_str());
+        let name = self.lock_of(key);
         let Some(conn_id) = self.holder(key).await? else {
             return Ok(None);
         };

@@ -19,6 +19,7 @@
 
 use super::listener::Listener;
 use super::{ensure_schema, millis, pg_error, Settings, Shared};
+use crate::backends::sql_session::Cleanups;
 use crate::backends::sql_sweep::SweepClock;
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, KeyWatch, LockInfo,
@@ -131,6 +132,8 @@ struct Inner {
     listener: Arc<Listener>,
     sql: Sql,
     sweeps: SweepClock,
+    /// Abandoned attempts whose rows are being freed.
+    cleanups: Cleanups,
 }
 
 impl std::fmt::Debug for Inner {
@@ -165,6 +168,7 @@ impl PgLeaseBackend {
                 db,
                 sql: Sql::new(&settings.table, &settings.sequence),
                 sweeps: SweepClock::new(SWEEP_EVERY, true),
+                cleanups: Cleanups::default(),
             }),
         })
     }
@@ -278,6 +282,9 @@ impl Backend for PgLeaseBackend {
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         self.maybe_sweep();
+        if self.inner.cleanups.running(request.key, request.owner) {
+            return Ok(Attempt::Held { expires_in: None });
+        }
         let conn = self.inner.db.get().await?;
         let pid = i32::try_from(request.holder.pid).ok();
         let sent_at = Instant::now();
@@ -312,7 +319,9 @@ impl Backend for PgLeaseBackend {
     /// The owner-checked release, in the background: the caller gave up on a store that
     /// did not answer, and must not wait for that store again.
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        crate::backends::sql_session::in_background(self.held(key, owner).release(), key);
+        self.inner
+            .cleanups
+            .spawn(self.held(key, owner).release(), key, owner);
         Ok(())
     }
 

@@ -14,8 +14,10 @@
 //!   waiters are woken by `LISTEN/NOTIFY` on one shared listening connection, and at the
 //!   holder's expiry.
 //!
-//! Fences come from the sequence `dlock_fence_seq` in both modes: strictly increasing
-//! for every key and durable across server restarts.
+//! Fences come from the sequence `dlock_fence_seq` (beside the table) in both modes:
+//! strictly increasing for every key and durable across server restarts. Session-mode
+//! advisory keys are namespaced by that sequence (see [`keys`]), so URLs that share a
+//! sequence share locks and URLs that do not, do not.
 
 pub mod keys;
 mod lease_table;
@@ -397,6 +399,26 @@ pub(crate) async fn ensure_schema(
         ));
     }
     Ok(())
+}
+
+/// The schema-qualified name of `sequence` as the server resolves it (through the
+/// `search_path` when unqualified): the fence namespace of session-mode locks.
+pub(crate) async fn fence_namespace(conn: &Conn, describe: &str, sequence: &str) -> Result<String> {
+    let rows = conn
+        .query_typed(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+            &[(&sequence, Type::TEXT)],
+        )
+        .await
+        .map_err(|err| pg_error(describe, err))?;
+    rows.first()
+        .and_then(|r| r.try_get::<_, String>(0).ok())
+        .ok_or_else(|| {
+            Error::backend(
+                describe,
+                format!("the fence sequence {sequence} is not visible to this role; create it (dlock schema) and grant USAGE on it"),
+            )
+        })
 }
 
 /// The SQL that creates what `url`'s mode needs, for administrators who create the

@@ -20,8 +20,8 @@
 //! end of a lease's connection task is its loss signal: it needs no lock the renewal
 //! holds.
 
-use super::keys::{advisory_key, pg_locks_halves};
-use super::{ensure_schema, millis, pg_error, Conn, Settings, Shared};
+use super::keys::{namespaced_key, pg_locks_halves};
+use super::{ensure_schema, fence_namespace, millis, pg_error, Conn, Settings, Shared};
 use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Liveness, SessionLocks};
 use crate::backends::sql_sweep::SweepClock;
 use crate::core::backend::LockInfo;
@@ -124,6 +124,8 @@ SELECT pg_terminate_backend($2)"
 /// PostgreSQL's half of the session engine.
 pub(crate) struct PgSession {
     describe: String,
+    /// The schema-qualified fence sequence, which namespaces the advisory keys.
+    namespace: String,
     config: Config,
     sql: Arc<Sql>,
     admin: Arc<Shared>,
@@ -148,7 +150,9 @@ pub(crate) async fn connect(settings: Settings) -> Result<PgSessionBackend> {
         &ddl(&settings.table),
     )
     .await?;
+    let namespace = fence_namespace(&conn, &settings.describe, &settings.sequence).await?;
     Ok(SessionLocks::new(PgSession {
+        namespace,
         sql: Arc::new(Sql::new(&settings.table, &settings.sequence)),
         describe: settings.describe,
         config: settings.config,
@@ -252,7 +256,7 @@ impl Dialect for PgSession {
     }
 
     fn lock_of(&self, key: &Key) -> i64 {
-        advisory_key(key.as_str())
+        namespaced_key(&self.namespace, key.as_str())
     }
 
     async fn connect(&self) -> Result<Conn> {
@@ -404,7 +408,7 @@ impl Dialect for PgSession {
     }
 
     async fn holder(&self, key: &Key) -> Result<Option<u64>> {
-        let (classid, objid) = pg_locks_halves(advisory_key(key.as_str()));
+        let (classid, objid) = pg_locks_halves(self.lock_of(key));
         let rows = self
             .admin_rows(
                 &self.sql.held,
@@ -428,7 +432,7 @@ impl Dialect for PgSession {
     }
 
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let (classid, objid) = pg_locks_halves(advisory_key(key.as_str()));
+        let (classid, objid) = pg_locks_halves(self.lock_of(key));
         let rows = self
             .admin_rows(
                 &self.sql.inspect,
@@ -458,8 +462,8 @@ impl Dialect for PgSession {
             let app: Option<String> = row.try_get(9).ok().flatten();
             let mut info = info;
             info.note = Some(format!(
-                "advisory lock {} held by PostgreSQL session pid {server_pid}{from} (application {:?}), which is not a dlock lease on this key",
-                advisory_key(key.as_str()),
+                "advisory lock {} held by PostgreSQL session pid {server_pid}{from} (application {:?}), which is not a dlock lease on this key in this table",
+                self.lock_of(key),
                 app.unwrap_or_default()
             ));
             Ok(Some(info))

@@ -18,5 +18,7 @@ mod waker;
 
 pub use config::{Options, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX};
 pub use node::KeyNames;
+pub(crate) use redlock::open_redlock;
 pub use redlock::{is_redlock_url, RedlockBackend};
+pub(crate) use single::open;
 pub use single::RedisBackend;

@@ -125,15 +125,33 @@ impl Node {
         self.conn.get_or_try_init(|| connect).await.cloned()
     }
 
+    /// Bounds one command (including any wait for a reconnection in progress, which
+    /// redis-rs's own response timeout does not cover) by `command_timeout`.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let limit = self.config.options.command_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(outcome) => outcome.map_err(|err| self.error(&err)),
+            Err(_) => Err(Error::unavailable(
+                &self.config.describe,
+                format!(
+                    "{what} did not answer within {} (command_timeout)",
+                    crate::duration::format_duration(limit)
+                ),
+            )),
+        }
+    }
+
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let mut conn = self.connection().await?;
-        invocation
-            .invoke_async(&mut conn)
+        self.bounded("a script call", invocation.invoke_async(&mut conn))
             .await
-            .map_err(|err| self.error(&err))
     }
 
     /// The single-node acquire script (`redlock == false`) or Redlock's phase 1.
@@ -292,15 +310,14 @@ impl Node {
         let mut cursor: u64 = 0;
         let mut found = Vec::new();
         loop {
-            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(|err| self.error(&err))?;
+                .arg(1000);
+            let (next, batch): (u64, Vec<Vec<u8>>) =
+                self.bounded("SCAN", scan.query_async(&mut conn)).await?;
             for name in batch {
                 // Keys are UTF-8 by construction (dlock keys are); skip anything else.
                 let Ok(name) = String::from_utf8(name) else {
@@ -326,11 +343,9 @@ impl Node {
     /// `INFO server`'s run_id, which changes at every server start.
     pub async fn run_id(&self) -> Result<String> {
         let mut conn = self.connection().await?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .map_err(|err| self.error(&err))?;
+        let mut command = redis::cmd("INFO");
+        command.arg("server");
+        let info: String = self.bounded("INFO", command.query_async(&mut conn)).await?;
         Ok(info
             .lines()
             .find_map(|line| line.strip_prefix("run_id:"))
@@ -352,31 +367,65 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-/// Maps a redis-rs error: connection trouble and timeouts are `Unavailable`, answers
-/// from the server `Backend`. Never includes a password: redis-rs errors do not carry
-/// the URL, and `describe` is redacted.
+/// Maps a redis-rs error: connection trouble, timeouts and a server not ready yet
+/// (loading its data, failing over, busy with a script) are `Unavailable`, which waiters
+/// retry until their deadline; refused credentials or permissions, and every other answer
+/// of the server, are `Backend`, which fails at once. The redis-rs error is kept as the
+/// source. Never includes a password: redis-rs errors do not carry the URL, and
+/// `describe` is redacted.
 pub fn map_error(describe: &str, err: &redis::RedisError) -> Error {
+    let cause = err.clone();
+    let code = err.code();
     if err.kind() == redis::ErrorKind::AuthenticationFailed
-        || err
-            .code()
-            .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH" || c == "NOPERM")
+        || code.is_some_and(|c| matches!(c, "WRONGPASS" | "NOAUTH" | "NOPERM"))
     {
         return Error::backend(
             describe,
-            format!("authentication failed (check the user and password in the URL): {err}"),
-        );
+            format!(
+                "authentication failed or permission denied (check the user and password in the URL, and the user's ACL): {err}"
+            ),
+        )
+        .caused_by(cause);
     }
-    if err.is_timeout()
-        || err
-            .code()
-            .is_some_and(|c| matches!(c, "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN"))
-    {
-        return Error::unavailable(describe, format!("timed out: {err}"));
+    if let Some(code) = code.filter(|c| is_not_ready_code(c)) {
+        return Error::unavailable(describe, format!("the server is not ready ({code}): {err}"))
+            .caused_by(cause);
+    }
+    if err.is_timeout() {
+        return Error::unavailable(describe, format!("timed out: {err}")).caused_by(cause);
     }
     if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
-        return Error::unavailable(describe, err);
+        return Error::unavailable(describe, err).caused_by(cause);
     }
-    Error::backend(describe, err)
+    Error::backend(describe, err).caused_by(cause)
+}
+
+/// Error codes of a server that is up but cannot serve yet, and will by itself: loading
+/// its data set after a restart, a replica without its master, a cluster re-sharding, or
+/// a long script still running.
+fn is_not_ready_code(code: &str) -> bool {
+    matches!(
+        code,
+        "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "BUSY"
+    )
+}
+
+/// How long [`abandon_soon`] waits for its cleanup. The engine abandons an attempt when
+/// the store did not answer it in time; a store in that state is unlikely to answer the
+/// cleanup at once either, and waiting longer would only delay the caller's error.
+const ABANDON_WAIT: Duration = Duration::from_millis(250);
+
+/// Runs the cleanup of an abandoned attempt, waiting for it briefly; if the store is slow
+/// it finishes in the background (each of its commands bounded by `command_timeout`), and
+/// whatever it could not free ends at its TTL.
+pub async fn abandon_soon(
+    cleanup: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) -> Result<()> {
+    let task = tokio::spawn(cleanup);
+    match tokio::time::timeout(ABANDON_WAIT, task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) | Err(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -393,5 +442,58 @@ mod tests {
         assert!(is_side_key(&names.fence));
         assert!(!is_side_key(&names.lock));
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    fn server_answer(reply: &[u8]) -> redis::RedisError {
+        match redis::parse_redis_value(reply).unwrap().extract_error() {
+            Err(err) => err,
+            Ok(value) => panic!("not an error reply: {value:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_that_heal_are_transient_and_refusals_are_not() {
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        for (err, transient) in [
+            (io, true),
+            (
+                server_answer(b"-LOADING Redis is loading the dataset in memory\r\n"),
+                true,
+            ),
+            (
+                server_answer(b"-BUSY Redis is busy running a script\r\n"),
+                true,
+            ),
+            (
+                server_answer(b"-MASTERDOWN Link with MASTER is down\r\n"),
+                true,
+            ),
+            (
+                server_answer(b"-WRONGPASS invalid username-password pair\r\n"),
+                false,
+            ),
+            (
+                server_answer(b"-NOAUTH Authentication required.\r\n"),
+                false,
+            ),
+            (
+                server_answer(
+                    b"-NOPERM this user has no permissions to run the 'eval' command\r\n",
+                ),
+                false,
+            ),
+            (server_answer(b"-ERR unknown command\r\n"), false),
+        ] {
+            let mapped = map_error("redis://h:6379", &err);
+            assert_eq!(
+                mapped.is_transient(),
+                transient,
+                "{err:?} became {mapped:?}"
+            );
+            assert!(
+                std::error::Error::source(&mapped).is_some(),
+                "{mapped:?} lost its source"
+            );
+        }
     }
 }

@@ -17,9 +17,11 @@
 //! The conditions under which this holds are in docs/backends/redis.md.
 
 use super::config::{NodeConfig, Options};
-use super::node::{Node, NodeAttempt};
+use super::node::{abandon_soon, Node, NodeAttempt};
 use super::waker::{ChannelWatch, Waker};
-use crate::core::backend::{AcquireRequest, Attempt, Backend, KeyWatch, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+};
 use crate::core::lease::Lease;
 use crate::core::locks::{Locks, Wait};
 use crate::core::owner::Owner;
@@ -30,6 +32,7 @@ use futures_util::future::join_all;
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The longest random delay before a woken Redlock waiter retries, so that waiters
@@ -46,11 +49,22 @@ pub fn is_redlock_url(text: &str) -> bool {
 /// Redlock over N independent Redis nodes.
 #[derive(Debug)]
 pub struct RedlockBackend {
-    nodes: Vec<Node>,
+    cluster: Arc<Cluster>,
     wakers: Vec<Waker>,
+}
+
+/// The nodes and the majority rule, shared by the backend and its leases.
+#[derive(Debug)]
+struct Cluster {
+    nodes: Vec<Node>,
     quorum: usize,
     command_timeout: Duration,
     describe: String,
+}
+
+/// Opens `redlock://` URLs, for the registry of schemes.
+pub(crate) async fn open_redlock(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(RedlockBackend::open(url).await?))
 }
 
 impl RedlockBackend {
@@ -113,112 +127,37 @@ impl RedlockBackend {
             .collect();
         let nodes: Vec<Node> = configs.into_iter().map(Node::new).collect();
         let quorum = nodes.len() / 2 + 1;
-        let backend = RedlockBackend {
+        let cluster = Cluster {
             nodes,
-            wakers,
             quorum,
             command_timeout: options.command_timeout,
             describe: redacted.clone(),
         };
-        let connected = join_all(backend.nodes.iter().map(|n| n.connection())).await;
-        let errors: Vec<String> = connected
-            .iter()
-            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-            .collect();
-        if backend.nodes.len() - errors.len() < quorum {
+        let connected = join_all(cluster.nodes.iter().map(|n| n.connection())).await;
+        let errors: Vec<Error> = connected.into_iter().filter_map(Result::err).collect();
+        if cluster.nodes.len() - errors.len() < quorum {
             // An authentication failure everywhere is a server answer, not an outage.
-            let auth = connected
-                .iter()
-                .all(|r| matches!(r, Err(Error::Backend { .. })));
-            let detail =
-                backend.quorum_detail("connect", backend.nodes.len() - errors.len(), &errors);
-            return Err(if auth {
-                Error::backend(&redacted, detail)
-            } else {
-                Error::unavailable(&redacted, detail)
-            });
+            return Err(cluster.quorum_error(
+                "connect",
+                cluster.nodes.len() - errors.len(),
+                &errors,
+            ));
         }
-        Ok(backend)
+        Ok(RedlockBackend {
+            cluster: Arc::new(cluster),
+            wakers,
+        })
     }
 
     /// The number of nodes.
     pub fn node_count(&self) -> usize {
-        self.nodes.len()
+        self.cluster.nodes.len()
     }
 
     /// How many nodes must agree (N/2+1).
     pub fn quorum(&self) -> usize {
-        self.quorum
+        self.cluster.quorum
     }
-
-    fn node_timeout(&self, ttl: Duration) -> Duration {
-        (ttl / 10).clamp(
-            Duration::from_millis(10),
-            self.command_timeout.max(Duration::from_millis(10)),
-        )
-    }
-
-    fn quorum_detail(&self, what: &str, answered: usize, errors: &[String]) -> String {
-        format!(
-            "no quorum: {what} reached {answered} of {} Redlock nodes, {} needed ({})",
-            self.nodes.len(),
-            self.quorum,
-            errors.join("; ")
-        )
-    }
-
-    fn quorum_error(&self, what: &str, answered: usize, errors: &[String]) -> Error {
-        Error::unavailable(&self.describe, self.quorum_detail(what, answered, errors))
-    }
-
-    /// Runs `op` on every node in parallel, each bounded by `limit`.
-    async fn on_all<'a, T, F, Fut>(&'a self, limit: Duration, op: F) -> Vec<Result<T>>
-    where
-        F: Fn(&'a Node) -> Fut,
-        Fut: Future<Output = Result<T>> + 'a,
-    {
-        join_all(self.nodes.iter().map(|node| {
-            let fut = op(node);
-            async move {
-                match tokio::time::timeout(limit, fut).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Error::unavailable(
-                        node.describe(),
-                        format!("no answer within {limit:?}"),
-                    )),
-                }
-            }
-        }))
-        .await
-    }
-
-    /// Tallies owner-checked boolean answers: `Ok(true)` with a majority of yes,
-    /// `Ok(false)` when a majority is impossible, else a quorum error.
-    fn tally(&self, what: &str, results: Vec<Result<bool>>) -> Result<bool> {
-        let yes = results.iter().filter(|r| matches!(r, Ok(true))).count();
-        let no = results.iter().filter(|r| matches!(r, Ok(false))).count();
-        if yes >= self.quorum {
-            return Ok(true);
-        }
-        if self.nodes.len() - no < self.quorum {
-            return Ok(false);
-        }
-        let errors: Vec<String> = results
-            .iter()
-            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-            .collect();
-        Err(self.quorum_error(what, yes + no, &errors))
-    }
-
-    async fn release_everywhere(
-        &self,
-        key: &Key,
-        owner: &Owner,
-        limit: Duration,
-    ) -> Vec<Result<bool>> {
-        self.on_all(limit, |node| node.release(key, owner)).await
-    }
-
     /// Takes every key of `keys` (all or nothing) with the given TTL and wait, in sorted
     /// order so that two callers asking for overlapping sets cannot deadlock; on failure
     /// the keys already taken are released. Each key is an ordinary lease with its own
@@ -265,6 +204,95 @@ impl RedlockBackend {
     }
 }
 
+impl Cluster {
+    fn node_timeout(&self, ttl: Duration) -> Duration {
+        (ttl / 10).clamp(
+            Duration::from_millis(10),
+            self.command_timeout.max(Duration::from_millis(10)),
+        )
+    }
+
+    /// How long a release waits for each node: the engine gives a whole release at least
+    /// a second (a third of the TTL for longer ones), and a frozen node must not make
+    /// it miss the answers of the others.
+    fn release_timeout(&self, ttl: Duration) -> Duration {
+        self.command_timeout
+            .min((ttl / 4).max(Duration::from_millis(800)))
+    }
+
+    fn quorum_detail(&self, what: &str, answered: usize, errors: &[Error]) -> String {
+        let errors: Vec<String> = errors.iter().map(Error::to_string).collect();
+        format!(
+            "no quorum: {what} reached {answered} of {} Redlock nodes, {} needed ({})",
+            self.nodes.len(),
+            self.quorum,
+            errors.join("; ")
+        )
+    }
+
+    /// No majority answered: `Backend` when every failing node refused us (credentials,
+    /// permissions), which waiting will not change; else `Unavailable`. The first node's
+    /// error is kept as the source.
+    fn quorum_error(&self, what: &str, answered: usize, errors: &[Error]) -> Error {
+        let detail = self.quorum_detail(what, answered, errors);
+        let refused = !errors.is_empty() && errors.iter().all(|e| !e.is_transient());
+        let error = if refused {
+            Error::backend(&self.describe, detail)
+        } else {
+            Error::unavailable(&self.describe, detail)
+        };
+        match errors.first() {
+            Some(first) => error.caused_by(first.clone()),
+            None => error,
+        }
+    }
+
+    /// Runs `op` on every node in parallel, each bounded by `limit`.
+    async fn on_all<'a, T, F, Fut>(&'a self, limit: Duration, op: F) -> Vec<Result<T>>
+    where
+        F: Fn(&'a Node) -> Fut,
+        Fut: Future<Output = Result<T>> + 'a,
+    {
+        join_all(self.nodes.iter().map(|node| {
+            let fut = op(node);
+            async move {
+                match tokio::time::timeout(limit, fut).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::unavailable(
+                        node.describe(),
+                        format!("no answer within {limit:?}"),
+                    )),
+                }
+            }
+        }))
+        .await
+    }
+
+    /// Tallies owner-checked boolean answers: `Ok(true)` with a majority of yes,
+    /// `Ok(false)` when a majority is impossible, else a quorum error.
+    fn tally(&self, what: &str, results: Vec<Result<bool>>) -> Result<bool> {
+        let yes = results.iter().filter(|r| matches!(r, Ok(true))).count();
+        let no = results.iter().filter(|r| matches!(r, Ok(false))).count();
+        if yes >= self.quorum {
+            return Ok(true);
+        }
+        if self.nodes.len() - no < self.quorum {
+            return Ok(false);
+        }
+        let errors: Vec<Error> = results.into_iter().filter_map(Result::err).collect();
+        Err(self.quorum_error(what, yes + no, &errors))
+    }
+
+    async fn release_everywhere(
+        &self,
+        key: &Key,
+        owner: &Owner,
+        limit: Duration,
+    ) -> Vec<Result<bool>> {
+        self.on_all(limit, |node| node.release(key, owner)).await
+    }
+}
+
 /// Wakes at the first release message from any node, then waits a small random delay.
 struct RedlockWatch {
     watches: Vec<ChannelWatch>,
@@ -280,17 +308,57 @@ impl KeyWatch for RedlockWatch {
     }
 }
 
+/// One lease held on a majority of the nodes: the nodes, the key, the owner token and the
+/// TTL of the last grant or renewal (which bounds how long a release may wait per node).
+struct RedlockLease {
+    cluster: Arc<Cluster>,
+    key: Key,
+    owner: Owner,
+    ttl: Duration,
+}
+
+#[async_trait]
+impl HeldLease for RedlockLease {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let limit = self.cluster.node_timeout(ttl);
+        let (key, owner) = (&self.key, &self.owner);
+        let results = self
+            .cluster
+            .on_all(limit, |node| node.renew(key, owner, ttl))
+            .await;
+        let renewed = self.cluster.tally("renewal", results)?;
+        if renewed {
+            self.ttl = ttl;
+        }
+        Ok(renewed)
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        let limit = self.cluster.release_timeout(self.ttl);
+        let results = self
+            .cluster
+            .release_everywhere(&self.key, &self.owner, limit)
+            .await;
+        self.cluster.tally("release", results)
+    }
+}
+
 #[async_trait]
 impl Backend for RedlockBackend {
     fn describe(&self) -> &str {
-        &self.describe
+        &self.cluster.describe
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::expiring()
+    }
+
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
+        let cluster = &self.cluster;
         let started = Instant::now();
-        let limit = self.node_timeout(request.ttl);
-        let results = self
-            .on_all(limit, |node| node.acquire(&request, true))
+        let limit = cluster.node_timeout(request.ttl);
+        let results = cluster
+            .on_all(limit, |node| node.acquire(request, true))
             .await;
         let mut granted = Vec::new();
         let mut counters = Vec::new();
@@ -309,29 +377,29 @@ impl Backend for RedlockBackend {
                     frees.push((pttl >= 0).then(|| Duration::from_millis(pttl.unsigned_abs())));
                 }
                 Err(err) => {
-                    errors.push(err.to_string());
+                    errors.push(err);
                     frees.push(None);
                 }
             }
         }
         let drift = request.ttl / 100 + Duration::from_millis(2);
-        if granted.len() >= self.quorum {
+        if granted.len() >= cluster.quorum {
             let fence = counters
                 .iter()
                 .copied()
                 .max()
                 .unwrap_or(0)
                 .saturating_add(1);
-            let commits = join_all(granted.iter().map(|&index| {
-                let node = &self.nodes[index];
-                async move {
+            let commits = join_all(granted.iter().filter_map(|&index| {
+                let node = cluster.nodes.get(index)?;
+                Some(async move {
                     tokio::time::timeout(
                         limit,
                         node.commit_fence(request.key, request.owner, fence),
                     )
                     .await
                     .unwrap_or(Ok(false))
-                }
+                })
             }))
             .await;
             let committed = commits.iter().filter(|r| matches!(r, Ok(true))).count();
@@ -339,28 +407,38 @@ impl Backend for RedlockBackend {
                 .ttl
                 .checked_sub(started.elapsed() + drift)
                 .is_some_and(|v| !v.is_zero());
-            if committed >= self.quorum && valid {
-                return Ok(Attempt::Acquired { fence });
+            if committed >= cluster.quorum && valid {
+                return Ok(Attempt::Acquired(Granted {
+                    fence,
+                    sent_at: started,
+                    lease: Box::new(RedlockLease {
+                        cluster: Arc::clone(cluster),
+                        key: request.key.clone(),
+                        owner: request.owner.clone(),
+                        ttl: request.ttl,
+                    }),
+                }));
             }
         }
         // Not held: give back what we took, on all nodes at once (also those that did not
         // answer in time: the command may still have reached them).
         if !granted.is_empty() || !errors.is_empty() {
-            let cleanup = self
+            let cleanup = cluster
                 .node_timeout(request.ttl)
                 .max(Duration::from_millis(50));
-            self.release_everywhere(request.key, request.owner, cleanup)
+            cluster
+                .release_everywhere(request.key, request.owner, cleanup)
                 .await;
         }
-        let answered = self.nodes.len() - errors.len();
-        if answered < self.quorum {
-            return Err(self.quorum_error("acquire", answered, &errors));
+        let answered = cluster.nodes.len() - errors.len();
+        if answered < cluster.quorum {
+            return Err(cluster.quorum_error("acquire", answered, &errors));
         }
         // The lock can be had once a majority of nodes is free.
         let mut sorted: Vec<Duration> = frees.iter().map(|f| f.unwrap_or(Duration::MAX)).collect();
         sorted.sort();
         let free_in = sorted
-            .get(self.quorum - 1)
+            .get(cluster.quorum - 1)
             .copied()
             .unwrap_or(Duration::MAX);
         let expires_in = if free_in == Duration::MAX {
@@ -372,19 +450,6 @@ impl Backend for RedlockBackend {
             Some(free_in)
         };
         Ok(Attempt::Held { expires_in })
-    }
-
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let limit = self.node_timeout(ttl);
-        let results = self.on_all(limit, |node| node.renew(key, owner, ttl)).await;
-        self.tally("renewal", results)
-    }
-
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
-        let results = self
-            .release_everywhere(key, owner, self.command_timeout)
-            .await;
-        self.tally("release", results)
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
@@ -400,24 +465,42 @@ impl Backend for RedlockBackend {
         Ok(Some(Box::new(RedlockWatch { watches })))
     }
 
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        let cluster = Arc::clone(&self.cluster);
+        let (key, owner) = (key.clone(), owner.clone());
+        abandon_soon(async move {
+            let limit = cluster.command_timeout;
+            cluster.release_everywhere(&key, &owner, limit).await;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Admin for RedlockBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let results = self
-            .on_all(self.command_timeout, |node| node.inspect(key))
+        let cluster = &self.cluster;
+        let results = cluster
+            .on_all(cluster.command_timeout, |node| node.inspect(key))
             .await;
-        let errors: Vec<String> = results
-            .iter()
-            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-            .collect();
-        let answered = self.nodes.len() - errors.len();
+        let mut errors = Vec::new();
         let mut by_owner: BTreeMap<String, Vec<LockInfo>> = BTreeMap::new();
-        for info in results.into_iter().flatten().flatten() {
-            if let Some(owner) = info.owner.clone() {
-                by_owner.entry(owner).or_default().push(info);
+        for result in results {
+            match result {
+                Ok(Some(info)) => {
+                    if let Some(owner) = info.owner.clone() {
+                        by_owner.entry(owner).or_default().push(info);
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => errors.push(err),
             }
         }
+        let answered = cluster.nodes.len() - errors.len();
         let held = by_owner
             .into_values()
-            .find(|infos| infos.len() >= self.quorum);
+            .find(|infos| infos.len() >= cluster.quorum);
         match held {
             Some(infos) => {
                 let fence = infos.iter().filter_map(|i| i.fence).max();
@@ -430,24 +513,30 @@ impl Backend for RedlockBackend {
                 info.expires_at = expires_at;
                 Ok(Some(info))
             }
-            None if answered < self.quorum => Err(self.quorum_error("status", answered, &errors)),
+            None if answered < cluster.quorum => {
+                Err(cluster.quorum_error("status", answered, &errors))
+            }
             None => Ok(None),
         }
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let results = self
-            .on_all(self.command_timeout, |node| node.scan_keys())
+        let cluster = &self.cluster;
+        let results = cluster
+            .on_all(cluster.command_timeout, |node| node.scan_keys())
             .await;
-        let errors: Vec<String> = results
-            .iter()
-            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-            .collect();
-        let answered = self.nodes.len() - errors.len();
-        if answered < self.quorum {
-            return Err(self.quorum_error("list", answered, &errors));
+        let mut errors = Vec::new();
+        let mut names = BTreeSet::new();
+        for result in results {
+            match result {
+                Ok(found) => names.extend(found),
+                Err(err) => errors.push(err),
+            }
         }
-        let names: BTreeSet<String> = results.into_iter().flatten().flatten().collect();
+        let answered = cluster.nodes.len() - errors.len();
+        if answered < cluster.quorum {
+            return Err(cluster.quorum_error("list", answered, &errors));
+        }
         let mut all = Vec::new();
         for name in names {
             let Ok(key) = Key::new(name) else { continue };
@@ -459,9 +548,10 @@ impl Backend for RedlockBackend {
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
-        let results = self
-            .on_all(self.command_timeout, |node| node.force_release(key))
+        let cluster = &self.cluster;
+        let results = cluster
+            .on_all(cluster.command_timeout, |node| node.force_release(key))
             .await;
-        self.tally("force release", results)
+        cluster.tally("force release", results)
     }
 }

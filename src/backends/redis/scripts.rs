@@ -4,7 +4,8 @@
 //! Keys of one lock `K` (prefix included), all in the same cluster slot as `K` when `K`
 //! has no `{`:
 //! - `K`: the owner token, set with `SET K owner NX PX ttl` — the canonical lock;
-//! - `{K}:fence`: the last fence handed out for `K` (no expiry);
+//! - `{K}:fence`: the last fence handed out for `K`, expiring once the server clock has
+//!   passed it by the lease TTL plus [`FENCE_MARGIN_MS`] (see [`KEEP_FENCE`]);
 //! - `{K}:holder`: a hash with pid, host, times and fence, for `status`, expiring with `K`.
 //!
 //! Numbers above 2^47 lose digits when Lua turns them into strings with `%.14g`, so
@@ -25,16 +26,50 @@ local function fence_floor(fence_key)
 end
 ";
 
+/// How long, beyond the lease TTL, a fence counter outlives the moment the server clock
+/// catches up with it.
+pub const FENCE_MARGIN_MS: u64 = 60_000;
+
+/// Sets the expiry of a fence counter that was just written with `fence`.
+///
+/// A fence is `max(counter + 1, clock µs)`, so forgetting the counter is harmless once
+/// the server clock has passed the last fence: the floor alone then yields a larger one.
+/// The counter can run ahead of this server's clock (several acquisitions within one
+/// µs, a clock stepped back while the counter lived, a Redlock fence taken from a node
+/// whose clock is ahead), so the expiry is anchored to the fence value, not to "now":
+/// `PEXPIREAT ⌊fence / 1000⌋ + 1 + ttl + margin`. Redis expires a key only when its own
+/// clock has reached the expiry time, so when the counter is gone the clock has passed
+/// the last fence by at least ttl + margin, whatever it did in between. A fence can
+/// then only go backwards if the clock is later set back by more than ttl + margin, the
+/// same exposure as a counter lost in a restart (docs/backends/redis.md). The TTL is in
+/// the horizon so that a counter never goes before the lease it was handed out with
+/// would have expired unrenewed.
+const KEEP_FENCE: &str = r"
+local function keep_fence(fence_key, fence, extra_ms)
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local at = math.max(math.floor(tonumber(fence) / 1000) + 1, now_ms)
+    + tonumber(extra_ms) + FENCE_MARGIN_MS
+  redis.call('PEXPIREAT', fence_key, string.format('%.0f', at))
+end
+";
+
+/// [`KEEP_FENCE`] with the margin filled in.
+fn keep_fence() -> String {
+    KEEP_FENCE.replace("FENCE_MARGIN_MS", &FENCE_MARGIN_MS.to_string())
+}
+
 /// KEYS: lock, fence, holder. ARGV: owner, ttl_ms, pid, host, now_ms.
 /// Returns `{1, fence}` when taken (fence = max(counter + 1, clock µs), stored), else
 /// `{0, pttl}`.
 pub static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{FLOOR}
+        r"{FLOOR}{keep}
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local current, now = fence_floor(KEYS[2])
   local fence = string.format('%.0f', math.max(current + 1, now))
   redis.call('SET', KEYS[2], fence)
+  keep_fence(KEYS[2], fence, ARGV[2])
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[3], 'owner', ARGV[1], 'fence', fence, 'pid', ARGV[3], 'host', ARGV[4],
     'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ARGV[2])
@@ -42,7 +77,8 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {{1, fence}}
 end
 return {{0, string.format('%.0f', redis.call('PTTL', KEYS[1]))}}
-"
+",
+        keep = keep_fence()
     ))
 });
 
@@ -68,20 +104,26 @@ return {{0, string.format('%.0f', redis.call('PTTL', KEYS[1]))}}
 
 /// Redlock, phase 2 on one node: records the chosen fence if the owner still holds the
 /// lock there. KEYS: lock, fence, holder. ARGV: owner, fence. Returns 1 or 0.
+/// The counter's horizon uses the lock's remaining TTL, which phase 1 has just set.
 pub static REDLOCK_COMMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{keep}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local current = redis.call('GET', KEYS[2])
+local kept = ARGV[2]
 if (not current) or tonumber(current) < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[2], ARGV[2])
+else
+  kept = current
 end
+keep_fence(KEYS[2], kept, math.max(redis.call('PTTL', KEYS[1]), 0))
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[3], 'fence', ARGV[2])
 end
 return 1
 ",
-    )
+        keep = keep_fence()
+    ))
 });
 
 /// Compare-and-expire. KEYS: lock, holder. ARGV: owner, ttl_ms, now_ms. Returns 1 or 0.

@@ -1,15 +1,18 @@
 //! `redis://` and `rediss://`: one Redis node (SPEC §3 "Redis single-node layout").
 
 use super::config::{NodeConfig, Options};
-use super::node::{Node, NodeAttempt};
+use super::node::{abandon_soon, Node, NodeAttempt};
 use super::waker::Waker;
-use crate::core::backend::{AcquireRequest, Attempt, Backend, KeyWatch, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+};
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
 use crate::location::BackendUrl;
 use async_trait::async_trait;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Locks on one Redis node: the key `<prefix><key>` holds the owner token, taken with
 /// `SET NX PX` and renewed or released only by compare-and-expire / compare-and-delete
@@ -18,7 +21,7 @@ use std::time::Duration;
 /// at the holder's expiry.
 #[derive(Debug)]
 pub struct RedisBackend {
-    node: Node,
+    node: Arc<Node>,
     waker: Waker,
     describe: String,
     run_id: String,
@@ -40,7 +43,7 @@ impl RedisBackend {
             options.connect_timeout,
             options.command_timeout,
         );
-        let node = Node::new(config);
+        let node = Arc::new(Node::new(config));
         node.connection().await?;
         // Also checks the credentials: a server with requirepass accepts the connection
         // but refuses commands without them.
@@ -60,15 +63,54 @@ impl RedisBackend {
     }
 }
 
+/// Opens `redis://` and `rediss://` URLs, for the registry of schemes.
+pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(
+        RedisBackend::open(&BackendUrl::parse(url)?).await?,
+    ))
+}
+
+/// One lease held on the node: everything its renewals and release need (the TTL comes
+/// with each renewal), so that no table of leases is kept beside the backend.
+struct RedisLease {
+    node: Arc<Node>,
+    key: Key,
+    owner: Owner,
+}
+
+#[async_trait]
+impl HeldLease for RedisLease {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        self.node.renew(&self.key, &self.owner, ttl).await
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        self.node.release(&self.key, &self.owner).await
+    }
+}
+
 #[async_trait]
 impl Backend for RedisBackend {
     fn describe(&self) -> &str {
         &self.describe
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
-        Ok(match self.node.acquire(&request, false).await? {
-            NodeAttempt::Taken(fence) => Attempt::Acquired { fence },
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::expiring()
+    }
+
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
+        let sent_at = Instant::now();
+        Ok(match self.node.acquire(request, false).await? {
+            NodeAttempt::Taken(fence) => Attempt::Acquired(Granted {
+                fence,
+                sent_at,
+                lease: Box::new(RedisLease {
+                    node: Arc::clone(&self.node),
+                    key: request.key.clone(),
+                    owner: request.owner.clone(),
+                }),
+            }),
             NodeAttempt::Held(pttl) => Attempt::Held {
                 expires_in: match pttl {
                     -1 => None,
@@ -76,14 +118,6 @@ impl Backend for RedisBackend {
                 },
             },
         })
-    }
-
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        self.node.renew(key, owner, ttl).await
-    }
-
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
-        self.node.release(key, owner).await
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
@@ -94,6 +128,15 @@ impl Backend for RedisBackend {
             .map(|watch| Box::new(watch) as Box<dyn KeyWatch>))
     }
 
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        let node = Arc::clone(&self.node);
+        let (key, owner) = (key.clone(), owner.clone());
+        abandon_soon(async move { node.release(&key, &owner).await.map(drop) }).await
+    }
+}
+
+#[async_trait]
+impl Admin for RedisBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         self.node.inspect(key).await
     }

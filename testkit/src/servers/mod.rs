@@ -1,6 +1,7 @@
 //! Launchers for the real servers the backends talk to, started from the installed
 //! binaries.
 
+pub mod etcd;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;

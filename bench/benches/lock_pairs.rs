@@ -3,7 +3,7 @@
 //! - file: `open` + `flock(LOCK_EX|LOCK_NB)` + write and fsync the fence + unlock + close;
 //! - memory: a `tokio::sync::Mutex` lock/unlock per key in a shared map.
 //!
-//! Run with `cargo bench --bench lock_pairs`. Figures on a shared machine drift; the ratio
+//! Run with `cargo bench -p dlock-bench --bench lock_pairs`. Figures on a shared machine drift; the ratio
 //! to the raw primitive of the same run is the number to read.
 
 use std::collections::HashMap;

@@ -1,17 +1,10 @@
-//! `dlock bench` runs every mode and reports (how fast is for the benchmarks, not tests).
+//! `dlock-bench` runs every mode and reports (how fast is for the benchmarks, not tests).
 
 use std::process::Command;
 
 fn bench(backend: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_dlock"))
-        .args([
-            "bench",
-            "--backend",
-            backend,
-            "--json",
-            "--duration",
-            "400ms",
-        ])
+    let out = Command::new(env!("CARGO_BIN_EXE_dlock-bench"))
+        .args(["--backend", backend, "--json", "--duration", "400ms"])
         .args(args)
         .output()
         .unwrap();
@@ -62,17 +55,44 @@ fn every_mode_runs_and_reports() {
 
 #[test]
 fn bad_concurrency_is_usage_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_dlock"))
-        .args([
-            "bench",
-            "--backend",
-            "memory://",
-            "--mode",
-            "handoff",
-            "-c",
-            "1",
-        ])
+    let out = Command::new(env!("CARGO_BIN_EXE_dlock-bench"))
+        .args(["--backend", "memory://", "--mode", "handoff", "-c", "1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn default_run_uses_its_own_directory_and_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dlock-bench"))
+        .args(["--mode", "uncontended", "-c", "2", "--duration", "200ms"])
+        .env("TMPDIR", tmp.path())
+        .env_remove("DLOCK_BACKEND")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("writing keys dlock-bench-"), "{stderr}");
+    assert!(stderr.contains("removed afterwards"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "the run left {left:?}");
+}
+
+#[test]
+fn keys_stay_in_the_run_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    bench(&url, &["--mode", "uncontended", "-c", "2"]);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(
+            name.starts_with("dlock-bench-"),
+            "a key outside the namespace: {name}"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! The four measurements of `dlock bench`.
+//! The four measurements of `dlock-bench`.
 
 use super::stats::{human_us, percentiles, Percentiles};
 use super::{Exclusion, Report, Run};
@@ -38,7 +38,11 @@ pub struct Details {
 }
 
 fn fresh_key(prefix: &str) -> String {
-    format!("bench-{prefix}-{:016x}", rand::random::<u64>())
+    format!(
+        "{}{prefix}-{:016x}",
+        super::key_prefix(),
+        rand::random::<u64>()
+    )
 }
 
 fn remaining(run: &Run) -> Duration {

@@ -1,11 +1,14 @@
-//! `dlock bench`: what a lock costs when nobody else wants it, and how fast the next
+//! `dlock-bench`: what a lock costs when nobody else wants it, and how fast the next
 //! waiter gets it when somebody does, on any backend.
+//!
+//! Every key it takes starts with `dlock-bench-<pid>-`, so a run never touches another
+//! program's locks; without `--backend` it runs on the file backend in a temporary
+//! directory that it removes afterwards. It says where it writes before it starts.
 
 mod modes;
 mod stats;
 
-use super::{connect, duration_arg, exit, BackendArg};
-use clap::{Args, ValueEnum};
+use clap::{Parser, ValueEnum};
 use dlock::backends::counting::Counting;
 use dlock::Locks;
 use serde::Serialize;
@@ -31,10 +34,25 @@ pub enum Mode {
     Held,
 }
 
-#[derive(Debug, Args)]
+/// Measures dlock on one backend: pairs/s, acquire latency, hand-off latency, the cost
+/// of held leases. Exits 70 if two holders were ever seen at once.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dlock-bench",
+    after_help = "Examples:
+  dlock-bench --backend redis://127.0.0.1:6379 --concurrency 64
+  dlock-bench --mode handoff --concurrency 16 --hold 5ms
+  dlock-bench --mode held --concurrency 10000 --duration 60s --json
+
+Modes: uncontended (fresh random keys: pairs/s, acquire latency), contended (one
+key: pairs/s, latency, switch share, tasks served), handoff (release -> next
+holder latency), held (memory, CPU and renewal traffic of many held leases).
+Every mode checks mutual exclusion and exits 70 if it was violated."
+)]
 pub struct BenchArgs {
-    #[command(flatten)]
-    backend: BackendArg,
+    /// Backend URL [default: the file backend in a temporary directory, removed afterwards]
+    #[arg(long, short = 'b', value_name = "URL")]
+    backend: Option<String>,
     /// What to measure
     #[arg(long, value_enum, default_value = "uncontended")]
     mode: Mode,
@@ -141,11 +159,69 @@ fn raise_open_file_limit() {
     }
 }
 
-pub async fn bench(args: BenchArgs) -> ExitCode {
+/// Exit status for a backend that could not be reached or failed (as the CLI's).
+const UNAVAILABLE: u8 = 69;
+/// Exit status for bad arguments (as the CLI's).
+const USAGE: u8 = 64;
+
+fn report(message: impl std::fmt::Display) {
+    eprintln!("dlock-bench: {message}");
+}
+
+fn duration_arg(text: &str) -> Result<Duration, String> {
+    dlock::parse_duration(text).map_err(|err| match err {
+        dlock::Error::BadDuration { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            report(format!("cannot start the runtime: {err}"));
+            return ExitCode::from(UNAVAILABLE);
+        }
+    };
+    runtime.block_on(bench(args))
+}
+
+/// The key namespace of this run.
+pub fn key_prefix() -> String {
+    format!("dlock-bench-{}-", std::process::id())
+}
+
+async fn bench(args: BenchArgs) -> ExitCode {
     raise_open_file_limit();
-    let locks = match connect(args.backend.backend).await {
+    // Lock files are never deleted by the file backend (deleting a flock file is unsafe
+    // while others may open it), so the default run gets a directory of its own.
+    let (url, scratch) = match args.backend.clone() {
+        Some(url) => (url, None),
+        None => match tempfile::Builder::new().prefix("dlock-bench-").tempdir() {
+            Ok(dir) => (format!("file://{}", dir.path().display()), Some(dir)),
+            Err(err) => {
+                report(format!("cannot create a temporary lock directory: {err}"));
+                return ExitCode::from(UNAVAILABLE);
+            }
+        },
+    };
+    eprintln!(
+        "dlock-bench: writing keys {}* on {}{}",
+        key_prefix(),
+        dlock::redact(&url),
+        if scratch.is_some() {
+            " (removed afterwards)"
+        } else {
+            ""
+        }
+    );
+    let locks = match dlock::connect(&url).await {
         Ok(locks) => locks,
-        Err(err) => return exit::fail(&err),
+        Err(err) => {
+            report(err);
+            return ExitCode::from(UNAVAILABLE);
+        }
     };
     let counting = Counting::new(locks.backend().clone());
     let counts = counting.counts();
@@ -156,8 +232,8 @@ pub async fn bench(args: BenchArgs) -> ExitCode {
         _ => 1,
     });
     if concurrency == 0 || (args.mode == Mode::Handoff && concurrency < 2) {
-        exit::report("--concurrency must be at least 1 (handoff: at least 2)");
-        return ExitCode::from(exit::USAGE);
+        report("--concurrency must be at least 1 (handoff: at least 2)");
+        return ExitCode::from(USAGE);
     }
     let duration = args.duration.unwrap_or(match args.mode {
         Mode::Held => Duration::from_secs(60),
@@ -222,20 +298,23 @@ pub async fn bench(args: BenchArgs) -> ExitCode {
     } else {
         modes::print_table(&report);
     }
-    if report.violations > 0 {
-        exit::report(format!(
+    let outcome = if report.violations > 0 {
+        self::report(format!(
             "MUTUAL EXCLUSION VIOLATED {} times on {}",
             report.violations, report.backend
         ));
-        return ExitCode::from(VIOLATION);
-    }
-    if report.errors > 0 {
-        exit::report(format!(
+        ExitCode::from(VIOLATION)
+    } else if report.errors > 0 {
+        self::report(format!(
             "{} errors during the run; last: {}",
             report.errors,
             report.last_error.as_deref().unwrap_or("?")
         ));
-        return ExitCode::from(exit::UNAVAILABLE);
-    }
-    ExitCode::SUCCESS
+        ExitCode::from(UNAVAILABLE)
+    } else {
+        ExitCode::SUCCESS
+    };
+    drop(run);
+    drop(scratch);
+    outcome
 }
