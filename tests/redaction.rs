@@ -2,7 +2,7 @@
 //! log line or the CLI's output: userinfo passwords, credential query options, percent-
 //! encoded passwords, and passwords that are also part of a host name.
 
-use dlock::BackendUrl;
+use dlock::backend::BackendUrl;
 use dlock_testkit::process::free_port;
 use std::process::Command;
 

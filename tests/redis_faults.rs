@@ -5,7 +5,7 @@
 use dlock::backends::redis::RedlockBackend;
 use dlock::{Error, Wait};
 use dlock_testkit::process::signal;
-use dlock_testkit::proxy::FreezingProxy;
+use dlock_testkit::proxy::Proxy;
 use dlock_testkit::servers::redis::{RedisConfig, RedisServer};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -521,7 +521,7 @@ const FROZEN_SLACK: Duration = Duration::from_millis(1500);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attempts_on_a_frozen_server_fail_typed_soon_after_their_deadline() {
     let server = RedisServer::start();
-    let proxy = FreezingProxy::start(server.port()).await;
+    let proxy = Proxy::start(server.port()).await;
     let locks = dlock::connect(&format!("redis://127.0.0.1:{}", proxy.port()))
         .await
         .unwrap();
@@ -631,7 +631,7 @@ async fn redlock_attempts_with_a_frozen_majority_fail_typed_soon_after_their_dea
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let mut proxies = Vec::new();
     for node in &nodes {
-        proxies.push(FreezingProxy::start(node.port()).await);
+        proxies.push(Proxy::start(node.port()).await);
     }
     let hosts: Vec<String> = proxies
         .iter()

@@ -4,6 +4,7 @@
 
 use dlock::backends::postgres::keys::{advisory_key, pg_locks_halves};
 use dlock::{Error, Locks, LossReason};
+use dlock_testkit::proxy::Proxy;
 use dlock_testkit::servers::mysql::Mysql;
 use dlock_testkit::servers::postgres::Postgres;
 use mysql_async::prelude::Queryable;
@@ -810,4 +811,214 @@ async fn mysql_lease_acquire_that_waited_on_the_row_is_not_granted_expired() {
     }
     let g = grants.lock().unwrap();
     assert!(g.problems.is_empty(), "{:#?}", g.problems);
+}
+
+/// `url` with its server's port replaced by the proxy's.
+fn via(url: &str, server_port: u16, proxy: &Proxy) -> String {
+    url.replace(
+        &format!("127.0.0.1:{server_port}/"),
+        &format!("127.0.0.1:{}/", proxy.port()),
+    )
+}
+
+/// A session lease held through a slow link that then stalls survives the stall; when
+/// its session is then killed from outside, `lost()` fires within seconds and a waiter
+/// (on a direct connection) is admitted only after the kill, with a higher fence.
+///
+/// The window: the server frees a killed session's lock at once, and the waiter can be
+/// admitted before the holder hears of the kill (PostgreSQL: when the server's close
+/// reaches the holder's connection, one round trip through the proxy; MySQL: at the next
+/// liveness check on the administrative connection, every 500 ms plus its round trip).
+/// No client can close that window, because the holder learns of the kill only from the
+/// server; the fence, which the waiter gets higher, is what protects the resource in it.
+async fn stalled_then_killed(
+    direct: &str,
+    proxied: &str,
+    proxy: &Proxy,
+    k: &str,
+    kill: impl std::future::Future<Output = ()>,
+) {
+    proxy.set_latency(Duration::from_millis(50));
+    let holder = dlock::connect(proxied).await.unwrap();
+    let lease = holder
+        .lock(k)
+        .ttl(Duration::from_secs(3))
+        .acquire()
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, k) = (dlock::connect(direct).await.unwrap(), k.to_owned());
+        async move {
+            let lease = waiter
+                .lock(&k)
+                .wait_for(Duration::from_secs(30))
+                .acquire()
+                .await;
+            (Instant::now(), lease)
+        }
+    });
+    proxy.freeze_for(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !lease.is_lost(),
+        "a stall shorter than the TTL lost the lease"
+    );
+    assert!(!waiting.is_finished(), "the waiter got a held lock");
+    let killed_at = Instant::now();
+    kill.await;
+    let reason = within(
+        Duration::from_secs(5),
+        "lost() after the kill",
+        lease.lost(),
+    )
+    .await;
+    let lost_at = Instant::now();
+    assert!(
+        matches!(reason, LossReason::SessionEnded { .. }),
+        "{reason:?}"
+    );
+    let (admitted_at, next) = within(PROMPTLY, "the waiter's acquire", waiting)
+        .await
+        .unwrap();
+    let next = next.unwrap();
+    assert!(
+        admitted_at > killed_at,
+        "the waiter was admitted before the kill"
+    );
+    assert!(next.fence() > lease.fence());
+    eprintln!(
+        "after the kill: holder lost at {:?}, waiter admitted at {:?}",
+        lost_at - killed_at,
+        admitted_at - killed_at
+    );
+    assert!(!lease.release().await.unwrap());
+    assert!(next.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_session_through_a_stalled_link_then_killed() {
+    let server = Mysql::shared();
+    let proxy = Proxy::start(server.port()).await;
+    let direct = server.url("");
+    let proxied = via(&direct, server.port(), &proxy);
+    let mut admin = my_admin(server).await;
+    let k = key("stall-kill");
+    let kill = async {
+        let id: Option<Option<u64>> = admin
+            .exec_first("SELECT IS_USED_LOCK(?)", (my_lock_name(&k),))
+            .await
+            .unwrap();
+        let id = id.flatten().expect("the lock is not held");
+        admin.query_drop(format!("KILL {id}")).await.unwrap();
+    };
+    stalled_then_killed(&direct, &proxied, &proxy, &k, kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_session_through_a_stalled_link_then_terminated() {
+    let server = Postgres::shared();
+    let proxy = Proxy::start(server.port()).await;
+    let direct = server.url("");
+    let proxied = via(&direct, server.port(), &proxy);
+    let admin = pg_admin(server).await;
+    let k = key("stall-terminate");
+    let kill = async {
+        let pids = pg_lockers(&admin, &k, true).await;
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pids[0]])
+            .await
+            .unwrap();
+    };
+    stalled_then_killed(&direct, &proxied, &proxy, &k, kill).await;
+}
+
+/// Against a frozen link, an attempt that does not wait fails with a typed, transient
+/// error soon after its (immediate) deadline, in both modes on both databases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_wait_behind_a_frozen_link_fails_promptly_with_a_typed_error() {
+    let (pg, my) = (Postgres::shared(), Mysql::shared());
+    for (server_url, port) in [
+        (pg.url(""), pg.port()),
+        (pg.url("mode=lease"), pg.port()),
+        (my.url(""), my.port()),
+        (my.url("mode=lease"), my.port()),
+    ] {
+        let proxy = Proxy::start(port).await;
+        let url = via(&server_url, port, &proxy);
+        let locks = dlock::connect(&url).await.unwrap();
+        let k = key("frozen");
+        // A connection in the pool, so that the attempt meets a stalled open connection.
+        let warm = locks
+            .lock(key("warm"))
+            .try_acquire()
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(warm.release().await.unwrap());
+        proxy.freeze();
+        for no_wait in [true, false] {
+            let started = Instant::now();
+            let attempt = async {
+                if no_wait {
+                    locks.lock(&k).no_wait().acquire().await.map(Some)
+                } else {
+                    locks.lock(&k).try_acquire().await
+                }
+            };
+            let outcome = within(
+                Duration::from_millis(1500),
+                "an attempt behind a frozen link",
+                attempt,
+            )
+            .await;
+            let err = outcome.expect_err("an attempt behind a frozen link succeeded");
+            assert!(err.is_transient(), "{url}: {err:?}");
+            eprintln!(
+                "{}: failed after {:?}: {err}",
+                dlock::redact(&url),
+                started.elapsed()
+            );
+        }
+        proxy.thaw();
+    }
+}
+
+/// A waiter without limit on PostgreSQL (session mode) keeps waiting across a restart of
+/// the server: the holder's lock dies with the restart, and the waiter then acquires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_unlimited_waiter_survives_a_server_restart() {
+    let server = std::sync::Arc::new(Postgres::start(true));
+    let url = server.url("");
+    let k = key("restart-wait");
+    let holder = dlock::connect(&url).await.unwrap();
+    let lease = holder.lock(&k).acquire().await.unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, k) = (dlock::connect(&url).await.unwrap(), k.clone());
+        async move { waiter.lock(&k).wait(dlock::Wait::Forever).acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the waiter got a held lock");
+    let stopping = std::sync::Arc::clone(&server);
+    in_blocking(move || stopping.stop()).await;
+    within(PROMPTLY, "the holder's lost() at the stop", lease.lost()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the waiter gave up while the server was down"
+    );
+    let starting = std::sync::Arc::clone(&server);
+    in_blocking(move || starting.launch()).await;
+    let next = within(
+        Duration::from_secs(30),
+        "the waiter's acquire after the restart",
+        waiting,
+    )
+    .await
+    .unwrap()
+    .expect("the waiter returned an error instead of waiting");
+    assert!(next.fence() > lease.fence());
+    assert!(next.release().await.unwrap());
+    drop(lease);
+    drop(holder);
 }

@@ -110,6 +110,7 @@ impl Run {
 }
 
 /// Marks a critical section; two tasks inside at once is a violation.
+#[derive(Default)]
 pub struct Exclusion(AtomicBool);
 
 impl Exclusion {

@@ -17,6 +17,10 @@ pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) mod sql_session;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) mod sql_sweep;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) mod sql_url;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;

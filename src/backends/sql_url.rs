@@ -104,3 +104,12 @@ fn check_identifier(name: &str, namespace: &str) -> std::result::Result<(), Stri
         ))
     }
 }
+
+/// The `Debug` of a SQL backend: its kind and redacted URL, nothing of its connections.
+pub(crate) fn fmt_backend(
+    f: &mut std::fmt::Formatter<'_>,
+    kind: &str,
+    describe: &str,
+) -> std::fmt::Result {
+    f.debug_struct(kind).field("url", &describe).finish()
+}

@@ -1,130 +1,277 @@
-//! A TCP proxy on 127.0.0.1 in front of a real server that can freeze: while frozen it
-//! stops forwarding both ways without closing anything, as a hung server or a network
-//! partition would (connections stay open, new ones are accepted but get no answer, and
-//! bytes already in flight are held until the thaw).
+//! A TCP proxy on 127.0.0.1 in front of a real server, for fault tests. It can add
+//! latency to every byte in each direction, freeze the traffic as a hung server or a
+//! network partition would (connections stay open, new ones are accepted but reach the
+//! server only at the thaw, and bytes and closes already in flight are held until then),
+//! and cut every open connection.
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Flowing,
-    Frozen,
-    Closed,
+struct State {
+    latency: Mutex<Duration>,
+    frozen: watch::Sender<bool>,
+    /// Bumped by [`Proxy::cut`]: every connection open at that moment is closed.
+    cuts: watch::Sender<u64>,
 }
 
-/// A running proxy; it forwards until [`freeze`](Self::freeze)d, and closes every
-/// connection when dropped.
-pub struct FreezingProxy {
+impl State {
+    fn latency(&self) -> Duration {
+        *self.latency.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Resolves at once while the proxy forwards, else at the thaw.
+    async fn thawed(&self) {
+        let mut frozen = self.frozen.subscribe();
+        while *frozen.borrow_and_update() {
+            if frozen.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A running proxy; stops, and closes its connections, when dropped.
+pub struct Proxy {
     port: u16,
-    state: watch::Sender<State>,
-    acceptor: tokio::task::AbortHandle,
+    state: Arc<State>,
+    accept: JoinHandle<()>,
 }
 
-impl FreezingProxy {
-    /// Starts a proxy to 127.0.0.1:`upstream`, on the current tokio runtime.
-    pub async fn start(upstream: u16) -> FreezingProxy {
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `127.0.0.1:upstream`, on the
+    /// current tokio runtime.
+    pub async fn start(upstream: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
-            .expect("cannot bind the proxy's port");
-        let port = listener.local_addr().expect("proxy address").port();
-        let (state, states) = watch::channel(State::Flowing);
-        let acceptor = tokio::spawn(async move {
+            .expect("cannot bind the proxy");
+        let port = listener.local_addr().expect("no proxy address").port();
+        let state = Arc::new(State {
+            latency: Mutex::new(Duration::ZERO),
+            frozen: watch::channel(false).0,
+            cuts: watch::channel(0).0,
+        });
+        let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
+        let shared = Arc::clone(&state);
+        let accept = tokio::spawn(async move {
+            // Owned by this task: aborting it (on drop) closes every connection.
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(serve(client, upstream, states.clone()));
+                let state = Arc::clone(&shared);
+                let mut cuts = state.cuts.subscribe();
+                cuts.mark_unchanged();
+                connections.spawn(async move {
+                    let connect = async {
+                        state.thawed().await;
+                        TcpStream::connect(upstream).await
+                    };
+                    let server = tokio::select! {
+                        server = connect => server,
+                        _ = cuts.changed() => return,
+                    };
+                    if let Ok(server) = server {
+                        relay(client, server, state, cuts).await;
+                    }
+                });
+                while connections.try_join_next().is_some() {}
             }
-        })
-        .abort_handle();
-        FreezingProxy {
+        });
+        Proxy {
             port,
             state,
-            acceptor,
+            accept,
         }
     }
 
-    /// The proxy's port on 127.0.0.1.
+    /// The port clients connect to.
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Stops forwarding, on live and new connections, without closing any.
+    /// Delays every chunk by `latency` in each direction from now on.
+    pub fn set_latency(&self, latency: Duration) {
+        *self
+            .state
+            .latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = latency;
+    }
+
+    /// Holds every byte and close in both directions, and new connections, until
+    /// [`thaw`](Self::thaw).
     pub fn freeze(&self) {
-        self.state.send_replace(State::Frozen);
+        self.state.frozen.send_replace(true);
     }
 
     /// Forwards again, starting with what was held while frozen.
     pub fn thaw(&self) {
-        self.state.send_replace(State::Flowing);
+        self.state.frozen.send_replace(false);
+    }
+
+    /// Freezes the traffic for `duration`, then thaws it.
+    pub async fn freeze_for(&self, duration: Duration) {
+        self.freeze();
+        tokio::time::sleep(duration).await;
+        self.thaw();
+    }
+
+    /// Closes every connection open now; later ones are served as usual.
+    pub fn cut(&self) {
+        self.state.cuts.send_modify(|n| *n += 1);
     }
 }
 
-impl Drop for FreezingProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
-        self.state.send_replace(State::Closed);
-        self.acceptor.abort();
+        self.accept.abort();
+        self.cut();
     }
 }
 
-/// Waits while frozen; false once the proxy is closed.
-async fn flowing(states: &mut watch::Receiver<State>) -> bool {
-    loop {
-        match *states.borrow_and_update() {
-            State::Flowing => return true,
-            State::Closed => return false,
-            State::Frozen => {}
-        }
-        if states.changed().await.is_err() {
-            return false;
-        }
-    }
-}
-
-async fn closed(mut states: watch::Receiver<State>) {
-    while *states.borrow_and_update() != State::Closed {
-        if states.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn serve(client: TcpStream, upstream: u16, states: watch::Receiver<State>) {
-    let mut gate = states.clone();
-    if !flowing(&mut gate).await {
-        return;
-    }
-    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-        return;
-    };
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    state: Arc<State>,
+    mut cuts: watch::Receiver<u64>,
+) {
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    // Either direction ending closes both sides.
+    let up = pump(client_read, server_write, Arc::clone(&state));
+    let down = pump(server_read, client_write, state);
     tokio::select! {
-        () = pump(client_read, server_write, states.clone()) => {}
-        () = pump(server_read, client_write, states.clone()) => {}
-        () = closed(states) => {}
+        _ = async { tokio::join!(up, down) } => {}
+        _ = cuts.changed() => {}
     }
 }
 
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut states: watch::Receiver<State>) {
-    let mut buf = [0u8; 8192];
-    loop {
-        if !flowing(&mut states).await {
-            return;
-        }
-        let read = from.read(&mut buf).await;
-        // What arrived during a freeze (data or a close) is held until the thaw.
-        if !flowing(&mut states).await {
-            return;
-        }
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).await.is_err() {
-                    return;
+/// Copies one direction: a reader that stamps each chunk with its due time, and a
+/// writer that sends it then, and only while the proxy is not frozen; the end of the
+/// stream is passed on the same way.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, state: Arc<State>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let reader = {
+        let state = Arc::clone(&state);
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let due = Instant::now() + state.latency();
+                        if tx.send((due, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
                 }
             }
         }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            state.thawed().await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        state.thawed().await;
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Proxy;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// An echo server on loopback, for the proxy to stand in front of.
+    async fn echo() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    async fn round_trip(conn: &mut tokio::net::TcpStream, what: &[u8]) -> Vec<u8> {
+        conn.write_all(what).await.unwrap();
+        let mut got = vec![0u8; what.len()];
+        conn.read_exact(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn latency_keeps_bytes_in_order_and_a_freeze_holds_them_until_the_thaw() {
+        let proxy = Proxy::start(echo().await).await;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        proxy.set_latency(Duration::from_millis(20));
+        for i in 0..20u8 {
+            assert_eq!(round_trip(&mut conn, &[i; 3]).await, vec![i; 3]);
+        }
+        proxy.set_latency(Duration::ZERO);
+        proxy.freeze();
+        conn.write_all(b"held").await.unwrap();
+        let mut got = [0u8; 4];
+        let early = tokio::time::timeout(Duration::from_millis(300), conn.read_exact(&mut got));
+        assert!(early.await.is_err(), "bytes crossed a frozen proxy");
+        // A connection opened during the freeze gets no answer either.
+        let mut late = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        late.write_all(b"late").await.unwrap();
+        let mut got_late = [0u8; 4];
+        let early =
+            tokio::time::timeout(Duration::from_millis(300), late.read_exact(&mut got_late));
+        assert!(
+            early.await.is_err(),
+            "a new connection crossed a frozen proxy"
+        );
+        proxy.thaw();
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"held");
+        late.read_exact(&mut got_late).await.unwrap();
+        assert_eq!(&got_late, b"late");
+    }
+
+    #[tokio::test]
+    async fn a_cut_closes_open_connections_only() {
+        let proxy = Proxy::start(echo().await).await;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut conn, b"a").await, b"a");
+        proxy.cut();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("a cut connection stayed open");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        let mut next = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut next, b"b").await, b"b");
     }
 }

@@ -29,7 +29,8 @@ use super::{
     ensure_schema, epoch_us, from_micros, is_lock_wait_timeout, micros, my_error, row_key,
     table_probe, Conns, Lent, Settings, STATEMENT_TIMEOUT,
 };
-use crate::core::backend::{AcquireRequest, Attempt, Backend, LockInfo};
+use crate::backends::sql_session::Cleanups;
+use crate::core::backend::{AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, LockInfo};
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -38,6 +39,9 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Row;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How long before the engine's limit of an acquire attempt its statements give up.
+const ATTEMPT_MARGIN: Duration = Duration::from_millis(100);
 
 /// The expiry of a released row: long past, so that any later statement sees it expired.
 const RELEASED: &str = "'1970-01-01 00:00:01'";
@@ -131,13 +135,13 @@ struct Inner {
     /// The fence of a key's first row: above every fence the counter of earlier versions
     /// handed out, where that counter exists.
     first_fence: u64,
+    /// Abandoned attempts whose rows are being freed.
+    cleanups: Cleanups,
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlLeaseBackend")
-            .field("url", &self.describe)
-            .finish()
+        crate::backends::sql_url::fmt_backend(f, "MysqlLeaseBackend", &self.describe)
     }
 }
 
@@ -197,7 +201,7 @@ impl MysqlLeaseBackend {
         let old = match old {
             Ok(old) => old.unwrap_or(0),
             Err(mysql_async::Error::Server(err)) if err.code == ER_NO_SUCH_TABLE => 0,
-            Err(err) => return Err(my_error(&settings.describe, &err)),
+            Err(err) => return Err(my_error(&settings.describe, err)),
         };
         conn.keep();
         drop(conn);
@@ -207,6 +211,7 @@ impl MysqlLeaseBackend {
                 conns,
                 sql: Sql::new(&settings.table),
                 first_fence: old.saturating_add(1),
+                cleanups: Cleanups::default(),
             }),
         })
     }
@@ -218,7 +223,23 @@ impl MysqlLeaseBackend {
         key: &str,
         statement: impl std::future::Future<Output = mysql_async::Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(STATEMENT_TIMEOUT, statement).await {
+        self.on_row_until(key, None, statement).await
+    }
+
+    /// [`on_row`](Self::on_row), for an acquire attempt on connection `id` that must
+    /// answer by `end`, earlier than the row-lock wait can run out: a statement still
+    /// waiting then (the read before it answered, so the server does) is reported as the
+    /// lock wait it is, and interrupted on the server, so that it cannot take the row
+    /// after its caller gave up.
+    async fn on_row_until<T>(
+        &self,
+        key: &str,
+        attempt: Option<(Instant, u32)>,
+        statement: impl std::future::Future<Output = mysql_async::Result<T>>,
+    ) -> Result<T> {
+        let limit = Instant::now() + STATEMENT_TIMEOUT;
+        let until = attempt.map_or(limit, |(end, _)| end.min(limit));
+        match tokio::time::timeout_at(until.into(), statement).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) if is_lock_wait_timeout(&err) => Err(Error::unavailable(
                 &self.inner.describe,
@@ -227,8 +248,19 @@ impl MysqlLeaseBackend {
                     super::ROW_LOCK_WAIT.as_secs()
                 ),
             )),
-            Ok(Err(err)) => Err(my_error(&self.inner.describe, &err)),
+            Ok(Err(err)) => Err(my_error(&self.inner.describe, err)),
             // Dropping the statement drops its connection (never pooled again).
+            Err(_) if until < limit => {
+                if let Some((_, id)) = attempt {
+                    self.interrupt(id).await;
+                }
+                Err(Error::unavailable(
+                &self.inner.describe,
+                format!(
+                    "lock wait timeout on the lease row of {key:?}: its row lock stayed taken until this attempt's deadline (another session holds it: a client stalled mid-statement, or a transaction left open on the table; or the server stopped answering); try again"
+                    ),
+                ))
+            }
             Err(_) => Err(Error::unavailable(
                 &self.inner.describe,
                 format!(
@@ -236,6 +268,20 @@ impl MysqlLeaseBackend {
                     STATEMENT_TIMEOUT.as_secs()
                 ),
             )),
+        }
+    }
+
+    /// Stops the statement running on connection `id` (`KILL QUERY`), briefly bounded.
+    async fn interrupt(&self, id: u32) {
+        let killed = tokio::time::timeout(ATTEMPT_MARGIN / 2, async {
+            let mut admin = self.inner.conns.take_raw().await?;
+            admin.query_drop(format!("KILL QUERY {id}")).await?;
+            admin.keep();
+            mysql_async::Result::Ok(())
+        })
+        .await;
+        if !matches!(killed, Ok(Ok(()))) {
+            tracing::debug!(id, "interrupting an acquire that waited on a row lock failed; its connection is closed anyway");
         }
     }
 
@@ -252,8 +298,15 @@ impl MysqlLeaseBackend {
     ) -> Result<Option<u64>> {
         let key = request.key.as_str();
         let k = row_key(key);
-        self.on_row(
+        // Answer before the engine gives up on the attempt, so that a row-lock wait is
+        // reported as such rather than as a store that did not answer.
+        let attempt = crate::core::wait::call_deadline(request, began)
+            .checked_sub(ATTEMPT_MARGIN)
+            .filter(|end| *end > began)
+            .map(|end| (end, conn.id()));
+        self.on_row_until(
             key,
+            attempt,
             conn.exec_drop(
                 self.inner.sql.claim.as_str(),
                 (
@@ -262,7 +315,7 @@ impl MysqlLeaseBackend {
                     request.owner.as_str(),
                     self.inner.first_fence,
                     micros(request.ttl),
-                    i64::try_from(request.ttl.as_millis()).unwrap_or(i64::MAX),
+                    super::millis(request.ttl),
                     request.holder.pid,
                     request.holder.host.as_str(),
                 ),
@@ -271,8 +324,9 @@ impl MysqlLeaseBackend {
         .await?;
         // A fresh statement, so a fresh UTC_TIMESTAMP(6): is the row ours, and still live?
         let now: Option<(String, u64, bool)> = self
-            .on_row(
+            .on_row_until(
                 key,
+                attempt,
                 conn.exec_first(self.inner.sql.mine.as_str(), (k.as_slice(),)),
             )
             .await?;
@@ -306,8 +360,11 @@ impl Backend for MysqlLeaseBackend {
         &self.inner.describe
     }
 
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let began = Instant::now();
+        if self.inner.cleanups.running(request.key, request.owner) {
+            return Ok(Attempt::Held { expires_in: None });
+        }
         let mut conn = self.conn().await?;
         let key = request.key.as_str();
         let k = row_key(key);
@@ -326,34 +383,78 @@ impl Backend for MysqlLeaseBackend {
             }
         }
         // A dropped future (or a failed statement) closes the connection.
-        let claimed = self.claim(&mut conn, &request, began).await?;
+        let claimed = self.claim(&mut conn, request, began).await?;
         conn.keep();
         match claimed {
-            Some(fence) => Ok(Attempt::Acquired { fence }),
+            Some(fence) => Ok(Attempt::Acquired(Granted {
+                fence,
+                sent_at: began,
+                lease: self.held(request.key, request.owner),
+            })),
             None => Ok(Attempt::Held { expires_in: None }),
         }
     }
 
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let mut conn = self.conn().await?;
-        self.on_row(
-            key.as_str(),
-            conn.exec_drop(
-                self.inner.sql.renew.as_str(),
-                (
-                    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
-                    micros(ttl),
-                    row_key(key.as_str()),
-                    owner.as_str(),
+    /// The owner-checked release, in the background: the caller gave up on a store that
+    /// did not answer, and must not wait for that store again.
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        self.inner
+            .cleanups
+            .spawn(self.held(key, owner).release(), key, owner);
+        Ok(())
+    }
+}
+
+impl MysqlLeaseBackend {
+    /// The handle of a row held (or maybe taken) by `owner`.
+    fn held(&self, key: &Key, owner: &Owner) -> Box<dyn HeldLease> {
+        Box::new(MysqlLease {
+            backend: self.clone(),
+            key: key.clone(),
+            owner: owner.clone(),
+        })
+    }
+}
+
+/// One held row, renewed and released on connections of the handle's pool.
+struct MysqlLease {
+    backend: MysqlLeaseBackend,
+    key: Key,
+    owner: Owner,
+}
+
+#[async_trait]
+impl HeldLease for MysqlLease {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let backend = &self.backend;
+        let mut conn = backend.conn().await?;
+        backend
+            .on_row(
+                self.key.as_str(),
+                conn.exec_drop(
+                    backend.inner.sql.renew.as_str(),
+                    (
+                        super::millis(ttl),
+                        micros(ttl),
+                        row_key(self.key.as_str()),
+                        self.owner.as_str(),
+                    ),
                 ),
-            ),
-        )
-        .await?;
+            )
+            .await?;
         conn.keep();
         Ok(conn.affected_rows() == 1)
     }
 
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
+    async fn release(self: Box<Self>) -> Result<bool> {
+        self.backend.release_row(&self.key, &self.owner).await
+    }
+}
+
+impl MysqlLeaseBackend {
+    /// The owner-checked release (the row stays, with its fence): `true` if the lease
+    /// was still live.
+    async fn release_row(&self, key: &Key, owner: &Owner) -> Result<bool> {
         let mut conn = self.conn().await?;
         let k = row_key(key.as_str());
         self.on_row(
@@ -379,7 +480,10 @@ impl Backend for MysqlLeaseBackend {
         conn.keep();
         Ok(false)
     }
+}
 
+#[async_trait]
+impl Admin for MysqlLeaseBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let mut conn = self.conn().await?;
         let row: Option<Row> = self

@@ -26,15 +26,15 @@ mod lease_table;
 mod session;
 
 use super::sql_url;
-use crate::core::locks::Locks;
+use crate::core::backend::Backend;
 use crate::error::{Error, Result};
 use crate::location::BackendUrl;
 use mysql_async::{Opts, OptsBuilder, PoolConstraints, PoolOpts};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use lease_table::MysqlLeaseBackend;
-pub use session::MysqlSessionBackend;
 
 /// Options passed on to the client (mysql_async's URL parameters).
 const CLIENT_OPTIONS: &[&str] = &[
@@ -92,22 +92,69 @@ impl std::fmt::Debug for Settings {
             .field("mode", &self.mode)
             .field("table", &self.table)
             .field("counter", &self.counter)
+            .field("namespace", &self.namespace)
             .field("describe", &self.describe)
             .finish_non_exhaustive()
     }
 }
 
 /// Opens a MySQL backend from its URL.
-pub async fn open(url: &BackendUrl) -> Result<Locks> {
-    let settings = Settings::parse(url)?;
-    match settings.mode {
-        Mode::Session => Ok(Locks::from_backend(
-            MysqlSessionBackend::connect(settings).await?,
-        )),
-        Mode::Lease => Ok(Locks::from_backend(
-            MysqlLeaseBackend::connect(settings).await?,
-        )),
+pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
+    let settings = Settings::parse(&BackendUrl::parse(url)?)?;
+    Ok(match settings.mode {
+        Mode::Session => Arc::new(session::connect(settings).await?),
+        Mode::Lease => Arc::new(MysqlLeaseBackend::connect(settings).await?),
+    })
+}
+
+/// How long one connection attempt may take (the client library has no timeout of its
+/// own for the handshake).
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Server-side bounds of every statement of the session (MariaDB's `max_statement_time`,
+/// seconds; MySQL's `max_execution_time`, milliseconds, which bounds `SELECT`s), beside
+/// the row-lock wait bound ([`ROW_LOCK_WAIT`]) the connection's init statements set. A
+/// `GET_LOCK` wait lifts the statement bound for itself: its own timeout is the caller's
+/// deadline.
+const MARIADB_BOUNDS: &str = "SET SESSION max_statement_time = 15";
+const MYSQL_BOUNDS: &str = "SET SESSION max_execution_time = 15000";
+
+/// Opens a connection with the statement bounds set, bounded in time; `true` for MariaDB.
+pub(crate) async fn open_conn(opts: &Opts) -> mysql_async::Result<(mysql_async::Conn, bool)> {
+    use mysql_async::prelude::Queryable;
+    let opened = tokio::time::timeout(CONNECT_LIMIT, async {
+        let mut conn = mysql_async::Conn::new(opts.clone()).await?;
+        let mariadb = match conn.query_drop(MARIADB_BOUNDS).await {
+            Ok(()) => true,
+            // MySQL has no max_statement_time (unknown system variable).
+            Err(mysql_async::Error::Server(err)) if err.code == 1193 => {
+                conn.query_drop(MYSQL_BOUNDS).await?;
+                false
+            }
+            Err(err) => return Err(err),
+        };
+        Ok((conn, mariadb))
+    })
+    .await;
+    match opened {
+        Ok(opened) => opened,
+        Err(_) => Err(mysql_async::Error::Io(mysql_async::IoError::Io(
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting took longer than {CONNECT_LIMIT:?}"),
+            ),
+        ))),
     }
+}
+
+/// True if the server refused the connection: nothing listens on its port.
+pub(crate) fn is_refused(err: &mysql_async::Error) -> bool {
+    matches!(err, mysql_async::Error::Io(mysql_async::IoError::Io(io)) if io.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// Milliseconds of a duration, as the SQL takes them.
+pub(crate) fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Settings {
@@ -228,6 +275,13 @@ impl Conns {
 
     /// An idle connection, or a new one.
     pub(crate) async fn take(self: &std::sync::Arc<Self>) -> Result<Lent> {
+        self.take_raw()
+            .await
+            .map_err(|e| my_error(&self.describe, e))
+    }
+
+    /// [`take`](Self::take), with the client library's error.
+    pub(crate) async fn take_raw(self: &std::sync::Arc<Self>) -> mysql_async::Result<Lent> {
         use mysql_async::prelude::Queryable;
         loop {
             let next = self
@@ -240,9 +294,7 @@ impl Conns {
                 return Ok(self.lend(conn));
             }
         }
-        let conn = mysql_async::Conn::new(self.opts.clone())
-            .await
-            .map_err(|e| my_error(&self.describe, &e))?;
+        let (conn, _) = open_conn(&self.opts).await?;
         Ok(self.lend(conn))
     }
 
@@ -299,12 +351,35 @@ impl Drop for Lent {
     }
 }
 
-/// Maps a client error: server errors are [`Error::Backend`], the rest [`Error::Unavailable`].
-pub(crate) fn my_error(describe: &str, err: &mysql_async::Error) -> Error {
-    match err {
-        mysql_async::Error::Server(server) => Error::backend(describe, server),
+/// Server error codes that say the server is going away, overloaded, or that a statement
+/// ran out of time: they may heal by themselves.
+fn is_transient_code(code: u16) -> bool {
+    matches!(
+        code,
+        1040 // too many connections
+            | 1053 // server shutdown in progress
+            | 1205 // lock wait timeout
+            | 1213 // deadlock
+            | 1317 // query interrupted
+            | 1927 // connection killed (MariaDB)
+            | 1969 // max_statement_time exceeded (MariaDB)
+            | 2006 // server has gone away
+            | 2013 // lost connection during query
+            | 3024 // max_execution_time exceeded (MySQL)
+    )
+}
+
+/// Maps a client error: the connection lost or refused, I/O, timeouts and the server's
+/// transient errors are [`Error::Unavailable`] (waiters retry them); the rest of what the
+/// server answers (bad credentials, missing privileges) is [`Error::Backend`].
+pub(crate) fn my_error(describe: &str, err: mysql_async::Error) -> Error {
+    let mapped = match &err {
+        mysql_async::Error::Server(server) if !is_transient_code(server.code) => {
+            Error::backend(describe, server)
+        }
         other => Error::unavailable(describe, other),
-    }
+    };
+    mapped.caused_by(err)
 }
 
 /// True for errors that mean the connection is gone.
@@ -342,7 +417,7 @@ pub(crate) async fn ensure_schema(
                 present = false;
                 break;
             }
-            Err(err) => return Err(my_error(describe, &err)),
+            Err(err) => return Err(my_error(describe, err)),
         }
     }
     if present {

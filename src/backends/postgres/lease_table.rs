@@ -19,12 +19,16 @@
 
 use super::listener::Listener;
 use super::{ensure_schema, millis, pg_error, Settings, Shared};
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, KeyWatch, LockInfo};
+use crate::backends::sql_session::Cleanups;
+use crate::backends::sql_sweep::SweepClock;
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, KeyWatch, LockInfo,
+};
 use crate::core::owner::Owner;
 use crate::error::Result;
 use crate::key::Key;
 use async_trait::async_trait;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
@@ -127,14 +131,14 @@ struct Inner {
     db: Shared,
     listener: Arc<Listener>,
     sql: Sql,
-    last_sweep: Mutex<Instant>,
+    sweeps: SweepClock,
+    /// Abandoned attempts whose rows are being freed.
+    cleanups: Cleanups,
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgLeaseBackend")
-            .field("url", &self.describe)
-            .finish()
+        crate::backends::sql_url::fmt_backend(f, "PgLeaseBackend", &self.describe)
     }
 }
 
@@ -163,22 +167,38 @@ impl PgLeaseBackend {
                 channel,
                 db,
                 sql: Sql::new(&settings.table, &settings.sequence),
-                // The first acquire of a new handle sweeps, so short-lived clients (the CLI) do too.
-                last_sweep: Mutex::new(
-                    Instant::now()
-                        .checked_sub(SWEEP_EVERY)
-                        .unwrap_or_else(Instant::now),
-                ),
+                sweeps: SweepClock::new(SWEEP_EVERY, true),
+                cleanups: Cleanups::default(),
             }),
         })
     }
 
-    fn err(&self, err: &tokio_postgres::Error) -> crate::Error {
+    fn err(&self, err: tokio_postgres::Error) -> crate::Error {
         pg_error(&self.inner.describe, err)
     }
 
+    /// The owner-checked release: `true` if the lease was still live.
+    async fn release_row(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        let conn = self.inner.db.get().await?;
+        let rows = conn
+            .query_typed(
+                &self.inner.sql.release,
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&owner.as_str(), Type::TEXT),
+                    (&self.inner.channel.as_str(), Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false))
+    }
+
     fn maybe_sweep(&self) {
-        if !super::sweep_due(&self.inner.last_sweep, SWEEP_EVERY) {
+        if !self.inner.sweeps.due() {
             return;
         }
         let this = self.clone();
@@ -212,20 +232,62 @@ fn info_of(row: &Row) -> LockInfo {
     info
 }
 
+impl PgLeaseBackend {
+    /// The handle of a row held (or maybe taken) by `owner`.
+    fn held(&self, key: &Key, owner: &Owner) -> Box<dyn HeldLease> {
+        Box::new(PgLease {
+            backend: self.clone(),
+            key: key.clone(),
+            owner: owner.clone(),
+        })
+    }
+}
+
+/// One held row, renewed and released through the handle's shared connection.
+struct PgLease {
+    backend: PgLeaseBackend,
+    key: Key,
+    owner: Owner,
+}
+
+#[async_trait]
+impl HeldLease for PgLease {
+    async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        let inner = &self.backend.inner;
+        let conn = inner.db.get().await?;
+        let n = conn
+            .execute_typed(
+                &inner.sql.renew,
+                &[
+                    (&self.key.as_str(), Type::TEXT),
+                    (&self.owner.as_str(), Type::TEXT),
+                    (&millis(ttl), Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| self.backend.err(e))?;
+        Ok(n == 1)
+    }
+
+    async fn release(self: Box<Self>) -> Result<bool> {
+        self.backend.release_row(&self.key, &self.owner).await
+    }
+}
+
 #[async_trait]
 impl Backend for PgLeaseBackend {
     fn describe(&self) -> &str {
         &self.inner.describe
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-    }
-
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         self.maybe_sweep();
+        if self.inner.cleanups.running(request.key, request.owner) {
+            return Ok(Attempt::Held { expires_in: None });
+        }
         let conn = self.inner.db.get().await?;
         let pid = i32::try_from(request.holder.pid).ok();
+        let sent_at = Instant::now();
         let rows = conn
             .query_typed(
                 &self.inner.sql.acquire,
@@ -238,12 +300,14 @@ impl Backend for PgLeaseBackend {
                 ],
             )
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         let row = rows.first();
         if let Some(fence) = row.and_then(|r| r.try_get::<_, Option<i64>>(0).ok().flatten()) {
-            return Ok(Attempt::Acquired {
+            return Ok(Attempt::Acquired(Granted {
                 fence: u64::try_from(fence).unwrap_or(0),
-            });
+                sent_at,
+                lease: self.held(request.key, request.owner),
+            }));
         }
         let expires_in = row
             .and_then(|r| r.try_get::<_, Option<i64>>(1).ok().flatten())
@@ -252,51 +316,28 @@ impl Backend for PgLeaseBackend {
         Ok(Attempt::Held { expires_in })
     }
 
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let conn = self.inner.db.get().await?;
-        let n = conn
-            .execute_typed(
-                &self.inner.sql.renew,
-                &[
-                    (&key.as_str(), Type::TEXT),
-                    (&owner.as_str(), Type::TEXT),
-                    (&millis(ttl), Type::INT8),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(n == 1)
-    }
-
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
-        let conn = self.inner.db.get().await?;
-        let rows = conn
-            .query_typed(
-                &self.inner.sql.release,
-                &[
-                    (&key.as_str(), Type::TEXT),
-                    (&owner.as_str(), Type::TEXT),
-                    (&self.inner.channel.as_str(), Type::TEXT),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.try_get::<_, bool>(0).ok())
-            .unwrap_or(false))
+    /// The owner-checked release, in the background: the caller gave up on a store that
+    /// did not answer, and must not wait for that store again.
+    async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
+        self.inner
+            .cleanups
+            .spawn(self.held(key, owner).release(), key, owner);
+        Ok(())
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
         Ok(Some(self.inner.listener.watch(key.as_str()).await?))
     }
+}
 
+#[async_trait]
+impl Admin for PgLeaseBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let conn = self.inner.db.get().await?;
         let rows = conn
             .query_typed(&self.inner.sql.inspect, &[(&key.as_str(), Type::TEXT)])
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         Ok(rows.first().map(info_of))
     }
 
@@ -305,7 +346,7 @@ impl Backend for PgLeaseBackend {
         let rows = conn
             .query_typed(&self.inner.sql.list, &[])
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         Ok(rows.iter().map(info_of).collect())
     }
 
@@ -320,7 +361,7 @@ impl Backend for PgLeaseBackend {
                 ],
             )
             .await
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(e))?;
         Ok(rows
             .first()
             .and_then(|r| r.try_get::<_, bool>(0).ok())

@@ -84,7 +84,7 @@ impl Listener {
         conn.client
             .batch_execute(&listen)
             .await
-            .map_err(|err| pg_error(&self.describe, &err))?;
+            .map_err(|err| pg_error(&self.describe, err))?;
         *live = Some(Arc::new(conn));
         if reconnect {
             wake_all(&self.watchers);

@@ -22,10 +22,10 @@
 pub mod keys;
 mod lease_table;
 mod listener;
-mod session;
+pub(crate) mod session;
 
 use super::sql_url;
-use crate::core::locks::Locks;
+use crate::core::backend::Backend;
 use crate::error::{Error, Result};
 use crate::location::BackendUrl;
 use std::str::FromStr;
@@ -36,7 +36,6 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Row, Statement};
 
 pub use lease_table::PgLeaseBackend;
-pub use session::PgSessionBackend;
 
 /// Connection options passed on to the client (libpq names).
 const CLIENT_OPTIONS: &[&str] = &[
@@ -63,17 +62,19 @@ const CLIENT_OPTIONS: &[&str] = &[
 pub use super::sql_url::Mode;
 
 /// Opens a PostgreSQL backend from its URL.
-pub async fn open(url: &BackendUrl) -> Result<Locks> {
-    let settings = Settings::parse(url)?;
-    match settings.mode {
-        Mode::Session => Ok(Locks::from_backend(
-            PgSessionBackend::connect(settings).await?,
-        )),
-        Mode::Lease => Ok(Locks::from_backend(
-            PgLeaseBackend::connect(settings).await?,
-        )),
-    }
+pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
+    let settings = Settings::parse(&BackendUrl::parse(url)?)?;
+    Ok(match settings.mode {
+        Mode::Session => Arc::new(session::connect(settings).await?),
+        Mode::Lease => Arc::new(PgLeaseBackend::connect(settings).await?),
+    })
 }
+
+/// Server-side bounds of every statement, so that no call waits on the server without
+/// limit even when the client's own timer is gone: a session-lock wait sets its own
+/// (the caller's deadline) for the one statement that waits.
+const STATEMENT_BOUNDS: &str =
+    "-c statement_timeout=15000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=30000";
 
 /// Everything parsed from a PostgreSQL URL.
 #[derive(Debug, Clone)]
@@ -122,6 +123,11 @@ impl Settings {
         if config.get_application_name().is_none() {
             config.application_name("dlock");
         }
+        let options = match config.get_options() {
+            Some(given) => format!("{STATEMENT_BOUNDS} {given}"),
+            None => STATEMENT_BOUNDS.to_owned(),
+        };
+        config.options(&options);
         Ok(Settings {
             mode,
             config,
@@ -142,6 +148,8 @@ pub(crate) struct Conn {
     pub(crate) client: Client,
     closed: watch::Receiver<Option<String>>,
     pub(crate) cancel: CancelToken,
+    /// The server's process id of this session, once a statement has returned it.
+    backend_pid: std::sync::atomic::AtomicU32,
     /// Statements prepared on this connection, by SQL text: dlock's statements are few and
     /// fixed, and planning the CTEs costs more than executing them.
     prepared: std::sync::Mutex<std::collections::HashMap<String, Statement>>,
@@ -159,7 +167,15 @@ impl Conn {
     /// Opens a connection and drives it in a task of its own.
     pub(crate) async fn open(config: &Config, describe: &str) -> Result<Conn> {
         let (client, connection) = config.connect(NoTls).await.map_err(|err| {
-            Error::unavailable(describe, format!("cannot connect: {}", detail(&err)))
+            let failed = pg_error(describe, err);
+            match failed {
+                Error::Unavailable { detail, source, .. } => Error::Unavailable {
+                    backend: describe.to_owned(),
+                    detail: format!("cannot connect: {detail}"),
+                    source,
+                },
+                other => other,
+            }
         })?;
         let (tx, closed) = watch::channel(None);
         tokio::spawn(async move {
@@ -182,6 +198,7 @@ impl Conn {
             client,
             closed,
             cancel,
+            backend_pid: std::sync::atomic::AtomicU32::new(0),
             prepared: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -232,6 +249,17 @@ impl Conn {
         self.client.execute(&statement, &values).await
     }
 
+    /// The server's process id of this session (0 until a lock statement returned it).
+    pub(crate) fn backend_pid(&self) -> u32 {
+        self.backend_pid.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_backend_pid(&self, pid: i32) {
+        let pid = u32::try_from(pid).unwrap_or_default();
+        self.backend_pid
+            .store(pid, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// True once the connection has ended.
     pub(crate) fn is_closed(&self) -> bool {
         self.client.is_closed() || self.closed.borrow().is_some()
@@ -261,32 +289,45 @@ pub(crate) fn detail(err: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Maps a client error: server errors are [`Error::Backend`], the rest (connection lost,
-/// I/O) [`Error::Unavailable`].
-pub(crate) fn pg_error(describe: &str, err: &tokio_postgres::Error) -> Error {
-    if err.as_db_error().is_some() {
-        Error::backend(describe, detail(err))
-    } else {
-        Error::unavailable(describe, detail(err))
-    }
+/// SQLSTATEs that say the server is unreachable, restarting or overloaded, or that a
+/// statement ran out of time: they may heal by themselves.
+fn is_transient_state(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || matches!(
+            code,
+            "57P01" // admin_shutdown
+                | "57P02" // crash_shutdown
+                | "57P03" // cannot_connect_now (starting up, shutting down)
+                | "53300" // too_many_connections
+                | "57014" // query_canceled (statement_timeout)
+                | "55P03" // lock_not_available (lock_timeout)
+                | "40001" // serialization_failure
+                | "40P01" // deadlock_detected
+        )
 }
 
-/// Whether a background sweep of stale rows is due: true at most once every `every`.
-pub(crate) fn sweep_due(last: &std::sync::Mutex<std::time::Instant>, every: Duration) -> bool {
-    let mut last = last
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if last.elapsed() < every {
-        return false;
-    }
-    *last = std::time::Instant::now();
-    true
+/// Maps a client error: the connection lost, I/O, timeouts and the server's transient
+/// states are [`Error::Unavailable`] (waiters retry them); the rest of what the server
+/// answers (bad credentials, missing privileges) is [`Error::Backend`].
+pub(crate) fn pg_error(describe: &str, err: tokio_postgres::Error) -> Error {
+    let text = detail(&err);
+    let transient = match err.as_db_error() {
+        Some(db) => is_transient_state(db.code().code()),
+        None => true,
+    };
+    let mapped = if transient {
+        Error::unavailable(describe, text)
+    } else {
+        Error::backend(describe, text)
+    };
+    mapped.caused_by(err)
 }
 
 /// Runs a sweep statement on `db`; a failure only delays the sweep to the next one.
 pub(crate) async fn run_sweep(db: &Shared, sql: &str, what: &str) {
     if let Ok(conn) = db.get().await {
-        if let Err(err) = conn.client.execute(sql, &[]).await {
+        let sweep = tokio::time::timeout(Duration::from_secs(30), conn.client.execute(sql, &[]));
+        if let Ok(Err(err)) = sweep.await {
             tracing::debug!(err = %detail(&err), "sweeping {what} failed");
         }
     }
@@ -339,7 +380,7 @@ pub(crate) async fn ensure_schema(
             &[(&table, Type::TEXT), (&sequence, Type::TEXT)],
         )
         .await
-        .map_err(|err| pg_error(describe, &err))?;
+        .map_err(|err| pg_error(describe, err))?;
     if rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()) == Some(true) {
         return Ok(());
     }
@@ -369,7 +410,7 @@ pub(crate) async fn fence_namespace(conn: &Conn, describe: &str, sequence: &str)
             &[(&sequence, Type::TEXT)],
         )
         .await
-        .map_err(|err| pg_error(describe, &err))?;
+        .map_err(|err| pg_error(describe, err))?;
     rows.first()
         .and_then(|r| r.try_get::<_, String>(0).ok())
         .ok_or_else(|| {

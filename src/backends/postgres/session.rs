@@ -11,27 +11,28 @@
 //! the lock, upserts the holder row `(key, lock_id, owner, fence, backend_pid, …)` in the
 //! sessions table with the fence from `nextval('dlock_fence_seq')`.
 //!
-//! Waiting happens in the server's lock queue: the blocking statement runs in a task that
-//! owns the connection. When the wait is abandoned (deadline passed or future dropped)
-//! the query is cancelled with the protocol's cancel request, and a connection whose
-//! state is then uncertain is closed, never pooled: the server frees whatever its session
-//! held. Only connections released in order (unlock confirmed) go back to the pool.
+//! Waiting happens in the server's lock queue, bounded on the server too: the wait runs
+//! with `lock_timeout` and `statement_timeout` set to the time left before the caller's
+//! deadline (none for a wait without limit), so a wait whose cancel request is lost
+//! (network down) still ends. Pool, waiting task, cancellation of an abandoned wait
+//! (the protocol's cancel request) and loss detection are the shared session engine's
+//! ([`crate::backends::sql_session`]); this module is PostgreSQL's dialect of it. The
+//! end of a lease's connection task is its loss signal: it needs no lock the renewal
+//! holds.
 
 use super::keys::{namespaced_key, pg_locks_halves};
 use super::{ensure_schema, fence_namespace, millis, pg_error, Conn, Settings, Shared};
-use crate::core::backend::{AcquireRequest, Attempt, Backend, Capabilities, LockInfo};
-use crate::core::owner::Owner;
+use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Liveness, SessionLocks};
+use crate::backends::sql_sweep::SweepClock;
+use crate::core::backend::LockInfo;
 use crate::error::{Error, Result};
 use crate::key::Key;
 use async_trait::async_trait;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::oneshot;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Config, NoTls, Row};
 
-const MAX_IDLE: usize = 32;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// The sessions table's definition.
@@ -76,7 +77,7 @@ SELECT $2, $1, $3, nextval('{seq}'), pg_backend_pid(), clock_timestamp(), clock_
 ON CONFLICT (key) DO UPDATE SET lock_id = excluded.lock_id, owner = excluded.owner, fence = excluded.fence,
     backend_pid = excluded.backend_pid, acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at,
     ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host
-RETURNING fence"
+RETURNING fence, backend_pid"
             )
         };
         let this_db =
@@ -107,12 +108,11 @@ FROM {t} h JOIN pg_locks l ON {LOCK_MATCH} AND {row_lock}
 ORDER BY h.key"
             ),
             force: format!(
-                "WITH holders AS (SELECT l.pid FROM pg_locks l WHERE {LOCK_MATCH} AND {this_db} AND l.classid = $2 AND l.objid = $3),
-     d AS (DELETE FROM {t} WHERE key = $1 AND backend_pid IN (SELECT pid FROM holders))
-SELECT pg_terminate_backend(pid) FROM holders"
+                "WITH d AS (DELETE FROM {t} WHERE key = $1 AND backend_pid = $2)
+SELECT pg_terminate_backend($2)"
             ),
             held: format!(
-                "SELECT 1 FROM pg_locks l WHERE {LOCK_MATCH} AND {this_db} AND l.classid = $1 AND l.objid = $2"
+                "SELECT l.pid FROM pg_locks l WHERE {LOCK_MATCH} AND {this_db} AND l.classid = $1 AND l.objid = $2"
             ),
             sweep: format!(
                 "DELETE FROM {t} h WHERE NOT EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_MATCH} AND {row_lock})"
@@ -121,205 +121,371 @@ SELECT pg_terminate_backend(pid) FROM holders"
     }
 }
 
-/// One held lease: its connection, which holds the advisory lock.
-struct Held {
-    conn: Arc<Conn>,
-    lock_id: i64,
-}
-
-struct Inner {
+/// PostgreSQL's half of the session engine.
+pub(crate) struct PgSession {
     describe: String,
     /// The schema-qualified fence sequence, which namespaces the advisory keys.
     namespace: String,
     config: Config,
-    sql: Sql,
-    admin: Shared,
-    idle: Mutex<Vec<Conn>>,
-    held: Mutex<HashMap<Owner, Held>>,
-    last_sweep: Mutex<Instant>,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgSessionBackend")
-            .field("url", &self.describe)
-            .finish()
-    }
+    sql: Arc<Sql>,
+    admin: Arc<Shared>,
+    sweeps: SweepClock,
 }
 
 /// The PostgreSQL advisory-lock backend (`?mode=session`, the default).
-#[derive(Debug, Clone)]
-pub struct PgSessionBackend {
-    inner: Arc<Inner>,
+pub(crate) type PgSessionBackend = SessionLocks<PgSession>;
+
+/// Connects, and creates the sequence and sessions table unless they exist.
+pub(crate) async fn connect(settings: Settings) -> Result<PgSessionBackend> {
+    let admin = Arc::new(Shared::new(
+        settings.config.clone(),
+        settings.describe.clone(),
+    ));
+    let conn = admin.get().await?;
+    ensure_schema(
+        &conn,
+        &settings.describe,
+        &settings.table,
+        &settings.sequence,
+        &ddl(&settings.table),
+    )
+    .await?;
+    let namespace = fence_namespace(&conn, &settings.describe, &settings.sequence).await?;
+    Ok(SessionLocks::new(PgSession {
+        namespace,
+        sql: Arc::new(Sql::new(&settings.table, &settings.sequence)),
+        describe: settings.describe,
+        config: settings.config,
+        admin,
+        sweeps: SweepClock::new(SWEEP_EVERY, false),
+    }))
 }
 
-/// Cancels the running query of a waiting connection when dropped, unless disarmed.
-struct CancelOnDrop(Option<CancelToken>);
+/// SQLSTATE `lock_not_available`: `lock_timeout` ran out.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// SQLSTATE `query_canceled`: the cancel request or `statement_timeout`.
+const QUERY_CANCELED: &str = "57014";
 
-impl CancelOnDrop {
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
+/// The parameters of an acquire statement, in the order the statements take them.
+fn run_params<'a>(
+    claim: &'a Claim<i64>,
+    owned: &'a Owned,
+) -> [(&'a (dyn tokio_postgres::types::ToSql + Sync), Type); 6] {
+    [
+        (&claim.lock, Type::INT8),
+        (&owned.key, Type::TEXT),
+        (&claim.owner, Type::TEXT),
+        (&owned.ttl_ms, Type::INT8),
+        (&owned.pid, Type::INT4),
+        (&claim.host, Type::TEXT),
+    ]
 }
 
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        let Some(token) = self.0.take() else { return };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(err) = token.cancel_query(NoTls).await {
-                    tracing::debug!(err = %super::detail(&err), "cancelling an abandoned wait failed; its connection is closed anyway");
-                }
-            });
-        }
-    }
-}
-
-/// The owned parameters of an acquire statement.
-struct Params {
-    lock_id: i64,
+/// The values of a claim in the types the statements take.
+struct Owned {
     key: String,
-    owner: String,
     ttl_ms: i64,
     pid: Option<i32>,
-    host: String,
 }
 
-impl Params {
-    fn of(request: &AcquireRequest<'_>, namespace: &str) -> Self {
-        Params {
-            lock_id: namespaced_key(namespace, request.key.as_str()),
-            key: request.key.to_string(),
-            owner: request.owner.to_string(),
-            ttl_ms: millis(request.ttl),
-            pid: i32::try_from(request.holder.pid).ok(),
-            host: request.holder.host.clone(),
+impl Owned {
+    fn of(claim: &Claim<i64>) -> Self {
+        Owned {
+            key: claim.key.to_string(),
+            ttl_ms: millis(claim.ttl),
+            pid: i32::try_from(claim.pid).ok(),
+        }
+    }
+}
+
+fn is_code(err: &tokio_postgres::Error, code: &str) -> bool {
+    err.as_db_error().is_some_and(|db| db.code().code() == code)
+}
+
+impl PgSession {
+    fn maybe_sweep(&self) {
+        if !self.sweeps.due() {
+            return;
+        }
+        let (admin, sql) = (Arc::clone(&self.admin), Arc::clone(&self.sql));
+        tokio::spawn(async move {
+            super::run_sweep(&admin, &sql.sweep, "stale holder rows").await;
+        });
+    }
+
+    async fn lock_with(
+        &self,
+        conn: &Conn,
+        claim: &Claim<i64>,
+        sql: &str,
+    ) -> Result<Option<u64>, tokio_postgres::Error> {
+        let owned = Owned::of(claim);
+        let rows = conn.query_typed(sql, &run_params(claim, &owned)).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        if let Ok(pid) = row.try_get::<_, i32>(1) {
+            conn.set_backend_pid(pid);
+        }
+        Ok(row
+            .try_get::<_, i64>(0)
+            .ok()
+            .map(|fence| u64::try_from(fence).unwrap_or(0)))
+    }
+
+    async fn admin_rows(
+        &self,
+        sql: &str,
+        params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>> {
+        let conn = self.admin.get().await?;
+        conn.query_typed(sql, params)
+            .await
+            .map_err(|e| pg_error(&self.describe, e))
+    }
+}
+
+#[async_trait]
+impl Dialect for PgSession {
+    type Conn = Conn;
+    type Lock = i64;
+    type Interrupt = CancelToken;
+
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn lock_of(&self, key: &Key) -> i64 {
+        namespaced_key(&self.namespace, key.as_str())
+    }
+
+    async fn connect(&self) -> Result<Conn> {
+        Conn::open(&self.config, &self.describe).await
+    }
+
+    fn is_closed(&self, conn: &Conn) -> bool {
+        conn.is_closed()
+    }
+
+    async fn ping(&self, conn: &mut Conn) -> Result<()> {
+        conn.client
+            .simple_query("")
+            .await
+            .map(drop)
+            .map_err(|e| pg_error(&self.describe, e))
+    }
+
+    fn session_id(&self, conn: &Conn) -> u64 {
+        u64::from(conn.backend_pid())
+    }
+
+    async fn try_lock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<Option<u64>> {
+        self.maybe_sweep();
+        self.lock_with(conn, claim, &self.sql.try_lock)
+            .await
+            .map_err(|e| pg_error(&self.describe, e))
+    }
+
+    async fn wait_lock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<Option<u64>> {
+        let deadline = claim.deadline;
+        self.maybe_sweep();
+        // The server ends the wait by itself at the deadline, and the statement's other
+        // work stays bounded; "0" (no limit) for a wait without one.
+        let limit = deadline.map_or_else(
+            || "0".to_owned(),
+            |d| {
+                millis(d.saturating_duration_since(Instant::now()))
+                    .max(1)
+                    .to_string()
+            },
+        );
+        let set = conn
+            .query_typed(
+                "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $1, false)",
+                &[(&limit, Type::TEXT)],
+            )
+            .await;
+        let waited = match set {
+            Ok(_) => self.lock_with(conn, claim, &self.sql.wait_lock).await,
+            Err(err) => Err(err),
+        };
+        match waited {
+            Ok(Some(fence)) => {
+                // Back to the connection's defaults for the renewals and the release.
+                conn.client
+                    .batch_execute("RESET lock_timeout; RESET statement_timeout")
+                    .await
+                    .map_err(|e| pg_error(&self.describe, e))?;
+                Ok(Some(fence))
+            }
+            Ok(None) => Err(Error::backend(
+                &self.describe,
+                "the lock statement returned no fence",
+            )),
+            Err(err)
+                if deadline.is_some()
+                    && (is_code(&err, LOCK_NOT_AVAILABLE) || is_code(&err, QUERY_CANCELED)) =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(pg_error(&self.describe, err)),
         }
     }
 
-    async fn run(
-        &self,
-        conn: &Conn,
-        sql: &str,
-    ) -> std::result::Result<Option<i64>, tokio_postgres::Error> {
+    fn interrupter(&self, conn: &Conn) -> CancelToken {
+        conn.cancel.clone()
+    }
+
+    async fn interrupt(&self, token: CancelToken) {
+        if let Err(err) = token.cancel_query(NoTls).await {
+            tracing::debug!(err = %super::detail(&err), "cancelling an abandoned wait failed; its connection is closed anyway");
+        }
+    }
+
+    async fn renew(&self, conn: &mut Conn, claim: &Claim<i64>, ttl: Duration) -> Result<bool> {
+        let key = claim.key.as_str();
+        let n = conn
+            .execute_typed(
+                &self.sql.renew,
+                &[
+                    (&key, Type::TEXT),
+                    (&claim.owner, Type::TEXT),
+                    (&millis(ttl), Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(&self.describe, e))?;
+        Ok(n == 1)
+    }
+
+    async fn unlock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<bool> {
+        let key = claim.key.as_str();
         let rows = conn
             .query_typed(
-                sql,
+                &self.sql.release,
                 &[
-                    (&self.lock_id, Type::INT8),
-                    (&self.key, Type::TEXT),
-                    (&self.owner, Type::TEXT),
-                    (&self.ttl_ms, Type::INT8),
-                    (&self.pid, Type::INT4),
-                    (&self.host, Type::TEXT),
+                    (&claim.lock, Type::INT8),
+                    (&key, Type::TEXT),
+                    (&claim.owner, Type::TEXT),
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(&self.describe, e))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, bool>(0).ok())
+            .unwrap_or(false))
+    }
+
+    fn end_signal(&self, conn: &Conn) -> Option<BoxFuture<String>> {
+        Some(Box::pin(conn.ended()))
+    }
+
+    async fn check(&self, lock: &i64, id: u64) -> Liveness {
+        let (classid, objid) = pg_locks_halves(*lock);
+        match self
+            .admin_rows(
+                &self.sql.held,
+                &[(&classid, Type::OID), (&objid, Type::OID)],
+            )
+            .await
+        {
+            Ok(rows)
+                if rows.iter().any(|r| {
+                    r.try_get::<_, i32>(0)
+                        .ok()
+                        .and_then(|p| u64::try_from(p).ok())
+                        == Some(id)
+                }) =>
+            {
+                Liveness::Holding
+            }
+            Ok(_) => Liveness::Gone(format!(
+                "session pid {id} no longer holds the advisory lock"
+            )),
+            Err(_) => Liveness::Unknown,
+        }
+    }
+
+    async fn holder(&self, key: &Key) -> Result<Option<u64>> {
+        let (classid, objid) = pg_locks_halves(self.lock_of(key));
+        let rows = self
+            .admin_rows(
+                &self.sql.held,
+                &[(&classid, Type::OID), (&objid, Type::OID)],
+            )
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, i32>(0).ok())
+            .and_then(|pid| u64::try_from(pid).ok()))
+    }
+
+    async fn end_session(&self, key: &Key, id: u64) -> Result<()> {
+        let pid = i32::try_from(id).unwrap_or_default();
+        self.admin_rows(
+            &self.sql.force,
+            &[(&key.as_str(), Type::TEXT), (&pid, Type::INT4)],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
+        let (classid, objid) = pg_locks_halves(self.lock_of(key));
+        let rows = self
+            .admin_rows(
+                &self.sql.inspect,
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&classid, Type::OID),
+                    (&objid, Type::OID),
                 ],
             )
             .await?;
-        Ok(rows.first().and_then(|r| r.try_get::<_, i64>(0).ok()))
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let server_pid = row.try_get::<_, i32>(7).unwrap_or_default();
+        let client_addr: Option<String> = row.try_get(8).ok().flatten();
+        let from = client_addr
+            .map(|a| format!(" from {a}"))
+            .unwrap_or_default();
+        let info = LockInfo::new(key.as_str());
+        if row.try_get::<_, Option<String>>(0).ok().flatten().is_some() {
+            let mut info = holder_info(info, row, 0);
+            info.note = Some(format!(
+                "advisory lock held by PostgreSQL session pid {server_pid}{from}; freed when that session ends"
+            ));
+            Ok(Some(info))
+        } else {
+            let app: Option<String> = row.try_get(9).ok().flatten();
+            let mut info = info;
+            info.note = Some(format!(
+                "advisory lock {} held by PostgreSQL session pid {server_pid}{from} (application {:?}), which is not a dlock lease on this key in this table",
+                self.lock_of(key),
+                app.unwrap_or_default()
+            ));
+            Ok(Some(info))
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let rows = self.admin_rows(&self.sql.list, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let info = LockInfo::new(row.try_get::<_, String>(0).unwrap_or_default());
+                let server_pid = row.try_get::<_, i32>(8).unwrap_or_default();
+                let mut info = holder_info(info, row, 1);
+                info.note = Some(format!(
+                    "advisory lock held by PostgreSQL session pid {server_pid}"
+                ));
+                info
+            })
+            .collect())
     }
 }
-
-impl PgSessionBackend {
-    /// Connects, and creates the sequence and sessions table unless they exist.
-    pub async fn connect(settings: Settings) -> Result<Self> {
-        let admin = Shared::new(settings.config.clone(), settings.describe.clone());
-        let conn = admin.get().await?;
-        ensure_schema(
-            &conn,
-            &settings.describe,
-            &settings.table,
-            &settings.sequence,
-            &ddl(&settings.table),
-        )
-        .await?;
-        let namespace = fence_namespace(&conn, &settings.describe, &settings.sequence).await?;
-        Ok(PgSessionBackend {
-            inner: Arc::new(Inner {
-                namespace,
-                sql: Sql::new(&settings.table, &settings.sequence),
-                describe: settings.describe,
-                config: settings.config,
-                admin,
-                idle: Mutex::new(Vec::new()),
-                held: Mutex::new(HashMap::new()),
-                last_sweep: Mutex::new(Instant::now()),
-            }),
-        })
-    }
-
-    fn held(&self) -> MutexGuard<'_, HashMap<Owner, Held>> {
-        self.inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn err(&self, err: &tokio_postgres::Error) -> Error {
-        pg_error(&self.inner.describe, err)
-    }
-
-    fn lock_id(&self, key: &Key) -> i64 {
-        namespaced_key(&self.inner.namespace, key.as_str())
-    }
-
-    /// An idle connection of the pool, or a new one.
-    async fn take_conn(&self) -> Result<Conn> {
-        loop {
-            let next = self
-                .inner
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            match next {
-                Some(conn) if !conn.is_closed() => return Ok(conn),
-                Some(_) => continue,
-                None => return Conn::open(&self.inner.config, &self.inner.describe).await,
-            }
-        }
-    }
-
-    /// Returns a connection that holds no lock to the pool.
-    fn recycle(&self, conn: Conn) {
-        if conn.is_closed() {
-            return;
-        }
-        let mut idle = self
-            .inner
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
-        }
-    }
-
-    fn keep(&self, owner: &Owner, conn: Conn, lock_id: i64) {
-        self.held().insert(
-            owner.clone(),
-            Held {
-                conn: Arc::new(conn),
-                lock_id,
-            },
-        );
-    }
-
-    fn maybe_sweep(&self) {
-        if !super::sweep_due(&self.inner.last_sweep, SWEEP_EVERY) {
-            return;
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            super::run_sweep(
-                &this.inner.admin,
-                &this.inner.sql.sweep,
-                "stale holder rows",
-            )
-            .await;
-        });
-    }
-}
-
 fn opt_u32(row: &Row, index: usize) -> Option<u32> {
     row.try_get::<_, Option<i32>>(index)
         .ok()
@@ -344,269 +510,4 @@ fn holder_info(mut info: LockInfo, row: &Row, first: usize) -> LockInfo {
         .and_then(|t| u64::try_from(t).ok())
         .map(Duration::from_millis);
     info
-}
-
-#[async_trait]
-impl Backend for PgSessionBackend {
-    fn describe(&self) -> &str {
-        &self.inner.describe
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            expires: false,
-            native_wait: true,
-            freed_on_holder_death: true,
-            shared_between_processes: true,
-        }
-    }
-
-    async fn try_acquire(&self, request: AcquireRequest<'_>) -> Result<Attempt> {
-        self.maybe_sweep();
-        let params = Params::of(&request, &self.inner.namespace);
-        let conn = self.take_conn().await?;
-        // If this future is dropped mid-query, `conn` is dropped with it: the connection
-        // closes and the server frees anything it took.
-        match params.run(&conn, &self.inner.sql.try_lock).await {
-            Ok(Some(fence)) => {
-                self.keep(request.owner, conn, params.lock_id);
-                Ok(Attempt::Acquired {
-                    fence: u64::try_from(fence).unwrap_or(0),
-                })
-            }
-            Ok(None) => {
-                self.recycle(conn);
-                Ok(Attempt::Held { expires_in: None })
-            }
-            Err(err) => Err(self.err(&err)),
-        }
-    }
-
-    async fn acquire_wait(
-        &self,
-        request: AcquireRequest<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<u64>> {
-        self.maybe_sweep();
-        let params = Params::of(&request, &self.inner.namespace);
-        let lock_id = params.lock_id;
-        let conn = self.take_conn().await?;
-        let mut cancel = CancelOnDrop(Some(conn.cancel.clone()));
-        let (tx, mut rx) = oneshot::channel::<Result<(Conn, i64)>>();
-        let (sql, describe) = (
-            self.inner.sql.wait_lock.clone(),
-            self.inner.describe.clone(),
-        );
-        // The task owns the connection, so the blocking statement is never dropped
-        // mid-flight. If nobody receives its result, the connection is dropped (closed),
-        // which frees a lock taken too late.
-        tokio::spawn(async move {
-            let outcome = match params.run(&conn, &sql).await {
-                Ok(Some(fence)) => Ok((conn, fence)),
-                Ok(None) => Err(Error::backend(
-                    &describe,
-                    "the lock statement returned no fence",
-                )),
-                Err(err) => Err(pg_error(&describe, &err)),
-            };
-            let _ = tx.send(outcome);
-        });
-        let received = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), &mut rx).await.ok(),
-            None => Some((&mut rx).await),
-        };
-        let received = match received {
-            Some(received) => received,
-            None => {
-                // Deadline: take a result that raced in, else cancel (on drop) and give up.
-                rx.close();
-                match rx.try_recv() {
-                    Ok(received) => Ok(received),
-                    Err(_) => return Ok(None),
-                }
-            }
-        };
-        match received {
-            Ok(Ok((conn, fence))) => {
-                cancel.disarm();
-                self.keep(request.owner, conn, lock_id);
-                Ok(Some(u64::try_from(fence).unwrap_or(0)))
-            }
-            Ok(Err(err)) => {
-                cancel.disarm();
-                Err(err)
-            }
-            Err(_) => Err(Error::unavailable(
-                &self.inner.describe,
-                "the waiting connection's task ended",
-            )),
-        }
-    }
-
-    async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
-        let Some(conn) = self.held().get(owner).map(|h| Arc::clone(&h.conn)) else {
-            return Ok(false);
-        };
-        if conn.is_closed() {
-            // The session ended: `session_ended` reports the loss with its reason.
-            return Err(Error::unavailable(
-                &self.inner.describe,
-                "the session holding the lock ended",
-            ));
-        }
-        let n = conn
-            .execute_typed(
-                &self.inner.sql.renew,
-                &[
-                    (&key.as_str(), Type::TEXT),
-                    (&owner.as_str(), Type::TEXT),
-                    (&millis(ttl), Type::INT8),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(n == 1)
-    }
-
-    async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
-        let Some(held) = self.held().remove(owner) else {
-            return Ok(false);
-        };
-        if held.conn.is_closed() {
-            return Ok(false);
-        }
-        let rows = held
-            .conn
-            .query_typed(
-                &self.inner.sql.release,
-                &[
-                    (&held.lock_id, Type::INT8),
-                    (&key.as_str(), Type::TEXT),
-                    (&owner.as_str(), Type::TEXT),
-                ],
-            )
-            .await;
-        let rows = match rows {
-            Ok(rows) => rows,
-            // The session is gone (terminated, server restarted): so is its lock.
-            Err(err) if err.as_db_error().is_none() || held.conn.is_closed() => return Ok(false),
-            Err(err) => return Err(self.err(&err)),
-        };
-        let unlocked = rows
-            .first()
-            .and_then(|r| r.try_get::<_, bool>(0).ok())
-            .unwrap_or(false);
-        if unlocked {
-            if let Ok(conn) = Arc::try_unwrap(held.conn) {
-                self.recycle(conn);
-            }
-        }
-        Ok(unlocked)
-    }
-
-    async fn session_ended(&self, _key: &Key, owner: &Owner) -> String {
-        let ended = self.held().get(owner).map(|h| h.conn.ended());
-        match ended {
-            Some(ended) => ended.await,
-            None => std::future::pending().await,
-        }
-    }
-
-    async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let (classid, objid) = pg_locks_halves(self.lock_id(key));
-        let conn = self.inner.admin.get().await?;
-        let rows = conn
-            .query_typed(
-                &self.inner.sql.inspect,
-                &[
-                    (&key.as_str(), Type::TEXT),
-                    (&classid, Type::OID),
-                    (&objid, Type::OID),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(&e))?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
-        };
-        let server_pid = row.try_get::<_, i32>(7).unwrap_or_default();
-        let client_addr: Option<String> = row.try_get(8).ok().flatten();
-        let from = client_addr
-            .map(|a| format!(" from {a}"))
-            .unwrap_or_default();
-        let info = LockInfo::new(key.as_str());
-        if row.try_get::<_, Option<String>>(0).ok().flatten().is_some() {
-            let mut info = holder_info(info, row, 0);
-            info.note = Some(format!(
-                "advisory lock held by PostgreSQL session pid {server_pid}{from}; freed when that session ends"
-            ));
-            Ok(Some(info))
-        } else {
-            let app: Option<String> = row.try_get(9).ok().flatten();
-            let mut info = info;
-            info.note = Some(format!(
-                "advisory lock {} held by PostgreSQL session pid {server_pid}{from} (application {:?}), which is not a dlock lease on this key in this table",
-                self.lock_id(key),
-                app.unwrap_or_default()
-            ));
-            Ok(Some(info))
-        }
-    }
-
-    async fn list(&self) -> Result<Vec<LockInfo>> {
-        let conn = self.inner.admin.get().await?;
-        let rows = conn
-            .query_typed(&self.inner.sql.list, &[])
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let info = LockInfo::new(row.try_get::<_, String>(0).unwrap_or_default());
-                let server_pid = row.try_get::<_, i32>(8).unwrap_or_default();
-                let mut info = holder_info(info, row, 1);
-                info.note = Some(format!(
-                    "advisory lock held by PostgreSQL session pid {server_pid}"
-                ));
-                info
-            })
-            .collect())
-    }
-
-    async fn force_release(&self, key: &Key) -> Result<bool> {
-        let (classid, objid) = pg_locks_halves(self.lock_id(key));
-        let conn = self.inner.admin.get().await?;
-        let rows = conn
-            .query_typed(
-                &self.inner.sql.force,
-                &[
-                    (&key.as_str(), Type::TEXT),
-                    (&classid, Type::OID),
-                    (&objid, Type::OID),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(&e))?;
-        let terminated = rows
-            .iter()
-            .any(|r| r.try_get::<_, bool>(0).unwrap_or(false));
-        if terminated {
-            // pg_terminate_backend only signals; wait (briefly) until the lock is free, so
-            // that the old holder cannot release or renew in between.
-            for _ in 0..250 {
-                let still = conn
-                    .query_typed(
-                        &self.inner.sql.held,
-                        &[(&classid, Type::OID), (&objid, Type::OID)],
-                    )
-                    .await
-                    .map_err(|e| self.err(&e))?;
-                if still.is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Ok(terminated)
-    }
 }

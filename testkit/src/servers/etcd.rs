@@ -121,7 +121,7 @@ impl EtcdCluster {
             dir,
         };
         if tls {
-            make_certificates(cluster.dir.path());
+            super::make_certificates(cluster.dir.path());
         }
         for i in 0..count {
             cluster.spawn_member(i);
@@ -393,76 +393,4 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
     }
-}
-
-/// A CA and a server certificate for 127.0.0.1/localhost signed by it, made with the
-/// `openssl` command (package `openssl`).
-fn make_certificates(dir: &Path) {
-    let openssl = require_binary("openssl", "openssl", &[]);
-    let run = |args: &[&str]| {
-        let output = Command::new(&openssl)
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .expect("cannot run openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=dlock etcd test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ];
-    ca.extend(ec);
-    run(&ca);
-    let mut csr = vec![
-        "req",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ];
-    csr.extend(ec);
-    run(&csr);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("cannot write ext.cnf");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
 }

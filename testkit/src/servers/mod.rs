@@ -7,3 +7,191 @@ pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod zookeeper;
+
+use crate::process::{free_port, signal, spawn_tied, wait_for_port};
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The process of one private server, whichever it is: its free loopback port, its
+/// temporary directory (removed when dropped), its log, and the child while it runs
+/// (killed when dropped). The SQL launchers dereference to it.
+pub struct ServerProcess {
+    name: &'static str,
+    log_file: &'static str,
+    stop_signal: i32,
+    pub(crate) port: u16,
+    pub(crate) dir: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl ServerProcess {
+    /// A server `name` logging to `log_file` in `dir`, on a free port, not yet started;
+    /// `stop_signal` shuts it down in order.
+    pub(crate) fn new(
+        name: &'static str,
+        log_file: &'static str,
+        dir: tempfile::TempDir,
+        stop_signal: i32,
+    ) -> Self {
+        ServerProcess {
+            name,
+            log_file,
+            stop_signal,
+            port: free_port(),
+            dir,
+            child: Mutex::new(None),
+        }
+    }
+
+    /// Starts `command` and waits until it listens on the port.
+    pub(crate) fn spawn(&self, command: Command) {
+        let child =
+            spawn_tied(command).unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+        *self.child.lock().unwrap() = Some(child);
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(60)),
+            "{} did not open port {}: {}",
+            self.name,
+            self.port,
+            self.log()
+        );
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server in order (sessions are ended) and waits for it.
+    pub fn stop(&self) {
+        self.stop_with(self.stop_signal);
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(self.log_file)).unwrap_or_default()
+    }
+
+    /// Sends `signal_number` and waits for the process to end.
+    pub(crate) fn stop_with(&self, signal_number: i32) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            signal(child.id(), signal_number);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop_with(libc::SIGKILL);
+    }
+}
+
+/// A backend URL `scheme://credentials@127.0.0.1:port/database?query`.
+pub(crate) fn sql_url(
+    scheme: &str,
+    credentials: &str,
+    port: u16,
+    database: &str,
+    query: &str,
+) -> String {
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{scheme}://{credentials}@127.0.0.1:{port}/{database}{query}")
+}
+
+/// Runs a setup tool whose output goes to `log_file` in `dir`; fails the test with that
+/// log if it fails.
+pub(crate) fn run_setup(command: &mut Command, dir: &std::path::Path, log_file: &str, what: &str) {
+    let status = command
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        status.success(),
+        "{what} failed: {}",
+        std::fs::read_to_string(dir.join(log_file)).unwrap_or_default()
+    );
+}
+
+/// Runs a command to its end; fails the test with its stderr if it fails.
+pub(crate) fn run_checked(command: &mut Command, what: &str) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it, made with the
+/// `openssl` command (package `openssl`).
+pub(crate) fn make_certificates(dir: &std::path::Path) {
+    let openssl = crate::process::require_binary("openssl", "openssl", &[]);
+    let run = |args: &[&str]| {
+        run_checked(
+            Command::new(&openssl).current_dir(dir).args(args),
+            &format!("openssl {args:?}"),
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dlock test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
+    ca.extend(ec);
+    run(&ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
+    csr.extend(ec);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("cannot write ext.cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}

@@ -2,11 +2,11 @@
 //! then `mariadbd` on a free loopback port, tied to the test process. A database `dlock`
 //! and a user `dlock` (password `dlock-secret`) are created for the tests.
 
-use crate::process::{free_port, logged, require_binary, spawn_tied, temp_dir, wait_for_port};
+use super::{run_checked, run_setup, sql_url, ServerProcess};
+use crate::process::{logged, require_binary, temp_dir};
 use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::process::Command;
+use std::sync::OnceLock;
 
 const BIN_DIRS: &[&str] = &["/usr/sbin", "/usr/bin"];
 
@@ -17,11 +17,16 @@ fn is_root() -> bool {
 
 /// A running private MariaDB server.
 pub struct Mysql {
-    port: u16,
-    dir: tempfile::TempDir,
+    process: ServerProcess,
     server: PathBuf,
     durable: bool,
-    child: Mutex<Option<Child>>,
+}
+
+impl std::ops::Deref for Mysql {
+    type Target = ServerProcess;
+    fn deref(&self) -> &ServerProcess {
+        &self.process
+    }
 }
 
 impl Mysql {
@@ -38,34 +43,24 @@ impl Mysql {
         if is_root() {
             init.arg("--user=root");
         }
-        let status = init.status().expect("cannot run mariadb-install-db");
-        assert!(
-            status.success(),
-            "mariadb-install-db failed: {}",
-            std::fs::read_to_string(dir.path().join("install.log")).unwrap_or_default()
-        );
+        run_setup(&mut init, dir.path(), "install.log", "mariadb-install-db");
+        let process = ServerProcess::new("mariadbd", "mariadbd.log", dir, libc::SIGTERM);
         let server = Mysql {
-            port: free_port(),
-            dir,
+            process,
             server,
             durable,
-            child: Mutex::new(None),
         };
         server.launch();
         let client = require_binary("mariadb", "mariadb-client", BIN_DIRS);
         let setup = "CREATE DATABASE IF NOT EXISTS dlock; \
             CREATE USER IF NOT EXISTS 'dlock'@'%' IDENTIFIED BY 'dlock-secret'; \
             GRANT ALL ON *.* TO 'dlock'@'%' WITH GRANT OPTION; FLUSH PRIVILEGES;";
-        let output = Command::new(client)
-            .arg("--no-defaults")
-            .arg(format!("--socket={}", server.socket().display()))
-            .args(["-uroot", "-e", setup])
-            .output()
-            .expect("cannot run the mariadb client");
-        assert!(
-            output.status.success(),
-            "setup failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        run_checked(
+            Command::new(client)
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", server.socket().display()))
+                .args(["-uroot", "-e", setup]),
+            "the mariadb client's setup",
         );
         server
     }
@@ -76,24 +71,29 @@ impl Mysql {
         SHARED.get_or_init(|| Mysql::start(false))
     }
 
+    /// A backend URL for this server with the given query (e.g. `"mode=lease"`).
+    pub fn url(&self, query: &str) -> String {
+        sql_url("mysql", "dlock:dlock-secret", self.port(), "dlock", query)
+    }
+
     fn socket(&self) -> PathBuf {
-        self.dir.path().join("mysqld.sock")
+        self.process.dir.path().join("mysqld.sock")
     }
 
     /// Starts the server (again) on its port and data, after [`stop`](Self::stop).
     pub fn launch(&self) {
-        let mut command = logged(&self.server, self.dir.path(), "mariadbd.log");
+        let mut command = logged(&self.server, self.process.dir.path(), "mariadbd.log");
         command
             .arg("--no-defaults")
             .arg(format!(
                 "--datadir={}",
-                self.dir.path().join("data").display()
+                self.process.dir.path().join("data").display()
             ))
-            .arg(format!("--port={}", self.port))
+            .arg(format!("--port={}", self.port()))
             .arg(format!("--socket={}", self.socket().display()))
             .arg(format!(
                 "--pid-file={}",
-                self.dir.path().join("mariadbd.pid").display()
+                self.process.dir.path().join("mariadbd.pid").display()
             ))
             .args(["--bind-address=127.0.0.1", "--skip-name-resolve"])
             .args([
@@ -112,59 +112,12 @@ impl Mysql {
                 "--innodb-doublewrite=0",
             ]);
         }
-        let child = spawn_tied(command).expect("cannot start mariadbd");
-        assert!(
-            wait_for_port(self.port, Duration::from_secs(60)),
-            "mariadbd did not open port {}: {}",
-            self.port,
-            self.log()
-        );
-        *self.child.lock().unwrap() = Some(child);
-    }
-
-    /// The server's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mariadbd.log")).unwrap_or_default()
-    }
-
-    /// The TCP port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// A backend URL for this server with the given query (e.g. `"mode=lease"`).
-    pub fn url(&self, query: &str) -> String {
-        let query = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{query}")
-        };
-        format!(
-            "mysql://dlock:dlock-secret@127.0.0.1:{}/dlock{query}",
-            self.port
-        )
-    }
-
-    /// Stops the server (SIGTERM: orderly shutdown) and waits for it.
-    pub fn stop(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            crate::process::signal(child.id(), libc::SIGTERM);
-            child.wait().expect("cannot wait for mariadbd");
-        }
+        self.process.spawn(command);
     }
 
     /// Stops and starts the server again on the same port and data.
     pub fn restart(&self) {
         self.stop();
         self.launch();
-    }
-}
-
-impl Drop for Mysql {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            crate::process::signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
-        }
     }
 }

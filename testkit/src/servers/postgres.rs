@@ -3,22 +3,21 @@
 //! PostgreSQL refuses to run as root, so under root the cluster runs as the `postgres`
 //! system user of the Debian package.
 
-use crate::process::{free_port, logged, require_binary, spawn_tied, temp_dir, wait_for_port};
+use super::{run_setup, sql_url, ServerProcess};
+use crate::process::{logged, require_binary, temp_dir};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Mutex, OnceLock};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 const BIN_DIRS: &[&str] = &["/usr/lib/postgresql/*/bin"];
 
 /// A running private PostgreSQL server.
 pub struct Postgres {
-    port: u16,
-    dir: tempfile::TempDir,
+    process: ServerProcess,
     postgres: PathBuf,
     durable: bool,
-    child: Mutex<Option<Child>>,
 }
 
 fn system_user(name: &str) -> Option<(u32, u32)> {
@@ -81,18 +80,11 @@ impl Postgres {
             ])
             .current_dir(dir.path());
         as_server_user(&mut init);
-        let status = init.status().expect("cannot run initdb");
-        assert!(
-            status.success(),
-            "initdb failed: {}",
-            std::fs::read_to_string(dir.path().join("initdb.log")).unwrap_or_default()
-        );
+        run_setup(&mut init, dir.path(), "initdb.log", "initdb");
         let server = Postgres {
-            port: free_port(),
-            dir,
+            process: ServerProcess::new("postgres", "postgres.log", dir, libc::SIGINT),
             postgres,
             durable,
-            child: Mutex::new(None),
         };
         server.launch();
         server
@@ -106,12 +98,12 @@ impl Postgres {
 
     /// Starts the server (again) on its port and data, after [`stop`](Self::stop).
     pub fn launch(&self) {
-        let mut command = logged(&self.postgres, self.dir.path(), "postgres.log");
+        let mut command = logged(&self.postgres, self.process.dir.path(), "postgres.log");
         command
             .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-p", &self.port.to_string(), "-k"])
-            .arg(self.dir.path())
+            .arg(self.process.dir.path().join("data"))
+            .args(["-p", &self.port().to_string(), "-k"])
+            .arg(self.process.dir.path())
             .args([
                 "-c",
                 "listen_addresses=127.0.0.1",
@@ -124,7 +116,7 @@ impl Postgres {
                 "-c",
                 "log_min_messages=warning",
             ])
-            .current_dir(self.dir.path());
+            .current_dir(self.process.dir.path());
         if !self.durable {
             command.args([
                 "-c",
@@ -136,47 +128,14 @@ impl Postgres {
             ]);
         }
         as_server_user(&mut command);
-        let child = spawn_tied(command).expect("cannot start postgres");
-        assert!(
-            wait_for_port(self.port, Duration::from_secs(60)),
-            "postgres did not open port {}: {}",
-            self.port,
-            self.log()
-        );
+        self.process.spawn(command);
         // The port opens a moment before the server accepts sessions.
         std::thread::sleep(Duration::from_millis(200));
-        *self.child.lock().unwrap() = Some(child);
-    }
-
-    /// The server's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
-    }
-
-    /// The TCP port.
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// A backend URL for this server with the given query (e.g. `"mode=lease"`).
     pub fn url(&self, query: &str) -> String {
-        let query = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{query}")
-        };
-        format!(
-            "postgres://postgres@127.0.0.1:{}/postgres{query}",
-            self.port
-        )
-    }
-
-    /// Stops the server (fast shutdown: sessions are terminated) and waits for it.
-    pub fn stop(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            crate::process::signal(child.id(), libc::SIGINT);
-            child.wait().expect("cannot wait for postgres");
-        }
+        sql_url("postgres", "postgres", self.port(), "postgres", query)
     }
 
     /// Stops and starts the server again on the same port and data.
@@ -186,11 +145,9 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            crate::process::signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
-        }
+impl std::ops::Deref for Postgres {
+    type Target = ServerProcess;
+    fn deref(&self) -> &ServerProcess {
+        &self.process
     }
 }

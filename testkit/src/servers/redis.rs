@@ -44,7 +44,7 @@ impl RedisServer {
         let binary = require_binary("redis-server", "redis-server", &[]);
         let dir = temp_dir("dlock-redis-");
         if config.tls {
-            make_certificates(dir.path());
+            super::make_certificates(dir.path());
         }
         let server = RedisServer {
             port: free_port(),
@@ -205,76 +205,4 @@ impl Drop for RedisServer {
         self.resume();
         self.kill();
     }
-}
-
-/// A CA and a server certificate for 127.0.0.1/localhost signed by it, made with the
-/// `openssl` command (package `openssl`).
-fn make_certificates(dir: &Path) {
-    let openssl = require_binary("openssl", "openssl", &[]);
-    let run = |args: &[&str]| {
-        let output = Command::new(&openssl)
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .expect("cannot run openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=dlock test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ];
-    ca.extend(ec);
-    run(&ca);
-    let mut csr = vec![
-        "req",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ];
-    csr.extend(ec);
-    run(&csr);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("cannot write ext.cnf");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
 }
