@@ -682,6 +682,7 @@ pub async fn lock_all_never_deadlocks_nor_overlaps(target: &Target) {
     assert!(blocker.release().await.unwrap());
     let all = locks
         .lock_all([&pool[1], &pool[2]])
+        .ttl(Duration::from_millis(400))
         .acquire()
         .await
         .unwrap();
