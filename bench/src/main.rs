@@ -160,6 +160,12 @@ pub struct Exclusion {
     limit: u64,
 }
 
+impl Default for Exclusion {
+    fn default() -> Self {
+        Exclusion::new()
+    }
+}
+
 impl Exclusion {
     pub fn new() -> Self {
         Exclusion::admitting(1)

@@ -84,7 +84,7 @@ pub async fn shared_readers_overlap_and_writers_exclude(target: &Target) {
     for h in 0..HANDLES {
         let locks = target.locks().await;
         for t in 0..TASKS_PER_HANDLE {
-            let is_writer = (h * TASKS_PER_HANDLE + t) % 5 == 0;
+            let is_writer = (h * TASKS_PER_HANDLE + t).is_multiple_of(5);
             writers += u64::from(is_writer);
             let (locks, key, counter, readers, most_readers, writer) = (
                 locks.clone(),

@@ -121,15 +121,13 @@ impl Inner {
         }
         let recorded = read_permits(&meta.0);
         if let Some(held_with) = recorded.as_ref().map(|r| r.permits) {
-            if held_with != permits {
-                if self.any_slot_held(key, held_with)? {
-                    return Err(Error::PermitMismatch {
-                        key: key.to_owned(),
-                        backend: self.describe.clone(),
-                        held_with,
-                        asked: permits,
-                    });
-                }
+            if held_with != permits && self.any_slot_held(key, held_with)? {
+                return Err(Error::PermitMismatch {
+                    key: key.to_owned(),
+                    backend: self.describe.clone(),
+                    held_with,
+                    asked: permits,
+                });
             }
         }
         if recorded.as_ref().map(|r| r.permits) != Some(permits) {
