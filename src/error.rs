@@ -145,6 +145,20 @@ pub enum Error {
         source: Option<Cause>,
     },
 
+    /// A semaphore was asked for with another number of permits than its current
+    /// holders took it with: every holder of one semaphore key must agree on the count.
+    #[error("semaphore {key:?} on {backend} is held with {held_with} permits, but {asked} were asked for; every holder of a semaphore must use the same number of permits")]
+    PermitMismatch {
+        /// The key.
+        key: String,
+        /// The backend (redacted URL).
+        backend: String,
+        /// The number of permits the current holders took the semaphore with.
+        held_with: u32,
+        /// The number of permits this request asked for.
+        asked: u32,
+    },
+
     /// The backend cannot do what was asked.
     #[error("backend {backend} does not support {what}")]
     Unsupported {
@@ -166,6 +180,7 @@ impl Error {
                 | Error::BadDuration { .. }
                 | Error::BadOption(_)
                 | Error::Unsupported { .. }
+                | Error::PermitMismatch { .. }
         )
     }
 

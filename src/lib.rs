@@ -39,9 +39,11 @@ mod key;
 mod location;
 mod registry;
 
-pub use crate::core::backend::LockInfo;
+pub use crate::core::backend::{LockInfo, LockKind};
+pub use crate::core::election::{ElectionBuilder, Leader, LeaderWatch, Leadership};
 pub use crate::core::lease::{Lease, LeaseHandle};
 pub use crate::core::locks::{LockBuilder, Locks, Wait, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+pub use crate::core::multi::{MultiLease, MultiLockBuilder};
 pub use duration::parse_duration;
 pub use error::{Cause, Error, LossReason, Result};
 pub use key::{Key, MAX_KEY_BYTES};

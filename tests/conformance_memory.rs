@@ -5,3 +5,4 @@ async fn target() -> dlock_testkit::Target {
 }
 
 dlock_testkit::conformance_tests!(target());
+dlock_testkit::conformance_kind_tests!(target());

@@ -10,11 +10,11 @@ mod stats;
 
 use clap::{Parser, ValueEnum};
 use dlock::backends::counting::Counting;
-use dlock::Locks;
+use dlock::{LockKind, Locks};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,11 +71,36 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
+    /// Uncontended and contended: the lease kind, `exclusive`, `shared` or
+    /// `semaphore:N` (N permits)
+    #[arg(long, value_name = "KIND", default_value = "exclusive", value_parser = kind_arg)]
+    kind: LockKind,
+}
+
+fn kind_arg(text: &str) -> Result<LockKind, String> {
+    match text {
+        "exclusive" => Ok(LockKind::Exclusive),
+        "shared" => Ok(LockKind::Shared),
+        other => match other.strip_prefix("semaphore:").map(str::parse::<u32>) {
+            Some(Ok(permits)) if permits > 0 => Ok(LockKind::Semaphore { permits }),
+            _ => Err("expected exclusive, shared or semaphore:N with N at least 1".to_owned()),
+        },
+    }
+}
+
+/// How a kind is printed in the report.
+pub fn kind_name(kind: LockKind) -> String {
+    match kind {
+        LockKind::Shared => "shared".to_owned(),
+        LockKind::Semaphore { permits } => format!("semaphore:{permits}"),
+        _ => "exclusive".to_owned(),
+    }
 }
 
 /// What every mode shares while it runs: the lock handle, the clock, the counters.
 pub struct Run {
     pub locks: Locks,
+    pub kind: LockKind,
     pub ttl: Duration,
     pub hold: Duration,
     pub concurrency: usize,
@@ -88,6 +113,25 @@ pub struct Run {
 }
 
 impl Run {
+    /// A lock on `key` of the run's kind and TTL.
+    pub fn lock(&self, key: &str) -> dlock::LockBuilder {
+        let builder = match self.kind {
+            LockKind::Shared => self.locks.lock(key).shared(),
+            LockKind::Semaphore { permits } => self.locks.semaphore(key, permits),
+            _ => self.locks.lock(key),
+        };
+        builder.ttl(self.ttl)
+    }
+
+    /// How many holders the run's kind admits at once.
+    pub fn admits(&self) -> u64 {
+        match self.kind {
+            LockKind::Shared => u64::MAX,
+            LockKind::Semaphore { permits } => u64::from(permits),
+            _ => 1,
+        }
+    }
+
     pub fn running(&self) -> bool {
         Instant::now() < self.until
     }
@@ -109,23 +153,39 @@ impl Run {
     }
 }
 
-/// Marks a critical section; two tasks inside at once is a violation.
-#[derive(Default)]
-pub struct Exclusion(AtomicBool);
+/// Marks a critical section; more tasks inside at once than the kind admits (two, for
+/// an exclusive lock) is a violation.
+pub struct Exclusion {
+    inside: AtomicU64,
+    limit: u64,
+}
+
+impl Default for Exclusion {
+    fn default() -> Self {
+        Exclusion::new()
+    }
+}
 
 impl Exclusion {
     pub fn new() -> Self {
-        Exclusion(AtomicBool::new(false))
+        Exclusion::admitting(1)
+    }
+
+    pub fn admitting(limit: u64) -> Self {
+        Exclusion {
+            inside: AtomicU64::new(0),
+            limit,
+        }
     }
 
     pub fn enter(&self, run: &Run) {
-        if self.0.swap(true, Ordering::SeqCst) {
+        if self.inside.fetch_add(1, Ordering::SeqCst) >= self.limit {
             run.violations.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     pub fn leave(&self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.inside.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -134,6 +194,7 @@ impl Exclusion {
 pub struct Report {
     pub backend: String,
     pub mode: Mode,
+    pub kind: String,
     pub concurrency: usize,
     pub seconds: f64,
     pub operations: u64,
@@ -243,6 +304,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
     let started = Instant::now();
     let run = Arc::new(Run {
         locks,
+        kind: args.kind,
         ttl: args.ttl,
         hold: args.hold,
         concurrency,
@@ -285,6 +347,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
     let report = Report {
         backend: run.locks.describe().to_owned(),
         mode: args.mode,
+        kind: kind_name(args.kind),
         concurrency,
         seconds,
         operations,

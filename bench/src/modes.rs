@@ -68,7 +68,7 @@ pub async fn uncontended(run: &Arc<Run>) -> Details {
                 while run.running() {
                     let key = fresh_key("u");
                     let started = Instant::now();
-                    match run.locks.lock(&key).ttl(run.ttl).no_wait().acquire().await {
+                    match run.lock(&key).no_wait().acquire().await {
                         Ok(lease) => {
                             samples.push(started.elapsed());
                             match lease.release().await {
@@ -95,7 +95,7 @@ pub async fn uncontended(run: &Arc<Run>) -> Details {
 pub async fn contended(run: &Arc<Run>) -> Details {
     const NOBODY: usize = usize::MAX;
     let key = fresh_key("c");
-    let exclusion = Arc::new(Exclusion::new());
+    let exclusion = Arc::new(Exclusion::admitting(run.admits()));
     let last_holder = Arc::new(AtomicUsize::new(NOBODY));
     let switches = Arc::new(AtomicU64::new(0));
     let served = Arc::new(
@@ -115,14 +115,7 @@ pub async fn contended(run: &Arc<Run>) -> Details {
                 let mut samples = Vec::new();
                 while run.running() {
                     let started = Instant::now();
-                    let lease = match run
-                        .locks
-                        .lock(&key)
-                        .ttl(run.ttl)
-                        .wait_for(remaining(&run))
-                        .acquire()
-                        .await
-                    {
+                    let lease = match run.lock(&key).wait_for(remaining(&run)).acquire().await {
                         Ok(lease) => lease,
                         Err(Error::NotAcquired { .. }) => break,
                         Err(err) => {
@@ -325,6 +318,7 @@ pub fn print_table(report: &Report) {
     let mut rows: Vec<(&str, String)> = vec![
         ("backend", report.backend.clone()),
         ("mode", format!("{:?}", report.mode).to_lowercase()),
+        ("kind", report.kind.clone()),
         ("concurrency", report.concurrency.to_string()),
         ("seconds", format!("{:.1}", report.seconds)),
     ];

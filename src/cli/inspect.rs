@@ -115,7 +115,38 @@ fn short(d: std::time::Duration) -> String {
     }
 }
 
+/// One row per lease: a shared key or a semaphore shows each reader or permit, the kind
+/// named in the note.
+fn rows_of(all: &[LockInfo]) -> Vec<LockInfo> {
+    let mut rows = Vec::new();
+    for info in all {
+        if info.holders.is_empty() {
+            rows.push(info.clone());
+            continue;
+        }
+        let count = info.holders.len();
+        for holder in &info.holders {
+            let mut row = holder.clone();
+            row.key.clone_from(&info.key);
+            let kind = match (info.kind.as_deref(), info.permits) {
+                (Some("semaphore"), Some(permits)) => {
+                    format!("semaphore: {count} of {permits} permits held")
+                }
+                (Some(kind), _) => format!("{kind}: {count} holders"),
+                (None, _) => format!("{count} holders"),
+            };
+            row.note = Some(match &holder.note {
+                Some(note) => format!("{kind}; {note}"),
+                None => kind,
+            });
+            rows.push(row);
+        }
+    }
+    rows
+}
+
 fn print_table(all: &[LockInfo]) {
+    let all = rows_of(all);
     let rows: Vec<[String; 7]> = all
         .iter()
         .map(|i| {
@@ -165,5 +196,61 @@ fn print_table(all: &[LockInfo]) {
     line(header.to_vec());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// `dlock leader NAME [--watch]`.
+pub async fn leader(name: &str, backend: Option<String>, json: bool, watch: bool) -> ExitCode {
+    if let Err(err) = dlock::Key::new(name) {
+        return exit::fail(&err);
+    }
+    let locks = match connect(backend).await {
+        Ok(locks) => locks,
+        Err(err) => return exit::fail(&err),
+    };
+    let show = |leader: &Option<dlock::Leader>| {
+        if json {
+            let value = match leader {
+                Some(l) => serde_json::json!({
+                    "name": name, "led": true, "value": l.value, "term": l.term,
+                    "pid": l.pid, "host": l.host,
+                }),
+                None => serde_json::json!({ "name": name, "led": false }),
+            };
+            println!("{value}");
+        } else {
+            match leader {
+                Some(l) => {
+                    let at = match (&l.host, l.pid) {
+                        (Some(host), Some(pid)) => format!(" ({host}:{pid})"),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{}: led by {} in term {}{}",
+                        printable(name),
+                        printable(l.value.as_deref().unwrap_or("-")),
+                        l.term,
+                        printable(&at)
+                    );
+                }
+                None => println!("{}: no leader", printable(name)),
+            }
+        }
+    };
+    if !watch {
+        return match locks.leader(name).await {
+            Ok(leader) => {
+                show(&leader);
+                ExitCode::from(if leader.is_some() { 0 } else { 1 })
+            }
+            Err(err) => exit::fail(&err),
+        };
+    }
+    let mut changes = locks.watch_leader(name);
+    loop {
+        match changes.changed().await {
+            Ok(leader) => show(&leader),
+            Err(err) => return exit::fail(&err),
+        }
     }
 }

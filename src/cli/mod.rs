@@ -66,14 +66,44 @@ Examples:
   dlock run nightly-report -- ./report.sh            wait for the lock, then run
   dlock run deploy --no-wait -- ./deploy.sh          exit 75 at once if held elsewhere
   dlock run migrate --wait 30s --backend postgres://db/app -- ./migrate
+  dlock run catalog --shared -- ./read-catalog.sh    readers share; a writer excludes all
+  dlock run api-slots --permits 4 -- ./call-api.sh   one of 4 permits
+  dlock run --all account-3,account-7 -- ./transfer  every key or none (\\, escapes a comma)
 
-COMMAND sees DLOCK_KEY, DLOCK_FENCE (the fencing token) and DLOCK_OWNER. It runs in
+COMMAND sees DLOCK_KEY, DLOCK_FENCE (the fencing token) and DLOCK_OWNER (with --all:
+DLOCK_KEYS and DLOCK_FENCES, comma-separated in sorted key order; with --permits:
+DLOCK_PERMITS). It runs in
 a process group of its own (in the terminal's foreground when dlock is); SIGINT,
 SIGTERM and SIGHUP sent to dlock are passed to that group. If the lease is lost, the
 whole tree gets SIGTERM, then SIGKILL after --kill-after, and dlock exits 76; what
 COMMAND leaves running when it exits is stopped the same way. If dlock itself dies,
 even by SIGKILL, a watchdog process SIGKILLs COMMAND's group.")]
     Run(run::RunArgs),
+    /// Run COMMAND while this process leads the election NAME
+    #[command(after_help = "\
+Examples:
+  dlock elect scheduler --value \"$(hostname):8080\" -- ./scheduler
+  dlock leader scheduler --watch
+
+The candidate waits (like run) until it leads, then runs COMMAND, which sees
+DLOCK_TERM (the term: strictly greater than every earlier leader's), DLOCK_VALUE and
+DLOCK_KEY. If leadership is lost, COMMAND's process group is stopped as in run and
+dlock exits 76; when COMMAND exits, dlock resigns.")]
+    Elect(run::ElectArgs),
+    /// Show who leads the election NAME (exit 0 if somebody leads, 1 if nobody)
+    #[command(after_help = "Example:\n  dlock leader scheduler --watch --json")]
+    Leader {
+        /// The election's name
+        name: String,
+        #[command(flatten)]
+        backend: BackendArg,
+        /// Print one JSON object instead of a line
+        #[arg(long)]
+        json: bool,
+        /// Keep running, printing a line at each change of leader
+        #[arg(long)]
+        watch: bool,
+    },
     /// Show who holds KEY (exit 0 if held, 1 if free)
     #[command(after_help = "Example:\n  dlock status nightly-report --json")]
     Status {
@@ -195,6 +225,13 @@ pub fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run::run(args).await,
+            Command::Elect(args) => run::elect(args).await,
+            Command::Leader {
+                name,
+                backend,
+                json,
+                watch,
+            } => inspect::leader(&name, backend.backend, json, watch).await,
             Command::Status { key, backend, json } => {
                 inspect::status(&key, backend.backend, json).await
             }

@@ -9,8 +9,41 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The lock key (1 to 1024 bytes of UTF-8)
-    key: String,
+    /// The lock key (1 to 1024 bytes of UTF-8); with --all, leave it out
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    key: Option<String>,
+    /// Take a shared (read) lock: readers share the key, a writer (without --shared)
+    /// excludes them all; interoperates with `flock -s` on the file backend
+    #[arg(long, conflicts_with = "permits")]
+    shared: bool,
+    /// Take one of N permits of the semaphore KEY (every holder must give the same N);
+    /// COMMAND also sees DLOCK_PERMITS
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    permits: Option<u32>,
+    /// Take every key of a comma-separated list, all or nothing, in one canonical order
+    /// (no deadlock between overlapping lists); write a comma inside a key as `\,` and a
+    /// backslash as `\\`; may be repeated
+    #[arg(long, value_name = "K1,K2,…", conflicts_with = "permits")]
+    all: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `dlock elect NAME [--value V] -- COMMAND`.
+#[derive(Debug, Args)]
+pub struct ElectArgs {
+    /// The election's name (a lock key)
+    name: String,
+    /// What the leader publishes for `dlock leader` (default: HOST:PID)
+    #[arg(long, value_name = "V")]
+    value: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// The options `run` and `elect` share.
+#[derive(Debug, Args)]
+pub struct Common {
     #[command(flatten)]
     backend: BackendArg,
     /// Lease TTL: a crashed holder's lock ends after this long (renewed every TTL/3)
@@ -28,6 +61,117 @@ pub struct RunArgs {
     /// The command to run under the lock, after `--`
     #[arg(required = true, last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+/// Splits `--all` values at commas not escaped by a backslash.
+fn split_keys(lists: &[String]) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    for list in lists {
+        let mut key = String::new();
+        let mut chars = list.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some(next @ (',' | '\\')) => key.push(next),
+                    _ => return Err(format!("bad escape in --all {list:?}: write \\, for a comma and \\\\ for a backslash")),
+                },
+                ',' => keys.push(std::mem::take(&mut key)),
+                c => key.push(c),
+            }
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// What `run` or `elect` holds while COMMAND runs.
+enum Held {
+    One(dlock::Lease),
+    All(dlock::MultiLease),
+    Leader(dlock::Leadership),
+}
+
+impl Held {
+    fn lease(&self) -> Option<&dlock::Lease> {
+        match self {
+            Held::One(lease) => Some(lease),
+            Held::Leader(leadership) => Some(leadership.lease()),
+            Held::All(_) => None,
+        }
+    }
+
+    fn set_env(&self, command: &mut std::process::Command, permits: Option<u32>) {
+        if let Some(lease) = self.lease() {
+            command
+                .env("DLOCK_KEY", lease.key())
+                .env("DLOCK_FENCE", lease.fence().to_string())
+                .env("DLOCK_OWNER", lease.owner());
+        }
+        if let Held::All(all) = self {
+            let keys: Vec<String> = all
+                .keys()
+                .map(|k| k.replace('\\', "\\\\").replace(',', "\\,"))
+                .collect();
+            let fences: Vec<String> = all.fences().iter().map(|(_, f)| f.to_string()).collect();
+            command
+                .env("DLOCK_KEYS", keys.join(","))
+                .env("DLOCK_FENCES", fences.join(","));
+        }
+        if let Some(permits) = permits {
+            command.env("DLOCK_PERMITS", permits.to_string());
+        }
+        if let Held::Leader(leadership) = self {
+            command
+                .env("DLOCK_TERM", leadership.term().to_string())
+                .env("DLOCK_VALUE", leadership.value());
+        }
+    }
+
+    fn lost(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = dlock::LossReason> + Send>> {
+        match self {
+            Held::One(lease) => Box::pin(lease.lost()),
+            Held::All(all) => Box::pin(all.lost()),
+            Held::Leader(leadership) => Box::pin(leadership.lost()),
+        }
+    }
+
+    fn lost_error(&self, backend: &str, reason: dlock::LossReason) -> dlock::Error {
+        let (key, fence) = match self {
+            Held::One(lease) => (lease.key().to_owned(), lease.fence()),
+            Held::Leader(leadership) => (leadership.name().to_owned(), leadership.term()),
+            Held::All(all) => {
+                let lost = all.parts().iter().find(|l| l.is_lost());
+                match lost {
+                    Some(lease) => (lease.key().to_owned(), lease.fence()),
+                    None => (all.keys().collect::<Vec<_>>().join(","), 0),
+                }
+            }
+        };
+        dlock::Error::LeaseLost {
+            key,
+            backend: backend.to_owned(),
+            fence,
+            reason,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Held::One(lease) => lease.key().to_owned(),
+            Held::Leader(leadership) => leadership.name().to_owned(),
+            Held::All(all) => all.keys().collect::<Vec<_>>().join(","),
+        }
+    }
+
+    async fn release(self) -> dlock::Result<bool> {
+        match self {
+            Held::One(lease) => lease.release().await,
+            Held::All(all) => all.release().await,
+            Held::Leader(leadership) => leadership.resign().await,
+        }
+    }
 }
 
 /// How long connecting may take past a limited wait: `--no-wait` against a store that
@@ -95,9 +239,73 @@ async fn futures_select_all<F: std::future::Future<Output = libc::c_int> + Unpin
     .await
 }
 
+/// What to take.
+enum Plan {
+    One {
+        key: String,
+        shared: bool,
+        permits: Option<u32>,
+    },
+    All {
+        keys: Vec<String>,
+        shared: bool,
+    },
+    Elect {
+        name: String,
+        value: String,
+    },
+}
+
 pub async fn run(args: RunArgs) -> ExitCode {
-    if let Err(err) = Key::new(args.key.as_str()) {
-        return exit::fail(&err);
+    let plan = if args.all.is_empty() {
+        Plan::One {
+            key: args.key.unwrap_or_default(),
+            shared: args.shared,
+            permits: args.permits,
+        }
+    } else {
+        match split_keys(&args.all) {
+            Ok(keys) => Plan::All {
+                keys,
+                shared: args.shared,
+            },
+            Err(message) => {
+                exit::report(message);
+                return ExitCode::from(exit::USAGE);
+            }
+        }
+    };
+    supervise(plan, args.common).await
+}
+
+pub async fn elect(args: ElectArgs) -> ExitCode {
+    let value = args.value.unwrap_or_else(|| {
+        format!(
+            "{}:{}",
+            dlock::backend::Holder::current().host,
+            std::process::id()
+        )
+    });
+    supervise(
+        Plan::Elect {
+            name: args.name,
+            value,
+        },
+        args.common,
+    )
+    .await
+}
+
+async fn supervise(plan: Plan, args: Common) -> ExitCode {
+    let keys: Vec<&str> = match &plan {
+        Plan::One { key, .. } => vec![key.as_str()],
+        Plan::All { keys, .. } => keys.iter().map(String::as_str).collect(),
+        Plan::Elect { name, .. } => vec![name.as_str()],
+    };
+    for key in keys {
+        if let Err(err) = Key::new(key) {
+            return exit::fail(&err);
+        }
     }
     let Some(program) = args.command.first().cloned() else {
         exit::report("no COMMAND given after --");
@@ -119,7 +327,42 @@ pub async fn run(args: RunArgs) -> ExitCode {
         Ok(locks) => locks,
         Err(err) => return exit::fail(&err),
     };
-    let acquire = locks.lock(&args.key).ttl(args.ttl).wait(wait).acquire();
+    let mut permits = None;
+    let acquire = async {
+        match &plan {
+            Plan::One {
+                key,
+                permits: Some(n),
+                ..
+            } => {
+                permits = Some(*n);
+                locks
+                    .semaphore(key, *n)
+                    .ttl(args.ttl)
+                    .wait(wait)
+                    .acquire()
+                    .await
+                    .map(Held::One)
+            }
+            Plan::One { key, shared, .. } => {
+                let builder = locks.lock(key).ttl(args.ttl).wait(wait);
+                let builder = if *shared { builder.shared() } else { builder };
+                builder.acquire().await.map(Held::One)
+            }
+            Plan::All { keys, shared } => {
+                let builder = locks.lock_all(keys).ttl(args.ttl).wait(wait);
+                let builder = if *shared { builder.shared() } else { builder };
+                builder.acquire().await.map(Held::All)
+            }
+            Plan::Elect { name, value } => locks
+                .elect(name, value.as_str())
+                .ttl(args.ttl)
+                .wait(wait)
+                .campaign()
+                .await
+                .map(Held::Leader),
+        }
+    };
     let lease = tokio::select! {
         lease = acquire => match lease {
             Ok(lease) => lease,
@@ -154,10 +397,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
         }
     };
     let mut command = child::command(&program, &args.command[1..]);
-    command
-        .env("DLOCK_KEY", lease.key())
-        .env("DLOCK_FENCE", lease.fence().to_string())
-        .env("DLOCK_OWNER", lease.owner());
+    lease.set_env(&mut command, permits);
     if let Err(err) = group.spawn(command) {
         let (status, message) = child::spawn_failure(&program, &err);
         exit::report(message);
@@ -177,12 +417,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
             }
             number = signals.recv() => group.forward(number),
             reason = &mut lost => {
-                let err = dlock::Error::LeaseLost {
-                    key: lease.key().to_owned(),
-                    backend: locks.describe().to_owned(),
-                    fence: lease.fence(),
-                    reason,
-                };
+                let err = lease.lost_error(locks.describe(), reason);
                 exit::report(format!("{err}; stopping {program:?} and its process group (SIGTERM, SIGKILL after {:?})", args.kill_after));
                 group.stop(args.kill_after).await;
                 group.close();
@@ -192,13 +427,11 @@ pub async fn run(args: RunArgs) -> ExitCode {
         }
     };
     // What COMMAND left running (background jobs, daemons) must not outlive the lock.
+    let name = lease.name();
     group.stop(args.kill_after).await;
     group.close();
     if let Err(err) = lease.release().await {
-        exit::report(format!(
-            "{err} (the lease on {:?} ends at its TTL)",
-            args.key
-        ));
+        exit::report(format!("{err} (the lease on {:?} ends at its TTL)", name));
     }
     ExitCode::from(code)
 }

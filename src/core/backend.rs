@@ -23,6 +23,10 @@ pub struct Holder {
     pub host: String,
     /// When the request was made (wall clock, for display only).
     pub requested_at: SystemTime,
+    /// A value the holder publishes beside its lease (the leader's address in an
+    /// election); backends store it where they store the pid and show it in
+    /// [`LockInfo::value`]. `None` for plain locks.
+    pub value: Option<String>,
 }
 
 impl Holder {
@@ -32,6 +36,7 @@ impl Holder {
             pid: std::process::id(),
             host: crate::core::host::host_name(),
             requested_at: SystemTime::now(),
+            value: None,
         }
     }
 }
@@ -255,9 +260,46 @@ pub struct LockInfo {
     /// does not use dlock", or "not renewed for 3 TTLs: the holder may be hung").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The kind of the lock: absent for an exclusive lock, `"shared"` for a key held by
+    /// readers, `"semaphore"` for a key held through permits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// For a semaphore: the number of permits its holders took it with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+    /// The value the holder published ([`Holder::value`], the leader's value in an
+    /// election).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// For a shared lock or a semaphore, which several leases hold at once: one record
+    /// per lease (reader or permit), each with its own owner, fence, pid and times. The
+    /// key's own owner and fence are then absent. Empty for an exclusive lock.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<LockInfo>,
+}
+
+/// The names [`LockInfo::kind`] uses.
+pub(crate) fn kind_name(kind: LockKind) -> Option<&'static str> {
+    match kind {
+        LockKind::Exclusive => None,
+        LockKind::Shared => Some("shared"),
+        LockKind::Semaphore { .. } => Some("semaphore"),
+    }
 }
 
 impl LockInfo {
+    /// The record of a key held by several leases at once (readers, permits): the key,
+    /// its kind and one record per holder.
+    pub fn of_holders(key: impl Into<String>, kind: LockKind, holders: Vec<LockInfo>) -> Self {
+        let mut info = LockInfo::new(key);
+        info.kind = kind_name(kind).map(str::to_owned);
+        if let LockKind::Semaphore { permits } = kind {
+            info.permits = Some(permits);
+        }
+        info.holders = holders;
+        info
+    }
+
     /// A record with only the key set.
     pub fn new(key: impl Into<String>) -> Self {
         LockInfo {
@@ -271,6 +313,10 @@ impl LockInfo {
             expires_at: None,
             ttl: None,
             note: None,
+            kind: None,
+            permits: None,
+            value: None,
+            holders: Vec::new(),
         }
     }
 }

@@ -80,7 +80,79 @@ impl Locks {
             renew_every: Some(DEFAULT_TTL / 3),
             renew_set: false,
             kind: LockKind::Exclusive,
+            value: None,
         }
+    }
+
+    /// Starts describing an all-or-nothing lock on several keys: see
+    /// [`MultiLockBuilder`]. Keys are taken one by one in one canonical order (sorted,
+    /// duplicates once), so two callers asking for overlapping sets in any order cannot
+    /// deadlock; if any key cannot be had before the deadline, the keys already taken are
+    /// released and nothing is held.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), dlock::Error> {
+    /// let locks = dlock::connect("memory://").await?;
+    /// let both = locks.lock_all(["account-7", "account-3"]).acquire().await?;
+    /// assert_eq!(both.keys().collect::<Vec<_>>(), ["account-3", "account-7"]);
+    /// assert!(locks.lock("account-3").try_acquire().await?.is_none());
+    /// both.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn lock_all<I>(&self, keys: I) -> crate::core::multi::MultiLockBuilder
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let keys: Result<Vec<Key>> = keys.into_iter().map(|k| Key::new(k.as_ref())).collect();
+        crate::core::multi::MultiLockBuilder::new(self.lock("-"), keys)
+    }
+
+    /// Starts a campaign for the leadership of `name`, publishing `value` (an address, a
+    /// host name) to whoever asks [`leader`](Locks::leader): see
+    /// [`ElectionBuilder`](crate::ElectionBuilder).
+    ///
+    /// An election is an exclusive lease on the key `name` whose holder record carries
+    /// `value`; the term is the lease's fence, so a newer leader always has a higher term.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), dlock::Error> {
+    /// let locks = dlock::connect("memory://").await?;
+    /// let leadership = locks.elect("scheduler", "10.0.0.7:8080").campaign().await?;
+    /// let leader = locks.leader("scheduler").await?.expect("somebody leads");
+    /// assert_eq!(leader.value.as_deref(), Some("10.0.0.7:8080"));
+    /// assert_eq!(leader.term, leadership.term());
+    /// leadership.resign().await?;
+    /// assert!(locks.leader("scheduler").await?.is_none());
+    /// # Ok(()) }
+    /// ```
+    pub fn elect(
+        &self,
+        name: impl AsRef<str>,
+        value: impl Into<String>,
+    ) -> crate::core::election::ElectionBuilder {
+        let mut builder = self.lock(name);
+        builder.value = Some(value.into());
+        crate::core::election::ElectionBuilder::new(builder)
+    }
+
+    /// Who leads `name` now (its value and term), or `None` if nobody does.
+    pub async fn leader(
+        &self,
+        name: impl AsRef<str>,
+    ) -> Result<Option<crate::core::election::Leader>> {
+        Ok(self
+            .status(name)
+            .await?
+            .and_then(crate::core::election::Leader::from_info))
+    }
+
+    /// Observes the leadership of `name`: each [`changed`](crate::LeaderWatch::changed)
+    /// resolves when the leader (or its term) differs from the one last reported.
+    pub fn watch_leader(&self, name: impl AsRef<str>) -> crate::core::election::LeaderWatch {
+        crate::core::election::LeaderWatch::new(self.clone(), name.as_ref())
     }
 
     /// Starts describing one permit of the semaphore `key`: at most `permits` leases on
@@ -188,6 +260,8 @@ pub struct LockBuilder {
     renew_every: Option<Duration>,
     renew_set: bool,
     kind: LockKind,
+    /// Published in the holder record (elections).
+    pub(crate) value: Option<String>,
 }
 
 impl LockBuilder {
@@ -255,6 +329,27 @@ impl LockBuilder {
         self.renew_set = true;
         self.renew_every = Some(every);
         self
+    }
+
+    /// The same options for another key (all-or-nothing locks).
+    pub(crate) fn for_key(&self, key: Key) -> LockBuilder {
+        LockBuilder {
+            key: Ok(key),
+            ..self.clone()
+        }
+    }
+
+    /// Takes the lock, waiting as configured: `None` when the wait runs out.
+    pub(crate) async fn acquire_or_none(&self) -> Result<Option<Lease>> {
+        self.acquire_inner().await
+    }
+
+    pub(crate) fn wait_mode(&self) -> Wait {
+        self.wait
+    }
+
+    pub(crate) fn locks(&self) -> &Locks {
+        &self.locks
     }
 
     fn validate(&self) -> Result<Key> {
@@ -357,7 +452,8 @@ impl LockBuilder {
         let key = self.validate()?;
         let backend = Arc::clone(&self.locks.backend);
         let owner = Owner::random();
-        let holder = Holder::current();
+        let mut holder = Holder::current();
+        holder.value.clone_from(&self.value);
         let started = Instant::now();
         let deadline = match self.wait {
             Wait::No => Some(started),

@@ -3,10 +3,12 @@
 
 pub mod backend;
 pub mod backoff;
+pub mod election;
 pub(crate) mod host;
 pub mod lease;
 pub(crate) mod local_queue;
 pub mod locks;
+pub mod multi;
 pub mod owner;
 pub(crate) mod serde_time;
 pub mod wait;

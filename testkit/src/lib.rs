@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod conformance;
+pub mod kinds;
 pub mod process;
 pub mod proxy;
 pub mod servers;
@@ -52,6 +53,37 @@ macro_rules! conformance_tests {
             async fn $name() {
                 let target = $target.await;
                 $crate::conformance::$name(&target).await;
+            }
+        )*
+    };
+}
+
+/// Generates one `#[tokio::test]` per behaviour of the lock kinds' conformance suite
+/// ([`kinds`]): shared locks, semaphores, multi-key locks and elections. A backend's test
+/// file adds it beside [`conformance_tests!`] once the backend declares the kinds; on a
+/// backend that does not, the tests fail naming the missing capability.
+#[macro_export]
+macro_rules! conformance_kind_tests {
+    ($target:expr) => {
+        $crate::conformance_kind_tests!(@each $target;
+            shared_readers_overlap_and_writers_exclude,
+            waiting_writer_blocks_new_readers,
+            writer_is_not_starved_by_a_stream_of_readers,
+            semaphore_admits_exactly_its_permits,
+            semaphore_permit_mismatch_is_a_typed_error,
+            semaphore_permit_of_killed_holder_comes_back,
+            status_shows_kind_and_every_holder,
+            fences_increase_across_kinds,
+            lock_all_never_deadlocks_nor_overlaps,
+            election_has_one_leader_then_a_successor
+        );
+    };
+    (@each $target:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let target = $target.await;
+                $crate::kinds::$name(&target).await;
             }
         )*
     };

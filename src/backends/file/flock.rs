@@ -22,11 +22,32 @@ use tokio::sync::oneshot;
 /// is why Go's runtime picked it for the same purpose.
 const INTERRUPT: libc::c_int = libc::SIGURG;
 
+/// Exclusive (`LOCK_EX`) or shared (`LOCK_SH`, as `flock -s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Exclusive,
+    Shared,
+}
+
+impl Mode {
+    fn op(self) -> libc::c_int {
+        match self {
+            Mode::Exclusive => libc::LOCK_EX,
+            Mode::Shared => libc::LOCK_SH,
+        }
+    }
+}
+
 /// Takes an exclusive lock without waiting: `Ok(true)` if taken, `Ok(false)` if held.
 pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
+    try_lock_as(file, Mode::Exclusive)
+}
+
+/// Takes a lock of `mode` without waiting: `Ok(true)` if taken, `Ok(false)` if held.
+pub(crate) fn try_lock_as(file: &File, mode: Mode) -> io::Result<bool> {
     loop {
         // SAFETY: flock on a valid, owned descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode.op() | libc::LOCK_NB) };
         if rc == 0 {
             return Ok(true);
         }
@@ -90,7 +111,7 @@ fn install_interrupt_handler() {
     });
 }
 
-/// A wait in the kernel's queue for an exclusive lock on `file`.
+/// A wait in the kernel's queue for a lock on `file`.
 pub(crate) struct KernelWait {
     result: Option<oneshot::Receiver<io::Result<File>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -98,7 +119,7 @@ pub(crate) struct KernelWait {
 }
 
 impl KernelWait {
-    pub(crate) fn start(file: File) -> io::Result<KernelWait> {
+    pub(crate) fn start(file: File, mode: Mode) -> io::Result<KernelWait> {
         install_interrupt_handler();
         let (tx, rx) = oneshot::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
@@ -106,7 +127,7 @@ impl KernelWait {
         let thread = std::thread::Builder::new()
             .name("dlock-flock-wait".into())
             .spawn(move || {
-                let outcome = block_until_locked(&file, &flag).map(|locked| (locked, file));
+                let outcome = block_until_locked(&file, mode, &flag).map(|locked| (locked, file));
                 match outcome {
                     Ok((true, file)) => {
                         if flag.load(Ordering::SeqCst) {
@@ -156,13 +177,13 @@ impl KernelWait {
 }
 
 /// Blocks in flock until locked (`true`) or abandoned (`false`).
-fn block_until_locked(file: &File, abandoned: &AtomicBool) -> io::Result<bool> {
+fn block_until_locked(file: &File, mode: Mode, abandoned: &AtomicBool) -> io::Result<bool> {
     loop {
         if abandoned.load(Ordering::SeqCst) {
             return Ok(false);
         }
         // SAFETY: flock on a valid, owned descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode.op()) };
         if rc == 0 {
             return Ok(true);
         }

@@ -46,15 +46,16 @@ pub(crate) mod naming;
 mod proc_locks;
 pub(crate) mod record;
 
+mod kinds;
+
 use crate::core::backend::{
-    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo,
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo, LockKind,
 };
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::location::BackendUrl;
 use async_trait::async_trait;
 use dir::{Access, LockDir, OpenError};
-use flock::KernelWait;
 use proc_locks::{Holding, KernelLocks};
 use record::{Contents, Record, Stored};
 use std::fs::File;
@@ -70,6 +71,9 @@ struct HeldFile {
     name: String,
     record: Record,
     record_len: u64,
+    /// False for a reader: several share the lock file, whose record is the last
+    /// writer's, so a reader keeps its own record nowhere (see the module docs).
+    writes_record: bool,
     inner: Arc<Inner>,
 }
 
@@ -153,6 +157,11 @@ impl FileBackend {
             acquired_at_ms: Some(now),
             renewed_at_ms: Some(now),
             ttl_ms: Some(u64::try_from(request.ttl.as_millis()).unwrap_or(u64::MAX)),
+            value: request.holder.value.clone(),
+            permits: match request.kind {
+                LockKind::Semaphore { permits } => Some(permits),
+                _ => None,
+            },
         }
     }
 
@@ -180,6 +189,9 @@ impl HeldLease for HeldFile {
             .map_err(|e| inner.io_error("check", &self.name, &e))?;
         if !current {
             return Ok(false);
+        }
+        if !self.writes_record {
+            return Ok(true);
         }
         self.record.renewed_at_ms = Some(record::now_ms());
         self.record.ttl_ms = Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
@@ -325,11 +337,23 @@ impl Inner {
     /// and writes the record. `None` if the file was replaced meanwhile.
     fn claim(
         self: &Arc<Self>,
-        mut file: File,
+        file: File,
         key: &str,
         new_record: impl FnOnce(u64) -> Record,
     ) -> Result<Option<HeldFile>> {
-        let name = naming::file_name(key);
+        self.claim_as(file, key, naming::file_name(key), true, new_record)
+    }
+
+    /// [`claim`](Inner::claim) of the file `name` (a lock file, or a permit's slot file);
+    /// a reader (`writes_record` false) takes its fence and leaves the record alone.
+    fn claim_as(
+        self: &Arc<Self>,
+        mut file: File,
+        key: &str,
+        name: String,
+        writes_record: bool,
+        new_record: impl FnOnce(u64) -> Record,
+    ) -> Result<Option<HeldFile>> {
         let current = self
             .dir
             .is_current(&file, &name)
@@ -348,6 +372,9 @@ impl Inner {
             };
             let fence = self.advance(key, &name, in_record, 1)?;
             let record = new_record(fence);
+            if !writes_record {
+                return Ok((record, old_len));
+            }
             // The fence file is durable already; this copy is for status, and a floor.
             let record_len = record::write(&file, &record, old_len)
                 .map_err(|e| self.io_error("write", &name, &e))?;
@@ -359,6 +386,7 @@ impl Inner {
                 name,
                 record,
                 record_len,
+                writes_record,
                 inner: Arc::clone(self),
             })),
             Err(err) => {
@@ -385,10 +413,19 @@ impl Backend for FileBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::session_bound()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::session_bound()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
+        match request.kind {
+            LockKind::Shared => return self.try_read(request).await,
+            LockKind::Semaphore { permits } => return self.try_permit(request, permits).await,
+            _ => {}
+        }
         let sent_at = Instant::now();
         let key = request.key.to_string();
         let inner = Arc::clone(&self.inner);
@@ -419,7 +456,13 @@ impl Backend for FileBackend {
     }
 
     async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Option<Granted>> {
+        match request.kind {
+            LockKind::Shared => return self.read(request).await,
+            LockKind::Semaphore { permits } => return self.permit(request, permits).await,
+            _ => {}
+        }
         let deadline = request.deadline;
+        let owner = request.owner.to_string();
         let key = request.key.to_string();
         let name = naming::file_name(&key);
         let template = Self::new_record(request, 0);
@@ -430,13 +473,7 @@ impl Backend for FileBackend {
             let file = if flock::try_lock(&file).map_err(|e| inner.io_error("lock", &name, &e))? {
                 file
             } else {
-                let wait =
-                    KernelWait::start(file).map_err(|e| inner.io_error("wait for", &name, &e))?;
-                match wait
-                    .wait(deadline)
-                    .await
-                    .map_err(|e| inner.io_error("lock", &name, &e))?
-                {
+                match self.wait_as_writer(file, &key, &owner, deadline).await? {
                     Some(file) => file,
                     None => return Ok(None),
                 }
@@ -459,12 +496,10 @@ impl Admin for FileBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let name = naming::file_name(key.as_str());
         let kernel = KernelLocks::read();
-        Ok(inspect_file(
-            &self.inner,
-            &name,
-            &kernel,
-            Some(key.as_str()),
-        ))
+        if let Some(info) = inspect_file(&self.inner, &name, &kernel, Some(key.as_str())) {
+            return Ok(Some(info));
+        }
+        Ok(kinds::inspect_permits(&self.inner, key.as_str(), &kernel))
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
@@ -476,6 +511,12 @@ impl Admin for FileBackend {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
+            if name.ends_with(kinds::PERMITS_SUFFIX) {
+                if let Some(info) = kinds::inspect_permits_file(inner, name, &kernel) {
+                    all.push(info);
+                }
+                continue;
+            }
             if !name.ends_with(".lock") {
                 continue;
             }
@@ -508,7 +549,7 @@ fn force_release(inner: &Inner, key: &str) -> Result<bool> {
         .map_err(|e| inner.io_error("check", &name, &e))?;
     let was_held = matches!(
         KernelLocks::read().holder(&meta),
-        Holding::HeldBy(_) | Holding::Unknown
+        Holding::HeldBy(_) | Holding::SharedBy(_) | Holding::Unknown
     );
     if !was_held {
         return Ok(false);
@@ -527,6 +568,8 @@ fn force_release(inner: &Inner, key: &str) -> Result<bool> {
         acquired_at_ms: None,
         renewed_at_ms: None,
         ttl_ms: None,
+        value: None,
+        permits: None,
     };
     let (temp, file) = inner
         .dir
@@ -556,6 +599,20 @@ fn inspect_file(
     let holder_pid = match kernel.holder(&meta) {
         Holding::Free => return None,
         Holding::HeldBy(pid) => Some(pid),
+        Holding::SharedBy(pids) => {
+            let key = key
+                .map(str::to_owned)
+                .or_else(|| record::read_unlocked(&mut file).map(|r| r.key))?;
+            let readers = pids
+                .into_iter()
+                .map(|pid| {
+                    let mut reader = LockInfo::new(key.as_str());
+                    reader.pid = Some(pid);
+                    reader
+                })
+                .collect();
+            return Some(LockInfo::of_holders(key, LockKind::Shared, readers));
+        }
         Holding::Unknown => None,
     };
     let record = record::read_unlocked(&mut file);
@@ -575,6 +632,7 @@ fn inspect_file(
             info.acquired_at = record.acquired_at_ms.map(record::to_system_time);
             info.renewed_at = record.renewed_at_ms.map(record::to_system_time);
             info.ttl = record.ttl_ms.map(Duration::from_millis);
+            info.value = record.value;
             if let (Some(renewed), Some(ttl)) = (info.renewed_at, info.ttl) {
                 let silent = SystemTime::now()
                     .duration_since(renewed)

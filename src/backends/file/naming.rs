@@ -38,7 +38,9 @@ pub(crate) fn fence_name(key: &str) -> String {
     name_with(key, FENCE_SUFFIX)
 }
 
-fn name_with(key: &str, suffix: &str) -> String {
+/// The name of `key`'s file with `suffix` (a permit slot, a writer intent), shortened
+/// by the same rule as lock and fence files.
+pub(crate) fn name_with(key: &str, suffix: &str) -> String {
     let base = if is_plain(key) {
         key.to_owned()
     } else {

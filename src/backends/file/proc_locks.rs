@@ -2,10 +2,10 @@
 
 use std::os::unix::fs::MetadataExt;
 
-/// The holders of granted FLOCK write locks, as (device, inode) → pid.
+/// The holders of granted FLOCK locks, as (device, inode, pid, exclusive).
 #[derive(Debug, Default)]
 pub(crate) struct KernelLocks {
-    held: Vec<(u64, u64, u32)>,
+    held: Vec<(u64, u64, u32, bool)>,
     readable: bool,
 }
 
@@ -21,50 +21,63 @@ impl KernelLocks {
         }
     }
 
-    /// Whether the file of `meta` is locked, and by which process.
+    /// Whether the file of `meta` is locked, and by which process (or processes: one
+    /// pid per shared lock, a process holding several appearing as often).
     pub(crate) fn holder(&self, meta: &std::fs::Metadata) -> Holding {
         if !self.readable {
             return Holding::Unknown;
         }
         let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
         let dev = (u64::from(major) << 32) | u64::from(minor);
-        match self
+        let mut on_file = self
             .held
             .iter()
-            .find(|(d, ino, _)| *ino == meta.ino() && *d == dev)
-        {
-            Some((_, _, pid)) => Holding::HeldBy(*pid),
-            None => Holding::Free,
+            .filter(|(d, ino, _, _)| *ino == meta.ino() && *d == dev);
+        let mut readers = Vec::new();
+        for (_, _, pid, exclusive) in on_file.by_ref() {
+            if *exclusive {
+                return Holding::HeldBy(*pid);
+            }
+            readers.push(*pid);
+        }
+        if readers.is_empty() {
+            Holding::Free
+        } else {
+            Holding::SharedBy(readers)
         }
     }
 }
 
 /// Whether a lock file is locked, as far as the kernel tells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Holding {
     HeldBy(u32),
+    /// Shared (`LOCK_SH`) by these processes.
+    SharedBy(Vec<u32>),
     Free,
     Unknown,
 }
 
-/// `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`; waiters' lines have `->` after the
+/// `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF` (`READ` for a shared lock); waiters' lines have `->` after the
 /// number and are skipped.
-fn parse_line(line: &str) -> Option<(u64, u64, u32)> {
+fn parse_line(line: &str) -> Option<(u64, u64, u32, bool)> {
     let mut fields = line.split_whitespace();
     fields.next()?; // "1:"
     if fields.next()? != "FLOCK" {
         return None;
     }
     fields.next()?; // ADVISORY
-    if fields.next()? != "WRITE" {
-        return None;
-    }
+    let exclusive = match fields.next()? {
+        "WRITE" => true,
+        "READ" => false,
+        _ => return None,
+    };
     let pid: u32 = fields.next()?.parse().ok()?;
     let mut dev_ino = fields.next()?.split(':');
     let major = u64::from_str_radix(dev_ino.next()?, 16).ok()?;
     let minor = u64::from_str_radix(dev_ino.next()?, 16).ok()?;
     let ino: u64 = dev_ino.next()?.parse().ok()?;
-    Some(((major << 32) | minor, ino, pid))
+    Some(((major << 32) | minor, ino, pid, exclusive))
 }
 
 #[cfg(test)]
@@ -72,10 +85,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_granted_flock_writes_only() {
+    fn parses_granted_flocks_only() {
         assert_eq!(
             parse_line("1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"),
-            Some(((8 << 32) | 1, 5678, 1234))
+            Some(((8 << 32) | 1, 5678, 1234, true))
         );
         assert_eq!(
             parse_line("2: -> FLOCK  ADVISORY  WRITE 99 08:01:5678 0 EOF"),
@@ -87,7 +100,7 @@ mod tests {
         );
         assert_eq!(
             parse_line("4: FLOCK  ADVISORY  READ 99 00:2a:5678 0 EOF"),
-            None
+            Some((0x2a, 5678, 99, false))
         );
     }
 }

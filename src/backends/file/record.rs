@@ -28,6 +28,12 @@ pub(crate) struct Record {
     pub renewed_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// What the holder published (an election's value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// For a permit of a semaphore: the number of permits it was taken with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
 }
 
 pub(crate) fn now_ms() -> u64 {
