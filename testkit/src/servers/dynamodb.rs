@@ -14,16 +14,19 @@
 //! `~/.cache/dlock-test`) and reused by every run. Each server runs on a private
 //! loopback port below 32768 (outside the kernel's range of ephemeral ports, so that no
 //! client socket takes it between a stop and a restart), dies with the test process
-//! (`PR_SET_PDEATHSIG`) and is killed when dropped.
+//! (`PR_SET_PDEATHSIG`) and is killed when dropped. Its log goes to an unlinked
+//! temporary file, so that a server kept in a `static` (never dropped) leaves nothing
+//! behind; only dynalite on disk has a directory, removed when the server is dropped.
 //!
 //! The SDK needs credentials even for these servers: [`DynamoServer`] sets dummy ones in
 //! the environment (`AWS_ACCESS_KEY_ID=dlocktest`…) unless some are set already, and
 //! turns off the instance-metadata lookup, so that nothing leaves the loopback.
 
-use crate::process::{logged, signal, spawn_tied, temp_dir, wait_for_port};
+use crate::process::{signal, spawn_tied, temp_dir, wait_for_port};
+use std::io::{Read, Seek};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -181,7 +184,8 @@ pub struct DynamoServer {
     flavor: Flavor,
     port: u16,
     program: PathBuf,
-    dir: tempfile::TempDir,
+    /// The data of dynalite on disk.
+    dir: Option<tempfile::TempDir>,
     child: Mutex<Option<Child>>,
 }
 
@@ -212,7 +216,7 @@ impl DynamoServer {
             flavor,
             port: private_port(),
             program,
-            dir: temp_dir("dlock-dynamodb-"),
+            dir: (flavor == Flavor::DynaliteOnDisk).then(|| temp_dir("dlock-dynamodb-")),
             child: Mutex::new(None),
         };
         server.launch();
@@ -221,35 +225,41 @@ impl DynamoServer {
 
     fn launch(&self) {
         let port = self.port.to_string();
+        let mut log = tempfile::tempfile().expect("cannot create a server log");
         let mut command = match self.flavor {
             Flavor::Dynalite | Flavor::DynaliteOnDisk => {
-                let mut command = logged(Path::new("node"), self.dir.path(), "server.log");
+                let mut command = Command::new("node");
                 command
                     .arg(&self.program)
                     .args(["--host", "127.0.0.1", "--port", &port])
                     .args(["--createTableMs", "0", "--deleteTableMs", "0"]);
-                if self.flavor == Flavor::DynaliteOnDisk {
-                    command.arg("--path").arg(self.dir.path().join("data"));
+                if let Some(dir) = &self.dir {
+                    command.arg("--path").arg(dir.path().join("data"));
                 }
                 command
             }
             Flavor::Moto => {
-                let mut command = logged(&self.program, self.dir.path(), "server.log");
+                let mut command = Command::new(&self.program);
                 command
                     .args(["-c", MOTO_LAUNCHER, "127.0.0.1", &port])
                     .env("MOTO_CALL_RESET_API", "false");
                 command
             }
         };
-        command.current_dir(self.dir.path());
+        command
+            .current_dir(std::env::temp_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cannot clone a log handle"))
+            .stderr(log.try_clone().expect("cannot clone a log handle"));
         let child = spawn_tied(command).expect("cannot start the DynamoDB test server");
         *self.child.lock().unwrap() = Some(child);
         // Loading moto's Python modules takes seconds on a loaded machine.
         if !wait_for_port(self.port, Duration::from_secs(90)) {
-            let log =
-                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let mut text = String::new();
+            let _ = log.rewind();
+            let _ = log.read_to_string(&mut text);
             panic!(
-                "{:?} did not listen on port {} within 90 s; log:\n{log}",
+                "{:?} did not listen on port {} within 90 s; log:\n{text}",
                 self.flavor, self.port
             );
         }
@@ -335,9 +345,9 @@ impl DynamoServer {
         self.launch();
     }
 
-    /// The server's directory (its log is `server.log`).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
+    /// The data directory of dynalite on disk.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(tempfile::TempDir::path)
     }
 }
 
