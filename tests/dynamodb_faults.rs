@@ -411,3 +411,43 @@ fn fifty_parallel_runs_count_to_fifty() {
     }
     assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "50");
 }
+
+/// An acquire whose write landed but whose answer was lost leaves the item held by the
+/// request's own owner token: the next attempt of that request finds it its own and
+/// takes it at once, with the fence already handed out, instead of waiting a whole
+/// lease to take it over from itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attempt_whose_answer_was_lost_is_reclaimed_by_its_own_request() {
+    use dlock::backend::{AcquireRequest, Attempt, Backoff, Holder, LockKind, Owner};
+    let server = DynamoServer::dynalite();
+    let locks = dlock::connect(&server.url("faults")).await.unwrap();
+    let backend = locks.backend().clone();
+    let key = dlock::Key::new("lost-answer").unwrap();
+    let owner = Owner::random();
+    let holder = Holder::current();
+    let request = AcquireRequest {
+        key: &key,
+        owner: &owner,
+        ttl: Duration::from_secs(30),
+        holder: &holder,
+        deadline: None,
+        backoff: Backoff::default(),
+        kind: LockKind::Exclusive,
+    };
+    let Attempt::Acquired(first) = backend.try_acquire(&request).await.unwrap() else {
+        panic!("a free key was not acquired");
+    };
+    // The caller never saw this grant: its lease handle is gone without a release.
+    let fence = first.fence;
+    std::mem::forget(first);
+    match backend.try_acquire(&request).await.unwrap() {
+        Attempt::Acquired(again) => {
+            assert_eq!(again.fence, fence);
+            assert!(again.lease.release().await.unwrap());
+        }
+        Attempt::Held { expires_in } => {
+            panic!("the request's own landed write counted as another holder ({expires_in:?})")
+        }
+    }
+    assert!(locks.status("lost-answer").await.unwrap().is_none());
+}

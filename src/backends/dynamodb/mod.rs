@@ -421,6 +421,43 @@ impl Shared {
         }
     }
 
+    /// Renews a lock that an earlier, unanswered attempt of `request` took: condition
+    /// `owner = :me AND rvn = :seen`. Returns its fence and new record version, or `None`
+    /// if it changed meanwhile.
+    async fn reclaim(
+        &self,
+        request: &AcquireRequest<'_>,
+        seen: &str,
+    ) -> Result<Option<(u64, String)>> {
+        let rvn = new_rvn();
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.settings.table)
+            .key(KEY, s(request.key.as_str()))
+            .update_expression("SET #rvn = :rvn, #ttl = :ttl, #ren = :now")
+            .condition_expression("#owner = :me AND #rvn = :seen")
+            .expression_attribute_names("#owner", OWNER)
+            .expression_attribute_names("#rvn", RVN)
+            .expression_attribute_names("#ttl", TTL_MS)
+            .expression_attribute_names("#ren", RENEWED_AT)
+            .expression_attribute_values(":me", s(request.owner.as_str()))
+            .expression_attribute_values(":seen", s(seen))
+            .expression_attribute_values(":rvn", s(&rvn))
+            .expression_attribute_values(":ttl", n(millis(request.ttl)))
+            .expression_attribute_values(":now", n(wall_ms()))
+            .return_values(ReturnValue::AllNew);
+        match self.call("an acquire attempt", update.send()).await {
+            Ok(out) => Ok(out
+                .attributes
+                .as_ref()
+                .and_then(|a| number(a, FENCE))
+                .map(|fence| (fence, rvn))),
+            Err(Failure::Condition) => Ok(None),
+            Err(Failure::Other(err, _)) => Err(err),
+        }
+    }
+
     fn info_of(&self, item: &HashMap<String, AttributeValue>) -> Option<LockInfo> {
         let key = item.get(KEY)?.as_s().ok()?;
         let holder = holder_of(item)?;
@@ -757,6 +794,33 @@ impl Backend for DynamoBackend {
                 ripe = None;
                 continue;
             };
+            if holder.owner == request.owner.as_str() {
+                // An earlier attempt of this request landed although its answer was
+                // lost: the lock is ours, counted from a write whose sending we time.
+                let sent_at = Instant::now();
+                if let Some((fence, rvn)) = shared.reclaim(request, &holder.rvn).await? {
+                    Observations::note(
+                        &shared.scope,
+                        request.key,
+                        &rvn,
+                        request.ttl,
+                        Instant::now(),
+                    );
+                    return Ok(Attempt::Acquired(Granted {
+                        fence,
+                        sent_at,
+                        lease: Box::new(DynamoLease {
+                            shared: Arc::clone(shared),
+                            key: request.key.clone(),
+                            owner: request.owner.clone(),
+                            rvn,
+                            unconfirmed: Vec::new(),
+                        }),
+                    }));
+                }
+                ripe = None;
+                continue;
+            }
             let sighting = Observations::note(
                 &shared.scope,
                 request.key,
