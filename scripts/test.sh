@@ -58,4 +58,38 @@ if [ ! -x "$venv/bin/python" ]; then
   mv "$venv.partial" "$venv"
 fi
 
+# The DynamoDB backend is tested against dynalite (npm) and moto's server (PyPI), each
+# installed once into the test cache and reused by every run (the test kit installs them
+# too when they are missing; see testkit/src/servers/dynamodb.rs). DynamoDB Local is a
+# download from AWS and cannot be installed from a package registry.
+missing=()
+have node || missing+=(nodejs)
+have npm || missing+=(npm)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+dynalite_version=4.0.0
+moto_version=5.2.5
+dynalite_dir="$cache/dynalite-$dynalite_version"
+if [ ! -f "$dynalite_dir/.installed" ]; then
+  echo "test.sh: installing dynalite $dynalite_version into $dynalite_dir" >&2
+  rm -rf "$dynalite_dir"
+  mkdir -p "$dynalite_dir"
+  npm install --prefix "$dynalite_dir" --no-audit --no-fund --silent "dynalite@$dynalite_version"
+  touch "$dynalite_dir/.installed"
+fi
+moto_dir="$cache/moto-$moto_version"
+if [ ! -f "$moto_dir/.installed" ]; then
+  echo "test.sh: installing moto[server] $moto_version into $moto_dir" >&2
+  rm -rf "$moto_dir"
+  python3 -m venv "$moto_dir"
+  "$moto_dir/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$moto_version"
+  touch "$moto_dir/.installed"
+fi
+
 exec cargo test --workspace --all-features "$@"

@@ -29,6 +29,9 @@ pub enum Scheme {
     Zookeeper,
     /// `mongodb://`: one document per key, expiry by the server's clock.
     Mongodb,
+    /// `dynamodb://TABLE?region=…`: one item per key, conditional writes, takeover of a
+    /// lease seen unrenewed for a whole lease.
+    Dynamodb,
 }
 
 impl Scheme {
@@ -43,6 +46,7 @@ impl Scheme {
         Scheme::Etcd,
         Scheme::Zookeeper,
         Scheme::Mongodb,
+        Scheme::Dynamodb,
     ];
 
     /// The URL schemes that name this backend; the first is the canonical one.
@@ -57,6 +61,7 @@ impl Scheme {
             Scheme::Etcd => &["etcd"],
             Scheme::Zookeeper => &["zk", "zookeeper"],
             Scheme::Mongodb => &["mongodb"],
+            Scheme::Dynamodb => &["dynamodb"],
         }
     }
 
@@ -104,6 +109,7 @@ impl Scheme {
             Scheme::Etcd => "etcd",
             Scheme::Zookeeper => "zookeeper",
             Scheme::Mongodb => "mongodb",
+            Scheme::Dynamodb => "dynamodb",
         }
     }
 
@@ -118,6 +124,7 @@ impl Scheme {
             Scheme::Etcd => cfg!(feature = "etcd"),
             Scheme::Zookeeper => cfg!(feature = "zookeeper"),
             Scheme::Mongodb => cfg!(feature = "mongodb"),
+            Scheme::Dynamodb => cfg!(feature = "dynamodb"),
         }
     }
 
@@ -196,6 +203,8 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         Scheme::Zookeeper => crate::backends::zookeeper::open(url).await,
         #[cfg(feature = "mongodb")]
         Scheme::Mongodb => crate::backends::mongodb::open(url).await,
+        #[cfg(feature = "dynamodb")]
+        Scheme::Dynamodb => crate::backends::dynamodb::open(url).await,
         other => Err(not_built(url, other)),
     }
 }
@@ -214,6 +223,8 @@ pub fn schema_sql(url: &str) -> Result<Option<String>> {
         Scheme::Postgres => crate::backends::postgres::schema_sql(url).map(Some),
         #[cfg(feature = "mysql")]
         Scheme::Mysql => crate::backends::mysql::schema_sql(url).map(Some),
+        #[cfg(feature = "dynamodb")]
+        Scheme::Dynamodb => crate::backends::dynamodb::schema(url).map(Some),
         other if other.is_enabled() => Ok(None),
         other => Err(not_built(url, other)),
     }

@@ -2,6 +2,8 @@
 //! registry. Each module offers `open(url)`, returning its backend behind the one trait.
 
 pub mod counting;
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "file")]

@@ -1,0 +1,453 @@
+//! Fault tests and the CLI on `dynamodb://`, each against a private dynalite or moto
+//! server: a holder killed with SIGKILL (taken over once seen unrenewed for a lease),
+//! the server restarted, unreachable or frozen, and the `dlock` commands.
+#![cfg(feature = "dynamodb")]
+
+use dlock::Error;
+use dlock_testkit::process::signal;
+use dlock_testkit::servers::dynamodb::{set_test_credentials, DynamoServer};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
+
+async fn within<T>(limit: Duration, what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: did not happen within {limit:?}"),
+    }
+}
+
+fn dlock(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(DLOCK);
+    command
+        .args(args)
+        .env("DLOCK_BACKEND", url)
+        .stdin(Stdio::null());
+    command
+}
+
+fn output(url: &str, args: &[&str]) -> Output {
+    dlock(url, args).output().unwrap()
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Waits until `key` shows as held in `dlock status`.
+fn wait_held(url: &str, key: &str) {
+    let started = Instant::now();
+    while !output(url, &["status", key]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{key} never became held"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A loopback port nothing listens on.
+fn dead_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+async fn sigkilled_holder_is_taken_over(server: DynamoServer) {
+    let url = server.url("faults");
+    let mut holder: Child = dlock(&url, &["run", "victim", "--ttl", "2s", "--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let locks = dlock::connect(&url).await.unwrap();
+    let info = within(
+        Duration::from_secs(30),
+        "the CLI holder takes the lock",
+        async {
+            loop {
+                if let Some(info) = locks.status("victim").await.unwrap() {
+                    break info;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(info.pid, Some(holder.id()));
+    assert_eq!(info.ttl, Some(Duration::from_secs(2)));
+    signal(holder.id(), libc::SIGKILL);
+    holder.wait().unwrap();
+    // Nobody released it, and nobody here has seen it unrenewed for a lease yet.
+    assert!(locks.lock("victim").try_acquire().await.unwrap().is_none());
+    let lease = within(
+        Duration::from_secs(20),
+        "the lock of a killed holder is taken over once seen unrenewed for its TTL",
+        locks.lock("victim").acquire(),
+    )
+    .await
+    .unwrap();
+    assert!(lease.fence() > info.fence.unwrap());
+    assert!(lease.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_cli_holder_is_taken_over_on_dynalite() {
+    sigkilled_holder_is_taken_over(DynamoServer::dynalite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_cli_holder_is_taken_over_on_moto() {
+    sigkilled_holder_is_taken_over(DynamoServer::moto()).await;
+}
+
+/// The takeover never compares clocks: a process that has not watched a held item for a
+/// whole lease does not take it, however old the holder's last renewal is by the wall
+/// clock; one that waits watches it for a lease and then takes it, and the old holder,
+/// once it runs again, finds its lease lost.
+#[test]
+fn a_process_takes_over_only_what_it_watched_unrenewed_for_a_lease() {
+    let server = DynamoServer::dynalite();
+    let url = server.url("faults");
+    let mut holder = dlock(
+        &url,
+        &["run", "hung", "--ttl", "1500ms", "--", "sleep", "60"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_held(&url, "hung");
+    let out = output(&url, &["status", "hung", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fence = json["fence"].as_u64().unwrap();
+    // A holder that hangs: no renewal, no release, no exit.
+    signal(holder.id(), libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(3));
+    // Expired by every clock, but this other process has never seen the record.
+    let out = output(&url, &["run", "hung", "--no-wait", "--", "true"]);
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    let out = output(
+        &url,
+        &[
+            "run",
+            "hung",
+            "--wait",
+            "30s",
+            "--",
+            "sh",
+            "-c",
+            "echo $DLOCK_FENCE",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let next: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(next > fence, "fence {next} after {fence}");
+    signal(holder.id(), libc::SIGCONT);
+    assert_eq!(holder.wait().unwrap().code(), Some(76));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fences_keep_increasing_across_a_restart_of_dynalite_on_disk() {
+    let server = DynamoServer::dynalite_on_disk();
+    assert!(server.keeps_data());
+    let url = server.url("faults");
+    let locks = dlock::connect(&url).await.unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        let lease = locks.lock("restarted").acquire().await.unwrap();
+        assert!(lease.fence() > last);
+        last = lease.fence();
+        lease.release().await.unwrap();
+    }
+    server.restart();
+    for round in 0..3 {
+        let handle = if round == 1 {
+            dlock::connect(&url).await.unwrap()
+        } else {
+            locks.clone()
+        };
+        let lease = within(
+            Duration::from_secs(60),
+            "acquire after the restart",
+            handle
+                .lock("restarted")
+                .wait_for(Duration::from_secs(30))
+                .acquire(),
+        )
+        .await
+        .unwrap();
+        assert!(lease.fence() > last, "fence {} after {last}", lease.fence());
+        last = lease.fence();
+        lease.release().await.unwrap();
+    }
+}
+
+/// moto keeps its tables in memory: after a restart the table is gone, an old handle
+/// gets a typed error naming the missing table, and a new one creates the table again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moto_restart_loses_the_table_and_says_so() {
+    let server = DynamoServer::moto();
+    assert!(!server.keeps_data());
+    let url = server.url("faults");
+    let locks = dlock::connect(&url).await.unwrap();
+    locks
+        .lock("k")
+        .acquire()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    server.restart();
+    let err = locks.lock("k").try_acquire().await.unwrap_err();
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let fresh = dlock::connect(&url).await.unwrap();
+    let lease = fresh.lock("k").acquire().await.unwrap();
+    assert_eq!(lease.fence(), 1, "a new table starts its fences again");
+    lease.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_server_gives_typed_errors_within_the_deadline() {
+    set_test_credentials();
+    let url = format!(
+        "dynamodb://faults?region=us-east-1&endpoint=http://127.0.0.1:{}",
+        dead_port()
+    );
+    let started = Instant::now();
+    let err = dlock::connect(&url).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A handle whose server went away: a limited wait ends in a typed error, on time.
+    let server = DynamoServer::dynalite();
+    let url = server.url("faults");
+    let locks = dlock::connect(&url).await.unwrap();
+    server.kill();
+    let wait = Duration::from_secs(2);
+    let started = Instant::now();
+    let err = locks
+        .lock("gone")
+        .wait_for(wait)
+        .acquire()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(
+        started.elapsed() <= wait + Duration::from_secs(1),
+        "gave up late: {:?}",
+        started.elapsed()
+    );
+
+    // The CLI: exit 69 with one line, within the wait plus a second (and process start-up).
+    let started = Instant::now();
+    let out = output(&url, &["run", "gone", "--wait", "2s", "--", "true"]);
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    assert!(stderr(&out).contains("unavailable"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    assert!(
+        started.elapsed() <= Duration::from_secs(5),
+        "gave up late: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frozen_server_gives_typed_errors_within_the_deadline() {
+    let server = DynamoServer::dynalite();
+    let url = format!("{}&timeout=2s", server.url("faults"));
+    let locks = dlock::connect(&url).await.unwrap();
+    let lease = locks.lock("frozen-held").acquire().await.unwrap();
+    server.pause();
+    let wait = Duration::from_secs(2);
+    let started = Instant::now();
+    let err = locks
+        .lock("frozen")
+        .wait_for(wait)
+        .acquire()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(
+        started.elapsed() <= wait + Duration::from_secs(1),
+        "gave up late: {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let err = locks.status("frozen-held").await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(
+        started.elapsed() <= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let out = output(&url, &["run", "frozen", "--wait", "2s", "--", "true"]);
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    assert!(
+        started.elapsed() <= Duration::from_secs(5),
+        "gave up late: {:?}",
+        started.elapsed()
+    );
+    server.resume();
+    drop(lease);
+}
+
+fn cli_run_status_list_and_release_force(server: &DynamoServer) {
+    let url = server.url("cli");
+    let out = output(&url, &["status", "k"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let mut holder = dlock(&url, &["run", "k", "--ttl", "3s", "--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_held(&url, "k");
+    let out = output(&url, &["status", "k", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["held"], true);
+    assert_eq!(json["key"], "k");
+    assert_eq!(json["pid"], holder.id());
+    assert_eq!(json["ttl_ms"], 3000);
+    assert!(json["fence"].as_u64().unwrap() >= 1);
+    let out = output(&url, &["list", "--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["key"], "k");
+    let table = String::from_utf8(output(&url, &["list"]).stdout).unwrap();
+    assert!(
+        table.starts_with("KEY") && table.contains(&holder.id().to_string()),
+        "{table}"
+    );
+    let out = output(&url, &["release", "k", "--force"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The holder's next renewal is refused: its command is stopped and it exits 76.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = holder.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "holder never saw the loss"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(76));
+    assert_eq!(code(&output(&url, &["status", "k"])), 1);
+    assert_eq!(code(&output(&url, &["release", "k", "--force"])), 1);
+    let out = output(&url, &["run", "k", "--no-wait", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        output(&url, &["list"]).stdout.is_empty() || {
+            let listed = String::from_utf8(output(&url, &["list", "--json"]).stdout).unwrap();
+            listed.trim().is_empty()
+        }
+    );
+}
+
+#[test]
+fn cli_run_status_list_and_release_force_on_dynalite() {
+    cli_run_status_list_and_release_force(&DynamoServer::dynalite());
+}
+
+#[test]
+fn cli_run_status_list_and_release_force_on_moto() {
+    cli_run_status_list_and_release_force(&DynamoServer::moto());
+}
+
+#[test]
+fn cli_schema_prints_the_create_table_command() {
+    let out = Command::new(DLOCK)
+        .args([
+            "schema",
+            "--backend",
+            "dynamodb://app_locks?region=eu-west-1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("aws dynamodb create-table"), "{text}");
+    assert!(text.contains("--table-name app_locks"), "{text}");
+    assert!(text.contains("--billing-mode PAY_PER_REQUEST"), "{text}");
+}
+
+#[test]
+fn fifty_parallel_runs_count_to_fifty() {
+    let server = DynamoServer::dynalite();
+    let url = server.url("cli");
+    let dir = tempfile::Builder::new()
+        .prefix("dlock-dynamodb-cli-")
+        .tempdir()
+        .unwrap();
+    let counter = dir.path().join("counter");
+    std::fs::write(&counter, "0").unwrap();
+    let script = format!(
+        "n=$(cat {0}); sleep 0.01; echo $((n + 1)) > {0}",
+        counter.display()
+    );
+    let children: Vec<Child> = (0..50)
+        .map(|_| {
+            dlock(&url, &["run", "counter", "--", "sh", "-c", &script])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "50");
+}
+
+/// An acquire whose write landed but whose answer was lost leaves the item held by the
+/// request's own owner token: the next attempt of that request finds it its own and
+/// takes it at once, with the fence already handed out, instead of waiting a whole
+/// lease to take it over from itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attempt_whose_answer_was_lost_is_reclaimed_by_its_own_request() {
+    use dlock::backend::{AcquireRequest, Attempt, Backoff, Holder, LockKind, Owner};
+    let server = DynamoServer::dynalite();
+    let locks = dlock::connect(&server.url("faults")).await.unwrap();
+    let backend = locks.backend().clone();
+    let key = dlock::Key::new("lost-answer").unwrap();
+    let owner = Owner::random();
+    let holder = Holder::current();
+    let request = AcquireRequest {
+        key: &key,
+        owner: &owner,
+        ttl: Duration::from_secs(30),
+        holder: &holder,
+        deadline: None,
+        backoff: Backoff::default(),
+        kind: LockKind::Exclusive,
+    };
+    let Attempt::Acquired(first) = backend.try_acquire(&request).await.unwrap() else {
+        panic!("a free key was not acquired");
+    };
+    // The caller never saw this grant: its lease handle is gone without a release.
+    let fence = first.fence;
+    std::mem::forget(first);
+    match backend.try_acquire(&request).await.unwrap() {
+        Attempt::Acquired(again) => {
+            assert_eq!(again.fence, fence);
+            assert!(again.lease.release().await.unwrap());
+        }
+        Attempt::Held { expires_in } => {
+            panic!("the request's own landed write counted as another holder ({expires_in:?})")
+        }
+    }
+    assert!(locks.status("lost-answer").await.unwrap().is_none());
+}
