@@ -5,5 +5,7 @@ pub mod etcd;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
+pub mod pypi;
 pub mod redis;
+pub mod redis_cluster;
 pub mod zookeeper;
