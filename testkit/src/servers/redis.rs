@@ -7,7 +7,7 @@ use crate::process::{
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How a [`RedisServer`] is configured.
@@ -78,7 +78,7 @@ pub struct RedisServer {
     config: RedisConfig,
     binary: PathBuf,
     dir: tempfile::TempDir,
-    child: Mutex<Option<Child>>,
+    child: Arc<Mutex<Option<Child>>>,
 }
 
 impl RedisServer {
@@ -103,8 +103,9 @@ impl RedisServer {
             config,
             binary,
             dir,
-            child: Mutex::new(None),
+            child: Arc::default(),
         };
+        at_exit::register(server.dir.path(), &server.child);
         server.launch();
         server
     }
@@ -265,6 +266,45 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.resume();
         self.kill();
+        at_exit::forget(self.dir.path());
+    }
+}
+
+/// Servers kept in a `static` are never dropped: when the test process exits, kill
+/// them and remove their directories, so that no test leaves files in /tmp.
+mod at_exit {
+    use std::path::{Path, PathBuf};
+    use std::process::Child;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    type Live = Vec<(PathBuf, Arc<Mutex<Option<Child>>>)>;
+    static LIVE: Mutex<Live> = Mutex::new(Vec::new());
+
+    extern "C" fn clean_up() {
+        let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(PoisonError::into_inner));
+        for (dir, child) in live {
+            if let Some(mut child) = child.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    pub fn register(dir: &Path, child: &Arc<Mutex<Option<Child>>>) {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        // SAFETY: atexit(3) with a function that never unwinds into C.
+        HOOK.call_once(|| unsafe {
+            libc::atexit(clean_up);
+        });
+        let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
+        live.push((dir.to_owned(), Arc::clone(child)));
+    }
+
+    pub fn forget(dir: &Path) {
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(kept, _)| kept != dir);
     }
 }
 
