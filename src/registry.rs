@@ -19,6 +19,9 @@ pub enum Scheme {
     Redis,
     /// `redlock://h1:p1,h2:p2,…`: Redlock over independent Redis nodes.
     Redlock,
+    /// `redis+cluster://h1:p1,h2:p2,…`, `rediss+cluster://`: a Redis Cluster, each lock
+    /// in one hash slot.
+    RedisCluster,
     /// `postgres://`, `postgresql://`: advisory locks or a lease table.
     Postgres,
     /// `mysql://`: `GET_LOCK` or a lease table.
@@ -41,6 +44,7 @@ impl Scheme {
         Scheme::Memory,
         Scheme::Redis,
         Scheme::Redlock,
+        Scheme::RedisCluster,
         Scheme::Postgres,
         Scheme::Mysql,
         Scheme::Etcd,
@@ -56,6 +60,7 @@ impl Scheme {
             Scheme::Memory => &["memory"],
             Scheme::Redis => &["redis", "rediss"],
             Scheme::Redlock => &["redlock"],
+            Scheme::RedisCluster => &["redis+cluster", "rediss+cluster"],
             Scheme::Postgres => &["postgres", "postgresql"],
             Scheme::Mysql => &["mysql"],
             Scheme::Etcd => &["etcd"],
@@ -95,6 +100,14 @@ impl Scheme {
                 "mongodb://host:port/db[?collection=…]",
                 "MongoDB, a document per key",
             ),
+            Scheme::RedisCluster => (
+                "redis+cluster://h1:p1,h2:p2,…",
+                "Redis Cluster (rediss+cluster:// for TLS)",
+            ),
+            Scheme::Dynamodb => (
+                "dynamodb://table?region=…[&endpoint=…]",
+                "DynamoDB conditional writes",
+            ),
         }
     }
 
@@ -103,7 +116,7 @@ impl Scheme {
         match self {
             Scheme::File => "file",
             Scheme::Memory => "memory",
-            Scheme::Redis | Scheme::Redlock => "redis",
+            Scheme::Redis | Scheme::Redlock | Scheme::RedisCluster => "redis",
             Scheme::Postgres => "postgres",
             Scheme::Mysql => "mysql",
             Scheme::Etcd => "etcd",
@@ -118,7 +131,7 @@ impl Scheme {
         match self {
             Scheme::File => cfg!(feature = "file"),
             Scheme::Memory => cfg!(feature = "memory"),
-            Scheme::Redis | Scheme::Redlock => cfg!(feature = "redis"),
+            Scheme::Redis | Scheme::Redlock | Scheme::RedisCluster => cfg!(feature = "redis"),
             Scheme::Postgres => cfg!(feature = "postgres"),
             Scheme::Mysql => cfg!(feature = "mysql"),
             Scheme::Etcd => cfg!(feature = "etcd"),
@@ -134,6 +147,7 @@ impl Scheme {
     /// use dlock::Scheme;
     /// assert_eq!(Scheme::of("rediss://h:6380").unwrap(), Scheme::Redis);
     /// assert_eq!(Scheme::of("redlock://a:1,b:2,c:3").unwrap(), Scheme::Redlock);
+    /// assert_eq!(Scheme::of("redis+cluster://a:1,b:2").unwrap(), Scheme::RedisCluster);
     /// assert!(Scheme::of("nosuch://x").unwrap_err().to_string().contains("unknown backend"));
     /// ```
     pub fn of(url: &str) -> Result<Scheme> {
@@ -193,6 +207,8 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         Scheme::Redis => crate::backends::redis::open(url).await,
         #[cfg(feature = "redis")]
         Scheme::Redlock => crate::backends::redis::open_redlock(url).await,
+        #[cfg(feature = "redis")]
+        Scheme::RedisCluster => crate::backends::redis::open_cluster(url).await,
         #[cfg(feature = "postgres")]
         Scheme::Postgres => crate::backends::postgres::open(url).await,
         #[cfg(feature = "mysql")]

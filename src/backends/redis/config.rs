@@ -70,18 +70,19 @@ impl Options {
     }
 }
 
-/// Everything needed to connect to one Redis node.
+/// Everything needed to connect to one Redis node (`C = redis::Client`) or to one Redis
+/// Cluster (`C = redis::cluster::ClusterClient`).
 #[derive(Clone)]
-pub struct NodeConfig {
+pub struct NodeConfig<C = redis::Client> {
     /// The redis-rs client (holds the password; never printed).
-    pub client: redis::Client,
+    pub client: C,
     /// `redis://[user:***@]host:port/db`, for messages.
     pub describe: String,
     /// Timeouts and prefix.
     pub options: Options,
 }
 
-impl std::fmt::Debug for NodeConfig {
+impl<C> std::fmt::Debug for NodeConfig<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeConfig")
             .field("describe", &self.describe)
@@ -160,8 +161,56 @@ impl NodeConfig {
     }
 }
 
+/// Splits a multi-host URL, `SCHEME://[user:password@]h1:p1,h2:p2[/db][?options]`, into
+/// one single-node URL per host (`NODE_SCHEME://[user:password@]host[/db][?options]`,
+/// the same credentials and options for all), in the order given. `scheme` is the prefix
+/// the caller has already recognized (case-insensitively), `example` a correct URL for
+/// the message when the host list is malformed, and `redacted` names the URL in errors.
+pub fn split_hosts(
+    text: &str,
+    scheme: &str,
+    node_scheme: &str,
+    example: &str,
+    redacted: &str,
+) -> Result<Vec<Url>> {
+    let bad = |reason: String| Error::BadUrl {
+        url: redacted.to_owned(),
+        reason,
+    };
+    let rest = text
+        .get(scheme.len()..)
+        .filter(|_| {
+            text.get(..scheme.len())
+                .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+        })
+        .ok_or_else(|| bad(format!("not a {scheme} URL")))?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+        None => (String::new(), authority),
+    };
+    let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    if hosts.iter().any(|h| h.is_empty()) {
+        return Err(bad(format!(
+            "expected a comma-separated list of host:port, e.g. {example}"
+        )));
+    }
+    let unique: std::collections::BTreeSet<&str> = hosts.iter().copied().collect();
+    if unique.len() != hosts.len() {
+        return Err(bad("a node is listed twice".to_owned()));
+    }
+    hosts
+        .iter()
+        .map(|host| {
+            Url::parse(&format!("{node_scheme}://{userinfo}{host}{tail}"))
+                .map_err(|err| bad(format!("node {host:?}: {err}")))
+        })
+        .collect()
+}
+
 /// The text of a redis-rs error without anything that could echo a URL.
-trait KindText {
+pub(super) trait KindText {
     fn kind_text(&self) -> String;
 }
 

@@ -1,5 +1,6 @@
 //! Redis backends (cargo feature `redis`): `redis://` and `rediss://` for one node, and
-//! `redlock://h1:p1,h2:p2,h3:p3` for the Redlock algorithm over N independent nodes.
+//! `redlock://h1:p1,h2:p2,h3:p3` for the Redlock algorithm over N independent nodes, and
+//! `redis+cluster://h1:p1,h2:p2,…` (`rediss+cluster://` for TLS) for a Redis Cluster.
 //!
 //! URL options (query string): `prefix` (default `dlock:`), `connect_timeout` (default
 //! 5 s), `command_timeout` (default 2 s), `ca_file` (PEM of the CA that signed a
@@ -9,6 +10,7 @@
 //! The layout, the fence guarantee and the Redlock conditions are documented in
 //! `docs/backends/redis.md`.
 
+mod cluster;
 mod config;
 mod node;
 mod redlock;
@@ -16,6 +18,8 @@ mod scripts;
 mod single;
 mod waker;
 
+pub(crate) use cluster::open_cluster;
+pub use cluster::RedisClusterBackend;
 pub use config::{Options, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX};
 pub use node::KeyNames;
 pub(crate) use redlock::open_redlock;

@@ -1,15 +1,22 @@
-//! One Redis node: a lazily (re)connected multiplexed connection, the key names of the
-//! layout, and one method per script. Used by the single-node backend and, N times, by
-//! Redlock.
+//! One Redis store: a lazily (re)connected multiplexed connection, the key names of the
+//! layout, and one method per script. Used by the single-node backend, N times by
+//! Redlock, and over a slot-routing cluster connection by Redis Cluster: the scripts and
+//! their arguments are the same whichever connection carries them ([`Connect`]).
 
-use super::config::NodeConfig;
+use super::config::{NodeConfig, Options};
 use super::scripts;
 use crate::core::backend::{AcquireRequest, LockInfo};
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, RedisResult, Value};
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::OnceCell;
 
@@ -37,6 +44,199 @@ impl KeyNames {
             lock,
         }
     }
+
+    /// The names for `key` under `prefix` in a cluster, where every key a script touches
+    /// must be in one hash slot, and so must a shard channel published from it.
+    ///
+    /// `{K}:fence` is in `K`'s slot unless `K` contains a `}` or a hash tag of its own
+    /// (`a{b}c` hashes `b`; `{a{b}c}:fence` hashes `a{b`). Only for those keys the side
+    /// names get a leading tag chosen to hash to `K`'s slot: `{T}{K}:fence`, still
+    /// unique per lock and still recognized as side keys.
+    pub fn in_slot(prefix: &str, key: &str) -> KeyNames {
+        let lock = format!("{prefix}{key}");
+        let slot = hash_slot(lock.as_bytes());
+        let side = |suffix: &str| {
+            let plain = format!("{{{lock}}}:{suffix}");
+            if hash_slot(plain.as_bytes()) == slot {
+                plain
+            } else {
+                format!("{{{}}}{plain}", slot_tag(slot))
+            }
+        };
+        KeyNames {
+            fence: side("fence"),
+            holder: side("holder"),
+            channel: side("released"),
+            lock,
+        }
+    }
+}
+
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the text
+/// between the first `{` and the next `}`, if not empty) or of the whole key, mod 16384.
+pub fn hash_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = key.get(open + 1..)?;
+        let len = rest.iter().position(|&b| b == b'}')?;
+        rest.get(..len).filter(|tag| !tag.is_empty())
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 == 0 {
+                crc << 1
+            } else {
+                (crc << 1) ^ 0x1021
+            };
+        }
+    }
+    crc & 0x3fff
+}
+
+/// Converts an answer, with redis-rs's error for a wrong shape.
+fn parse<T: redis::FromRedisValue>(value: Value) -> RedisResult<T> {
+    T::from_redis_value(value).map_err(Into::into)
+}
+
+/// A short hash tag (a decimal number) for every slot: the first number hashing there.
+fn slot_tag(slot: u16) -> u32 {
+    static TAGS: LazyLock<Vec<u32>> = LazyLock::new(|| {
+        let mut tags = vec![u32::MAX; 16384];
+        let mut left = tags.len();
+        let mut n: u32 = 0;
+        while left > 0 && n < u32::MAX {
+            if let Some(tag) = tags.get_mut(usize::from(hash_slot(n.to_string().as_bytes()))) {
+                if *tag == u32::MAX {
+                    *tag = n;
+                    left -= 1;
+                }
+            }
+            n += 1;
+        }
+        tags
+    });
+    TAGS.get(usize::from(slot)).copied().unwrap_or(0)
+}
+
+/// Which key names and which release notification a [`Node`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One server: [`KeyNames::new`], releases PUBLISH on the prefix's channel.
+    Single,
+    /// A cluster: [`KeyNames::in_slot`]; releases SPUBLISH on the lock's own shard
+    /// channel when the servers have sharded Pub/Sub (Redis 7+), else PUBLISH it.
+    Cluster {
+        /// The servers have SPUBLISH.
+        sharded: bool,
+    },
+}
+
+/// How a [`Node`] reaches its store: a [`redis::Client`] (one server, through a
+/// `ConnectionManager`) or a [`ClusterClient`] (a cluster, through its connection that
+/// routes each command to its slot's master and follows MOVED and ASK).
+pub trait Connect: Clone + Send + Sync + 'static {
+    /// The shared multiplexed connection.
+    type Conn: ConnectionLike + Clone + Send + Sync + 'static;
+    /// A server of the store, as [`Connect::servers`] lists them.
+    type Server: Send + Sync + 'static;
+
+    /// Connects, each connection attempt bounded by `options.connect_timeout`.
+    fn open(&self, options: &Options) -> impl Future<Output = RedisResult<Self::Conn>> + Send;
+
+    /// The servers that between them hold every key: the one server, or every master.
+    fn servers(
+        conn: &mut Self::Conn,
+    ) -> impl Future<Output = RedisResult<Vec<Self::Server>>> + Send;
+
+    /// Runs `cmd` on `server` (`None`: on any one server of the store).
+    fn query_on(
+        conn: &mut Self::Conn,
+        cmd: Cmd,
+        server: Option<&Self::Server>,
+    ) -> impl Future<Output = RedisResult<Value>> + Send;
+}
+
+impl Connect for redis::Client {
+    type Conn = ConnectionManager;
+    type Server = ();
+
+    async fn open(&self, options: &Options) -> RedisResult<ConnectionManager> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.command_timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        ConnectionManager::new_with_config(self.clone(), config).await
+    }
+
+    async fn servers(_: &mut ConnectionManager) -> RedisResult<Vec<()>> {
+        Ok(vec![()])
+    }
+
+    async fn query_on(
+        conn: &mut ConnectionManager,
+        cmd: Cmd,
+        _: Option<&()>,
+    ) -> RedisResult<Value> {
+        cmd.query_async(conn).await
+    }
+}
+
+impl Connect for ClusterClient {
+    type Conn = ClusterConnection;
+    /// `(host, port)` of a master.
+    type Server = (String, u16);
+
+    async fn open(&self, _: &Options) -> RedisResult<ClusterConnection> {
+        // The timeouts and retries were set when the client was built.
+        self.get_async_connection().await
+    }
+
+    async fn servers(conn: &mut ClusterConnection) -> RedisResult<Vec<(String, u16)>> {
+        // CLUSTER SLOTS (rather than SHARDS) so that Redis 6 clusters are listed too:
+        // [[start, end, [host, port, id, …], replica…], …].
+        let slots: Vec<Vec<Value>> = parse(
+            conn.route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+            )
+            .await?,
+        )?;
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        for range in slots {
+            let Some(master) = range.into_iter().nth(2) else {
+                continue;
+            };
+            let (host, port): (String, u16) = match master {
+                Value::Array(fields) if fields.len() >= 2 => {
+                    (parse(fields[0].clone())?, parse(fields[1].clone())?)
+                }
+                _ => continue,
+            };
+            if !masters.contains(&(host.clone(), port)) {
+                masters.push((host, port));
+            }
+        }
+        Ok(masters)
+    }
+
+    async fn query_on(
+        conn: &mut ClusterConnection,
+        cmd: Cmd,
+        server: Option<&(String, u16)>,
+    ) -> RedisResult<Value> {
+        let route = match server {
+            Some((host, port)) => SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            },
+            None => SingleNodeRoutingInfo::RandomPrimary,
+        };
+        conn.route_command(cmd, RoutingInfo::SingleNode(route))
+            .await
+    }
 }
 
 /// True if a key found by SCAN is one of the side keys rather than a lock.
@@ -53,11 +253,20 @@ pub enum NodeAttempt {
     Held(i64),
 }
 
-/// One Redis node.
-#[derive(Debug)]
-pub struct Node {
-    config: NodeConfig,
-    conn: OnceCell<ConnectionManager>,
+/// One Redis node, or one Redis Cluster seen through its slot-routing connection.
+pub struct Node<C: Connect = redis::Client> {
+    config: NodeConfig<C>,
+    layout: Layout,
+    conn: OnceCell<C::Conn>,
+}
+
+impl<C: Connect> std::fmt::Debug for Node<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("describe", &self.config.describe)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Milliseconds since the Unix epoch, for the holder record.
@@ -73,12 +282,25 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Node {
-    /// A node that connects on first use.
+    /// A single server that connects on first use.
     pub fn new(config: NodeConfig) -> Node {
+        Node::with_layout(config, Layout::Single)
+    }
+}
+
+impl<C: Connect> Node<C> {
+    /// A store with the given layout that connects on first use.
+    pub fn with_layout(config: NodeConfig<C>, layout: Layout) -> Node<C> {
         Node {
             config,
+            layout,
             conn: OnceCell::new(),
         }
+    }
+
+    /// The same store with another layout, keeping the connection.
+    pub fn into_layout(self, layout: Layout) -> Node<C> {
+        Node { layout, ..self }
     }
 
     /// The node's URL without password.
@@ -88,7 +310,15 @@ impl Node {
 
     /// The key names of `key` on this node.
     pub fn names(&self, key: &Key) -> KeyNames {
-        KeyNames::new(&self.config.options.prefix, key.as_str())
+        match self.layout {
+            Layout::Single => KeyNames::new(&self.config.options.prefix, key.as_str()),
+            Layout::Cluster { .. } => KeyNames::in_slot(&self.config.options.prefix, key.as_str()),
+        }
+    }
+
+    /// True if releases are published on shard channels.
+    fn sharded(&self) -> bool {
+        self.layout == Layout::Cluster { sharded: true }
     }
 
     /// Maps a redis-rs error to dlock's, naming this node and never its password.
@@ -98,19 +328,12 @@ impl Node {
 
     /// The shared multiplexed connection, connecting (once, shared by concurrent
     /// callers) if needed. It reconnects by itself after the server goes away.
-    pub async fn connection(&self) -> Result<ConnectionManager> {
+    pub async fn connection(&self) -> Result<C::Conn> {
         let options = &self.config.options;
         let connect = async {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(options.connect_timeout))
-                .set_response_timeout(Some(options.command_timeout))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_millis(500));
-            let client = self.config.client.clone();
             match tokio::time::timeout(
                 options.connect_timeout + options.command_timeout,
-                ConnectionManager::new_with_config(client, config),
+                self.config.client.open(options),
             )
             .await
             {
@@ -236,7 +459,12 @@ impl Node {
     /// Owner-checked DEL, publishing to waiters.
     pub async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
         let names = self.names(key);
-        let mut invocation = scripts::RELEASE.prepare_invoke();
+        let script = if self.sharded() {
+            &*scripts::RELEASE_SHARDED
+        } else {
+            &*scripts::RELEASE
+        };
+        let mut invocation = script.prepare_invoke();
         invocation
             .key(&names.lock)
             .key(&names.holder)
@@ -250,7 +478,12 @@ impl Node {
     /// DEL whoever holds it, publishing to waiters.
     pub async fn force_release(&self, key: &Key) -> Result<bool> {
         let names = self.names(key);
-        let mut invocation = scripts::FORCE_RELEASE.prepare_invoke();
+        let script = if self.sharded() {
+            &*scripts::FORCE_RELEASE_SHARDED
+        } else {
+            &*scripts::FORCE_RELEASE
+        };
+        let mut invocation = script.prepare_invoke();
         invocation
             .key(&names.lock)
             .key(&names.holder)
@@ -302,56 +535,85 @@ impl Node {
         Ok(Some(info))
     }
 
-    /// The lock keys under the prefix (side keys excluded), by SCAN.
+    /// The lock keys under the prefix (side keys excluded), by SCAN on every server that
+    /// holds keys (every master of a cluster).
     pub async fn scan_keys(&self) -> Result<Vec<String>> {
         let prefix = &self.config.options.prefix;
         let pattern = format!("{}*", glob_escape(prefix));
         let mut conn = self.connection().await?;
-        let mut cursor: u64 = 0;
+        let servers = self
+            .bounded("listing the servers", C::servers(&mut conn))
+            .await?;
         let mut found = Vec::new();
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000);
-            let (next, batch): (u64, Vec<Vec<u8>>) =
-                self.bounded("SCAN", scan.query_async(&mut conn)).await?;
-            for name in batch {
-                // Keys are UTF-8 by construction (dlock keys are); skip anything else.
-                let Ok(name) = String::from_utf8(name) else {
-                    continue;
-                };
-                if is_side_key(&name) {
-                    continue;
+        for server in &servers {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let answer = C::query_on(&mut conn, scan, Some(server));
+                let (next, batch): (u64, Vec<Vec<u8>>) =
+                    self.bounded("SCAN", async { parse(answer.await?) }).await?;
+                for name in batch {
+                    // Keys are UTF-8 by construction (dlock keys are); skip anything else.
+                    let Ok(name) = String::from_utf8(name) else {
+                        continue;
+                    };
+                    if is_side_key(&name) {
+                        continue;
+                    }
+                    if let Some(key) = name.strip_prefix(prefix.as_str()) {
+                        found.push(key.to_owned());
+                    }
                 }
-                if let Some(key) = name.strip_prefix(prefix.as_str()) {
-                    found.push(key.to_owned());
+                if next == 0 {
+                    break;
                 }
+                cursor = next;
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         found.sort();
         found.dedup();
         Ok(found)
     }
 
-    /// `INFO server`'s run_id, which changes at every server start.
-    pub async fn run_id(&self) -> Result<String> {
+    /// `INFO server` of one server of the store.
+    async fn server_info(&self) -> Result<String> {
         let mut conn = self.connection().await?;
         let mut command = redis::cmd("INFO");
         command.arg("server");
-        let info: String = self.bounded("INFO", command.query_async(&mut conn)).await?;
+        let answer = C::query_on(&mut conn, command, None);
+        self.bounded("INFO", async { parse(answer.await?) }).await
+    }
+
+    /// A field of `INFO server`, empty if absent.
+    async fn info_field(&self, name: &str) -> Result<String> {
+        let info = self.server_info().await?;
         Ok(info
             .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
             .unwrap_or("")
             .trim()
             .to_owned())
+    }
+
+    /// `INFO server`'s run_id, which changes at every server start.
+    pub async fn run_id(&self) -> Result<String> {
+        self.info_field("run_id").await
+    }
+
+    /// The major version the server reports as `redis_version` (Valkey reports the
+    /// Redis version it is compatible with there), 0 if it cannot be read.
+    pub async fn major_version(&self) -> Result<u32> {
+        let version = self.info_field("redis_version").await?;
+        Ok(version
+            .split('.')
+            .next()
+            .and_then(|major| major.parse().ok())
+            .unwrap_or(0))
     }
 }
 
@@ -442,6 +704,47 @@ mod tests {
         assert!(is_side_key(&names.fence));
         assert!(!is_side_key(&names.lock));
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn hash_slots_follow_the_cluster_spec() {
+        // The reference values of the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(hash_slot(b"123456789"), 0x31c3);
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"{user1000}.following"), hash_slot(b"user1000"));
+        // An empty tag hashes the whole key.
+        assert_ne!(hash_slot(b"foo{}{bar}"), hash_slot(b"bar"));
+        assert_eq!(hash_slot(b"foo{{bar}}zap"), hash_slot(b"{bar"));
+        assert_eq!(hash_slot(b"foo{bar}{zap}"), hash_slot(b"bar"));
+    }
+
+    #[test]
+    fn cluster_names_share_the_lock_slot() {
+        for key in [
+            "job",
+            "a{b}c",
+            "x}y",
+            "{}",
+            "{",
+            "}",
+            "é{🔒}",
+            "*?[]{}$(rm -rf /)",
+        ] {
+            let names = KeyNames::in_slot("dlock:", key);
+            let slot = hash_slot(names.lock.as_bytes());
+            for side in [&names.fence, &names.holder, &names.channel] {
+                assert_eq!(hash_slot(side.as_bytes()), slot, "{key:?}: {side}");
+            }
+            assert!(
+                is_side_key(&names.fence) && is_side_key(&names.holder),
+                "{names:?}"
+            );
+            assert_eq!(names.lock, format!("dlock:{key}"));
+        }
+        // Keys without braces keep the single-node names.
+        let plain = KeyNames::in_slot("dlock:", "job");
+        assert_eq!(plain.fence, KeyNames::new("dlock:", "job").fence);
+        assert_eq!(plain.channel, "{dlock:job}:released");
     }
 
     fn server_answer(reply: &[u8]) -> redis::RedisError {

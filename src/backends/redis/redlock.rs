@@ -16,7 +16,7 @@
 //!
 //! The conditions under which this holds are in docs/backends/redis.md.
 
-use super::config::{NodeConfig, Options};
+use super::config::{split_hosts, NodeConfig, Options};
 use super::node::{abandon_soon, Node, NodeAttempt};
 use super::waker::{ChannelWatch, Waker};
 use crate::core::backend::{
@@ -79,40 +79,19 @@ impl RedlockBackend {
         if !is_redlock_url(text) {
             return Err(bad("not a redlock:// URL".to_owned()));
         }
-        let rest = &text[10..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
-            None => (String::new(), authority),
-        };
-        let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
-        if hosts.iter().any(|h| h.is_empty()) {
-            return Err(bad(
-                "expected a comma-separated list of host:port, e.g. redlock://h1:6379,h2:6379,h3:6379".to_owned(),
-            ));
-        }
-        let unique: BTreeSet<&str> = hosts.iter().copied().collect();
-        if unique.len() != hosts.len() {
-            return Err(bad("a node is listed twice".to_owned()));
-        }
-        let mut configs = Vec::new();
-        let mut options: Option<Options> = None;
-        for host in &hosts {
-            let node_text = format!("redis://{userinfo}{host}{tail}");
-            let url =
-                url::Url::parse(&node_text).map_err(|err| bad(format!("node {host:?}: {err}")))?;
-            let opts = match &options {
-                Some(o) => o.clone(),
-                None => {
-                    let o = Options::parse(&url, &redacted)?;
-                    options = Some(o.clone());
-                    o
-                }
-            };
-            configs.push(NodeConfig::from_url(&url, &redacted, &opts)?);
-        }
-        let options = options.ok_or_else(|| bad("no nodes".to_owned()))?;
+        let urls = split_hosts(
+            text,
+            "redlock://",
+            "redis",
+            "redlock://h1:6379,h2:6379,h3:6379",
+            &redacted,
+        )?;
+        let first = urls.first().ok_or_else(|| bad("no nodes".to_owned()))?;
+        let options = Options::parse(first, &redacted)?;
+        let configs = urls
+            .iter()
+            .map(|url| NodeConfig::from_url(url, &redacted, &options))
+            .collect::<Result<Vec<_>>>()?;
         let wakers = configs
             .iter()
             .map(|c| {

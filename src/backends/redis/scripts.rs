@@ -2,7 +2,8 @@
 //! is sent by EVALSHA and re-sent by EVAL on NOSCRIPT (redis-rs [`redis::Script`]).
 //!
 //! Keys of one lock `K` (prefix included), all in the same cluster slot as `K` when `K`
-//! has no `{`:
+//! has no `{` or `}` (a cluster names the side keys of other keys differently:
+//! `KeyNames::in_slot`):
 //! - `K`: the owner token, set with `SET K owner NX PX ttl` — the canonical lock;
 //! - `{K}:fence`: the last fence handed out for `K`, expiring once the server clock has
 //!   passed it by the lease TTL plus [`FENCE_MARGIN_MS`] (see [`KEEP_FENCE`]);
@@ -144,32 +145,42 @@ return 0
 });
 
 /// Compare-and-delete, then a wake-up for waiters. KEYS: lock, holder. ARGV: owner,
-/// channel, key (the message). Returns 1 or 0.
-pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+/// channel, key (the message). Returns 1 or 0. `publish` is PUBLISH, or SPUBLISH in a
+/// cluster, where the channel is in the lock's slot.
+fn release(publish: &str) -> Script {
+    Script::new(&format!(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  redis.call('{publish}', ARGV[2], ARGV[3])
   return 1
 end
 return 0
-",
-    )
-});
+"
+    ))
+}
 
 /// Deletes the lock whoever holds it, and wakes waiters. KEYS: lock, holder.
 /// ARGV: channel, key (the message). Returns 1 if the lock was held.
-pub static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+fn force_release(publish: &str) -> Script {
+    Script::new(&format!(
         r"
 local held = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call('{publish}', ARGV[1], ARGV[2])
 return held
-",
-    )
-});
+"
+    ))
+}
+
+/// [`release`] with PUBLISH.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| release("PUBLISH"));
+/// [`release`] with SPUBLISH (sharded Pub/Sub, Redis 7+).
+pub static RELEASE_SHARDED: LazyLock<Script> = LazyLock::new(|| release("SPUBLISH"));
+/// [`force_release`] with PUBLISH.
+pub static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| force_release("PUBLISH"));
+/// [`force_release`] with SPUBLISH.
+pub static FORCE_RELEASE_SHARDED: LazyLock<Script> = LazyLock::new(|| force_release("SPUBLISH"));
 
 /// Who holds the lock. KEYS: lock, holder. Returns nil when free (or when the key is
 /// not a string, i.e. not a lock), else `{owner, pttl, {holder hash fields…}}`.

@@ -1,7 +1,7 @@
 //! `redis://` and `rediss://`: one Redis node (SPEC §3 "Redis single-node layout").
 
 use super::config::{NodeConfig, Options};
-use super::node::{abandon_soon, Node, NodeAttempt};
+use super::node::{abandon_soon, Connect, Node, NodeAttempt};
 use super::waker::Waker;
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
@@ -72,14 +72,14 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
 
 /// One lease held on the node: everything its renewals and release need (the TTL comes
 /// with each renewal), so that no table of leases is kept beside the backend.
-struct RedisLease {
-    node: Arc<Node>,
+struct RedisLease<C: Connect> {
+    node: Arc<Node<C>>,
     key: Key,
     owner: Owner,
 }
 
 #[async_trait]
-impl HeldLease for RedisLease {
+impl<C: Connect> HeldLease for RedisLease<C> {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         self.node.renew(&self.key, &self.owner, ttl).await
     }
@@ -100,24 +100,7 @@ impl Backend for RedisBackend {
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
-        let sent_at = Instant::now();
-        Ok(match self.node.acquire(request, false).await? {
-            NodeAttempt::Taken(fence) => Attempt::Acquired(Granted {
-                fence,
-                sent_at,
-                lease: Box::new(RedisLease {
-                    node: Arc::clone(&self.node),
-                    key: request.key.clone(),
-                    owner: request.owner.clone(),
-                }),
-            }),
-            NodeAttempt::Held(pttl) => Attempt::Held {
-                expires_in: match pttl {
-                    -1 => None,
-                    ms => Some(Duration::from_millis(ms.max(0).unsigned_abs())),
-                },
-            },
-        })
+        try_acquire(&self.node, request).await
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
@@ -129,9 +112,7 @@ impl Backend for RedisBackend {
     }
 
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        let node = Arc::clone(&self.node);
-        let (key, owner) = (key.clone(), owner.clone());
-        abandon_soon(async move { node.release(&key, &owner).await.map(drop) }).await
+        abandon(&self.node, key, owner).await
     }
 }
 
@@ -142,17 +123,59 @@ impl Admin for RedisBackend {
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let mut all = Vec::new();
-        for name in self.node.scan_keys().await? {
-            let Ok(key) = Key::new(name) else { continue };
-            if let Some(info) = self.node.inspect(&key).await? {
-                all.push(info);
-            }
-        }
-        Ok(all)
+        list(&self.node).await
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
         self.node.force_release(key).await
     }
+}
+
+/// The single-node protocol's attempt on `node` (one server, or the master of the key's
+/// slot in a cluster).
+pub(super) async fn try_acquire<C: Connect>(
+    node: &Arc<Node<C>>,
+    request: &AcquireRequest<'_>,
+) -> Result<Attempt> {
+    let sent_at = Instant::now();
+    Ok(match node.acquire(request, false).await? {
+        NodeAttempt::Taken(fence) => Attempt::Acquired(Granted {
+            fence,
+            sent_at,
+            lease: Box::new(RedisLease {
+                node: Arc::clone(node),
+                key: request.key.clone(),
+                owner: request.owner.clone(),
+            }),
+        }),
+        NodeAttempt::Held(pttl) => Attempt::Held {
+            expires_in: match pttl {
+                -1 => None,
+                ms => Some(Duration::from_millis(ms.max(0).unsigned_abs())),
+            },
+        },
+    })
+}
+
+/// Frees what an abandoned attempt on `node` may have taken.
+pub(super) async fn abandon<C: Connect>(
+    node: &Arc<Node<C>>,
+    key: &Key,
+    owner: &Owner,
+) -> Result<()> {
+    let node = Arc::clone(node);
+    let (key, owner) = (key.clone(), owner.clone());
+    abandon_soon(async move { node.release(&key, &owner).await.map(drop) }).await
+}
+
+/// Every lock held on `node`.
+pub(super) async fn list<C: Connect>(node: &Node<C>) -> Result<Vec<LockInfo>> {
+    let mut all = Vec::new();
+    for name in node.scan_keys().await? {
+        let Ok(key) = Key::new(name) else { continue };
+        if let Some(info) = node.inspect(&key).await? {
+            all.push(info);
+        }
+    }
+    Ok(all)
 }

@@ -35,6 +35,75 @@ struct Watched {
     notify: Arc<Notify>,
 }
 
+/// The local waiters, by key, of one wake-up hub (this module's, or the cluster's shard
+/// channel hub).
+#[derive(Debug, Default)]
+pub struct Watchers {
+    keys: Mutex<HashMap<String, Watched>>,
+    /// Told each key nobody here waits for any longer, if the hub wants to know (to
+    /// unsubscribe its channel).
+    idle: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+impl Watchers {
+    /// Waiters that tell `idle` of each key they stop waiting for.
+    pub fn reporting_idle(idle: tokio::sync::mpsc::UnboundedSender<String>) -> Watchers {
+        Watchers {
+            keys: Mutex::default(),
+            idle: Some(idle),
+        }
+    }
+
+    fn keys(&self) -> MutexGuard<'_, HashMap<String, Watched>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers one more waiter for `key`.
+    pub fn watch(self: &Arc<Self>, key: &str) -> ChannelWatch {
+        let notify = {
+            let mut keys = self.keys();
+            let entry = keys.entry(key.to_owned()).or_insert_with(|| Watched {
+                refs: 0,
+                notify: Arc::new(Notify::new()),
+            });
+            entry.refs += 1;
+            Arc::clone(&entry.notify)
+        };
+        ChannelWatch {
+            watchers: Arc::clone(self),
+            key: key.to_owned(),
+            notify,
+        }
+    }
+
+    /// Wakes one waiter of `key` (tokio passes the wake-up on if it was dropped).
+    pub fn wake_one(&self, key: &str) {
+        let notify = self
+            .keys()
+            .get(key)
+            .map(|watched| Arc::clone(&watched.notify));
+        if let Some(notify) = notify {
+            notify.notify_one();
+        }
+    }
+
+    /// Wakes every waiter: a release may have been missed.
+    pub fn wake_all(&self) {
+        for watched in self.keys().values() {
+            watched.notify.notify_waiters();
+        }
+    }
+
+    /// True if somebody here waits for `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys().contains_key(key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys().is_empty()
+    }
+}
+
 struct Connection {
     // Kept so that the subscription stays open; dropping the stream ends it.
     _sink: PubSubSink,
@@ -55,7 +124,7 @@ struct Inner {
     connect_timeout: Duration,
     command_timeout: Duration,
     /// The keys somebody here waits for.
-    keys: Mutex<HashMap<String, Watched>>,
+    watchers: Arc<Watchers>,
     /// Held while connecting.
     connection: tokio::sync::Mutex<Option<Connection>>,
     /// True while the subscription is confirmed and the reader runs.
@@ -64,10 +133,6 @@ struct Inner {
 }
 
 impl Inner {
-    fn keys(&self) -> MutexGuard<'_, HashMap<String, Watched>> {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Opens the subscriber connection and subscribes.
     ///
     /// Boxed: `connect` → `read` → `reconnect` → `connect` would otherwise be a cycle of
@@ -93,18 +158,12 @@ impl Inner {
         let reader = tokio::spawn(read(Arc::downgrade(self), stream, generation)).abort_handle();
         self.connected.store(true, Ordering::Release);
         // Releases may have happened while nobody listened.
-        self.wake_all();
+        self.watchers.wake_all();
         Ok(Connection {
             _sink: sink,
             generation,
             reader,
         })
-    }
-
-    fn wake_all(&self) {
-        for watched in self.keys().values() {
-            watched.notify.notify_waiters();
-        }
     }
 }
 
@@ -113,20 +172,14 @@ async fn read(inner: Weak<Inner>, mut stream: PubSubStream, generation: u64) {
     while let Some(message) = stream.next().await {
         let Some(inner) = inner.upgrade() else { return };
         let key = String::from_utf8_lossy(message.get_payload_bytes());
-        let notify = inner
-            .keys()
-            .get(key.as_ref())
-            .map(|watched| Arc::clone(&watched.notify));
-        if let Some(notify) = notify {
-            notify.notify_one();
-        }
+        inner.watchers.wake_one(&key);
     }
     let Some(strong) = inner.upgrade() else {
         return;
     };
     tracing::debug!(backend = %strong.describe, "Pub/Sub connection lost; waking waiters and reconnecting");
     strong.connected.store(false, Ordering::Release);
-    strong.wake_all();
+    strong.watchers.wake_all();
     tokio::spawn(reconnect(Arc::downgrade(&strong), generation));
 }
 
@@ -141,7 +194,7 @@ async fn reconnect(inner: Weak<Inner>, lost_generation: u64) {
                 _ => {}
             }
             *connection = None;
-            if inner.keys().is_empty() {
+            if inner.watchers.is_empty() {
                 return; // the next watch connects
             }
             match inner.connect().await {
@@ -192,7 +245,7 @@ impl Waker {
                 channel,
                 connect_timeout,
                 command_timeout,
-                keys: Mutex::new(HashMap::new()),
+                watchers: Arc::default(),
                 connection: tokio::sync::Mutex::new(None),
                 connected: AtomicBool::new(false),
                 generations: AtomicU64::new(0),
@@ -204,20 +257,7 @@ impl Waker {
     /// server. `None` if the subscriber connection cannot be had: the engine then retries
     /// with backoff.
     pub async fn watch(&self, key: &str) -> Option<ChannelWatch> {
-        let notify = {
-            let mut keys = self.inner.keys();
-            let entry = keys.entry(key.to_owned()).or_insert_with(|| Watched {
-                refs: 0,
-                notify: Arc::new(Notify::new()),
-            });
-            entry.refs += 1;
-            Arc::clone(&entry.notify)
-        };
-        let watch = ChannelWatch {
-            inner: Arc::clone(&self.inner),
-            key: key.to_owned(),
-            notify,
-        };
+        let watch = self.inner.watchers.watch(key);
         if self.inner.connected.load(Ordering::Acquire) {
             return Some(watch);
         }
@@ -237,7 +277,7 @@ impl Waker {
 
 /// One waiter's interest in the releases of one key.
 pub struct ChannelWatch {
-    inner: Arc<Inner>,
+    watchers: Arc<Watchers>,
     key: String,
     notify: Arc<Notify>,
 }
@@ -258,11 +298,14 @@ impl KeyWatch for ChannelWatch {
 
 impl Drop for ChannelWatch {
     fn drop(&mut self) {
-        let mut keys = self.inner.keys();
+        let mut keys = self.watchers.keys();
         if let Some(entry) = keys.get_mut(&self.key) {
             entry.refs = entry.refs.saturating_sub(1);
             if entry.refs == 0 {
                 keys.remove(&self.key);
+                if let Some(idle) = &self.watchers.idle {
+                    let _ = idle.send(self.key.clone());
+                }
             }
         }
     }

