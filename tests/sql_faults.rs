@@ -263,7 +263,7 @@ async fn restart_checks(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_restart_fires_lost_and_fences_keep_increasing() {
-    let server: &'static Postgres = Box::leak(Box::new(Postgres::start(true)));
+    let server: &'static Postgres = dlock_testkit::servers::until_exit(Postgres::start(true));
     restart_checks(
         server.url(""),
         server.url("mode=lease"),
@@ -275,7 +275,7 @@ async fn pg_restart_fires_lost_and_fences_keep_increasing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_restart_fires_lost_and_fences_keep_increasing() {
-    let server: &'static Mysql = Box::leak(Box::new(Mysql::start(true)));
+    let server: &'static Mysql = dlock_testkit::servers::until_exit(Mysql::start(true));
     restart_checks(
         server.url(""),
         server.url("mode=lease"),

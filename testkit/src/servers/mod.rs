@@ -78,7 +78,8 @@ impl ServerProcess {
 
     /// Sends `signal_number` and waits for the process to end.
     pub(crate) fn stop_with(&self, signal_number: i32) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
+        let taken = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut child) = taken {
             signal(child.id(), signal_number);
             let _ = child.wait();
         }
@@ -89,6 +90,45 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop_with(libc::SIGKILL);
     }
+}
+
+/// Servers that live until the test process exits (one per test binary, in a `static`,
+/// or leaked on purpose): statics are never dropped, so an exit hook kills them and
+/// removes their directories, and a run leaves nothing in the temporary directory.
+static UNTIL_EXIT: Mutex<Vec<&'static ServerProcess>> = Mutex::new(Vec::new());
+
+extern "C" fn stop_servers_kept_until_exit() {
+    let kept = std::mem::take(&mut *UNTIL_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for server in kept {
+        server.stop_with(libc::SIGKILL);
+        let _ = std::fs::remove_dir_all(server.dir.path());
+    }
+}
+
+/// Keeps `server` until the test process exits, then stops it and removes its data.
+pub fn until_exit<T>(server: T) -> &'static T
+where
+    T: std::ops::Deref<Target = ServerProcess> + Send + Sync + 'static,
+{
+    let server: &'static T = Box::leak(Box::new(server));
+    keep_until_exit(server);
+    server
+}
+
+/// Registers a server that is already `'static` (in a `static`) for the exit hook.
+pub(crate) fn keep_until_exit<T>(server: &'static T)
+where
+    T: std::ops::Deref<Target = ServerProcess> + Sync + 'static,
+{
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    // SAFETY: atexit(3) with a function that never unwinds into C.
+    HOOK.call_once(|| unsafe {
+        libc::atexit(stop_servers_kept_until_exit);
+    });
+    UNTIL_EXIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(&**server);
 }
 
 /// A backend URL `scheme://credentials@127.0.0.1:port/database?query`.

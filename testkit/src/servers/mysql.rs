@@ -68,7 +68,15 @@ impl Mysql {
     /// One server per test binary, started on first use.
     pub fn shared() -> &'static Mysql {
         static SHARED: OnceLock<Mysql> = OnceLock::new();
-        SHARED.get_or_init(|| Mysql::start(false))
+        let mut fresh = false;
+        let server = SHARED.get_or_init(|| {
+            fresh = true;
+            Mysql::start(false)
+        });
+        if fresh {
+            super::keep_until_exit(server);
+        }
+        server
     }
 
     /// A backend URL for this server with the given query (e.g. `"mode=lease"`).

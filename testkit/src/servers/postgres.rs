@@ -93,7 +93,15 @@ impl Postgres {
     /// One server per test binary, started on first use.
     pub fn shared() -> &'static Postgres {
         static SHARED: OnceLock<Postgres> = OnceLock::new();
-        SHARED.get_or_init(|| Postgres::start(false))
+        let mut fresh = false;
+        let server = SHARED.get_or_init(|| {
+            fresh = true;
+            Postgres::start(false)
+        });
+        if fresh {
+            super::keep_until_exit(server);
+        }
+        server
     }
 
     /// Starts the server (again) on its port and data, after [`stop`](Self::stop).
