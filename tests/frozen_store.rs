@@ -32,15 +32,23 @@ async fn frozen_attempts_fail_typed(url: String, proxy: &Proxy) {
         };
         let outcome = tokio::time::timeout(FROZEN_SLACK, call)
             .await
-            .unwrap_or_else(|_| panic!("{url}: {attempt} on a frozen store did not end within {FROZEN_SLACK:?}"));
+            .unwrap_or_else(|_| {
+                panic!("{url}: {attempt} on a frozen store did not end within {FROZEN_SLACK:?}")
+            });
         let err = outcome.expect_err("an attempt on a frozen store succeeded");
-        assert!(matches!(err, Error::Unavailable { .. }), "{url}: {attempt}: {err:?}");
+        assert!(
+            matches!(err, Error::Unavailable { .. }),
+            "{url}: {attempt}: {err:?}"
+        );
     }
     proxy.thaw();
     // After the thaw the store serves again and nothing was left held.
     let lease = tokio::time::timeout(
         Duration::from_secs(30),
-        locks.lock("frozen").wait_for(Duration::from_secs(25)).acquire(),
+        locks
+            .lock("frozen")
+            .wait_for(Duration::from_secs(25))
+            .acquire(),
     )
     .await
     .expect("acquire after the thaw hung")

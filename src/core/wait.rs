@@ -37,7 +37,13 @@ pub(crate) async fn bounded_attempt<B: Backend + ?Sized>(
     match tokio::time::timeout_at(until.into(), backend.try_acquire(request)).await {
         Ok(outcome) => outcome,
         Err(_) => {
-            abandon_bounded(backend, request).await;
+            // A wait that goes on retries with the same owner token, so the cleanup must
+            // be done before the next attempt (or it could free that attempt's grant); a
+            // caller whose deadline has passed is answered at once and the cleanup is
+            // left to the acquire's abandon guard, in the background.
+            if request.deadline.is_none_or(|d| Instant::now() < d) {
+                abandon_bounded(backend, request).await;
+            }
             Err(Error::unavailable(
                 backend.describe(),
                 "the store did not answer an acquire attempt in time",

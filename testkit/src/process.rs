@@ -8,11 +8,24 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (the kernel picks it; racy only against other programs
-/// binding ports at the same moment).
+/// A free loopback port between 20000 and 32000: below the kernel's range of ephemeral
+/// ports (32768 and up), so that no client socket takes it between a server's stop and its
+/// restart. Racy only against other programs binding ports at the same moment.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port");
-    listener.local_addr().expect("no local address").port()
+    private_port(20000..32000, &[])
+}
+
+/// A free loopback port in `range` such that `port + offset` is free too for every
+/// offset in `also` (Redis Cluster's bus port is port + 10000).
+pub fn private_port(range: std::ops::Range<u16>, also: &[u16]) -> u16 {
+    for _ in 0..1000 {
+        let port = rand::random_range(range.clone());
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && also.iter().all(|offset| free(port + offset)) {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {range:?}");
 }
 
 /// Finds `binary` on PATH or in `extra_dirs`; fails the test with a message naming the

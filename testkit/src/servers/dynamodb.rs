@@ -24,7 +24,6 @@
 
 use crate::process::{signal, spawn_tied, temp_dir, wait_for_port};
 use std::io::{Read, Seek};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -157,16 +156,7 @@ pub fn set_test_credentials() {
     });
 }
 
-/// A free loopback port below 32768.
-fn private_port() -> u16 {
-    for _ in 0..1000 {
-        let port = rand::random_range(20000..32000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port between 20000 and 32000");
-}
+use crate::process::free_port as private_port;
 
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

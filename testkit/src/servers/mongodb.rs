@@ -53,10 +53,7 @@ pub fn python() -> PathBuf {
     super::pypi::venv("secantusdb", SECANTUSDB_VERSION).join("bin/python")
 }
 
-/// A free loopback port below 32768.
-fn private_port() -> u16 {
-    super::pypi::private_port(20000..32000, &[])
-}
+use crate::process::free_port as private_port;
 
 /// A private SecantusDB server.
 pub struct MongoServer {

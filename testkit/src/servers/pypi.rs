@@ -3,7 +3,6 @@
 //! `~/.cache/dlock-test`) and reused by every run; and private loopback ports below
 //! 32768 for servers that must come back on the same port.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -65,18 +64,4 @@ pub fn venv(package: &str, version: &str) -> PathBuf {
     );
     std::fs::rename(&staging, &venv).expect("cannot move the virtualenv into place");
     venv
-}
-
-/// A free loopback port below 32768 (outside the kernel's range of ephemeral ports, so
-/// that no client socket takes it between a stop and a restart) such that `port + offset`
-/// is free too for every offset in `also` (Redis Cluster's bus port is port + 10000).
-pub fn private_port(range: std::ops::Range<u16>, also: &[u16]) -> u16 {
-    for _ in 0..1000 {
-        let port = rand::random_range(range.clone());
-        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && also.iter().all(|offset| free(port + offset)) {
-            return port;
-        }
-    }
-    panic!("no free loopback port in {range:?}");
 }

@@ -95,7 +95,7 @@ impl RedisServer {
             super::make_certificates(dir.path());
         }
         let port = match config.cluster_node_timeout {
-            Some(_) => super::pypi::private_port(20000..22700, &[10000]),
+            Some(_) => crate::process::private_port(20000..22700, &[10000]),
             None => free_port(),
         };
         let server = RedisServer {
