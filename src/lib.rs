@@ -18,6 +18,8 @@
 //!     () = async { /* the work */ } => {}
 //! }
 //! lease.release().await?;
+//! # drop(locks);
+//! # let _ = std::fs::remove_dir_all(&dir);
 //! # Ok(()) }
 //! ```
 //!

@@ -147,3 +147,29 @@ pub fn logged(program: &Path, dir: &Path, log: &str) -> Command {
     command.stdin(Stdio::null()).stdout(file).stderr(err);
     command
 }
+
+/// A temporary directory that lives until the test process exits, then is removed (a
+/// `static` is never dropped, so a `TempDir` kept in one would stay behind).
+pub fn temp_dir_until_exit(prefix: &str) -> &'static Path {
+    static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    extern "C" fn remove_dirs() {
+        let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    // SAFETY: atexit(3) with a function that never unwinds into C.
+    HOOK.call_once(|| unsafe {
+        libc::atexit(remove_dirs);
+    });
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("cannot create a temporary directory")
+        .keep();
+    DIRS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.clone());
+    Box::leak(dir.into_boxed_path())
+}
