@@ -1,7 +1,7 @@
-//! On the consensus stores too, an attempt against a store that stopped answering (a
+//! On the consensus stores and Redis Cluster too, an attempt against a store that stopped answering (a
 //! frozen link: nothing moves, nothing is closed) ends with a typed error within its
 //! deadline plus at most a second, instead of hanging.
-#![cfg(all(feature = "etcd", feature = "zookeeper"))]
+#![cfg(all(feature = "etcd", feature = "zookeeper", feature = "redis"))]
 
 use dlock::Error;
 use dlock_testkit::proxy::Proxy;
@@ -70,4 +70,34 @@ async fn zookeeper_attempts_behind_a_frozen_link_fail_typed_and_promptly() {
     let proxy = Proxy::start(port_of(&server.hosts())).await;
     let url = format!("zk://127.0.0.1:{}", proxy.port());
     frozen_attempts_fail_typed(url, &proxy).await;
+}
+
+/// Redis Cluster: the client learns every node's own address from the cluster, so the
+/// freeze is of the servers themselves (SIGSTOP: connections stay open, nothing answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_attempts_on_frozen_nodes_fail_typed_and_promptly() {
+    let cluster = dlock_testkit::servers::redis_cluster::RedisCluster::start();
+    let url = cluster.url();
+    let locks = dlock::connect(&url).await.unwrap();
+    let lease = locks.lock("frozen-warmup").try_acquire().await.unwrap();
+    assert!(lease.expect("a free key").release().await.unwrap());
+    for node in cluster.nodes() {
+        node.pause();
+    }
+    for attempt in ["try_acquire", "no_wait().acquire()"] {
+        let call = async {
+            match attempt {
+                "try_acquire" => locks.lock("frozen").try_acquire().await.map(|_| ()),
+                _ => locks.lock("frozen").no_wait().acquire().await.map(|_| ()),
+            }
+        };
+        let outcome = tokio::time::timeout(FROZEN_SLACK, call)
+            .await
+            .unwrap_or_else(|_| panic!("{url}: {attempt} on frozen nodes did not end within {FROZEN_SLACK:?}"));
+        let err = outcome.expect_err("an attempt on frozen nodes succeeded");
+        assert!(matches!(err, Error::Unavailable { .. }), "{url}: {attempt}: {err:?}");
+    }
+    for node in cluster.nodes() {
+        node.resume();
+    }
 }
