@@ -800,19 +800,20 @@ impl Runner<'_> {
             _ => Duration::from_secs(2),
         };
         let until = Instant::now() + grace;
-        let Ok(locks) = connect_retrying(&self.backend.url, until).await else {
+        // A server killed by the last fault may still be recovering (PostgreSQL replays
+        // its WAL): a store that cannot answer yet is asked again, for a while, rather
+        // than counted as holding the lock. Only an answer "held" after the grace counts.
+        let answer_until = until + Duration::from_secs(20);
+        let Ok(locks) = connect_retrying(&self.backend.url, answer_until).await else {
             return 1;
         };
         loop {
-            let held = match locks.status(&self.key).await {
-                Ok(status) => status.is_some(),
-                Err(_) => true,
-            };
-            if !held {
-                return 0;
-            }
-            if Instant::now() >= until {
-                return 1;
+            let now = Instant::now();
+            match locks.status(&self.key).await {
+                Ok(None) => return 0,
+                Ok(Some(_)) if now >= until => return 1,
+                Err(_) if now >= answer_until => return 1,
+                Ok(Some(_)) | Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
