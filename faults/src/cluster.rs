@@ -196,6 +196,10 @@ impl Backend {
             }
             Nemesis::Partition | Nemesis::Slow | Nemesis::Freeze | Nemesis::Degrade => Ok(()),
             Nemesis::ForceRelease => Ok(()),
+            Nemesis::ProcessTree if !client_processes => {
+                Err("memory:// locks live in one process; dlock run cannot share them")
+            }
+            Nemesis::ProcessTree => Ok(()),
             Nemesis::HostileDir if self.kind == Kind::Flock && self.url.starts_with("file://") => {
                 Ok(())
             }
@@ -210,7 +214,8 @@ impl Backend {
             // Breaking a held lock is what force-release is for: the next holder starts
             // while the old one may still be inside its section, on every backend.
             (_, Nemesis::ForceRelease) => true,
-            (_, Nemesis::None | Nemesis::KillClient) => false,
+            // The process-tree nemesis breaks `dlock run`'s own key, never the workers'.
+            (_, Nemesis::None | Nemesis::KillClient | Nemesis::ProcessTree) => false,
             // A stopped holder keeps its flock; clocks play no part in flock.
             (Kind::Flock | Kind::Memory, _) => false,
             // A stopped holder's lease runs out at the server while it sleeps; a client whose

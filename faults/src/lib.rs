@@ -14,4 +14,5 @@ pub mod report;
 pub mod run;
 pub mod servers;
 pub mod store;
+pub mod tree;
 pub mod worker;

@@ -77,6 +77,12 @@ nemeses! {
     /// Break the lock with the backend's force-release (an operator's `dlock release KEY
     /// --force`), in bursts, whoever holds it.
     ForceRelease = "force-release", mixed: false, proxies: false;
+    /// Beside the workers, `dlock run` of a key of its own over a process tree (a shell,
+    /// its background child writing a heartbeat line with `$DLOCK_FENCE` every 20 ms, and a
+    /// foreground sleep), broken in turn by a force-release of that key and by a SIGKILL of
+    /// dlock: once the loss is known plus `--kill-after`, no process of the tree may run
+    /// and the heartbeat may not grow.
+    ProcessTree = "process-tree", mixed: false, proxies: false;
     /// Plant, in the file backend's lock directory, what a hostile member of a shared
     /// directory's group could: links to a file outside it, dangling links, FIFOs, hard
     /// links, for other keys and in place of the workers' key's fence file. Nothing

@@ -29,6 +29,8 @@ pub struct RunConfig {
     pub worker_bin: PathBuf,
     /// Where worker logs go (one directory per run inside it).
     pub log_dir: PathBuf,
+    /// The `dlock` command (the `dlock-faults-cli` binary), for the process-tree nemesis.
+    pub dlock_bin: Option<PathBuf>,
 }
 
 /// The outcome of one run.
@@ -57,6 +59,9 @@ pub struct RunResult {
     /// Hostile-directory nemesis: a file outside the lock directory written or created
     /// through a planted entry, or a planted entry that worked as a lock.
     pub hostile_breaches: u64,
+    /// Process-tree nemesis: a process of `dlock run`'s tree alive, or its heartbeat
+    /// growing, once its lease was lost and `--kill-after` (plus a margin) passed.
+    pub tree_breaches: u64,
     /// Where the logs are.
     pub logs: PathBuf,
 }
@@ -107,6 +112,13 @@ impl RunResult {
                 self.hostile_breaches
             ));
         }
+        if self.tree_breaches > 0 {
+            out.push(format!(
+                "{what}: {} times dlock run's process tree ran on after its lease was lost (see tree-breaches.txt in {})",
+                self.tree_breaches,
+                self.logs.display()
+            ));
+        }
         if c.accepted_writes == 0 {
             out.push(format!(
                 "{what}: no write was accepted: the workload made no progress"
@@ -144,6 +156,9 @@ enum Active {
     /// on the server, and the loop must keep reaping workers meanwhile).
     ForceBurst(tokio::task::JoinHandle<()>),
     Planted(Vec<PathBuf>),
+    /// A `dlock run` incarnation lost its lease (force-released, or dlock SIGKILLed): its
+    /// tree must be gone by `until`.
+    TreeLost(u32, Instant),
 }
 
 struct Runner<'a> {
@@ -165,6 +180,7 @@ struct Runner<'a> {
     burst: Option<tokio::task::JoinHandle<()>>,
     hostile: Option<nemesis::Hostile>,
     hostile_breaches: u64,
+    tree: Option<crate::tree::Tree>,
 }
 
 /// Runs `nemesis` against `backend` and checks the history.
@@ -197,12 +213,26 @@ pub async fn run(
         burst: None,
         hostile: None,
         hostile_breaches: 0,
+        tree: None,
     };
+    if nemesis == Nemesis::ProcessTree {
+        let bin = config.dlock_bin.clone().filter(|b| b.is_file()).ok_or_else(|| {
+            std::io::Error::other(
+                "the process-tree nemesis needs the dlock command: build it with `cargo build -p dlock-faults --bin dlock-faults-cli` (or pass --dlock-bin)",
+            )
+        })?;
+        let mut tree = crate::tree::Tree::new(bin, &backend.url, dir.clone(), config.ttl);
+        tree.tick(true)?;
+        runner.tree = Some(tree);
+    }
     for _ in 0..config.workers {
         runner.spawn_worker().await?;
     }
     runner.drive(nemesis).await?;
     let duration = started.elapsed();
+    if let Some(tree) = &mut runner.tree {
+        tree.stop().await;
+    }
     runner.finish().await;
     if let Some(mut burst) = runner.burst.take() {
         let limit = config.ttl * 4 + Duration::from_secs(2);
@@ -230,8 +260,13 @@ pub async fn run(
         worker_errors: runner.worker_errors,
         overlap_allowed: backend.overlap_possible(nemesis),
         hostile_breaches: runner.hostile_breaches,
+        tree_breaches: runner.tree.as_ref().map_or(0, |t| t.breaches.len() as u64),
         logs: dir,
     })
+}
+
+fn lost(incarnation: u32, until: Instant) -> (Active, Instant) {
+    (Active::TreeLost(incarnation, until), until)
 }
 
 fn sanitize(name: &str) -> String {
@@ -611,8 +646,56 @@ impl Runner<'_> {
                 )))
             }
             Nemesis::HostileDir => self.plant().await,
+            Nemesis::ProcessTree => self.break_tree().await,
             Nemesis::None | Nemesis::Mixed => Ok(None),
         }
+    }
+
+    /// Breaks the running `dlock run`: SIGKILLs dlock, or force-releases its key (in turn).
+    /// The tree must then be gone within `--kill-after` (after the SIGKILL; dlock's
+    /// watchdog acts at once) or the TTL plus `--kill-after` (after the force-release,
+    /// which dlock learns at its next renewal).
+    async fn break_tree(&mut self) -> std::io::Result<Option<(Active, Instant)>> {
+        let Some(tree) = &mut self.tree else {
+            return Ok(None);
+        };
+        let Some((i, fence)) = tree.running() else {
+            return Ok(None);
+        };
+        let promised = if tree.next_is_kill() {
+            self.store
+                .fault(format!("process tree {i} (fence {fence}): SIGKILL dlock"));
+            tree.kill().await;
+            crate::tree::KILL_AFTER
+        } else {
+            let (key, ttl) = (tree.key().to_owned(), tree.ttl());
+            let Some(locks) = self.admin().await else {
+                return Ok(None);
+            };
+            let limit = ttl * 4 + Duration::from_secs(2);
+            let at = Instant::now();
+            let (broken, what) = match tokio::time::timeout(limit, locks.force_release(&key)).await
+            {
+                Ok(Ok(true)) => (true, "force-release its key".to_owned()),
+                Ok(Ok(false)) => (false, "force-release its key (was free)".to_owned()),
+                Ok(Err(err)) => (false, format!("force-release of its key failed: {err}")),
+                Err(_) => (false, "force-release of its key timed out".to_owned()),
+            };
+            self.store
+                .fault(format!("process tree {i} (fence {fence}): {what}"));
+            if !broken {
+                return Ok(None);
+            }
+            // Counted from the request: the lease may be broken from the moment it left.
+            return Ok(Some(lost(
+                i,
+                at + ttl + crate::tree::KILL_AFTER + crate::tree::MARGIN,
+            )));
+        };
+        Ok(Some(lost(
+            i,
+            Instant::now() + promised + crate::tree::MARGIN,
+        )))
     }
 
     /// Plants a link, FIFO or hard link in the lock directory: in place of the workers'
@@ -727,6 +810,13 @@ impl Runner<'_> {
                     proxy.set(crate::proxy::Mode::Pass, 0);
                 }
             }
+            Active::TreeLost(i, until) => {
+                // At the end of the run the check still waits for the promised moment.
+                tokio::time::sleep_until(until.into()).await;
+                if let Some(tree) = &mut self.tree {
+                    tree.check(i).await;
+                }
+            }
             Active::Planted(planted) => {
                 for at in planted {
                     let _ = std::fs::remove_file(&at);
@@ -745,6 +835,11 @@ impl Runner<'_> {
         let mut active: Option<(Active, Instant)> = None;
         while Instant::now() < self.deadline {
             self.reap(true).await?;
+            let respawn = self.deadline.saturating_duration_since(Instant::now())
+                > Duration::from_millis(300);
+            if let Some(tree) = &mut self.tree {
+                tree.tick(respawn)?;
+            }
             let now = Instant::now();
             if let Some((_, until)) = &active {
                 if now >= *until {
@@ -859,15 +954,22 @@ pub fn default_log_dir() -> PathBuf {
 /// Finds `dlock-fault-worker` next to the running executable (or its parent directory,
 /// for test binaries in `target/*/deps`).
 pub fn find_worker_bin(hint: Option<&Path>) -> Option<PathBuf> {
+    find_bin("dlock-fault-worker", hint)
+}
+
+/// Finds the `dlock` command built by this package (`dlock-faults-cli`) as
+/// [`find_worker_bin`] finds the worker.
+pub fn find_dlock_bin(hint: Option<&Path>) -> Option<PathBuf> {
+    find_bin("dlock-faults-cli", hint)
+}
+
+fn find_bin(name: &str, hint: Option<&Path>) -> Option<PathBuf> {
     if let Some(hint) = hint {
         return Some(hint.to_path_buf());
     }
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    [
-        dir.join("dlock-fault-worker"),
-        dir.parent()?.join("dlock-fault-worker"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
+    [dir.join(name), dir.parent()?.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
 }

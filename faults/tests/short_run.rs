@@ -40,14 +40,16 @@ async fn short_run(name: &str) {
             ttl: Duration::from_millis(500),
             work: Duration::from_millis(20),
             // Degrade runs its steps one after the other (slow, frozen, cut off: up to
-            // 3.7 s at this TTL); it needs the time to reach the last one.
-            duration: if nemesis == Nemesis::Degrade {
+            // 3.7 s at this TTL); it needs the time to reach the last one. Process-tree
+            // waits out each loss before the next fault, and alternates two kinds.
+            duration: if matches!(nemesis, Nemesis::Degrade | Nemesis::ProcessTree) {
                 secs() * 2
             } else {
                 secs()
             },
             fault_every: Duration::from_millis(1000),
             worker_bin: env!("CARGO_BIN_EXE_dlock-fault-worker").into(),
+            dlock_bin: Some(env!("CARGO_BIN_EXE_dlock-faults-cli").into()),
             log_dir: log_dir.clone(),
         };
         let result = run(&backend, nemesis, &config)
@@ -113,6 +115,13 @@ backends! {
     etcd => "etcd",
     zookeeper => "zookeeper",
     mongodb => "mongodb",
+}
+
+/// The short run breaks `dlock run`'s process tree on every backend with client processes.
+#[test]
+fn process_tree_runs_where_clients_are_processes() {
+    assert!(Backend::file().applicable(Nemesis::ProcessTree).is_ok());
+    assert!(Backend::memory().applicable(Nemesis::ProcessTree).is_err());
 }
 
 /// The file backend's short run includes the hostile lock directory nemesis.

@@ -53,6 +53,10 @@ enum Cmd {
         /// The `dlock-fault-worker` binary (default: next to this one).
         #[arg(long)]
         worker_bin: Option<PathBuf>,
+        /// The `dlock` command for the process-tree nemesis (default: `dlock-faults-cli`
+        /// next to this binary).
+        #[arg(long)]
+        dlock_bin: Option<PathBuf>,
     },
 }
 
@@ -68,6 +72,7 @@ fn main() {
         report: report_path,
         log_dir,
         worker_bin,
+        dlock_bin,
     } = Cli::parse().command;
     let backends: Vec<String> = if backend == "all" {
         Backend::names().into_iter().map(str::to_owned).collect()
@@ -95,6 +100,7 @@ fn main() {
         );
         std::process::exit(64);
     };
+    let dlock_bin = run::find_dlock_bin(dlock_bin.as_deref());
     let runtime = tokio::runtime::Runtime::new().expect("cannot start a tokio runtime");
     let mut results = Vec::new();
     let mut failed = false;
@@ -133,6 +139,7 @@ fn main() {
                 duration: each,
                 fault_every,
                 worker_bin: worker_bin.clone(),
+                dlock_bin: dlock_bin.clone(),
                 log_dir: log_dir.clone().unwrap_or_else(run::default_log_dir),
             };
             eprintln!(
