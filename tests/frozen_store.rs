@@ -93,9 +93,14 @@ async fn redis_cluster_attempts_on_frozen_nodes_fail_typed_and_promptly() {
         };
         let outcome = tokio::time::timeout(FROZEN_SLACK, call)
             .await
-            .unwrap_or_else(|_| panic!("{url}: {attempt} on frozen nodes did not end within {FROZEN_SLACK:?}"));
+            .unwrap_or_else(|_| {
+                panic!("{url}: {attempt} on frozen nodes did not end within {FROZEN_SLACK:?}")
+            });
         let err = outcome.expect_err("an attempt on frozen nodes succeeded");
-        assert!(matches!(err, Error::Unavailable { .. }), "{url}: {attempt}: {err:?}");
+        assert!(
+            matches!(err, Error::Unavailable { .. }),
+            "{url}: {attempt}: {err:?}"
+        );
     }
     for node in cluster.nodes() {
         node.resume();
