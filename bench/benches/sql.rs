@@ -234,7 +234,7 @@ async fn pg_same_sql(server: &Postgres, tasks: usize, lease: bool) -> f64 {
                         &[
                             (&key, Type::TEXT),
                             (&owner, Type::TEXT),
-                            (channel.as_str(), Type::TEXT),
+                            (&channel.as_str(), Type::TEXT),
                         ],
                     )
                     .await
