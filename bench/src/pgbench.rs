@@ -36,6 +36,13 @@ fn params(lease: bool, name: &str, channel: &str) -> Vec<String> {
     list.iter().map(|p| (*p).to_owned()).collect()
 }
 
+/// `value` as a SQL text expression. pgbench reads `:name` as a variable even inside a
+/// string literal, so a colon is spelled `chr(58)`.
+fn text(value: &str) -> String {
+    let quoted = value.replace('\'', "''").replace(':', "' || chr(58) || '");
+    format!("('{quoted}')::text")
+}
+
 /// `sql` with `$n` replaced by `params[n - 1]`.
 pub fn substitute(sql: &str, params: &[String]) -> String {
     let mut out = String::with_capacity(sql.len());
@@ -64,7 +71,7 @@ pub fn substitute(sql: &str, params: &[String]) -> String {
 pub fn script(url: &str) -> dlock::Result<String> {
     let lease = url.contains("mode=lease");
     let channel = if lease {
-        format!("'{}'::text", bench_channel(url)?.replace('\'', "''"))
+        text(&bench_channel(url)?)
     } else {
         String::new()
     };
@@ -96,7 +103,7 @@ mod tests {
             for (name, sql) in statements {
                 // The library's statement verbatim, only its parameters bound, in order.
                 let lease = url.contains("mode=lease");
-                let bound = substitute(&sql, &params(lease, name, "'dlock:dlock_leases'::text"));
+                let bound = substitute(&sql, &params(lease, name, &text("dlock:dlock_leases")));
                 assert_ne!(bound, sql, "{url} {name}: no parameter bound");
                 let found = script[at..]
                     .find(&format!("{bound};\n"))
@@ -113,7 +120,10 @@ mod tests {
     #[test]
     fn lease_release_notifies_the_tables_channel() {
         let script = script("postgres://u@h/db?mode=lease&table=app_locks").unwrap();
-        assert!(script.contains("'dlock:app_locks'::text"), "{script}");
+        assert!(
+            script.contains("('dlock' || chr(58) || 'app_locks')::text"),
+            "{script}"
+        );
         assert!(script.contains("INSERT INTO app_locks"), "{script}");
     }
 
