@@ -129,7 +129,7 @@ class Servers:
 
 
 def build():
-    run(["cargo", "build", "--release", "--all-features", "--bin", "dlock", "--bin", "dlock-bench",
+    run(["cargo", "build", "--release", "--all-features", "--workspace", "--bin", "dlock", "--bin", "dlock-bench",
          "--bin", "dlock-pgbench-script"], cwd=ROOT)
     run(["cargo", "build", "--release"], cwd=PEERS)
     if not (VENV / "bin" / "python").exists():
