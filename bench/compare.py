@@ -30,6 +30,7 @@ PEERS = ROOT / "bench" / "peers"
 OUT = ROOT / "docs" / "bench"
 DLOCK = ROOT / "target" / "release" / "dlock"
 DLOCK_BENCH = ROOT / "target" / "release" / "dlock-bench"
+PGBENCH_SCRIPT = ROOT / "target" / "release" / "dlock-pgbench-script"
 PEER_BIN = PEERS / "target" / "release" / "dlock-bench-peers"
 VENV = ROOT / "bench" / ".venv"
 
@@ -128,7 +129,8 @@ class Servers:
 
 
 def build():
-    run(["cargo", "build", "--release", "--all-features", "--bin", "dlock", "--bin", "dlock-bench"], cwd=ROOT)
+    run(["cargo", "build", "--release", "--all-features", "--workspace", "--bin", "dlock", "--bin", "dlock-bench",
+         "--bin", "dlock-pgbench-script"], cwd=ROOT)
     run(["cargo", "build", "--release"], cwd=PEERS)
     if not (VENV / "bin" / "python").exists():
         run([sys.executable, "-m", "venv", str(VENV)])
@@ -351,7 +353,7 @@ def write_report(results, command):
     lines += handoff_table("redis", True)
     for mode in PG_MODES:
         lines += ["", f"## PostgreSQL ({mode} mode): uncontended acquire + release", "",
-                  "Ratios are to `pgbench` running exactly dlock's statements (`bench/pgbench_*.sql`); "
+                  "Ratios are to `pgbench` running exactly dlock's statements (scripts generated from the library's own statements by `dlock-pgbench-script`); "
                   "`tokio-postgres (raw)` and `pgbench (bare advisory lock)` run a bare "
                   "`pg_advisory_lock`/`pg_advisory_unlock`, without the fence and holder record."]
         lines += pairs_table(f"postgres-{mode}", "pgbench (dlock's SQL)", [1, 32],
@@ -417,8 +419,10 @@ def main():
                 results.node(client, redis_url, "handoff", 16)
             for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
                 results.python(client, redis_url, "handoff", 16)
-            # PostgreSQL: pgbench runs exactly the statements dlock sends (bench/pgbench_*.sql)
-            scripts = {m: (Path(__file__).parent / f"pgbench_{m}.sql").read_text() for m in ("session", "lease", "bare")}
+            # PostgreSQL: pgbench runs exactly the statements dlock sends, the scripts
+            # generated from the library's own SQL
+            scripts = {m: subprocess.run([str(PGBENCH_SCRIPT), m], check=True, capture_output=True, text=True).stdout
+                       for m in ("session", "lease", "bare")}
             for mode in PG_MODES:
                 kind = f"postgres-{mode}"
                 url = f"{pg_url}?mode={mode}"

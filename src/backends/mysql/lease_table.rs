@@ -122,6 +122,24 @@ WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"
     }
 }
 
+/// The statements of one uncontended acquire and its release (see
+/// [`super::bench_statements`]).
+pub(super) fn bench_statements(table: &str) -> Vec<(&'static str, String)> {
+    let Sql {
+        peek,
+        claim,
+        mine,
+        release_live,
+        ..
+    } = Sql::new(table);
+    vec![
+        ("peek", peek),
+        ("claim", claim),
+        ("mine", mine),
+        ("release", release_live),
+    ]
+}
+
 /// The MySQL/MariaDB lease-table backend (`?mode=lease`).
 #[derive(Debug, Clone)]
 pub struct MysqlLeaseBackend {

@@ -476,6 +476,29 @@ pub fn schema_sql(url: &str) -> Result<String> {
     Ok(statements.iter().map(|s| format!("{s};\n")).collect())
 }
 
+/// For the benchmarks only: the statements `url`'s mode sends for one uncontended
+/// `try_acquire` and its release, in order, each named, built exactly as the backend
+/// builds them (so a benchmark runs dlock's SQL, never a copy of it). `k` below is the
+/// row key, 32 bytes (dlock uses the SHA-256 of the key).
+///
+/// Parameters, in the order the statements take them:
+/// - session `get_lock`: lock name, timeout in seconds (0: no wait); `bump`: none
+///   (the fence is then `LAST_INSERT_ID()`); `record`: `k`, key (bytes), lock name,
+///   owner token, TTL in ms, holder pid, holder host; `release_lock`: lock name;
+///   `forget`: `k`, owner token;
+/// - lease `peek`: `k`; `claim`: `k`, key (bytes), owner token, first fence of a new
+///   row, TTL in µs, TTL in ms, holder pid, holder host; `mine`: `k`; `release`: `k`,
+///   owner token.
+#[doc(hidden)]
+pub fn bench_statements(url: &str) -> Result<Vec<(&'static str, String)>> {
+    let url = BackendUrl::parse(url)?;
+    let settings = Settings::parse(&url)?;
+    Ok(match settings.mode {
+        Mode::Session => session::bench_statements(&settings.table, &settings.counter),
+        Mode::Lease => lease_table::bench_statements(&settings.table),
+    })
+}
+
 /// Microseconds since 1970 as a `SystemTime`.
 pub(crate) fn from_micros(micros: Option<i64>) -> Option<std::time::SystemTime> {
     let micros = u64::try_from(micros?).ok()?;

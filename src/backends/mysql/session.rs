@@ -52,6 +52,28 @@ pub(crate) fn ddl(table: &str) -> String {
     )
 }
 
+/// Takes the lock without waiting (timeout 0) or with a timeout in seconds.
+const TRY_LOCK: &str = "SELECT GET_LOCK(?, ?)";
+const UNLOCK: &str = "SELECT RELEASE_LOCK(?)";
+
+/// The statements of one uncontended acquire and its release (see
+/// [`super::bench_statements`]).
+pub(super) fn bench_statements(table: &str, counter: &str) -> Vec<(&'static str, String)> {
+    let Sql {
+        bump,
+        record,
+        forget,
+        ..
+    } = Sql::new(table, counter);
+    vec![
+        ("get_lock", TRY_LOCK.to_owned()),
+        ("bump", bump),
+        ("record", record),
+        ("release_lock", UNLOCK.to_owned()),
+        ("forget", forget),
+    ]
+}
+
 struct Sql {
     bump: String,
     record: String,
@@ -248,7 +270,7 @@ impl Dialect for MySession {
     }
 
     async fn try_lock(&self, conn: &mut MyConn, claim: &Claim<String>) -> Result<Option<u64>> {
-        self.lock(conn, claim, "SELECT GET_LOCK(?, ?)", 0).await
+        self.lock(conn, claim, TRY_LOCK, 0).await
     }
 
     async fn wait_lock(&self, conn: &mut MyConn, claim: &Claim<String>) -> Result<Option<u64>> {
@@ -308,10 +330,8 @@ impl Dialect for MySession {
     }
 
     async fn unlock(&self, conn: &mut MyConn, claim: &Claim<String>) -> Result<bool> {
-        let released: mysql_async::Result<Option<Option<i64>>> = conn
-            .conn
-            .exec_first("SELECT RELEASE_LOCK(?)", (claim.lock.as_str(),))
-            .await;
+        let released: mysql_async::Result<Option<Option<i64>>> =
+            conn.conn.exec_first(UNLOCK, (claim.lock.as_str(),)).await;
         let released = match released {
             Ok(value) => value.flatten() == Some(1),
             Err(err) => {

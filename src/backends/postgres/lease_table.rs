@@ -119,6 +119,15 @@ SELECT live, pg_notify($2, $1)::text FROM d"
     }
 }
 
+/// The statements of one uncontended acquire and its release (see
+/// [`super::bench_statements`]).
+pub(super) fn bench_statements(table: &str, sequence: &str) -> Vec<(&'static str, String)> {
+    let Sql {
+        acquire, release, ..
+    } = Sql::new(table, sequence);
+    vec![("acquire", acquire), ("release", release)]
+}
+
 /// The PostgreSQL lease-table backend (`?mode=lease`).
 #[derive(Debug, Clone)]
 pub struct PgLeaseBackend {

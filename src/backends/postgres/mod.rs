@@ -437,6 +437,36 @@ pub fn schema_sql(url: &str) -> Result<String> {
     ))
 }
 
+/// For the benchmarks only: the statements `url`'s mode sends for one uncontended
+/// `try_acquire` and its release, in order, each named, built exactly as the backend
+/// builds them (so a benchmark runs dlock's SQL, never a copy of it).
+///
+/// Parameters, in the order the statements take them:
+/// - session `acquire`: `$1` lock id (`bigint`), `$2` key, `$3` owner token (`text`),
+///   `$4` TTL in ms (`bigint`), `$5` holder pid (`integer`), `$6` holder host (`text`);
+///   it returns `(fence, backend_pid)` when it got the lock;
+/// - session `release`: `$1` lock id (`bigint`), `$2` key, `$3` owner token (`text`);
+/// - lease `acquire`: `$1` key, `$2` owner token (`text`), `$3` TTL in ms (`bigint`),
+///   `$4` holder pid (`integer`), `$5` holder host (`text`);
+/// - lease `release`: `$1` key, `$2` owner token, `$3` the notification channel
+///   ([`Settings::channel`], `text`).
+#[doc(hidden)]
+pub fn bench_statements(url: &str) -> Result<Vec<(&'static str, String)>> {
+    let url = BackendUrl::parse(url)?;
+    let settings = Settings::parse(&url)?;
+    Ok(match settings.mode {
+        Mode::Session => session::bench_statements(&settings.table, &settings.sequence),
+        Mode::Lease => lease_table::bench_statements(&settings.table, &settings.sequence),
+    })
+}
+
+/// For the benchmarks only: the `LISTEN/NOTIFY` channel `url`'s lease release notifies
+/// (its `$3`).
+#[doc(hidden)]
+pub fn bench_channel(url: &str) -> Result<String> {
+    Ok(Settings::parse(&BackendUrl::parse(url)?)?.channel())
+}
+
 /// Milliseconds as the `bigint` the SQL takes.
 pub(crate) fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)

@@ -121,6 +121,15 @@ SELECT pg_terminate_backend($2)"
     }
 }
 
+/// The statements of one uncontended acquire and its release (see
+/// [`super::bench_statements`]).
+pub(super) fn bench_statements(table: &str, sequence: &str) -> Vec<(&'static str, String)> {
+    let Sql {
+        try_lock, release, ..
+    } = Sql::new(table, sequence);
+    vec![("acquire", try_lock), ("release", release)]
+}
+
 /// PostgreSQL's half of the session engine.
 pub(crate) struct PgSession {
     describe: String,

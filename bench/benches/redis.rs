@@ -1,7 +1,7 @@
 //! Redis benchmark: dlock beside raw redis-rs doing the same commands, in the same run,
 //! against a private redis-server.
 //!
-//! `cargo bench --bench redis --features redis` prints:
+//! `cargo bench -p dlock-bench --bench redis --features redis` prints:
 //! - uncontended lock+unlock pairs per second on fresh random keys, at 1 and 64
 //!   concurrent tasks: dlock `try_acquire` + `release` (one script each), dlock
 //!   `acquire` (waiting mode: also SUBSCRIBE/UNSUBSCRIBE for the wake-up), and raw

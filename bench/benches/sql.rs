@@ -1,8 +1,10 @@
-//! Lock+unlock pairs per second through dlock on PostgreSQL and MariaDB, in both modes,
-//! at 1 and 32 concurrent tasks (each on its own key, sharing one `Locks` handle), beside
-//! the same SQL run without dlock in the same run:
-//! - PostgreSQL: `pgbench` with scripts holding exactly the statements dlock sends, plus
-//!   the bare `pg_advisory_lock`/`pg_advisory_unlock` pair;
+//! Lock+unlock pairs per second through dlock (`try_acquire` + `release`) on PostgreSQL
+//! and MariaDB, in both modes, at 1 and 32 concurrent tasks (each on its own key, sharing
+//! one `Locks` handle), beside the same SQL run without dlock in the same run. The SQL is
+//! the library's own (`bench_statements` of each backend), never a copy:
+//! - PostgreSQL: `pgbench` with scripts generated from it (`dlock_bench::pgbench`) and
+//!   tokio-postgres running it, a connection per task, plus the bare
+//!   `pg_advisory_lock`/`pg_advisory_unlock` pair;
 //! - MariaDB (no pgbench): dlock's statements, the bare `GET_LOCK`/`RELEASE_LOCK` pair and
 //!   the bare lease-row `INSERT`/`DELETE` pair, through mysql_async, a connection per task.
 //!
@@ -10,8 +12,9 @@
 //! holder measures the time from the previous holder's release call to its own grant.
 //!
 //! Starts private servers (fsync off, like the conformance tests). Run with
-//! `cargo bench --bench sql`; `DLOCK_BENCH_SECS` sets the seconds per figure (default 3).
+//! `cargo bench -p dlock-bench --bench sql`; `DLOCK_BENCH_SECS` sets the seconds per figure (default 3).
 
+use dlock_bench::pgbench;
 use dlock_testkit::process::require_binary;
 use dlock_testkit::servers::mysql::Mysql;
 use dlock_testkit::servers::postgres::Postgres;
@@ -61,44 +64,14 @@ async fn dlock_pairs(url: &str, tasks: usize) -> f64 {
     pairs_per_second(tasks, move |task| {
         let (locks, key) = (locks.clone(), format!("{tag}-{task}"));
         async move {
-            let lease = locks.lock(&key).acquire().await.expect("acquire");
+            // Not waiting: the statements `bench_statements` gives are this path's.
+            let lease = locks.lock(&key).try_acquire().await.expect("acquire");
+            let lease = lease.expect("an uncontended key is free");
             assert!(lease.release().await.expect("release"));
         }
     })
     .await
 }
-
-const PG_SESSION_SCRIPT: &str = r"\set id :client_id + 1000000
-WITH l AS (SELECT pg_advisory_lock(:id))
-INSERT INTO dlock_sessions AS h (key, lock_id, owner, fence, backend_pid, acquired_at, renewed_at, ttl_ms, pid, host)
-SELECT 'pgbench-' || (:id)::text, :id, md5(random()::text), nextval('dlock_fence_seq'), pg_backend_pid(), clock_timestamp(), clock_timestamp(), 30000, 1, 'bench' FROM l
-ON CONFLICT (key) DO UPDATE SET lock_id = excluded.lock_id, owner = excluded.owner, fence = excluded.fence,
-    backend_pid = excluded.backend_pid, acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at,
-    ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host
-RETURNING fence;
-WITH d AS (DELETE FROM dlock_sessions WHERE key = 'pgbench-' || (:id)::text AND backend_pid = pg_backend_pid() RETURNING 1)
-SELECT pg_advisory_unlock(:id), (SELECT count(*) FROM d);
-";
-
-const PG_LEASE_SCRIPT: &str = r"\set id :client_id + 1000000
-WITH ins AS (
-    INSERT INTO dlock_leases AS l (key, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host)
-    VALUES ('pgbench-' || (:id)::text, 'owner-' || (:id)::text, nextval('dlock_fence_seq'), clock_timestamp() + (30000::float8 * interval '1 millisecond'), clock_timestamp(), clock_timestamp(), 30000, 1, 'bench')
-    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, fence = nextval('dlock_fence_seq'),
-        expires_at = clock_timestamp() + (30000::float8 * interval '1 millisecond'), acquired_at = clock_timestamp(),
-        renewed_at = clock_timestamp(), ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host
-    WHERE l.expires_at <= clock_timestamp()
-    RETURNING fence)
-SELECT (SELECT fence FROM ins),
-       (SELECT (extract(epoch FROM (expires_at - clock_timestamp())) * 1000)::bigint FROM dlock_leases WHERE key = 'pgbench-' || (:id)::text);
-WITH d AS (UPDATE dlock_leases SET expires_at = least(expires_at, statement_timestamp()) WHERE key = 'pgbench-' || (:id)::text AND owner = 'owner-' || (:id)::text RETURNING expires_at = statement_timestamp() AS live)
-SELECT live, pg_notify('dlock' || chr(58) || 'dlock_leases', 'pgbench-' || (:id)::text)::text FROM d;
-";
-
-const PG_BARE_SCRIPT: &str = r"\set id :client_id + 2000000
-SELECT pg_advisory_lock(:id);
-SELECT pg_advisory_unlock(:id);
-";
 
 fn pgbench(server: &Postgres, script: &str, clients: usize) -> f64 {
     let binary = require_binary(
@@ -186,12 +159,129 @@ async fn mysql_bare(server: &Mysql, tasks: usize, lease: bool) -> f64 {
     .await
 }
 
-/// The statements dlock sends for one pair, through mysql_async without dlock.
+/// `name`'s statement in `statements` (`bench_statements`' answer).
+fn statement(statements: &[(&'static str, String)], name: &str) -> String {
+    statements
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, sql)| sql.clone())
+        .unwrap_or_else(|| panic!("no {name} statement in {statements:?}"))
+}
+
+const TTL: Duration = Duration::from_secs(30);
+
+/// The statements dlock sends for one pair, through tokio-postgres without dlock, with
+/// the parameters in the order `bench_statements` documents.
+async fn pg_same_sql(server: &Postgres, tasks: usize, lease: bool) -> f64 {
+    let url = server.url(if lease { "mode=lease" } else { "" });
+    let statements = dlock::backends::postgres::bench_statements(&url).expect("statements");
+    let (acquire, release) = (
+        statement(&statements, "acquire"),
+        statement(&statements, "release"),
+    );
+    let channel = dlock::backends::postgres::bench_channel(&url).expect("channel");
+    let mut clients = Vec::new();
+    for _ in 0..tasks {
+        let (client, connection) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                server.port()
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
+        tokio::spawn(connection);
+        clients.push(Arc::new(client));
+    }
+    let clients = Arc::new(clients);
+    let (acquire, release, channel) = (Arc::new(acquire), Arc::new(release), Arc::new(channel));
+    let tag = rand::random::<u32>();
+    pairs_per_second(tasks, move |task| {
+        let client = Arc::clone(&clients[task]);
+        let (acquire, release, channel) = (
+            Arc::clone(&acquire),
+            Arc::clone(&release),
+            Arc::clone(&channel),
+        );
+        async move {
+            use tokio_postgres::types::Type;
+            let lock_id = 3_000_000_i64 + task as i64;
+            let key = format!("tokio-postgres-{tag:x}-{task}");
+            let owner = format!("owner-{task}");
+            let (ttl_ms, pid, host) = (TTL.as_millis() as i64, 1_i32, "bench");
+            if lease {
+                let rows = client
+                    .query_typed(
+                        &acquire,
+                        &[
+                            (&key, Type::TEXT),
+                            (&owner, Type::TEXT),
+                            (&ttl_ms, Type::INT8),
+                            (&pid, Type::INT4),
+                            (&host, Type::TEXT),
+                        ],
+                    )
+                    .await
+                    .expect("acquire");
+                assert!(
+                    rows[0].get::<_, Option<i64>>(0).is_some(),
+                    "the lease was free"
+                );
+                client
+                    .query_typed(
+                        &release,
+                        &[
+                            (&key, Type::TEXT),
+                            (&owner, Type::TEXT),
+                            (&channel.as_str(), Type::TEXT),
+                        ],
+                    )
+                    .await
+                    .expect("release");
+            } else {
+                let rows = client
+                    .query_typed(
+                        &acquire,
+                        &[
+                            (&lock_id, Type::INT8),
+                            (&key, Type::TEXT),
+                            (&owner, Type::TEXT),
+                            (&ttl_ms, Type::INT8),
+                            (&pid, Type::INT4),
+                            (&host, Type::TEXT),
+                        ],
+                    )
+                    .await
+                    .expect("acquire");
+                assert_eq!(rows.len(), 1, "the lock was free");
+                client
+                    .query_typed(
+                        &release,
+                        &[
+                            (&lock_id, Type::INT8),
+                            (&key, Type::TEXT),
+                            (&owner, Type::TEXT),
+                        ],
+                    )
+                    .await
+                    .expect("release");
+            }
+        }
+    })
+    .await
+}
+
+/// The statements dlock sends for one pair, through mysql_async without dlock, with the
+/// parameters in the order `bench_statements` documents.
 async fn mysql_same_sql(server: &Mysql, tasks: usize, lease: bool) -> f64 {
     let url = format!(
         "mysql://dlock:dlock-secret@127.0.0.1:{}/dlock",
         server.port()
     );
+    let mode_url = server.url(if lease { "mode=lease" } else { "" });
+    let statements =
+        Arc::new(dlock::backends::mysql::bench_statements(&mode_url).expect("statements"));
     let opts = mysql_async::Opts::from_url(&url).expect("url");
     let mut conns = Vec::new();
     for _ in 0..tasks {
@@ -200,63 +290,79 @@ async fn mysql_same_sql(server: &Mysql, tasks: usize, lease: bool) -> f64 {
         )));
     }
     let conns = Arc::new(conns);
+    let tag = rand::random::<u32>();
     pairs_per_second(tasks, move |task| {
-        let conns = Arc::clone(&conns);
+        let (conns, statements) = (Arc::clone(&conns), Arc::clone(&statements));
         async move {
+            let sql = |name: &str| statement(&statements, name);
             let mut conn = conns[task].lock().await;
-            let key = format!("same-{task}");
+            let key = format!("same-{tag:x}-{task}");
+            // Any 32 bytes unique to the key serve as the row key (dlock's is a SHA-256).
+            let k = format!("{key:0>32}").into_bytes();
             let owner = format!("owner-{task}");
+            let (ttl_us, ttl_ms, pid, host) = (
+                TTL.as_micros() as i64,
+                TTL.as_millis() as i64,
+                1_u32,
+                "bench",
+            );
             if lease {
                 let _: Option<Option<i64>> = conn
-                    .exec_first(
-                        "SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) FROM dlock_leases WHERE k = UNHEX(SHA2(?, 256))",
-                        (key.as_str(),),
-                    )
+                    .exec_first(sql("peek"), (k.as_slice(),))
                     .await
                     .expect("peek");
-                conn.query_drop("START TRANSACTION").await.expect("begin");
-                conn.query_drop("UPDATE dlock_fence_counter SET fence = LAST_INSERT_ID(fence + 1) WHERE id = 1")
-                    .await
-                    .expect("bump");
                 conn.exec_drop(
-                    "INSERT INTO dlock_leases (k, key_text, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host) \
-                     VALUES (UNHEX(SHA2(?, 256)), ?, ?, LAST_INSERT_ID(), UTC_TIMESTAMP(6) + INTERVAL 30 SECOND, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), 30000, 1, 'b') \
-                     ON DUPLICATE KEY UPDATE owner = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(owner), owner), \
-                     fence = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(fence), fence), \
-                     expires_at = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(expires_at), expires_at)",
-                    (key.as_str(), key.as_str(), owner.as_str()),
+                    sql("claim"),
+                    (
+                        k.as_slice(),
+                        key.as_bytes(),
+                        owner.as_str(),
+                        1_u64,
+                        ttl_us,
+                        ttl_ms,
+                        pid,
+                        host,
+                    ),
                 )
                 .await
-                .expect("insert");
-                let _: Option<(String, u64, bool)> = conn
-                    .exec_first(
-                        "SELECT owner, fence, expires_at > UTC_TIMESTAMP(6) FROM dlock_leases WHERE k = UNHEX(SHA2(?, 256)) FOR UPDATE",
-                        (key.as_str(),),
-                    )
+                .expect("claim");
+                let mine: Option<(String, u64, bool)> = conn
+                    .exec_first(sql("mine"), (k.as_slice(),))
                     .await
                     .expect("mine");
-                conn.query_drop("COMMIT").await.expect("commit");
-                conn.exec_drop(
-                    "DELETE FROM dlock_leases WHERE k = UNHEX(SHA2(?, 256)) AND owner = ? AND expires_at > UTC_TIMESTAMP(6)",
-                    (key.as_str(), owner.as_str()),
-                )
-                .await
-                .expect("delete");
-            } else {
-                let _: Option<i64> = conn.exec_first("SELECT GET_LOCK(?, 0)", (key.as_str(),)).await.expect("get_lock");
-                conn.query_drop("UPDATE dlock_fence_counter SET fence = LAST_INSERT_ID(fence + 1) WHERE id = 1")
+                assert!(
+                    mine.is_some_and(|(o, _, live)| o == owner && live),
+                    "the lease was free"
+                );
+                conn.exec_drop(sql("release"), (k.as_slice(), owner.as_str()))
                     .await
-                    .expect("bump");
+                    .expect("release");
+            } else {
+                let got: Option<i64> = conn
+                    .exec_first(sql("get_lock"), (key.as_str(), 0))
+                    .await
+                    .expect("get_lock");
+                assert_eq!(got, Some(1), "the lock was free");
+                conn.query_drop(sql("bump")).await.expect("bump");
                 conn.exec_drop(
-                    "INSERT INTO dlock_sessions (k, key_text, lock_name, owner, fence, conn_id, acquired_at, renewed_at, ttl_ms, pid, host) \
-                     VALUES (UNHEX(SHA2(?, 256)), ?, ?, ?, LAST_INSERT_ID(), CONNECTION_ID(), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), 30000, 1, 'b') \
-                     ON DUPLICATE KEY UPDATE owner = VALUES(owner), fence = VALUES(fence), conn_id = VALUES(conn_id)",
-                    (key.as_str(), key.as_str(), key.as_str(), owner.as_str()),
+                    sql("record"),
+                    (
+                        k.as_slice(),
+                        key.as_bytes(),
+                        key.as_str(),
+                        owner.as_str(),
+                        ttl_ms,
+                        pid,
+                        host,
+                    ),
                 )
                 .await
                 .expect("record");
-                let _: Option<i64> = conn.exec_first("SELECT RELEASE_LOCK(?)", (key.as_str(),)).await.expect("release_lock");
-                conn.exec_drop("DELETE FROM dlock_sessions WHERE k = UNHEX(SHA2(?, 256)) AND owner = ?", (key.as_str(), owner.as_str()))
+                let _: Option<i64> = conn
+                    .exec_first(sql("release_lock"), (key.as_str(),))
+                    .await
+                    .expect("release_lock");
+                conn.exec_drop(sql("forget"), (k.as_slice(), owner.as_str()))
                     .await
                     .expect("forget");
             }
@@ -321,6 +427,8 @@ fn main() {
         .expect("runtime");
     let pg = Postgres::start(false);
     let my = Mysql::start(false);
+    let session_script = pgbench::script(&pg.url("")).expect("the session script");
+    let lease_script = pgbench::script(&pg.url("mode=lease")).expect("the lease script");
     runtime.block_on(async {
         // Create the schemas before the baselines use the tables.
         for url in [pg.url(""), pg.url("mode=lease"), my.url(""), my.url("mode=lease")] {
@@ -333,13 +441,17 @@ fn main() {
         };
         for tasks in [1, 32] {
             let ours = dlock_pairs(&pg.url(""), tasks).await;
-            let same = pgbench(&pg, PG_SESSION_SCRIPT, tasks);
+            let same = pgbench(&pg, &session_script, tasks);
             row("PostgreSQL", "session", tasks, ours, "pgbench, dlock's SQL", same);
-            let bare = pgbench(&pg, PG_BARE_SCRIPT, tasks);
+            let same = pg_same_sql(&pg, tasks, false).await;
+            row("PostgreSQL", "session", tasks, ours, "tokio-postgres, dlock's SQL", same);
+            let bare = pgbench(&pg, pgbench::BARE, tasks);
             row("PostgreSQL", "session", tasks, ours, "pgbench, bare advisory lock/unlock", bare);
             let ours = dlock_pairs(&pg.url("mode=lease"), tasks).await;
-            let same = pgbench(&pg, PG_LEASE_SCRIPT, tasks);
+            let same = pgbench(&pg, &lease_script, tasks);
             row("PostgreSQL", "lease", tasks, ours, "pgbench, dlock's SQL", same);
+            let same = pg_same_sql(&pg, tasks, true).await;
+            row("PostgreSQL", "lease", tasks, ours, "tokio-postgres, dlock's SQL", same);
             let ours = dlock_pairs(&my.url(""), tasks).await;
             let same = mysql_same_sql(&my, tasks, false).await;
             row("MariaDB", "session", tasks, ours, "mysql_async, dlock's SQL", same);
