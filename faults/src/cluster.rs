@@ -46,6 +46,10 @@ pub struct Backend {
     /// The servers' ports, and how to write the URL when a client reaches them through
     /// other ports (its own proxies, for the partition nemesis).
     pub via: Option<Via>,
+    /// The shortest lease the store grants whatever the TTL asked (etcd rounds a lease up
+    /// to its minimum TTL, and extends every lease when a new leader is elected): the
+    /// end-of-run check waits for leases of at least this length to run out.
+    pub ttl_floor: std::time::Duration,
 }
 
 /// The servers' ports and the URL for other ports.
@@ -72,6 +76,7 @@ impl Backend {
             durable_fences: true,
             keep: vec![Arc::new(dir)],
             via: None,
+            ttl_floor: std::time::Duration::ZERO,
         }
     }
 
@@ -85,6 +90,7 @@ impl Backend {
             durable_fences: true,
             keep: Vec::new(),
             via: None,
+            ttl_floor: std::time::Duration::ZERO,
         }
     }
 
@@ -125,6 +131,7 @@ impl Backend {
             durable_fences: true,
             keep: Vec::new(),
             via: None,
+            ttl_floor: std::time::Duration::ZERO,
         })
     }
 

@@ -891,7 +891,7 @@ impl Runner<'_> {
     /// the TTL.
     async fn left_held(&self) -> u64 {
         let grace = match self.backend.kind {
-            Kind::Ttl => self.config.ttl * 2 + Duration::from_secs(1),
+            Kind::Ttl => self.config.ttl.max(self.backend.ttl_floor) * 2 + Duration::from_secs(1),
             _ => Duration::from_secs(2),
         };
         let until = Instant::now() + grace;

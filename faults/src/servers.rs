@@ -155,6 +155,7 @@ fn single(s: Single) -> Backend {
             ports: vec![port],
             url: Arc::new(move |ports: &[u16]| with_port(&template, port, ports[0])),
         }),
+        ttl_floor: Duration::ZERO,
     }
 }
 
@@ -201,6 +202,7 @@ pub fn redlock() -> Backend {
             ports,
             url: Arc::new(url_for),
         }),
+        ttl_floor: Duration::ZERO,
     }
 }
 
@@ -304,6 +306,7 @@ fn ensemble<C: Members>(
     cluster: Arc<C>,
     ports: Vec<u16>,
     url_for: fn(&[u16]) -> String,
+    ttl_floor: Duration,
 ) -> Backend {
     let url = url_for(&ports);
     wait_ready(&url);
@@ -329,6 +332,7 @@ fn ensemble<C: Members>(
             ports,
             url: Arc::new(url_for),
         }),
+        ttl_floor,
     }
 }
 
@@ -349,16 +353,33 @@ fn loopback_list(scheme: &str, ports: &[u16]) -> String {
 pub fn etcd() -> Backend {
     let cluster = Arc::new(EtcdCluster::start_members(3));
     let ports = cluster.endpoints().iter().map(|e| port_of(e)).collect();
-    ensemble("etcd", "etcd", cluster, ports, |p| loopback_list("etcd", p))
+    // etcd's minimum lease TTL (2 s here), plus the time a new leader takes, since it
+    // extends every lease when it is elected.
+    let floor = Duration::from_secs(4);
+    ensemble(
+        "etcd",
+        "etcd",
+        cluster,
+        ports,
+        |p| loopback_list("etcd", p),
+        floor,
+    )
 }
 
 /// ZooKeeper, a three-server ensemble: a lease ends with its session's timeout.
 pub fn zookeeper() -> Backend {
     let ensemble_ = Arc::new(ZooKeeper::start_ensemble());
     let ports = ensemble_.hosts().split(',').map(port_of).collect();
-    ensemble("zookeeper", "zookeeper", ensemble_, ports, |p| {
-        loopback_list("zk", p)
-    })
+    // The servers' shortest session (2 ticks), plus a new leader's election.
+    let floor = Duration::from_secs(2);
+    ensemble(
+        "zookeeper",
+        "zookeeper",
+        ensemble_,
+        ports,
+        |p| loopback_list("zk", p),
+        floor,
+    )
 }
 
 struct MongoCtl(Arc<MongoServer>);
