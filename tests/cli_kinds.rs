@@ -278,9 +278,23 @@ fn elect_runs_exactly_one_leader_and_a_new_one_after_a_kill() {
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(leaders(), 2, "several new leaders");
-    let out = dir.output(&["leader", "sched", "--json"]);
-    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(shown["term"].as_u64().unwrap() > first_term, "{shown}");
+    // The new leader's record may be read a moment before it is complete: ask again
+    // until it names a term.
+    let started = Instant::now();
+    let shown = loop {
+        let out = dir.output(&["leader", "sched", "--json"]);
+        let shown: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if shown["term"].as_u64().is_some() {
+            break shown;
+        }
+        assert!(
+            started.elapsed() < PROMPTLY,
+            "the new leader is not shown: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(shown["term"].as_u64().unwrap_or(0) > first_term, "{shown}");
     assert_ne!(shown["value"], format!("cand-{first}"));
     drop(kids);
     let out = dir.output(&["leader", "sched"]);

@@ -406,7 +406,7 @@ async fn guard_lease(
                 }
                 Some(Command::Extend(ttl, reply)) => {
                     let sent = Instant::now();
-                    let outcome = renew_bounded(&shared, &mut lease, &mut ended, ttl).await;
+                    let outcome = renew_bounded(&shared, &mut lease, &mut ended, ttl, true).await;
                     match outcome {
                         Renewal::Done(Ok(true)) => {
                             shared.set_valid_until(sent + ttl);
@@ -434,7 +434,7 @@ async fn guard_lease(
         };
         let Some(every) = renew_every else { continue };
         let sent = Instant::now();
-        match renew_bounded(&shared, &mut lease, &mut ended, ttl).await {
+        match renew_bounded(&shared, &mut lease, &mut ended, ttl, false).await {
             Renewal::Done(Ok(true)) => {
                 shared.set_valid_until(sent + ttl);
                 last_error = None;
@@ -484,11 +484,19 @@ async fn renew_bounded(
     lease: &mut Box<dyn HeldLease>,
     ended: &mut crate::core::backend::EndSignal,
     ttl: Duration,
+    by_hand: bool,
 ) -> Renewal {
-    let mut until = Instant::now() + renewal_limit(shared.ttl);
-    if shared.backend.capabilities().expires {
-        until = until.min(shared.loss_deadline());
-    }
+    let now = Instant::now();
+    let expires = shared.backend.capabilities().expires;
+    // The background renewal retries at its own cadence, so one call may take a third of
+    // the TTL; an `extend` by hand is answered once, and may use all the time the lease
+    // surely has left (or, for a lease tied to a session, at least a second).
+    let until = match (by_hand, expires) {
+        (true, true) => shared.loss_deadline().max(now + renewal_limit(shared.ttl)),
+        (true, false) => now + renewal_limit(shared.ttl).max(Duration::from_secs(1)),
+        (false, true) => (now + renewal_limit(shared.ttl)).min(shared.loss_deadline()),
+        (false, false) => now + renewal_limit(shared.ttl),
+    };
     let renewal = tokio::time::timeout_at(until.into(), lease.renew(ttl));
     tokio::select! {
         biased;

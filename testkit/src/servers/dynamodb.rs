@@ -22,11 +22,10 @@
 //! the environment (`AWS_ACCESS_KEY_ID=dlocktest`…) unless some are set already, and
 //! turns off the instance-metadata lookup, so that nothing leaves the loopback.
 
-use crate::process::{signal, spawn_tied, temp_dir, wait_for_port};
+use crate::process::{spawn_tied, temp_dir, wait_for_port};
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// The dynalite release the backend is tested against.
@@ -176,7 +175,7 @@ pub struct DynamoServer {
     program: PathBuf,
     /// The data of dynalite on disk.
     dir: Option<tempfile::TempDir>,
-    child: Mutex<Option<Child>>,
+    child: super::Running,
 }
 
 impl DynamoServer {
@@ -207,7 +206,7 @@ impl DynamoServer {
             port: private_port(),
             program,
             dir: (flavor == Flavor::DynaliteOnDisk).then(|| temp_dir("dlock-dynamodb-")),
-            child: Mutex::new(None),
+            child: super::Running::default(),
         };
         server.launch();
         server
@@ -242,7 +241,7 @@ impl DynamoServer {
             .stdout(log.try_clone().expect("cannot clone a log handle"))
             .stderr(log.try_clone().expect("cannot clone a log handle"));
         let child = spawn_tied(command).expect("cannot start the DynamoDB test server");
-        *self.child.lock().unwrap() = Some(child);
+        self.child.set(child);
         // Loading moto's Python modules takes seconds on a loaded machine.
         if !wait_for_port(self.port, Duration::from_secs(90)) {
             let mut text = String::new();
@@ -283,49 +282,10 @@ impl DynamoServer {
         )
     }
 
-    /// The server's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap().as_ref().map(Child::id)
-    }
-
-    /// Kills it with SIGKILL (a crash).
-    pub fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            signal(child.id(), libc::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
     /// Stops it (SIGTERM; SIGKILL after 10 s). dynalite writes every item to LevelDB as
     /// it goes, so its on-disk data survive either.
     pub fn stop(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            signal(child.id(), libc::SIGCONT);
-            signal(child.id(), libc::SIGTERM);
-            for _ in 0..100 {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Freezes it with SIGSTOP: connections stay open, nothing answers.
-    pub fn pause(&self) {
-        if let Some(pid) = self.pid() {
-            signal(pid, libc::SIGSTOP);
-        }
-    }
-
-    /// Thaws it after [`pause`](Self::pause).
-    pub fn resume(&self) {
-        if let Some(pid) = self.pid() {
-            signal(pid, libc::SIGCONT);
-        }
+        self.child.stop(Duration::from_secs(10));
     }
 
     /// Stops it and starts it again on the same port (with the same data where it
@@ -338,6 +298,14 @@ impl DynamoServer {
     /// The data directory of dynalite on disk.
     pub fn data_dir(&self) -> Option<&Path> {
         self.dir.as_ref().map(tempfile::TempDir::path)
+    }
+}
+
+/// The process controls (`pid`, `kill`, `pause`, `resume`) are those of every launcher.
+impl std::ops::Deref for DynamoServer {
+    type Target = super::Running;
+    fn deref(&self) -> &super::Running {
+        &self.child
     }
 }
 

@@ -3,10 +3,10 @@
 //! data directory in one temporary directory, killed and removed when dropped (and,
 //! through [`spawn_tied`], when the test process dies).
 
-use crate::process::{logged, require_binary, signal, spawn_tied, temp_dir, wait_for_port};
+use crate::process::{logged, require_binary, spawn_tied, temp_dir, wait_for_port};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
-    child: Mutex<Option<Child>>,
+    child: super::Running,
 }
 
 /// A private etcd cluster.
@@ -110,7 +110,7 @@ impl EtcdCluster {
                 name: format!("m{i}"),
                 client_port: ports[2 * i],
                 peer_port: ports[2 * i + 1],
-                child: Mutex::new(None),
+                child: super::Running::default(),
             })
             .collect();
         let cluster = EtcdCluster {
@@ -182,7 +182,7 @@ impl EtcdCluster {
                 .arg(self.dir.path().join("server.key"));
         }
         let child = spawn_tied(command).expect("cannot start etcd");
-        *member.child.lock().unwrap() = Some(child);
+        member.child.set(child);
     }
 
     fn wait_member(&self, i: usize) {
@@ -330,20 +330,12 @@ impl EtcdCluster {
 
     /// The process id of member `i`, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.members[i]
-            .child
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(Child::id)
+        self.members[i].child.pid()
     }
 
     /// Kills member `i` with SIGKILL (a crash); its data directory stays.
     pub fn kill(&self, i: usize) {
-        if let Some(mut child) = self.members[i].child.lock().unwrap().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.members[i].child.kill();
     }
 
     /// Starts member `i` again from its data directory after [`kill`](Self::kill).
@@ -356,16 +348,12 @@ impl EtcdCluster {
 
     /// Freezes member `i` with SIGSTOP.
     pub fn pause(&self, i: usize) {
-        if let Some(pid) = self.pid(i) {
-            signal(pid, libc::SIGSTOP);
-        }
+        self.members[i].child.pause();
     }
 
     /// Thaws member `i` after [`pause`](Self::pause).
     pub fn resume(&self, i: usize) {
-        if let Some(pid) = self.pid(i) {
-            signal(pid, libc::SIGCONT);
-        }
+        self.members[i].child.resume();
     }
 
     /// Turns on authentication with user `root` and `password` (etcd's root user has

@@ -92,6 +92,69 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The process of a running test server, as every launcher controls it: its pid, a
+/// crash (SIGKILL), an orderly stop, a freeze (SIGSTOP) and a thaw.
+#[derive(Default)]
+pub struct Running(Mutex<Option<Child>>);
+
+impl Running {
+    /// Takes over a started server process.
+    pub fn set(&self, child: Child) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Child::id)
+    }
+
+    /// Kills it with SIGKILL (thawing it first, so that it dies at once) and waits.
+    pub fn kill(&self) {
+        let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut child) = taken {
+            signal(child.id(), libc::SIGCONT);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops it with SIGTERM, and SIGKILL if it is still there after `grace`.
+    pub fn stop(&self, grace: Duration) {
+        let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut child) = taken {
+            signal(child.id(), libc::SIGCONT);
+            signal(child.id(), libc::SIGTERM);
+            let until = std::time::Instant::now() + grace;
+            while std::time::Instant::now() < until {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes it with SIGSTOP: connections stay open, nothing answers.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws it after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGCONT);
+        }
+    }
+}
+
 /// Servers that live until the test process exits (one per test binary, in a `static`,
 /// or leaked on purpose): statics are never dropped, so an exit hook kills them and
 /// removes their directories, and a run leaves nothing in the temporary directory.

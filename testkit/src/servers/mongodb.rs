@@ -10,10 +10,8 @@
 //! sweep every second. It is killed when dropped; a server kept in a `static` (never
 //! dropped) stops and removes its directory itself when the test process dies.
 
-use crate::process::{logged, signal, spawn_tied, temp_dir, wait_for_port};
+use crate::process::{logged, spawn_tied, temp_dir, wait_for_port};
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// The SecantusDB release the backend is tested against.
@@ -60,7 +58,7 @@ pub struct MongoServer {
     port: u16,
     python: PathBuf,
     dir: tempfile::TempDir,
-    child: Mutex<Option<Child>>,
+    child: super::Running,
 }
 
 impl MongoServer {
@@ -70,7 +68,7 @@ impl MongoServer {
             port: private_port(),
             python: python(),
             dir: temp_dir("dlock-mongodb-"),
-            child: Mutex::new(None),
+            child: super::Running::default(),
         };
         server.launch();
         server
@@ -87,7 +85,7 @@ impl MongoServer {
             .arg(&data)
             .arg(self.dir.path());
         let child = spawn_tied(command).expect("cannot start SecantusDB");
-        *self.child.lock().unwrap() = Some(child);
+        self.child.set(child);
         // Importing the server takes seconds on a loaded machine.
         if !wait_for_port(self.port, Duration::from_secs(90)) {
             let log =
@@ -109,48 +107,9 @@ impl MongoServer {
         format!("mongodb://127.0.0.1:{}/{database}", self.port)
     }
 
-    /// The server's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap().as_ref().map(Child::id)
-    }
-
-    /// Kills it with SIGKILL (a crash).
-    pub fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            signal(child.id(), libc::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
     /// Stops it cleanly (SIGTERM), keeping its data; killed if it takes over 30 s.
     pub fn stop(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            signal(child.id(), libc::SIGCONT);
-            signal(child.id(), libc::SIGTERM);
-            for _ in 0..300 {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Freezes it with SIGSTOP: connections stay open, nothing answers.
-    pub fn pause(&self) {
-        if let Some(pid) = self.pid() {
-            signal(pid, libc::SIGSTOP);
-        }
-    }
-
-    /// Thaws it after [`pause`](Self::pause).
-    pub fn resume(&self) {
-        if let Some(pid) = self.pid() {
-            signal(pid, libc::SIGCONT);
-        }
+        self.child.stop(Duration::from_secs(30));
     }
 
     /// Stops it cleanly and starts it again on the same port with the same data.
@@ -162,6 +121,14 @@ impl MongoServer {
     /// The server's directory (its data is in `data/`, its log in `server.log`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// The process controls (`pid`, `kill`, `pause`, `resume`) are those of every launcher.
+impl std::ops::Deref for MongoServer {
+    type Target = super::Running;
+    fn deref(&self) -> &super::Running {
+        &self.child
     }
 }
 

@@ -2,12 +2,10 @@
 //! installed binary on a free loopback port in a temporary directory, killed when dropped
 //! (and, through [`spawn_tied`], when the test process dies).
 
-use crate::process::{
-    free_port, logged, require_binary, signal, spawn_tied, temp_dir, wait_for_port,
-};
+use crate::process::{free_port, logged, require_binary, spawn_tied, temp_dir, wait_for_port};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a [`RedisServer`] is configured.
@@ -78,7 +76,7 @@ pub struct RedisServer {
     config: RedisConfig,
     binary: PathBuf,
     dir: tempfile::TempDir,
-    child: Arc<Mutex<Option<Child>>>,
+    child: Arc<super::Running>,
 }
 
 impl RedisServer {
@@ -163,7 +161,7 @@ impl RedisServer {
     fn launch(&self) {
         let child = spawn_tied(self.command())
             .unwrap_or_else(|err| panic!("cannot start {}: {err}", self.binary.display()));
-        *self.child.lock().unwrap() = Some(child);
+        self.child.set(child);
         if !wait_for_port(self.port, Duration::from_secs(10)) {
             let log =
                 std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
@@ -203,33 +201,6 @@ impl RedisServer {
         self.dir.path().join("ca.pem")
     }
 
-    /// The server's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap().as_ref().map(Child::id)
-    }
-
-    /// Kills it with SIGKILL (a crash); its data is gone unless `appendonly`.
-    pub fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Freezes it with SIGSTOP: connections stay open, nothing answers.
-    pub fn pause(&self) {
-        if let Some(pid) = self.pid() {
-            signal(pid, libc::SIGSTOP);
-        }
-    }
-
-    /// Thaws it after [`pause`](Self::pause).
-    pub fn resume(&self) {
-        if let Some(pid) = self.pid() {
-            signal(pid, libc::SIGCONT);
-        }
-    }
-
     /// Starts it again on the same port (after [`kill`](Self::kill), or kills it first).
     pub fn restart(&self) {
         self.resume();
@@ -262,6 +233,15 @@ impl RedisServer {
     }
 }
 
+/// The process controls (`pid`, `kill` — its data is gone unless `appendonly` —,
+/// `pause`, `resume`) are those of every launcher.
+impl std::ops::Deref for RedisServer {
+    type Target = super::Running;
+    fn deref(&self) -> &super::Running {
+        &self.child
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.resume();
@@ -273,25 +253,22 @@ impl Drop for RedisServer {
 /// Servers kept in a `static` are never dropped: when the test process exits, kill
 /// them and remove their directories, so that no test leaves files in /tmp.
 mod at_exit {
+    use super::super::Running;
     use std::path::{Path, PathBuf};
-    use std::process::Child;
     use std::sync::{Arc, Mutex, PoisonError};
 
-    type Live = Vec<(PathBuf, Arc<Mutex<Option<Child>>>)>;
+    type Live = Vec<(PathBuf, Arc<Running>)>;
     static LIVE: Mutex<Live> = Mutex::new(Vec::new());
 
     extern "C" fn clean_up() {
         let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(PoisonError::into_inner));
         for (dir, child) in live {
-            if let Some(mut child) = child.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            child.kill();
             let _ = std::fs::remove_dir_all(dir);
         }
     }
 
-    pub fn register(dir: &Path, child: &Arc<Mutex<Option<Child>>>) {
+    pub fn register(dir: &Path, child: &Arc<Running>) {
         static HOOK: std::sync::Once = std::sync::Once::new();
         // SAFETY: atexit(3) with a function that never unwinds into C.
         HOOK.call_once(|| unsafe {

@@ -252,15 +252,15 @@ impl ZooKeeper {
 
     /// Freezes member `i` with SIGSTOP: its connections stay open, nothing answers.
     pub fn pause(&self, i: usize) {
-        if let Some(child) = self.members[i].child.lock().unwrap().as_ref() {
-            crate::process::signal(child.id(), libc::SIGSTOP);
+        if let Some(pid) = self.pid(i) {
+            crate::process::signal(pid, libc::SIGSTOP);
         }
     }
 
     /// Thaws member `i` after [`pause`](Self::pause).
     pub fn resume(&self, i: usize) {
-        if let Some(child) = self.members[i].child.lock().unwrap().as_ref() {
-            crate::process::signal(child.id(), libc::SIGCONT);
+        if let Some(pid) = self.pid(i) {
+            crate::process::signal(pid, libc::SIGCONT);
         }
     }
 
