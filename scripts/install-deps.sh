@@ -34,6 +34,9 @@ ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
 have etcd || missing+=(etcd-server)
 have etcdctl || missing+=(etcd-client)
 have protoc || missing+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto), which etcd's protos import;
+# protobuf-compiler only recommends them, and apt-get here skips recommendations.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 have java || missing+=(default-jre-headless)
 [ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
 [ -f /usr/share/java/slf4j-simple.jar ] || missing+=(libslf4j-java)
