@@ -142,7 +142,9 @@ impl Backend {
             "memory",
             "redis",
             "redis-aof",
+            "valkey",
             "redlock",
+            "redis-cluster",
             "postgres",
             "postgres-lease",
             "mysql",
@@ -150,6 +152,7 @@ impl Backend {
             "etcd",
             "zookeeper",
             "mongodb",
+            "dynamodb",
         ]
     }
 
@@ -160,7 +163,9 @@ impl Backend {
             "memory" => Ok(Backend::memory()),
             "redis" => Ok(crate::servers::redis(false)),
             "redis-aof" => Ok(crate::servers::redis(true)),
+            "valkey" => Ok(crate::servers::valkey()),
             "redlock" => Ok(crate::servers::redlock()),
+            "redis-cluster" => Ok(crate::servers::redis_cluster()),
             "postgres" => Ok(crate::servers::postgres(false)),
             "postgres-lease" => Ok(crate::servers::postgres(true)),
             "mysql" => Ok(crate::servers::mysql(false)),
@@ -168,6 +173,7 @@ impl Backend {
             "etcd" => Ok(crate::servers::etcd()),
             "zookeeper" => Ok(crate::servers::zookeeper()),
             "mongodb" => Ok(crate::servers::mongodb()),
+            "dynamodb" => Ok(crate::servers::dynamodb()),
             url if url.contains("://") => Backend::external(url),
             other => Err(format!(
                 "unknown backend {other:?}; known: {} or a URL",

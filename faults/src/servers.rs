@@ -1,15 +1,18 @@
-//! The server backends: Redis (with and without AOF), Redlock over three Redis nodes,
-//! PostgreSQL and MariaDB (each in session and lease-table mode), etcd and ZooKeeper (three
-//! members each) and a MongoDB-wire server, started privately by the testkit launchers,
-//! with the controls the nemeses need.
+//! The server backends: Redis (with and without AOF) and Valkey, Redlock over three Redis
+//! nodes, a Redis Cluster (three masters, three replicas), PostgreSQL and MariaDB (each in
+//! session and lease-table mode), etcd and ZooKeeper (three members each), a MongoDB-wire
+//! server and a DynamoDB-API server, started privately by the testkit launchers, with the
+//! controls the nemeses need.
 
 use crate::cluster::{Backend, Kind, ServerCtl, Via};
 use crate::nemesis::{pid_listening_on, process_tree, signal, wait_port_closed};
+use dlock_testkit::servers::dynamodb::DynamoServer;
 use dlock_testkit::servers::etcd::EtcdCluster;
 use dlock_testkit::servers::mongodb::MongoServer;
 use dlock_testkit::servers::mysql::Mysql;
 use dlock_testkit::servers::postgres::Postgres;
-use dlock_testkit::servers::redis::{RedisConfig, RedisServer};
+use dlock_testkit::servers::redis::{Engine, RedisConfig, RedisServer};
+use dlock_testkit::servers::redis_cluster::RedisCluster;
 use dlock_testkit::servers::zookeeper::ZooKeeper;
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,6 +178,76 @@ pub fn redis(aof: bool) -> Backend {
         ctl: Arc::new(RedisCtl(Arc::clone(&server))),
         keep: server,
     })
+}
+
+/// Valkey, one node without persistence: the Redis backend against the other server.
+pub fn valkey() -> Backend {
+    let server = Arc::new(RedisServer::start_with(RedisConfig {
+        engine: Engine::Valkey,
+        ..RedisConfig::default()
+    }));
+    single(Single {
+        name: "valkey",
+        url: server.url(),
+        port: server.port(),
+        kind: Kind::Ttl,
+        durable_fences: false,
+        ctl: Arc::new(RedisCtl(Arc::clone(&server))),
+        keep: server,
+    })
+}
+
+/// A node of a Redis Cluster: killed, it comes back as a replica of the master its own
+/// replica became (the cluster is healed before the next fault).
+struct ClusterNodeCtl {
+    cluster: Arc<RedisCluster>,
+    index: usize,
+}
+
+impl ServerCtl for ClusterNodeCtl {
+    fn name(&self) -> String {
+        format!(
+            "redis cluster node {}",
+            self.cluster.nodes()[self.index].address()
+        )
+    }
+    fn pid(&self) -> Option<u32> {
+        self.cluster.nodes()[self.index].pid()
+    }
+    fn kill_and_restart(&self) {
+        let node = &self.cluster.nodes()[self.index];
+        node.kill();
+        node.start_again();
+        self.cluster.wait_healthy();
+    }
+}
+
+/// A Redis Cluster of three masters with one replica each, without persistence. Killing a
+/// master fails its slots over to the replica, which may not have the last writes
+/// (replication is asynchronous): the lease may be lost, and the fence's clock floor keeps
+/// fences increasing. The cluster client follows the topology the nodes announce, so the
+/// network nemeses (which put proxies in front of the ports of the URL) do not apply.
+pub fn redis_cluster() -> Backend {
+    let cluster = Arc::new(RedisCluster::start());
+    let url = cluster.url();
+    wait_ready(&url);
+    Backend {
+        name: "redis-cluster".into(),
+        url,
+        kind: Kind::Ttl,
+        servers: (0..cluster.nodes().len())
+            .map(|index| {
+                Arc::new(ClusterNodeCtl {
+                    cluster: Arc::clone(&cluster),
+                    index,
+                }) as Arc<dyn ServerCtl>
+            })
+            .collect(),
+        durable_fences: false,
+        keep: vec![cluster as Arc<dyn std::any::Any + Send + Sync>],
+        via: None,
+        ttl_floor: Duration::ZERO,
+    }
 }
 
 /// Redlock over three Redis nodes without persistence.
@@ -407,6 +480,36 @@ pub fn mongodb() -> Backend {
         kind: Kind::Ttl,
         durable_fences: true,
         ctl: Arc::new(MongoCtl(Arc::clone(&server))),
+        keep: server,
+    })
+}
+
+struct DynamoCtl(Arc<DynamoServer>);
+
+impl ServerCtl for DynamoCtl {
+    fn name(&self) -> String {
+        format!("dynalite 127.0.0.1:{}", self.0.port())
+    }
+    fn pid(&self) -> Option<u32> {
+        self.0.pid()
+    }
+    fn kill_and_restart(&self) {
+        self.0.kill();
+        self.0.restart();
+    }
+}
+
+/// A DynamoDB-API server (dynalite, its data on disk so that fences survive a restart),
+/// one item per key.
+pub fn dynamodb() -> Backend {
+    let server = Arc::new(DynamoServer::dynalite_on_disk());
+    single(Single {
+        name: "dynamodb",
+        url: server.url("dlock_faults"),
+        port: server.port(),
+        kind: Kind::Ttl,
+        durable_fences: true,
+        ctl: Arc::new(DynamoCtl(Arc::clone(&server))),
         keep: server,
     })
 }

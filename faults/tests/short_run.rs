@@ -42,7 +42,13 @@ async fn short_run(name: &str) {
             // Degrade runs its steps one after the other (slow, frozen, cut off: up to
             // 3.7 s at this TTL); it needs the time to reach the last one. Process-tree
             // waits out each loss before the next fault, and alternates two kinds.
-            duration: if matches!(nemesis, Nemesis::Degrade | Nemesis::ProcessTree) {
+            // Kill-server spends much of its time restarting servers (dynalite and
+            // SecantusDB take a second or more to start on a loaded machine); it needs the
+            // time to let the workload make progress in between.
+            duration: if matches!(
+                nemesis,
+                Nemesis::Degrade | Nemesis::ProcessTree | Nemesis::KillServer
+            ) {
                 secs() * 2
             } else {
                 secs()
@@ -107,7 +113,9 @@ backends! {
     memory => "memory",
     redis => "redis",
     redis_aof => "redis-aof",
+    valkey => "valkey",
     redlock => "redlock",
+    redis_cluster => "redis-cluster",
     postgres => "postgres",
     postgres_lease => "postgres-lease",
     mysql => "mysql",
@@ -115,6 +123,7 @@ backends! {
     etcd => "etcd",
     zookeeper => "zookeeper",
     mongodb => "mongodb",
+    dynamodb => "dynamodb",
 }
 
 /// The short run breaks `dlock run`'s process tree on every backend with client processes.
