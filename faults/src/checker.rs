@@ -1,6 +1,7 @@
 //! The checker: counts, from one recorded history, what went wrong.
 
 use crate::store::Event;
+use crate::worker::Workload;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ pub struct Section {
     pub lost_at_end: Option<bool>,
     /// Whether the lease's `release()` answered that it was no longer held.
     pub released_lost: bool,
+    /// A reader's (shared) section.
+    pub reader: bool,
 }
 
 /// The counts of one run.
@@ -30,7 +33,9 @@ pub struct Counts {
     pub sections: u64,
     /// Writes the store accepted.
     pub accepted_writes: u64,
-    /// (a) pairs of critical sections (of two leases) that overlapped in time.
+    /// (a) pairs of critical sections (of two leases) that overlapped in time; two readers'
+    /// sections do not count. For a semaphore of N permits: each time a section began with
+    /// N others open.
     pub overlaps: u64,
     /// Distinct sections that another holder's section overtook (began while it ran).
     pub overtaken: u64,
@@ -52,7 +57,7 @@ pub struct Counts {
 
 /// Rebuilds the critical sections from the history.
 pub fn sections(history: &[Event]) -> Vec<Section> {
-    let mut open: HashMap<(u32, u64), (u64, Duration)> = HashMap::new();
+    let mut open: HashMap<(u32, u64), (u64, Duration, bool)> = HashMap::new();
     // When each killed or exited worker died.
     let mut dead: HashMap<u32, Duration> = HashMap::new();
     let mut done = Vec::new();
@@ -71,13 +76,13 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
         })
         .max()
         .unwrap_or_default();
-    let close_client = |open: &mut HashMap<(u32, u64), (u64, Duration)>,
+    let close_client = |open: &mut HashMap<(u32, u64), (u64, Duration, bool)>,
                         done: &mut Vec<Section>,
                         who: u32,
                         at: Duration| {
         let keys: Vec<(u32, u64)> = open.keys().filter(|(c, _)| *c == who).copied().collect();
         for key in keys {
-            if let Some((fence, begin)) = open.remove(&key) {
+            if let Some((fence, begin, reader)) = open.remove(&key) {
                 done.push(Section {
                     client: key.0,
                     section: key.1,
@@ -86,6 +91,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     end: at,
                     lost_at_end: None,
                     released_lost: false,
+                    reader,
                 });
             }
         }
@@ -96,6 +102,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                 client,
                 section,
                 fence,
+                reader,
                 ..
             } if dead.contains_key(client) => {
                 // Sent before the worker was killed, received after: the section began
@@ -109,6 +116,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     end: at,
                     lost_at_end: None,
                     released_lost: false,
+                    reader: *reader,
                 });
             }
             Event::Begin {
@@ -116,8 +124,9 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                 client,
                 section,
                 fence,
+                reader,
             } => {
-                open.insert((*client, *section), (*fence, *t));
+                open.insert((*client, *section), (*fence, *t, *reader));
             }
             Event::End {
                 client, section, ..
@@ -129,10 +138,9 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                 fence,
                 lost,
             } => {
-                let begin = open
+                let (begin, reader) = open
                     .remove(&(*client, *section))
-                    .map(|(_, b)| b)
-                    .unwrap_or(*t);
+                    .map_or((*t, false), |(_, b, r)| (b, r));
                 done.push(Section {
                     client: *client,
                     section: *section,
@@ -141,6 +149,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     end: *t,
                     lost_at_end: Some(*lost),
                     released_lost: false,
+                    reader,
                 });
             }
             Event::Released {
@@ -169,8 +178,14 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
     done
 }
 
-/// Counts (a)–(e) over a history; `final_value` is the store's value at the end.
+/// Counts (a)–(e) over a history of the mutex workload; `final_value` is the store's
+/// value at the end.
 pub fn check(history: &[Event], final_value: u64) -> Counts {
+    check_workload(history, final_value, Workload::Mutex)
+}
+
+/// Counts (a)–(e) over a history of `workload`.
+pub fn check_workload(history: &[Event], final_value: u64, workload: Workload) -> Counts {
     let sections = sections(history);
     let mut counts = Counts {
         sections: sections.len() as u64,
@@ -183,10 +198,25 @@ pub fn check(history: &[Event], final_value: u64) -> Counts {
     let mut active: Vec<usize> = Vec::new();
     for (i, s) in sections.iter().enumerate() {
         active.retain(|&k| sections[k].end > s.begin);
-        for &k in &active {
-            overtaken[k] = true;
+        match workload {
+            Workload::Semaphore { .. } => {
+                // One permit too many: which holder's permit lapsed the history cannot
+                // say; the longest-running is the one whose lease most likely ran out.
+                let excess = (active.len() + 1).saturating_sub(workload.holders());
+                for &k in active.iter().take(excess) {
+                    overtaken[k] = true;
+                }
+                counts.overlaps += excess as u64;
+            }
+            _ => {
+                for &k in &active {
+                    if !(s.reader && sections[k].reader) {
+                        overtaken[k] = true;
+                        counts.overlaps += 1;
+                    }
+                }
+            }
         }
-        counts.overlaps += active.len() as u64;
         active.push(i);
     }
     counts.overtaken = overtaken.iter().filter(|o| **o).count() as u64;
@@ -231,6 +261,14 @@ pub fn check(history: &[Event], final_value: u64) -> Counts {
             _ => {}
         }
     }
+    // Every lease has a fence of its own: two sections with one fence (two readers or
+    // two permits granted together, say) count as out of order.
+    let mut fences = HashSet::new();
+    for s in &sections {
+        if !fences.insert(s.fence) {
+            counts.out_of_order += 1;
+        }
+    }
     if final_value != counts.accepted_writes && counts.lost_updates == 0 {
         counts.lost_updates = counts.accepted_writes.abs_diff(final_value);
     }
@@ -252,6 +290,7 @@ mod tests {
                 client,
                 section: 1,
                 fence,
+                reader: false,
             },
             Event::End {
                 t: ms(end),
@@ -333,6 +372,7 @@ mod tests {
                 client: 1,
                 section: 1,
                 fence: 1,
+                reader: false,
             },
             Event::Killed {
                 t: ms(5),
@@ -343,6 +383,7 @@ mod tests {
                 client: 2,
                 section: 1,
                 fence: 2,
+                reader: false,
             },
         ];
         let c = check(&h, 0);
@@ -361,12 +402,14 @@ mod tests {
                 client: 1,
                 section: 1,
                 fence: 1,
+                reader: false,
             },
             Event::Begin {
                 t: ms(7),
                 client: 2,
                 section: 1,
                 fence: 2,
+                reader: false,
             },
             Event::End {
                 t: ms(9),
@@ -380,6 +423,7 @@ mod tests {
                 client: 3,
                 section: 1,
                 fence: 3,
+                reader: false,
             },
         ];
         let c = check(&h, 0);
@@ -401,5 +445,43 @@ mod tests {
         assert_eq!(c.lost_updates, 1);
         assert_eq!(c.stale_rejected, 1);
         assert_eq!(c.accepted_writes, 3);
+    }
+
+    fn reader(client: u32, fence: u64, begin: u64, end: u64) -> Vec<Event> {
+        let mut events = section(client, fence, begin, end, false);
+        if let Event::Begin { reader, .. } = &mut events[0] {
+            *reader = true;
+        }
+        events
+    }
+
+    #[test]
+    fn readers_overlap_each_other_but_not_a_writer() {
+        let mut h = reader(1, 1, 0, 10);
+        h.extend(reader(2, 2, 5, 15));
+        let c = check_workload(&h, 0, Workload::ReadWrite);
+        assert_eq!((c.sections, c.overlaps), (2, 0));
+        h.extend(section(3, 3, 12, 20, false));
+        let c = check_workload(&h, 0, Workload::ReadWrite);
+        assert_eq!((c.overlaps, c.overtaken), (1, 1));
+    }
+
+    #[test]
+    fn a_semaphore_counts_only_holders_beyond_its_permits() {
+        let mut h = section(1, 1, 0, 30, false);
+        h.extend(section(2, 2, 5, 30, false));
+        let c = check_workload(&h, 0, Workload::Semaphore { permits: 2 });
+        assert_eq!(c.overlaps, 0);
+        h.extend(section(3, 3, 10, 30, false));
+        let c = check_workload(&h, 0, Workload::Semaphore { permits: 2 });
+        assert_eq!((c.overlaps, c.overtaken), (1, 1));
+    }
+
+    #[test]
+    fn a_fence_given_to_two_leases_is_out_of_order() {
+        let mut h = reader(1, 4, 0, 10);
+        h.extend(reader(2, 4, 5, 15));
+        let c = check_workload(&h, 0, Workload::ReadWrite);
+        assert_eq!(c.out_of_order, 1);
     }
 }

@@ -1,11 +1,11 @@
 //! One run: a backend, a nemesis, a set of workers, a fenced store, for a while; then the
 //! checker's counts and the after-run checks (locks left held, panics, hung workers).
 
-use crate::checker::{check, Counts};
+use crate::checker::{check_workload, Counts};
 use crate::cluster::{Backend, Kind};
 use crate::nemesis::{self, Nemesis};
 use crate::store::{Event, Store};
-use crate::worker::{self, WorkerConfig};
+use crate::worker::{self, WorkerConfig, Workload};
 use rand::Rng;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub log_dir: PathBuf,
     /// The `dlock` command (the `dlock-faults-cli` binary), for the process-tree nemesis.
     pub dlock_bin: Option<PathBuf>,
+    /// Which leases the workers take.
+    pub workload: Workload,
 }
 
 /// The outcome of one run.
@@ -64,6 +66,8 @@ pub struct RunResult {
     pub tree_breaches: u64,
     /// Where the logs are.
     pub logs: PathBuf,
+    /// The workload that ran.
+    pub workload: Workload,
 }
 
 impl RunResult {
@@ -119,7 +123,13 @@ impl RunResult {
                 self.logs.display()
             ));
         }
-        if c.accepted_writes == 0 {
+        if self.workload.holders() > 1 {
+            if c.sections == 0 {
+                out.push(format!(
+                    "{what}: no permit was granted: the workload made no progress"
+                ));
+            }
+        } else if c.accepted_writes == 0 {
             out.push(format!(
                 "{what}: no write was accepted: the workload made no progress"
             ));
@@ -247,9 +257,13 @@ pub async fn run(
     let history = store.history();
     let lines: Vec<String> = history.iter().map(|e| format!("{e:?}")).collect();
     let _ = std::fs::write(dir.join("history.txt"), lines.join("\n"));
-    let counts = check(&history, store.value());
+    let counts = check_workload(&history, store.value(), config.workload);
     Ok(RunResult {
-        backend: backend.name.clone(),
+        backend: match config.workload {
+            Workload::Mutex => backend.name.clone(),
+            other => format!("{} ({})", backend.name, other.name()),
+        },
+        workload: config.workload,
         nemesis,
         duration,
         counts,
@@ -304,6 +318,7 @@ impl Runner<'_> {
             work: self.config.work,
             store: self.store.addr().to_string(),
             run_for: left,
+            workload: self.config.workload,
         };
         if self.backend.kind == Kind::Memory {
             let url = self.backend.url.clone();
@@ -347,6 +362,7 @@ impl Runner<'_> {
                 &fmt_dur(config.work),
             ])
             .args(["--run-for", &fmt_dur(config.run_for)])
+            .args(["--workload", &config.workload.name()])
             .stdin(Stdio::null());
         let file = std::fs::File::create(&log)?;
         command.stdout(file.try_clone()?).stderr(file);

@@ -6,9 +6,12 @@
 //! Protocol, one request per line, one answer per line:
 //!
 //! ```text
-//! B <client> <section> <fence>            -> OK            critical section begins
+//! B <client> <section> <fence> [<reader>] -> OK           critical section begins; reader
+//!                                                          = 1 for a shared lease
 //! R <client> <section> <fence>            -> V <value>     read (registers the fence)
 //!                                         -> S <highest>   stale: rejected
+//! Q <client> <section> <fence>            -> V <value>     a reader's read: rejected only
+//!                                         -> S <highest>   below a writer's fence
 //! W <client> <section> <fence> <value>    -> A             write accepted
 //!                                         -> S <highest>   stale: rejected
 //! E <client> <section> <fence> <lost>     -> OK            section ends; lost = 1 if the
@@ -21,7 +24,10 @@
 //!
 //! Reads are fenced too: a read with fence F raises the highest fence seen to F, so a
 //! stale holder that read before a newer holder and writes after it is rejected, and
-//! read-modify-write by the fenced holders loses no update.
+//! read-modify-write by the fenced holders loses no update. A reader's read (`Q`) is
+//! checked against writers' fences only, since readers share the key, and raises the
+//! floor that writers' operations are checked against: a writer's fence exceeds every
+//! earlier reader's, so a stale writer cannot write under a newer reader.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -41,6 +47,8 @@ pub enum Event {
         section: u64,
         /// The lease's fence.
         fence: u64,
+        /// A reader's (shared) lease.
+        reader: bool,
     },
     /// A worker left its critical section.
     End {
@@ -119,7 +127,10 @@ pub enum Event {
 #[derive(Debug, Default)]
 struct State {
     value: u64,
+    /// The highest fence of a writer's read or write.
     highest: u64,
+    /// The highest fence of any read or write, readers' included.
+    highest_any: u64,
     history: Vec<Event>,
 }
 
@@ -204,6 +215,7 @@ impl Store {
                     client,
                     section,
                     fence,
+                    reader: num(4) == Some(1),
                 });
                 "OK".into()
             }
@@ -231,17 +243,26 @@ impl Store {
                 });
                 "OK".into()
             }
-            "R" => {
-                if fence < state.highest {
+            "R" | "Q" => {
+                let reader = parts[0] == "Q";
+                let floor = if reader {
+                    state.highest
+                } else {
+                    state.highest_any
+                };
+                if fence < floor {
                     state.history.push(Event::Read {
                         t,
                         client,
                         fence,
                         value: None,
                     });
-                    format!("S {}", state.highest)
+                    format!("S {floor}")
                 } else {
-                    state.highest = fence;
+                    if !reader {
+                        state.highest = fence;
+                    }
+                    state.highest_any = state.highest_any.max(fence);
                     state.history.push(Event::Read {
                         t,
                         client,
@@ -255,9 +276,10 @@ impl Store {
                 let Some(value) = num(4) else {
                     return "ERR bad write".into();
                 };
-                let accepted = fence >= state.highest;
+                let accepted = fence >= state.highest_any;
                 if accepted {
                     state.highest = fence;
+                    state.highest_any = fence;
                     state.value = value;
                 }
                 state.history.push(Event::Write {
@@ -270,7 +292,7 @@ impl Store {
                 if accepted {
                     "A".into()
                 } else {
-                    format!("S {}", state.highest)
+                    format!("S {}", state.highest_any)
                 }
             }
             _ => "ERR unknown request".into(),
@@ -317,5 +339,28 @@ impl StoreClient {
             .next_line()
             .await?
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "store closed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readers_are_fenced_against_writers_only() {
+        let store = Store::start().await.unwrap();
+        assert_eq!(store.handle("R 1 1 3"), "V 0");
+        assert_eq!(store.handle("W 1 1 3 1"), "A");
+        // Two readers read in either fence order: they share the key.
+        assert_eq!(store.handle("Q 2 1 6"), "V 1");
+        assert_eq!(store.handle("Q 3 1 5"), "V 1");
+        // A reader older than the last writer is stale.
+        assert_eq!(store.handle("Q 4 1 2"), "S 3");
+        // A writer older than a reader that read is stale, reading or writing.
+        assert_eq!(store.handle("R 5 1 4"), "S 6");
+        assert_eq!(store.handle("W 5 1 4 2"), "S 6");
+        assert_eq!(store.handle("R 6 1 7"), "V 1");
+        assert_eq!(store.handle("W 6 1 7 2"), "A");
+        assert_eq!(store.handle("Q 7 1 6"), "S 7");
     }
 }

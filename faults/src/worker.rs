@@ -2,12 +2,75 @@
 //! release, until a deadline. Runs as a separate process (`dlock-fault-worker`) or, for
 //! `memory://`, as a task inside the harness.
 //!
+//! Three workloads ([`Workload`]): the mutex (every section a writer), read-write (three
+//! sections in four are readers under `shared()`, which only read the store, fenced; the
+//! fourth a writer doing the fenced read-modify-write), and a semaphore of N permits (each
+//! section holds one permit and touches no shared value: the checker counts moments with
+//! more than N sections open).
+//!
 //! The worker is deliberately naive: it writes even when its lease's `lost()` has fired,
 //! so that the fence, not the client's good behaviour, is what stops a stale holder.
 
 use crate::store::StoreClient;
 use dlock::Locks;
 use std::time::{Duration, Instant};
+
+/// Which kind of lease the workers take and what they do under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workload {
+    /// Exclusive leases, each section a fenced read-modify-write.
+    #[default]
+    Mutex,
+    /// Readers (`shared()`, a fenced read) and writers (exclusive, a fenced
+    /// read-modify-write) on one key.
+    ReadWrite,
+    /// Permits of a semaphore; each section holds one.
+    Semaphore {
+        /// The semaphore's number of permits.
+        permits: u32,
+    },
+}
+
+impl Workload {
+    /// `mutex`, `rw`, `semaphore:N`.
+    pub fn name(self) -> String {
+        match self {
+            Workload::Mutex => "mutex".into(),
+            Workload::ReadWrite => "rw".into(),
+            Workload::Semaphore { permits } => format!("semaphore:{permits}"),
+        }
+    }
+
+    /// Parses [`Workload::name`]'s spelling.
+    pub fn parse(text: &str) -> Result<Workload, String> {
+        match text {
+            "mutex" => Ok(Workload::Mutex),
+            "rw" | "read-write" => Ok(Workload::ReadWrite),
+            _ => text
+                .strip_prefix("semaphore:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| *n >= 1)
+                .map(|permits| Workload::Semaphore { permits })
+                .ok_or_else(|| {
+                    format!("unknown workload {text:?}: mutex, rw or semaphore:N (N >= 1)")
+                }),
+        }
+    }
+
+    /// How many sections may be open at once without a fault (1, or N permits);
+    /// readers of the read-write workload are counted apart by the checker.
+    pub fn holders(self) -> usize {
+        match self {
+            Workload::Semaphore { permits } => permits as usize,
+            _ => 1,
+        }
+    }
+
+    /// Whether section number `section` of `client` is a reader.
+    pub fn is_reader(self, client: u32, section: u64) -> bool {
+        self == Workload::ReadWrite && !(u64::from(client) + section).is_multiple_of(4)
+    }
+}
 
 /// What one worker does.
 #[derive(Debug, Clone)]
@@ -24,6 +87,8 @@ pub struct WorkerConfig {
     pub store: String,
     /// How long to run.
     pub run_for: Duration,
+    /// Which leases to take.
+    pub workload: Workload,
 }
 
 /// What a worker did, for its log.
@@ -56,11 +121,13 @@ pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerSt
     let mut stats = WorkerStats::default();
     let limit = call_timeout(config.ttl);
     while Instant::now() < deadline {
-        let acquire = locks
-            .lock(&config.key)
-            .ttl(config.ttl)
-            .wait_for(config.ttl * 2)
-            .acquire();
+        let reader = config.workload.is_reader(config.client, stats.sections + 1);
+        let builder = match config.workload {
+            Workload::Semaphore { permits } => locks.semaphore(&config.key, permits),
+            _ if reader => locks.lock(&config.key).shared(),
+            _ => locks.lock(&config.key),
+        };
+        let acquire = builder.ttl(config.ttl).wait_for(config.ttl * 2).acquire();
         let lease = match tokio::time::timeout(limit, acquire).await {
             Ok(Ok(lease)) => lease,
             Ok(Err(dlock::Error::NotAcquired { .. })) => continue,
@@ -76,21 +143,40 @@ pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerSt
         };
         stats.sections += 1;
         let (client, section, fence) = (config.client, stats.sections, lease.fence());
-        store.call(&format!("B {client} {section} {fence}")).await?;
-        let read = store.call(&format!("R {client} {section} {fence}")).await?;
-        if let Some(value) = read.strip_prefix("V ").and_then(|v| v.parse::<u64>().ok()) {
-            tokio::time::sleep(config.work).await;
-            let next = value + 1;
-            let write = store
-                .call(&format!("W {client} {section} {fence} {next}"))
-                .await?;
-            if write == "A" {
-                stats.accepted += 1;
-            } else {
-                stats.stale += 1;
+        store
+            .call(&format!(
+                "B {client} {section} {fence} {}",
+                u8::from(reader)
+            ))
+            .await?;
+        match config.workload {
+            Workload::Semaphore { .. } => tokio::time::sleep(config.work).await,
+            _ if reader => {
+                // A reader's read is fenced against writers only: readers overlap.
+                let read = store.call(&format!("Q {client} {section} {fence}")).await?;
+                if read.starts_with("V ") {
+                    tokio::time::sleep(config.work).await;
+                } else {
+                    stats.stale += 1;
+                }
             }
-        } else {
-            stats.stale += 1;
+            _ => {
+                let read = store.call(&format!("R {client} {section} {fence}")).await?;
+                if let Some(value) = read.strip_prefix("V ").and_then(|v| v.parse::<u64>().ok()) {
+                    tokio::time::sleep(config.work).await;
+                    let next = value + 1;
+                    let write = store
+                        .call(&format!("W {client} {section} {fence} {next}"))
+                        .await?;
+                    if write == "A" {
+                        stats.accepted += 1;
+                    } else {
+                        stats.stale += 1;
+                    }
+                } else {
+                    stats.stale += 1;
+                }
+            }
         }
         let lost = lease.is_lost();
         stats.lost += u64::from(lost);

@@ -8,6 +8,7 @@ use dlock_faults::cluster::Backend;
 use dlock_faults::nemesis::{Nemesis, ALL};
 use dlock_faults::report;
 use dlock_faults::run::{run, RunConfig};
+use dlock_faults::worker::Workload;
 use std::time::Duration;
 
 /// Seconds per nemesis (override with DLOCK_FAULTS_SECS for a longer local run).
@@ -18,6 +19,14 @@ fn secs() -> Duration {
         .unwrap_or(3.0);
     Duration::from_secs_f64(secs)
 }
+
+/// The nemeses the read-write and semaphore workloads run under.
+const KIND_NEMESES: &[Nemesis] = &[
+    Nemesis::KillClient,
+    Nemesis::PauseClient,
+    Nemesis::ForceRelease,
+    Nemesis::Mixed,
+];
 
 async fn short_run(name: &str) {
     assert!(
@@ -30,9 +39,18 @@ async fn short_run(name: &str) {
         std::env::temp_dir().join(format!("dlock-faults-ci-{}-{}", std::process::id(), name));
     let mut results = Vec::new();
     let mut skipped = Vec::new();
-    for &nemesis in ALL {
+    // The mutex workload under every nemesis; the read-write and semaphore workloads
+    // under those that break holders (the others break the store or the network, which
+    // the kinds share with the mutex).
+    let kinds = [Workload::ReadWrite, Workload::Semaphore { permits: 2 }];
+    let plan = ALL.iter().map(|&n| (Workload::Mutex, n)).chain(
+        kinds
+            .iter()
+            .flat_map(|&w| KIND_NEMESES.iter().map(move |&n| (w, n))),
+    );
+    for (workload, nemesis) in plan {
         if let Err(why) = backend.applicable(nemesis) {
-            skipped.push(format!("{}: {why}", nemesis.name()));
+            skipped.push(format!("{} ({}): {why}", nemesis.name(), workload.name()));
             continue;
         }
         let config = RunConfig {
@@ -57,6 +75,7 @@ async fn short_run(name: &str) {
             worker_bin: env!("CARGO_BIN_EXE_dlock-fault-worker").into(),
             dlock_bin: Some(env!("CARGO_BIN_EXE_dlock-faults-cli").into()),
             log_dir: log_dir.clone(),
+            workload,
         };
         let result = run(&backend, nemesis, &config)
             .await
@@ -82,7 +101,8 @@ async fn short_run(name: &str) {
         if r.nemesis != Nemesis::None {
             assert!(
                 r.counts.faults > 0,
-                "{name} / {}: no fault was injected",
+                "{} / {}: no fault was injected",
+                r.backend,
                 r.nemesis.name()
             );
         }

@@ -44,6 +44,10 @@ enum Cmd {
         /// Mean time between faults.
         #[arg(long, default_value = "1500ms", value_parser = dlock::parse_duration)]
         fault_every: Duration,
+        /// Which leases the workers take: mutex (exclusive leases, fenced
+        /// read-modify-write), rw (readers under shared() and writers), semaphore:N.
+        #[arg(long, default_value = "mutex", value_parser = dlock_faults::worker::Workload::parse)]
+        workload: dlock_faults::worker::Workload,
         /// Write the Markdown report here (else print it).
         #[arg(long)]
         report: Option<PathBuf>,
@@ -69,6 +73,7 @@ fn main() {
         ttl,
         work,
         fault_every,
+        workload,
         report: report_path,
         log_dir,
         worker_bin,
@@ -141,6 +146,7 @@ fn main() {
                 worker_bin: worker_bin.clone(),
                 dlock_bin: dlock_bin.clone(),
                 log_dir: log_dir.clone().unwrap_or_else(run::default_log_dir),
+                workload,
             };
             eprintln!(
                 "dlock-faults: {} / {} for {:?} …",

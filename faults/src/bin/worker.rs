@@ -1,7 +1,7 @@
 //! `dlock-fault-worker`: one client process of the fault-injection workload.
 
 use clap::Parser;
-use dlock_faults::worker::{run, WorkerConfig};
+use dlock_faults::worker::{run, WorkerConfig, Workload};
 use std::time::Duration;
 
 /// One client of the fault-injection workload (started by `dlock-faults`).
@@ -28,6 +28,9 @@ struct Args {
     /// How long to run.
     #[arg(long, value_parser = dlock::parse_duration)]
     run_for: Duration,
+    /// Which leases to take: mutex, rw or semaphore:N.
+    #[arg(long, default_value = "mutex", value_parser = Workload::parse)]
+    workload: Workload,
 }
 
 fn main() {
@@ -64,6 +67,7 @@ fn main() {
             work: args.work,
             store: args.store,
             run_for: args.run_for,
+            workload: args.workload,
         };
         match run(locks, config).await {
             Ok(stats) => {
