@@ -403,6 +403,58 @@ pub async fn semaphore_permit_mismatch_is_a_typed_error(target: &Target) {
     );
 }
 
+/// `force_release` of a key held by readers or by permits breaks every one of those
+/// leases: each holder learns it (`lost()` fires), and the key is free at once.
+pub async fn force_release_breaks_every_reader_and_permit(target: &Target) {
+    let locks = target.locks().await;
+    require(&locks, &[Need::Shared, Need::Semaphores]);
+    let observer = target.locks().await;
+    let ttl = Duration::from_secs(2);
+    for semaphore in [false, true] {
+        let key = target.unique_key(if semaphore {
+            "force-sem"
+        } else {
+            "force-shared"
+        });
+        let take = || {
+            if semaphore {
+                locks.semaphore(&key, 3)
+            } else {
+                locks.lock(&key).shared()
+            }
+        };
+        let mut leases = Vec::new();
+        for _ in 0..2 {
+            leases.push(
+                take()
+                    .ttl(ttl)
+                    .try_acquire()
+                    .await
+                    .unwrap()
+                    .expect("a lease"),
+            );
+        }
+        assert!(observer.force_release(&key).await.unwrap());
+        for lease in &leases {
+            within(PROMPTLY, "a broken holder to notice", lease.lost()).await;
+        }
+        let writer = within(
+            PROMPTLY,
+            "the key to be free after force_release",
+            observer.lock(&key).ttl(ttl).wait_for(PROMPTLY).acquire(),
+        )
+        .await
+        .unwrap();
+        for lease in leases {
+            assert!(
+                !lease.release().await.unwrap(),
+                "a broken lease released as held"
+            );
+        }
+        assert!(writer.release().await.unwrap());
+    }
+}
+
 /// The permit of a holder process killed with SIGKILL comes back (at once on
 /// session-bound backends, at its TTL on others). On `memory://` it checks instead that
 /// another process does not see this process's permits.

@@ -72,6 +72,7 @@ macro_rules! conformance_kind_tests {
             semaphore_admits_exactly_its_permits,
             semaphore_permit_mismatch_is_a_typed_error,
             semaphore_permit_of_killed_holder_comes_back,
+            force_release_breaks_every_reader_and_permit,
             status_shows_kind_and_every_holder,
             fences_increase_across_kinds,
             lock_all_never_deadlocks_nor_overlaps,

@@ -158,6 +158,17 @@ impl Inner {
         Ok(None)
     }
 
+    /// The names of the permit slots of `key`'s semaphore, as many as its permits file
+    /// records (none if `key` was never a semaphore).
+    pub(super) fn permit_slots(&self, key: &str) -> Vec<String> {
+        let Ok(file) = self.dir.open_file(&permits_name(key), Access::Inspect) else {
+            return Vec::new();
+        };
+        read_permits(&file).map_or_else(Vec::new, |r| {
+            (0..r.permits).map(|i| slot_name(key, i)).collect()
+        })
+    }
+
     fn any_slot_held(&self, key: &str, permits: u32) -> Result<bool> {
         for i in 0..permits {
             let slot = slot_name(key, i);

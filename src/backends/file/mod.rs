@@ -536,9 +536,20 @@ impl Admin for FileBackend {
     }
 }
 
-/// Replaces the lock file of `key` by a new one if it is locked.
+/// Replaces the lock file of `key`, and each of its semaphore's permit slots, by a new
+/// one if it is locked: every holder finds its file replaced at its next renewal.
 fn force_release(inner: &Inner, key: &str) -> Result<bool> {
-    let name = naming::file_name(key);
+    let mut broken = replace_if_held(inner, key, &naming::file_name(key))?;
+    for slot in inner.permit_slots(key) {
+        broken |= replace_if_held(inner, key, &slot)?;
+    }
+    Ok(broken)
+}
+
+/// Replaces the file `name` (the lock file of `key` or one of its permit slots) by a new
+/// one if it is locked.
+fn replace_if_held(inner: &Inner, key: &str, name: &str) -> Result<bool> {
+    let name = name.to_owned();
     let mut old = match inner.dir.open_file(&name, Access::Inspect) {
         Ok(file) => file,
         Err(OpenError::Io(err)) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
