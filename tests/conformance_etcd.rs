@@ -13,6 +13,7 @@ mod one_member {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
 
 mod three_members {
@@ -24,4 +25,5 @@ mod three_members {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }

@@ -10,6 +10,11 @@
 //! strictly increasing and committed through raft before they are answered, so a later
 //! holder always has a higher one, across restarts of every member.
 //!
+//! Readers and semaphore permits queue the same way, their kind in their holder record;
+//! [`order`] decides from the queue who holds the key (a reader when no older entry is a
+//! writer, a permit of N when fewer than N older permits exist), so the policy is FIFO
+//! and write-preferring, and each reader or permit is a lease and an entry of its own.
+//!
 //! One etcd lease per dlock lease: the lease is what etcd expires, revokes and watches on
 //! its own, so tying exactly one lock entry to exactly one lease makes "the lease ended"
 //! and "the entry is gone" the same event. A lease shared by several locks (as etcd's
@@ -25,9 +30,11 @@
 
 mod config;
 mod names;
+mod order;
 
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, LockInfo,
+    LockKind,
 };
 use crate::core::owner::Owner;
 use crate::core::wait::DEADLINE_GRACE;
@@ -41,6 +48,7 @@ use etcd_client::{
     WatchFilterType, WatchOptions, WatchStream,
 };
 use names::Record;
+use order::Contender;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -322,9 +330,23 @@ impl Store {
 
     /// Opens a watch on the deletions of `entry` from `revision` on.
     async fn watch_deletes(&self, entry: &[u8], revision: i64) -> Result<WatchStream> {
-        let options = WatchOptions::new()
+        self.watch_deletes_with(entry, revision, false).await
+    }
+
+    /// Opens a watch on the deletions of `entry`, or of every key under it with
+    /// `prefix`, from `revision` on.
+    async fn watch_deletes_with(
+        &self,
+        entry: &[u8],
+        revision: i64,
+        prefix: bool,
+    ) -> Result<WatchStream> {
+        let mut options = WatchOptions::new()
             .with_start_revision(revision)
             .with_filters([WatchFilterType::NoPut]);
+        if prefix {
+            options = options.with_prefix();
+        }
         self.call("watch a lock entry", None, |mut client| {
             let (entry, options) = (entry.to_vec(), options.clone());
             async move { client.watch(entry, Some(options)).await }
@@ -336,7 +358,8 @@ impl Store {
 /// A contender's entry, just put into the lock's range.
 struct Entry {
     lease: EtcdLease,
-    lowest: bool,
+    /// Whether it holds the key at once.
+    holds: bool,
     /// When the grant of its lease was sent.
     sent_at: Instant,
 }
@@ -439,11 +462,14 @@ impl EtcdBackend {
         let granted = store.grant(id, lease_seconds(request.ttl), until).await?;
         let entry = names::entry_of(&store.prefix, request.key, id);
         let range = names::range_of(&store.prefix, request.key);
-        let first = GetOptions::new()
+        // A writer needs only the oldest entry's name; readers and permits read the
+        // kinds of every entry older than theirs, in the same round trip.
+        let mut first = GetOptions::new()
             .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1)
-            .with_keys_only();
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        if request.kind == LockKind::Exclusive {
+            first = first.with_limit(1).with_keys_only();
+        }
         let txn = Txn::new().and_then([
             TxnOp::put(
                 entry.clone(),
@@ -466,9 +492,21 @@ impl EtcdBackend {
                 "etcd did not return the lock entry it just stored",
             ));
         }
-        let lowest = kvs(2)
-            .first()
-            .is_some_and(|kv| kv.key() == entry.as_slice());
+        let queue = kvs(2);
+        let holds = if request.kind == LockKind::Exclusive {
+            queue.first().is_some_and(|kv| kv.key() == entry.as_slice())
+        } else {
+            let queue: Vec<Contender> = queue.iter().map(Contender::of).collect();
+            let at = queue.iter().position(|c| c.entry == entry);
+            match at.map(|at| order::turn(&queue, at)) {
+                Some(order::Turn::Holds) => true,
+                Some(order::Turn::Mismatch { held_with }) => {
+                    self.leave(id, until).await;
+                    return Err(self.mismatch(request, held_with));
+                }
+                _ => false,
+            }
+        };
         Ok(Entry {
             lease: EtcdLease {
                 store: store.clone(),
@@ -477,13 +515,33 @@ impl EtcdBackend {
                 revision,
                 granted_seconds: granted,
             },
-            lowest,
+            holds,
             sent_at,
         })
     }
 
-    /// Waits for `entry` to become the lowest of its range, watching only the entry
-    /// ahead of it and keeping its lease alive meanwhile.
+    /// Revokes lease `id`, in the background if etcd does not answer by `until`.
+    async fn leave(&self, id: i64, until: Option<Instant>) {
+        let until = until.unwrap_or_else(|| Instant::now() + DEADLINE_GRACE / 2);
+        if self.store.revoke(id, Some(until)).await.is_err() {
+            self.store.revoke_detached(id);
+        }
+    }
+
+    fn mismatch(&self, request: &AcquireRequest<'_>, held_with: u32) -> Error {
+        Error::PermitMismatch {
+            key: request.key.to_string(),
+            backend: self.store.describe.to_string(),
+            held_with,
+            asked: match request.kind {
+                LockKind::Semaphore { permits } => permits,
+                _ => 0,
+            },
+        }
+    }
+
+    /// Waits for `entry` to hold the key ([`order::turn`]), watching only the older
+    /// entries that keep it out and keeping its lease alive meanwhile.
     async fn wait_turn(&self, request: &AcquireRequest<'_>, entry: Entry) -> Result<Turn> {
         let store = &self.store;
         let Entry { lease, sent_at, .. } = entry;
@@ -499,32 +557,44 @@ impl EtcdBackend {
         };
         tokio::pin!(deadline);
         loop {
+            let with_kinds = request.kind != LockKind::Exclusive;
             let (queue, read_at) = store
-                .queue(&range, false, None, self.until(request))
+                .queue(&range, with_kinds, None, self.until(request))
                 .await?;
-            let Some(position) = queue
-                .iter()
-                .position(|kv| kv.key() == lease.entry.as_slice())
-            else {
+            let queue: Vec<Contender> = queue.iter().map(Contender::of).collect();
+            let Some(position) = queue.iter().position(|c| c.entry == lease.entry) else {
                 return Ok(Turn::Lost);
             };
-            if position == 0 {
-                return Ok(Turn::Granted(Granted {
-                    fence: fence_of(lease.revision),
-                    sent_at: alive_at,
-                    lease: Box::new(lease),
-                }));
-            }
-            let ahead = queue[position - 1].key().to_vec();
-            let mut watch = store.watch_deletes(&ahead, read_at + 1).await?;
+            let blockers = match order::turn(&queue, position) {
+                order::Turn::Holds => {
+                    return Ok(Turn::Granted(Granted {
+                        fence: fence_of(lease.revision),
+                        sent_at: alive_at,
+                        lease: Box::new(lease),
+                    }))
+                }
+                order::Turn::Mismatch { held_with } => {
+                    self.leave(lease.id, self.until(request)).await;
+                    return Err(self.mismatch(request, held_with));
+                }
+                order::Turn::Waits(blockers) => blockers,
+            };
+            // One blocker is watched alone; several (older permits) through the range,
+            // keeping only their deletions.
+            let mut watch = match blockers.as_slice() {
+                [one] => store.watch_deletes(one, read_at + 1).await?,
+                _ => store.watch_deletes_with(&range, read_at + 1, true).await?,
+            };
             loop {
                 tokio::select! {
                     message = watch.message() => match message {
                         Ok(Some(response)) => {
-                            let deleted = response
-                                .events()
-                                .iter()
-                                .any(|e| e.event_type() == EventType::Delete);
+                            let deleted = response.events().iter().any(|e| {
+                                e.event_type() == EventType::Delete
+                                    && e.kv().is_some_and(|kv| {
+                                        blockers.iter().any(|b| b.as_slice() == kv.key())
+                                    })
+                            });
                             if deleted || response.canceled() {
                                 break;
                             }
@@ -561,14 +631,11 @@ impl EtcdBackend {
         }
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<KeyValue>> {
+    /// The entries that hold `key` now, oldest first.
+    async fn holders(&self, key: &Key) -> Result<Vec<KeyValue>> {
         let range = names::range_of(&self.store.prefix, key);
-        let (mut queue, _) = self.store.queue(&range, true, Some(1), None).await?;
-        Ok(if queue.is_empty() {
-            None
-        } else {
-            Some(queue.swap_remove(0))
-        })
+        let (queue, _) = self.store.queue(&range, true, None, None).await?;
+        Ok(holding(queue))
     }
 }
 
@@ -705,12 +772,16 @@ impl Backend for EtcdBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let entry = self.enqueue(request).await?;
-        if entry.lowest {
+        if entry.holds {
             let revision = entry.lease.revision;
             return Ok(Attempt::Acquired(Granted {
                 fence: fence_of(revision),
@@ -733,7 +804,7 @@ impl Backend for EtcdBackend {
                 return Ok(None);
             }
             let outcome = match self.enqueue(request).await {
-                Ok(entry) if entry.lowest => {
+                Ok(entry) if entry.holds => {
                     let revision = entry.lease.revision;
                     return Ok(Some(Granted {
                         fence: fence_of(revision),
@@ -786,28 +857,72 @@ impl Backend for EtcdBackend {
     }
 }
 
-#[async_trait]
-impl Admin for EtcdBackend {
-    async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let Some(kv) = self.holder(key).await? else {
-            return Ok(None);
-        };
-        let mut info = Record::info(
-            Record::from_json(kv.value()),
-            key.to_string(),
-            fence_of(kv.create_revision()),
-        );
+/// The entries of one lock's queue (oldest first) that hold it now.
+fn holding(queue: Vec<KeyValue>) -> Vec<KeyValue> {
+    let contenders: Vec<Contender> = queue.iter().map(Contender::of).collect();
+    let held = order::holders(&contenders);
+    queue
+        .into_iter()
+        .enumerate()
+        .filter(|(at, _)| held.contains(at))
+        .map(|(_, kv)| kv)
+        .collect()
+}
+
+/// What `status` shows of one lease entry.
+fn entry_info(kv: &KeyValue, key: &str) -> LockInfo {
+    Record::info(
+        Record::from_json(kv.value()),
+        key.to_owned(),
+        fence_of(kv.create_revision()),
+    )
+}
+
+/// What `status` shows of a key held by `holders` (oldest first, not empty): the holder
+/// of an exclusive lock, or one record per reader or permit.
+fn key_info(key: &str, holders: &[KeyValue]) -> Option<LockInfo> {
+    let first = holders.first()?;
+    match Contender::of(first).kind {
+        LockKind::Exclusive => Some(entry_info(first, key)),
+        kind => Some(LockInfo::of_holders(
+            key,
+            kind,
+            holders.iter().map(|kv| entry_info(kv, key)).collect(),
+        )),
+    }
+}
+
+impl EtcdBackend {
+    /// When the etcd lease of `kv` ends, if etcd tells.
+    async fn expiry(&self, kv: &KeyValue) -> Option<SystemTime> {
         let lease = kv.lease();
         let ttl = self
             .store
             .call("read a lease", None, |mut client| async move {
                 client.lease_time_to_live(lease, None).await
             })
-            .await;
-        // The expiry is a courtesy: status still answers when this extra read fails.
-        if let Ok(ttl) = ttl {
-            if let Ok(left) = u64::try_from(ttl.ttl()) {
-                info.expires_at = Some(SystemTime::now() + Duration::from_secs(left));
+            .await
+            .ok()?;
+        let left = u64::try_from(ttl.ttl()).ok()?;
+        Some(SystemTime::now() + Duration::from_secs(left))
+    }
+}
+
+#[async_trait]
+impl Admin for EtcdBackend {
+    async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
+        let holders = self.holders(key).await?;
+        let Some(mut info) = key_info(key.as_str(), &holders) else {
+            return Ok(None);
+        };
+        // The expiry is a courtesy: status still answers when these extra reads fail.
+        if info.holders.is_empty() {
+            if let Some(first) = holders.first() {
+                info.expires_at = self.expiry(first).await;
+            }
+        } else {
+            for (record, kv) in info.holders.iter_mut().zip(&holders) {
+                record.expires_at = self.expiry(kv).await;
             }
         }
         Ok(Some(info))
@@ -816,37 +931,36 @@ impl Admin for EtcdBackend {
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let prefix = self.store.prefix.as_bytes().to_vec();
         let (all, _) = self.store.queue(&prefix, true, None, None).await?;
-        let mut seen = std::collections::BTreeMap::new();
-        // Lowest create revision first: the first entry of each key is its holder.
+        // Oldest first overall, hence oldest first within each key.
+        let mut queues: std::collections::BTreeMap<String, Vec<KeyValue>> =
+            std::collections::BTreeMap::new();
         for kv in all {
             let Some(key) = names::key_of_entry(&self.store.prefix, kv.key()) else {
                 continue;
             };
-            seen.entry(key.clone()).or_insert_with(|| {
-                Record::info(
-                    Record::from_json(kv.value()),
-                    key,
-                    fence_of(kv.create_revision()),
-                )
-            });
+            queues.entry(key).or_default().push(kv);
         }
-        Ok(seen.into_values().collect())
+        Ok(queues
+            .into_iter()
+            .filter_map(|(key, queue)| key_info(&key, &holding(queue)))
+            .collect())
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
-        let Some(kv) = self.holder(key).await? else {
-            return Ok(false);
-        };
-        // Deleting the entry is what the holder's watch sees; revoking its lease makes
-        // the holder's next renewal fail too.
-        let deleted = self
-            .store
-            .delete_entry(kv.key(), kv.create_revision(), None)
-            .await?;
-        if kv.lease() != 0 {
-            self.store.revoke(kv.lease(), None).await?;
+        let mut deleted_any = false;
+        // Deleting an entry is what its holder's watch sees; revoking its lease makes
+        // the holder's next renewal fail too. Every reader or permit goes.
+        for kv in self.holders(key).await? {
+            let deleted = self
+                .store
+                .delete_entry(kv.key(), kv.create_revision(), None)
+                .await?;
+            if kv.lease() != 0 {
+                self.store.revoke(kv.lease(), None).await?;
+            }
+            deleted_any |= deleted;
         }
-        Ok(deleted)
+        Ok(deleted_any)
     }
 }
 

@@ -5,7 +5,7 @@
 //! percent-escaped in the lock key so that the range of `a` never contains the keys of
 //! `a/b` (which live under `a%2Fb/`).
 
-use crate::core::backend::{AcquireRequest, LockInfo};
+use crate::core::backend::{AcquireRequest, LockInfo, LockKind};
 use crate::core::owner::Owner;
 use crate::key::Key;
 use serde::{Deserialize, Serialize};
@@ -93,6 +93,16 @@ pub struct Record {
     pub acquired_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// `"shared"` or `"semaphore"`; absent for an exclusive lease, so that records
+    /// written before the kinds existed still read as exclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// A semaphore's number of permits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+    /// The value the holder published (an election's leader value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -110,6 +120,22 @@ impl Record {
             host: Some(request.holder.host.clone()),
             acquired_at_ms: Some(millis(now)),
             ttl_ms: Some(millis(request.ttl)),
+            kind: crate::core::backend::kind_name(request.kind).map(str::to_owned),
+            permits: match request.kind {
+                LockKind::Semaphore { permits } => Some(permits),
+                _ => None,
+            },
+            value: request.holder.value.clone(),
+        }
+    }
+
+    /// The kind of lease this record was written for; a record of another program, or
+    /// of an unknown kind, counts as exclusive (it blocks everybody).
+    pub fn kind(&self) -> LockKind {
+        match (self.kind.as_deref(), self.permits) {
+            (Some("shared"), _) => LockKind::Shared,
+            (Some("semaphore"), Some(permits)) => LockKind::Semaphore { permits },
+            _ => LockKind::Exclusive,
         }
     }
 
@@ -134,6 +160,7 @@ impl Record {
                     .acquired_at_ms
                     .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
                 info.ttl = record.ttl_ms.map(Duration::from_millis);
+                info.value = record.value;
             }
             None => {
                 info.note = Some("held by an etcd key without a dlock record".to_owned());

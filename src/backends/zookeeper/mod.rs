@@ -3,11 +3,15 @@
 //!
 //! A key is the container znode `<chroot>/dlock/<name>` (see [`naming`]). An acquirer
 //! creates the ephemeral sequential child `_c_<owner>-lock-<seq>` carrying its holder
-//! record (JSON: key, owner, pid, host, acquisition time, TTL); it holds the lock while
-//! its child has the lowest sequence number. A waiter watches only the child just below
+//! record (JSON: key, owner, pid, host, acquisition time, TTL, published value); it holds
+//! the lock while its child has the lowest sequence number. A waiter watches only the child just below
 //! its own, so a release wakes exactly one waiter, without polling. The fence is the
 //! holder child's creation zxid (`czxid`): zxids grow across the whole ensemble, and a
 //! later holder's child was created after every earlier holder's.
+//!
+//! Readers and semaphore permits are children of the same queue, their kind in their
+//! name (Curator's `InterProcessReadWriteLock` and `InterProcessSemaphoreV2`); [`order`]
+//! decides from one listing who holds the key, FIFO and write-preferring.
 //!
 //! The lease is a ZooKeeper session of its own: each lease (and each waiting attempt)
 //! opens one session, whose timeout is the lease's TTL as the servers clamp it (by
@@ -26,9 +30,11 @@
 //! session could survive on the servers.
 
 mod naming;
+mod order;
 
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, LockInfo,
+    LockKind,
 };
 use crate::core::owner::Owner;
 use crate::core::wait::{attempt_limit, call_deadline};
@@ -52,9 +58,6 @@ const ADMIN_SESSION: Duration = Duration::from_secs(10);
 /// The longest session timeout that fits the protocol's 32-bit milliseconds.
 const MAX_SESSION: Duration = Duration::from_millis(i32::MAX as u64);
 
-/// The part of a child's name before the sequence number.
-const LOCK_INFIX: &str = "-lock-";
-
 /// What a lock znode carries: who holds (or waits for) the lock.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct HolderRecord {
@@ -64,6 +67,9 @@ struct HolderRecord {
     host: String,
     acquired_at_ms: u64,
     ttl_ms: u64,
+    /// The value the holder published (an election's leader value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
 }
 
 #[derive(Debug)]
@@ -211,21 +217,9 @@ async fn bounded<T>(
     })
 }
 
-/// The sequence number of a lock child, `None` for other znodes.
-fn sequence_of(child: &str) -> Option<i64> {
-    child
-        .rsplit_once(LOCK_INFIX)
-        .and_then(|(_, seq)| seq.parse().ok())
-}
-
 /// Lock children in queue order.
 fn queue(children: Vec<String>) -> Vec<String> {
-    let mut ordered: Vec<(i64, String)> = children
-        .into_iter()
-        .filter_map(|c| sequence_of(&c).map(|s| (s, c)))
-        .collect();
-    ordered.sort();
-    ordered.into_iter().map(|(_, c)| c).collect()
+    order::queue(children).into_iter().map(|(c, _)| c).collect()
 }
 
 /// An acquirer's session and znode, before it knows whether it holds the lock.
@@ -245,9 +239,12 @@ impl Entry {
 
 /// Where an entry stands in its key's queue.
 enum Place {
+    /// It holds the key.
     First,
-    /// Behind this child.
-    Behind(String),
+    /// It waits for one of these children to go.
+    Behind(Vec<String>),
+    /// A semaphore entry behind permits taken with this other number of permits.
+    Mismatch(u32),
     /// The entry's znode is gone (its session expired, or it was deleted from outside).
     Gone,
 }
@@ -326,11 +323,13 @@ impl ZkBackend {
             host: request.holder.host.clone(),
             acquired_at_ms: now_ms(),
             ttl_ms: millis(request.ttl),
+            value: request.holder.value.clone(),
         };
         let data = serde_json::to_vec(&record).map_err(|err| {
             Error::backend(describe, format!("cannot encode the holder record: {err}"))
         })?;
-        let prefix = format!("{dir}/_c_{}{LOCK_INFIX}", request.owner);
+        let tag = order::tag(request.kind);
+        let prefix = format!("{dir}/_c_{}-{tag}-", request.owner);
         let options = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
         let parent = zk::CreateMode::Container.with_acls(zk::Acls::anyone_all());
         // The key's container may be removed by the servers whenever it is empty: create
@@ -346,7 +345,7 @@ impl ZkBackend {
             match created {
                 Ok((stat, sequence)) => {
                     return Ok(Entry {
-                        name: format!("_c_{}{LOCK_INFIX}{sequence}", request.owner),
+                        name: format!("_c_{}-{tag}-{sequence}", request.owner),
                         client,
                         dir,
                         czxid: stat.czxid,
@@ -392,12 +391,32 @@ impl ZkBackend {
                 ))
             }
         };
-        let ordered = queue(children);
-        Ok(match ordered.iter().position(|c| *c == entry.name) {
+        Ok(Self::place_in(entry, children))
+    }
+
+    /// Where `entry` stands among `children` (a listing of its key's znode).
+    fn place_in(entry: &Entry, children: Vec<String>) -> Place {
+        let ordered = order::queue(children);
+        match ordered.iter().position(|(c, _)| *c == entry.name) {
             None => Place::Gone,
-            Some(0) => Place::First,
-            Some(i) => Place::Behind(ordered[i - 1].clone()),
-        })
+            Some(at) => match order::turn(&ordered, at) {
+                order::Turn::Holds => Place::First,
+                order::Turn::Waits(blockers) => Place::Behind(blockers),
+                order::Turn::Mismatch { held_with } => Place::Mismatch(held_with),
+            },
+        }
+    }
+
+    fn mismatch(&self, request: &AcquireRequest<'_>, held_with: u32) -> Error {
+        Error::PermitMismatch {
+            key: request.key.to_string(),
+            backend: self.describe_str().to_owned(),
+            held_with,
+            asked: match request.kind {
+                LockKind::Semaphore { permits } => permits,
+                _ => 0,
+            },
+        }
     }
 
     /// Turns a first-in-queue entry into a lease: watches its znode for deletion from
@@ -466,15 +485,12 @@ impl ZkBackend {
             .await;
     }
 
-    /// The lowest lock child of `dir` with its data and stat, read on the admin session.
-    async fn holder_of(
-        &self,
-        client: &zk::Client,
-        dir: &str,
-    ) -> Result<Option<(String, Vec<u8>, zk::Stat)>> {
+    /// The lock children of `dir` that hold its key now, in queue order, with their
+    /// kinds, data and stats, read on the admin session.
+    async fn holders_of(&self, client: &zk::Client, dir: &str) -> Result<Vec<HeldNode>> {
         let describe = self.describe_str();
-        // A holder may release between the listing and the read: look again then.
-        for _ in 0..4 {
+        // A holder may release between the listing and the reads: look again then.
+        'listing: for _ in 0..4 {
             let children = match bounded(
                 describe,
                 "list a lock",
@@ -484,26 +500,50 @@ impl ZkBackend {
             .await?
             {
                 Ok(children) => children,
-                Err(zk::Error::NoNode) => return Ok(None),
+                Err(zk::Error::NoNode) => return Ok(Vec::new()),
                 Err(err) => {
                     self.admin_failed(&err).await;
                     return Err(zk_error(describe, "cannot list a lock", err));
                 }
             };
-            let Some(first) = queue(children).into_iter().next() else {
-                return Ok(None);
-            };
-            let path = format!("{dir}/{first}");
-            match bounded(describe, "read a lock", ADMIN_LIMIT, client.get_data(&path)).await? {
-                Ok((data, stat)) => return Ok(Some((path, data, stat))),
-                Err(zk::Error::NoNode) => continue,
-                Err(err) => {
-                    self.admin_failed(&err).await;
-                    return Err(zk_error(describe, "cannot read a lock", err));
+            let ordered = order::queue(children);
+            let mut held = Vec::new();
+            for at in order::holders(&ordered) {
+                let (name, kind) = &ordered[at];
+                let path = format!("{dir}/{name}");
+                match bounded(describe, "read a lock", ADMIN_LIMIT, client.get_data(&path)).await? {
+                    Ok((data, stat)) => held.push(HeldNode {
+                        path,
+                        kind: *kind,
+                        data,
+                        stat,
+                    }),
+                    Err(zk::Error::NoNode) => continue 'listing,
+                    Err(err) => {
+                        self.admin_failed(&err).await;
+                        return Err(zk_error(describe, "cannot read a lock", err));
+                    }
                 }
             }
+            return Ok(held);
         }
-        Ok(None)
+        Ok(Vec::new())
+    }
+
+    /// What `status` shows of a key held by `held` (in queue order): the holder of an
+    /// exclusive lock, or one record per reader or permit.
+    fn key_info(key: Option<&str>, held: &[HeldNode]) -> Option<LockInfo> {
+        let first = held.first()?;
+        let first_info = Self::info(key, &first.data, &first.stat)?;
+        if first.kind == LockKind::Exclusive {
+            return Some(first_info);
+        }
+        let key = first_info.key.clone();
+        let holders = held
+            .iter()
+            .filter_map(|node| Self::info(Some(&key), &node.data, &node.stat))
+            .collect();
+        Some(LockInfo::of_holders(key, first.kind, holders))
     }
 
     fn info(key: Option<&str>, data: &[u8], stat: &zk::Stat) -> Option<LockInfo> {
@@ -520,6 +560,7 @@ impl ZkBackend {
                 info.host = Some(record.host);
                 info.acquired_at = Some(UNIX_EPOCH + Duration::from_millis(record.acquired_at_ms));
                 info.ttl = Some(Duration::from_millis(record.ttl_ms));
+                info.value = record.value;
                 info.note = Some(format!(
                     "held by ZooKeeper session 0x{:x}; freed when it ends",
                     stat.ephemeral_owner
@@ -545,7 +586,11 @@ impl Backend for ZkBackend {
     fn capabilities(&self) -> Capabilities {
         // The session, kept alive by the client's heartbeats, is the lease: it ends when
         // its holder dies or is cut off for a session timeout, not when renewals stop.
-        Capabilities::session_bound()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::session_bound()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
@@ -558,6 +603,10 @@ impl Backend for ZkBackend {
             Place::Behind(_) => {
                 self.leave(entry).await;
                 Ok(Attempt::Held { expires_in: None })
+            }
+            Place::Mismatch(held_with) => {
+                self.leave(entry).await;
+                Err(self.mismatch(request, held_with))
             }
             Place::Gone => Err(Error::unavailable(
                 self.describe_str(),
@@ -653,7 +702,7 @@ impl ZkBackend {
         loop {
             let sent_at = Instant::now();
             let limit = call_deadline(request, sent_at).saturating_duration_since(sent_at);
-            let predecessor = match self.place(&entry, limit).await? {
+            let blockers = match self.place(&entry, limit).await? {
                 Place::First => {
                     if waited {
                         self.stamp_acquired(&entry, limit).await?;
@@ -666,24 +715,52 @@ impl ZkBackend {
                         "the waiting znode vanished (session expired or deleted from outside); queuing again",
                     ))
                 }
-                Place::Behind(predecessor) => predecessor,
+                Place::Mismatch(held_with) => {
+                    self.leave(entry).await;
+                    return Err(self.mismatch(request, held_with));
+                }
+                Place::Behind(blockers) => blockers,
             };
             waited = true;
-            let path = format!("{}/{predecessor}", entry.dir);
-            let watched = bounded(
-                self.describe_str(),
-                "watch the lock's previous waiter",
-                limit,
-                entry.client.check_and_watch_stat(&path),
-            )
-            .await?
-            .map_err(|err| {
-                zk_error(self.describe_str(), "cannot watch the previous waiter", err)
-            })?;
-            let (stat, watcher) = watched;
-            if stat.is_none() {
-                continue;
-            }
+            let watcher = match blockers.as_slice() {
+                [predecessor] => {
+                    let path = format!("{}/{predecessor}", entry.dir);
+                    let watched = bounded(
+                        self.describe_str(),
+                        "watch the lock's previous waiter",
+                        limit,
+                        entry.client.check_and_watch_stat(&path),
+                    )
+                    .await?
+                    .map_err(|err| {
+                        zk_error(self.describe_str(), "cannot watch the previous waiter", err)
+                    })?;
+                    let (stat, watcher) = watched;
+                    if stat.is_none() {
+                        continue;
+                    }
+                    watcher
+                }
+                // A permit waits for any earlier child to go: one watch on the key's
+                // children, set by the listing that shows them all still there.
+                _ => {
+                    let watched = bounded(
+                        self.describe_str(),
+                        "watch the lock's queue",
+                        limit,
+                        entry.client.list_and_watch_children(&entry.dir),
+                    )
+                    .await?
+                    .map_err(|err| {
+                        zk_error(self.describe_str(), "cannot watch the lock's queue", err)
+                    })?;
+                    let (children, watcher) = watched;
+                    if !blockers.iter().all(|b| children.contains(b)) {
+                        continue;
+                    }
+                    watcher
+                }
+            };
             let deadline = async {
                 match request.deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -712,8 +789,8 @@ impl ZkBackend {
 impl Admin for ZkBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let client = self.admin().await?;
-        let holder = self.holder_of(&client, &self.dir_of(key)).await?;
-        Ok(holder.and_then(|(_, data, stat)| Self::info(Some(key.as_str()), &data, &stat)))
+        let held = self.holders_of(&client, &self.dir_of(key)).await?;
+        Ok(Self::key_info(Some(key.as_str()), &held))
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
@@ -738,12 +815,9 @@ impl Admin for ZkBackend {
         let mut all = Vec::new();
         for name in names {
             let key = naming::key_of(&name);
-            if let Some((_, data, stat)) =
-                self.holder_of(&client, &format!("{root}/{name}")).await?
-            {
-                if let Some(info) = Self::info(key.as_deref(), &data, &stat) {
-                    all.push(info);
-                }
+            let held = self.holders_of(&client, &format!("{root}/{name}")).await?;
+            if let Some(info) = Self::key_info(key.as_deref(), &held) {
+                all.push(info);
             }
         }
         all.sort_by(|a, b| a.key.cmp(&b.key));
@@ -753,27 +827,36 @@ impl Admin for ZkBackend {
     async fn force_release(&self, key: &Key) -> Result<bool> {
         let describe = self.describe_str();
         let client = self.admin().await?;
-        let Some((path, _, stat)) = self.holder_of(&client, &self.dir_of(key)).await? else {
-            return Ok(false);
-        };
-        // Only the holder read above: had it released meanwhile, the next holder keeps
-        // its lock.
-        match bounded(
-            describe,
-            "delete the holder's znode",
-            ADMIN_LIMIT,
-            client.delete(&path, Some(stat.version)),
-        )
-        .await?
-        {
-            Ok(()) => Ok(true),
-            Err(zk::Error::NoNode) => Ok(false),
-            Err(err) => {
-                self.admin_failed(&err).await;
-                Err(zk_error(describe, "cannot delete the holder's znode", err))
+        let mut deleted_any = false;
+        // Only the holders read here, each at the version read: had one released
+        // meanwhile, the next holder keeps its lease. Every reader or permit goes.
+        for node in self.holders_of(&client, &self.dir_of(key)).await? {
+            match bounded(
+                describe,
+                "delete the holder's znode",
+                ADMIN_LIMIT,
+                client.delete(&node.path, Some(node.stat.version)),
+            )
+            .await?
+            {
+                Ok(()) => deleted_any = true,
+                Err(zk::Error::NoNode) => {}
+                Err(err) => {
+                    self.admin_failed(&err).await;
+                    return Err(zk_error(describe, "cannot delete the holder's znode", err));
+                }
             }
         }
+        Ok(deleted_any)
     }
+}
+
+/// A znode that holds its key, as `status` reads it.
+struct HeldNode {
+    path: String,
+    kind: LockKind,
+    data: Vec<u8>,
+    stat: zk::Stat,
 }
 
 /// A held lock: the session whose ephemeral znode is first in the key's queue.
