@@ -26,6 +26,7 @@ mod single {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
 
 mod redlock {

@@ -321,7 +321,7 @@ async fn read(
         match push.kind {
             PushKind::SMessage => {
                 if let Some(Value::BulkString(key)) = push.data.get(1) {
-                    watchers.wake_one(&String::from_utf8_lossy(key));
+                    watchers.wake(&String::from_utf8_lossy(key));
                 }
             }
             PushKind::Disconnection => watchers.wake_all(),

@@ -21,6 +21,7 @@ use super::node::{abandon_soon, Node, NodeAttempt};
 use super::waker::{ChannelWatch, Waker};
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+    LockKind,
 };
 use crate::core::lease::Lease;
 use crate::core::locks::{Locks, Wait};
@@ -280,7 +281,7 @@ struct RedlockWatch {
 #[async_trait]
 impl KeyWatch for RedlockWatch {
     async fn changed(&mut self) {
-        let waits = self.watches.iter().map(|w| Box::pin(w.notified()));
+        let waits = self.watches.iter_mut().map(|w| Box::pin(w.notified()));
         futures_util::future::select_all(waits).await;
         let jitter = rand::rng().random_range(Duration::ZERO..=RETRY_JITTER);
         tokio::time::sleep(jitter).await;
@@ -293,6 +294,7 @@ struct RedlockLease {
     cluster: Arc<Cluster>,
     key: Key,
     owner: Owner,
+    kind: LockKind,
     ttl: Duration,
 }
 
@@ -300,10 +302,10 @@ struct RedlockLease {
 impl HeldLease for RedlockLease {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         let limit = self.cluster.node_timeout(ttl);
-        let (key, owner) = (&self.key, &self.owner);
+        let (key, owner, kind) = (&self.key, &self.owner, self.kind);
         let results = self
             .cluster
-            .on_all(limit, |node| node.renew(key, owner, ttl))
+            .on_all(limit, |node| node.renew(key, owner, ttl, kind))
             .await;
         let renewed = self.cluster.tally("renewal", results)?;
         if renewed {
@@ -337,7 +339,7 @@ impl Backend for RedlockBackend {
         let started = Instant::now();
         let limit = cluster.node_timeout(request.ttl);
         let results = cluster
-            .on_all(limit, |node| node.acquire(request, true))
+            .on_all(limit, |node| node.acquire(request, true, 0))
             .await;
         let mut granted = Vec::new();
         let mut counters = Vec::new();
@@ -347,11 +349,14 @@ impl Backend for RedlockBackend {
         let mut errors = Vec::new();
         for (index, result) in results.into_iter().enumerate() {
             match result {
-                Ok(NodeAttempt::Taken(counter)) => {
+                Ok(NodeAttempt::Taken {
+                    number: counter, ..
+                }) => {
                     granted.push(index);
                     counters.push(counter);
                     frees.push(Some(Duration::ZERO));
                 }
+                Ok(NodeAttempt::Mismatch(_)) => frees.push(None),
                 Ok(NodeAttempt::Held(pttl)) => {
                     frees.push((pttl >= 0).then(|| Duration::from_millis(pttl.unsigned_abs())));
                 }
@@ -374,7 +379,7 @@ impl Backend for RedlockBackend {
                 Some(async move {
                     tokio::time::timeout(
                         limit,
-                        node.commit_fence(request.key, request.owner, fence),
+                        node.commit_fence(request.key, request.owner, fence, request.kind),
                     )
                     .await
                     .unwrap_or(Ok(false))
@@ -394,6 +399,7 @@ impl Backend for RedlockBackend {
                         cluster: Arc::clone(cluster),
                         key: request.key.clone(),
                         owner: request.owner.clone(),
+                        kind: request.kind,
                         ttl: request.ttl,
                     }),
                 }));
