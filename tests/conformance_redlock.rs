@@ -21,6 +21,7 @@ mod three_nodes {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
 
 mod five_nodes {
@@ -36,4 +37,5 @@ mod five_nodes {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }

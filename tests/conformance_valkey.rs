@@ -46,6 +46,7 @@ mod redlock {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
 
 mod cluster {

@@ -535,6 +535,18 @@ impl<C: Connect> Node<C> {
     /// Owner-checked removal of whatever lease `owner` has on `key` (and of its writer
     /// intent), publishing to waiters.
     pub async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        self.release_keeping_intent(key, owner, false).await
+    }
+
+    /// [`release`](Node::release), keeping the writer intent if `keep_intent`: a
+    /// Redlock attempt that failed gives back what it took on some nodes, but its writer
+    /// still waits.
+    pub async fn release_keeping_intent(
+        &self,
+        key: &Key,
+        owner: &Owner,
+        keep_intent: bool,
+    ) -> Result<bool> {
         let names = self.names(key);
         let script = if self.sharded() {
             &*scripts::RELEASE_SHARDED
@@ -550,7 +562,8 @@ impl<C: Connect> Node<C> {
             .key(&names.intents)
             .arg(owner.as_str())
             .arg(&names.channel)
-            .arg(key.as_str());
+            .arg(key.as_str())
+            .arg(u8::from(keep_intent));
         let done: i64 = self.invoke(&invocation).await?;
         Ok(done == 1)
     }

@@ -298,7 +298,8 @@ return 1
 /// permit lease) and of its writer intent, then a wake-up for waiters of every kind.
 /// Also the cleanup of an abandoned attempt, which does not know what it took.
 /// KEYS: lock, holder, leases, records, intents. ARGV: owner, channel, key (the
-/// message). Returns 1 if a live lease was released, else 0. `publish` is PUBLISH, or
+/// message), keep_intent (`1`: leave the owner's writer intent in place). Returns 1 if a
+/// live lease was released, else 0. `publish` is PUBLISH, or
 /// SPUBLISH in a cluster, where the channel is in the lock's slot.
 fn release(publish: &str) -> Script {
     Script::new(&format!(
@@ -317,7 +318,7 @@ elseif redis.call('EXISTS', KEYS[3]) == 1 then
     if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
   end
 end
-if redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then changed = true end
+if ARGV[4] ~= '1' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then changed = true end
 if changed then redis.call('{publish}', ARGV[2], ARGV[3]) end
 return done
 "
