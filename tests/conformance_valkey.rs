@@ -69,4 +69,5 @@ mod cluster {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }

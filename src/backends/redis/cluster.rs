@@ -161,7 +161,11 @@ impl Backend for RedisClusterBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
