@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 /// Locks on one Redis node: the key `<prefix><key>` holds the owner token, taken with
 /// `SET NX PX` and renewed or released only by compare-and-expire / compare-and-delete
 /// scripts, so any client following that canonical protocol excludes dlock and is
-/// excluded by it. Waiters are woken by a Pub/Sub message from the release script, and
-/// at the holder's expiry.
+/// excluded by it. Readers and semaphore permits are leases in a sorted set beside it
+/// (docs/backends/redis.md, "Shared locks and semaphores"). Waiters are woken by a
+/// Pub/Sub message from the release script, and at the holder's expiry.
 #[derive(Debug)]
 pub struct RedisBackend {
     node: Arc<Node>,
