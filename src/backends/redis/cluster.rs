@@ -161,7 +161,11 @@ impl Backend for RedisClusterBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
@@ -321,7 +325,7 @@ async fn read(
         match push.kind {
             PushKind::SMessage => {
                 if let Some(Value::BulkString(key)) = push.data.get(1) {
-                    watchers.wake_one(&String::from_utf8_lossy(key));
+                    watchers.wake(&String::from_utf8_lossy(key));
                 }
             }
             PushKind::Disconnection => watchers.wake_all(),

@@ -5,7 +5,7 @@
 
 use super::config::{NodeConfig, Options};
 use super::scripts;
-use crate::core::backend::{AcquireRequest, LockInfo};
+use crate::core::backend::{AcquireRequest, LockInfo, LockKind};
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -29,6 +29,12 @@ pub struct KeyNames {
     pub fence: String,
     /// `{<prefix><key>}:holder`: who holds it, for `status`.
     pub holder: String,
+    /// `{<prefix><key>}:leases`: the reader or permit leases and their expiries.
+    pub leases: String,
+    /// `{<prefix><key>}:records`: the mode of the leases and one record per lease.
+    pub records: String,
+    /// `{<prefix><key>}:intents`: the writers waiting for the readers to drain.
+    pub intents: String,
     /// `<prefix>released`: the Pub/Sub channel a release publishes the key on.
     pub channel: String,
 }
@@ -40,6 +46,9 @@ impl KeyNames {
         KeyNames {
             fence: format!("{{{lock}}}:fence"),
             holder: format!("{{{lock}}}:holder"),
+            leases: format!("{{{lock}}}:leases"),
+            records: format!("{{{lock}}}:records"),
+            intents: format!("{{{lock}}}:intents"),
             channel: format!("{prefix}released"),
             lock,
         }
@@ -66,6 +75,9 @@ impl KeyNames {
         KeyNames {
             fence: side("fence"),
             holder: side("holder"),
+            leases: side("leases"),
+            records: side("records"),
+            intents: side("intents"),
             channel: side("released"),
             lock,
         }
@@ -239,18 +251,51 @@ impl Connect for ClusterClient {
     }
 }
 
+/// The suffixes of the side keys of a lock.
+const SIDE_SUFFIXES: &[&str] = &["}:fence", "}:holder", "}:leases", "}:records", "}:intents"];
+
 /// True if a key found by SCAN is one of the side keys rather than a lock.
 fn is_side_key(name: &str) -> bool {
-    name.starts_with('{') && (name.ends_with("}:fence") || name.ends_with("}:holder"))
+    name.starts_with('{') && SIDE_SUFFIXES.iter().any(|suffix| name.ends_with(suffix))
 }
 
 /// What the acquire script answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeAttempt {
-    /// Taken; the number is the fence (single node) or the node's counter (Redlock).
-    Taken(u64),
-    /// Held by somebody else; remaining TTL in ms (-1: no expiry).
+    /// Taken; `number` is the fence (single node) or the node's counter (Redlock), and
+    /// `slot` the semaphore slot the permit took (0 for other kinds).
+    Taken {
+        /// The fence or the counter.
+        number: u64,
+        /// The semaphore slot.
+        slot: u32,
+    },
+    /// Held by somebody else; ms until a retry may succeed (-1: the holder has no expiry).
     Held(i64),
+    /// The key's permits were taken with this other count.
+    Mismatch(u32),
+}
+
+/// The script's code for a kind.
+fn kind_code(kind: LockKind) -> (&'static str, u32) {
+    match kind {
+        LockKind::Shared => ("s", 0),
+        LockKind::Semaphore { permits } => ("p", permits),
+        _ => ("x", 0),
+    }
+}
+
+/// What the kinds' scripts keep per reader or permit lease (every number a string, so
+/// that Lua keeps all its digits).
+#[derive(Debug, Default, serde::Deserialize)]
+struct LeaseRecord {
+    fence: Option<String>,
+    pid: Option<String>,
+    host: Option<String>,
+    value: Option<String>,
+    acquired_ms: Option<String>,
+    renewed_ms: Option<String>,
+    ttl_ms: Option<String>,
 }
 
 /// One Redis node, or one Redis Cluster seen through its slot-routing connection.
@@ -377,18 +422,17 @@ impl<C: Connect> Node<C> {
             .await
     }
 
-    /// The single-node acquire script (`redlock == false`) or Redlock's phase 1.
+    /// The single-node acquire script (`redlock == false`) or Redlock's phase 1, for any
+    /// kind; a permit tries the semaphore slots from `first_slot` on.
     pub async fn acquire(
         &self,
         request: &AcquireRequest<'_>,
         redlock: bool,
+        first_slot: u32,
     ) -> Result<NodeAttempt> {
         let names = self.names(request.key);
-        let script = if redlock {
-            &*scripts::REDLOCK_ACQUIRE
-        } else {
-            &*scripts::ACQUIRE
-        };
+        let script = &*scripts::ACQUIRE;
+        let (kind, permits) = kind_code(request.kind);
         let requested_ms = request
             .holder
             .requested_at
@@ -400,12 +444,22 @@ impl<C: Connect> Node<C> {
             .key(&names.lock)
             .key(&names.fence)
             .key(&names.holder)
+            .key(&names.leases)
+            .key(&names.records)
+            .key(&names.intents)
             .arg(request.owner.as_str())
             .arg(ms(request.ttl))
             .arg(request.holder.pid)
             .arg(&request.holder.host)
-            .arg(requested_ms);
-        let (taken, number): (i64, String) = self.invoke(&invocation).await?;
+            .arg(requested_ms)
+            .arg(kind)
+            .arg(permits)
+            .arg(request.holder.value.as_deref().unwrap_or(""))
+            .arg(u8::from(request.holder.value.is_some()))
+            .arg(scripts::WRITER_INTENT_MS)
+            .arg(first_slot)
+            .arg(u8::from(redlock));
+        let (taken, number, slot): (i64, String, u32) = self.invoke(&invocation).await?;
         let parse = |text: &str| {
             text.parse::<i64>().map_err(|_| {
                 Error::backend(
@@ -415,49 +469,84 @@ impl<C: Connect> Node<C> {
             })
         };
         let value = parse(&number)?;
-        if taken == 1 {
-            let fence = u64::try_from(value).map_err(|_| {
-                Error::backend(
-                    &self.config.describe,
-                    format!("negative fence counter {value}"),
-                )
-            })?;
-            Ok(NodeAttempt::Taken(fence))
-        } else {
-            Ok(NodeAttempt::Held(value))
+        let unsigned = |what: &str| {
+            u64::try_from(value).map_err(|_| {
+                Error::backend(&self.config.describe, format!("negative {what} {value}"))
+            })
+        };
+        match taken {
+            1 => Ok(NodeAttempt::Taken {
+                number: unsigned("fence counter")?,
+                slot,
+            }),
+            2 => Ok(NodeAttempt::Mismatch(
+                u32::try_from(unsigned("permit count")?).unwrap_or(u32::MAX),
+            )),
+            _ => Ok(NodeAttempt::Held(value)),
         }
     }
 
-    /// Redlock phase 2: records `fence` on this node if `owner` still holds `key` here.
-    pub async fn commit_fence(&self, key: &Key, owner: &Owner, fence: u64) -> Result<bool> {
+    /// Redlock phase 2: records `fence` on this node if `owner` still holds its lease of
+    /// `kind` on `key` here.
+    pub async fn commit_fence(
+        &self,
+        key: &Key,
+        owner: &Owner,
+        fence: u64,
+        kind: LockKind,
+    ) -> Result<bool> {
         let names = self.names(key);
         let mut invocation = scripts::REDLOCK_COMMIT.prepare_invoke();
         invocation
             .key(&names.lock)
             .key(&names.fence)
             .key(&names.holder)
+            .key(&names.leases)
+            .key(&names.records)
             .arg(owner.as_str())
-            .arg(fence.to_string());
+            .arg(fence.to_string())
+            .arg(kind_code(kind).0);
         let done: i64 = self.invoke(&invocation).await?;
         Ok(done == 1)
     }
 
-    /// Owner-checked PEXPIRE.
-    pub async fn renew(&self, key: &Key, owner: &Owner, ttl: Duration) -> Result<bool> {
+    /// Owner-checked extension of a lease of `kind`.
+    pub async fn renew(
+        &self,
+        key: &Key,
+        owner: &Owner,
+        ttl: Duration,
+        kind: LockKind,
+    ) -> Result<bool> {
         let names = self.names(key);
-        let mut invocation = scripts::RENEW.prepare_invoke();
-        invocation
-            .key(&names.lock)
-            .key(&names.holder)
-            .arg(owner.as_str())
-            .arg(ms(ttl))
-            .arg(now_ms());
+        let mut invocation;
+        if kind == LockKind::Exclusive {
+            invocation = scripts::RENEW.prepare_invoke();
+            invocation.key(&names.lock).key(&names.holder);
+        } else {
+            invocation = scripts::RENEW_SHARED.prepare_invoke();
+            invocation.key(&names.leases).key(&names.records);
+        }
+        invocation.arg(owner.as_str()).arg(ms(ttl)).arg(now_ms());
         let done: i64 = self.invoke(&invocation).await?;
         Ok(done == 1)
     }
 
-    /// Owner-checked DEL, publishing to waiters.
+    /// Owner-checked removal of whatever lease `owner` has on `key` (and of its writer
+    /// intent), publishing to waiters.
     pub async fn release(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        self.release_keeping_intent(key, owner, false).await
+    }
+
+    /// [`release`](Node::release), keeping the writer intent if `keep_intent`: a
+    /// Redlock attempt that failed gives back what it took on some nodes, but its writer
+    /// still waits.
+    pub async fn release_keeping_intent(
+        &self,
+        key: &Key,
+        owner: &Owner,
+        keep_intent: bool,
+    ) -> Result<bool> {
         let names = self.names(key);
         let script = if self.sharded() {
             &*scripts::RELEASE_SHARDED
@@ -468,14 +557,18 @@ impl<C: Connect> Node<C> {
         invocation
             .key(&names.lock)
             .key(&names.holder)
+            .key(&names.leases)
+            .key(&names.records)
+            .key(&names.intents)
             .arg(owner.as_str())
             .arg(&names.channel)
-            .arg(key.as_str());
+            .arg(key.as_str())
+            .arg(u8::from(keep_intent));
         let done: i64 = self.invoke(&invocation).await?;
         Ok(done == 1)
     }
 
-    /// DEL whoever holds it, publishing to waiters.
+    /// Breaks every lease of `key` whoever holds it, publishing to waiters.
     pub async fn force_release(&self, key: &Key) -> Result<bool> {
         let names = self.names(key);
         let script = if self.sharded() {
@@ -487,59 +580,56 @@ impl<C: Connect> Node<C> {
         invocation
             .key(&names.lock)
             .key(&names.holder)
+            .key(&names.leases)
+            .key(&names.records)
+            .key(&names.intents)
             .arg(&names.channel)
             .arg(key.as_str());
         let held: i64 = self.invoke(&invocation).await?;
         Ok(held > 0)
     }
 
-    /// Who holds `key` on this node.
+    /// Who holds `key` on this node: its writer, or its readers or permits.
     pub async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let names = self.names(key);
         let mut invocation = scripts::INSPECT.prepare_invoke();
-        invocation.key(&names.lock).key(&names.holder);
-        let answer: Option<(String, String, Vec<String>)> = self.invoke(&invocation).await?;
-        let Some((owner, pttl, fields)) = answer else {
+        invocation
+            .key(&names.lock)
+            .key(&names.holder)
+            .key(&names.leases)
+            .key(&names.records);
+        let answer: Option<(String, String, String, Vec<String>)> =
+            self.invoke(&invocation).await?;
+        let Some((mode, first, second, fields)) = answer else {
             return Ok(None);
         };
-        let pttl: i64 = pttl.parse().unwrap_or(-1);
-        if pttl == -2 {
+        if mode == "exclusive" {
+            return Ok(exclusive_info(key, first, &second, &fields));
+        }
+        let kind = match mode.as_str() {
+            "semaphore" => LockKind::Semaphore {
+                permits: first.parse().unwrap_or(0),
+            },
+            _ => LockKind::Shared,
+        };
+        let mut holders: Vec<LockInfo> = fields
+            .chunks_exact(3)
+            .map(|lease| lease_info(key, &lease[0], &lease[1], &lease[2]))
+            .collect();
+        if holders.is_empty() {
             return Ok(None);
         }
-        let holder: HashMap<String, String> = fields
-            .chunks_exact(2)
-            .map(|pair| (pair[0].clone(), pair[1].clone()))
-            .collect();
-        let mut info = LockInfo::new(key.as_str());
-        info.owner = Some(owner.clone());
-        if pttl >= 0 {
-            info.expires_at = Some(SystemTime::now() + Duration::from_millis(pttl.unsigned_abs()));
-        } else {
-            info.note = Some(
-                "the Redis key has no expiry: set by a client that does not use a TTL".to_owned(),
-            );
-        }
-        if holder.get("owner") == Some(&owner) {
-            let number = |name: &str| holder.get(name).and_then(|v| v.parse::<u64>().ok());
-            let time = |name: &str| number(name).map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-            info.fence = number("fence").filter(|f| *f > 0);
-            info.pid = number("pid").and_then(|p| u32::try_from(p).ok());
-            info.host = holder.get("host").cloned();
-            info.acquired_at = time("acquired_ms");
-            info.renewed_at = time("renewed_ms");
-            info.ttl = number("ttl_ms").map(Duration::from_millis);
-        } else if info.note.is_none() {
-            info.note =
-                Some("held by a client that does not use dlock (no holder record)".to_owned());
-        }
-        Ok(Some(info))
+        holders.sort_by_key(|h| h.fence);
+        Ok(Some(LockInfo::of_holders(key.as_str(), kind, holders)))
     }
 
     /// The lock keys under the prefix (side keys excluded), by SCAN on every server that
     /// holds keys (every master of a cluster).
     pub async fn scan_keys(&self) -> Result<Vec<String>> {
         let prefix = &self.config.options.prefix;
-        let pattern = format!("{}*", glob_escape(prefix));
+        // Keys held only by readers or permits have no lock key, only their lease set,
+        // whose name contains the prefix after a `{`.
+        let pattern = format!("*{}*", glob_escape(prefix));
         let mut conn = self.connection().await?;
         let servers = self
             .bounded("listing the servers", C::servers(&mut conn))
@@ -562,11 +652,11 @@ impl<C: Connect> Node<C> {
                     let Ok(name) = String::from_utf8(name) else {
                         continue;
                     };
-                    if is_side_key(&name) {
-                        continue;
-                    }
-                    if let Some(key) = name.strip_prefix(prefix.as_str()) {
-                        found.push(key.to_owned());
+                    if let Some(key) = key_of_scanned(&name, prefix, |key| match self.layout {
+                        Layout::Single => KeyNames::new(prefix, key),
+                        Layout::Cluster { .. } => KeyNames::in_slot(prefix, key),
+                    }) {
+                        found.push(key);
                     }
                 }
                 if next == 0 {
@@ -615,6 +705,87 @@ impl<C: Connect> Node<C> {
             .and_then(|major| major.parse().ok())
             .unwrap_or(0))
     }
+}
+
+/// The record of an exclusive lock from the inspect script's answer.
+fn exclusive_info(key: &Key, owner: String, pttl: &str, fields: &[String]) -> Option<LockInfo> {
+    let pttl: i64 = pttl.parse().unwrap_or(-1);
+    if pttl == -2 {
+        return None;
+    }
+    let holder: HashMap<String, String> = fields
+        .chunks_exact(2)
+        .map(|pair| (pair[0].clone(), pair[1].clone()))
+        .collect();
+    let mut info = LockInfo::new(key.as_str());
+    if pttl >= 0 {
+        info.expires_at = Some(SystemTime::now() + Duration::from_millis(pttl.unsigned_abs()));
+    } else {
+        info.note =
+            Some("the Redis key has no expiry: set by a client that does not use a TTL".to_owned());
+    }
+    if holder.get("owner") == Some(&owner) {
+        let number = |name: &str| holder.get(name).and_then(|v| v.parse::<u64>().ok());
+        let time = |name: &str| number(name).map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        info.fence = number("fence").filter(|f| *f > 0);
+        info.pid = number("pid").and_then(|p| u32::try_from(p).ok());
+        info.host = holder.get("host").cloned();
+        info.value = holder.get("value").cloned();
+        info.acquired_at = time("acquired_ms");
+        info.renewed_at = time("renewed_ms");
+        info.ttl = number("ttl_ms").map(Duration::from_millis);
+    } else if info.note.is_none() {
+        info.note = Some("held by a client that does not use dlock (no holder record)".to_owned());
+    }
+    info.owner = Some(owner);
+    Some(info)
+}
+
+/// The record of one reader or permit lease: its owner, its remaining ms and its JSON
+/// record as the inspect script returns them.
+fn lease_info(key: &Key, owner: &str, pttl: &str, record: &str) -> LockInfo {
+    let record: LeaseRecord = serde_json::from_str(record).unwrap_or_default();
+    let number = |text: &Option<String>| text.as_deref().and_then(|v| v.parse::<u64>().ok());
+    let time =
+        |text: &Option<String>| number(text).map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+    let mut info = LockInfo::new(key.as_str());
+    info.owner = Some(owner.to_owned());
+    info.fence = number(&record.fence).filter(|f| *f > 0);
+    info.pid = number(&record.pid).and_then(|p| u32::try_from(p).ok());
+    info.host = record.host.clone();
+    info.value = record.value.clone();
+    info.acquired_at = time(&record.acquired_ms);
+    info.renewed_at = time(&record.renewed_ms);
+    info.ttl = number(&record.ttl_ms).map(Duration::from_millis);
+    info.expires_at = pttl
+        .parse::<u64>()
+        .ok()
+        .map(|ms| SystemTime::now() + Duration::from_millis(ms));
+    info
+}
+
+/// The dlock key a SCAN result stands for: the lock `<prefix><key>` itself, or the
+/// reader/permit set `{<prefix><key>}:leases` (also with a cluster's leading slot tag)
+/// of a key held only by readers or permits; `None` for anything else.
+fn key_of_scanned(name: &str, prefix: &str, names: impl Fn(&str) -> KeyNames) -> Option<String> {
+    if !is_side_key(name) {
+        return name.strip_prefix(prefix).map(str::to_owned);
+    }
+    let inner = name.strip_suffix("}:leases")?;
+    // `{<lock>` or, with a slot tag, `{T}{<lock>`.
+    let candidates = [
+        inner.strip_prefix('{'),
+        inner
+            .find('}')
+            .and_then(|end| inner.get(end + 1..))
+            .and_then(|rest| rest.strip_prefix('{')),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .filter_map(|lock| lock.strip_prefix(prefix))
+        .find(|key| names(key).leases == name)
+        .map(str::to_owned)
 }
 
 /// Escapes the glob characters of SCAN MATCH.
@@ -707,6 +878,31 @@ mod tests {
     }
 
     #[test]
+    fn scanned_names_map_back_to_their_keys() {
+        let single = |key: &str| KeyNames::new("dlock:", key);
+        let cluster = |key: &str| KeyNames::in_slot("dlock:", key);
+        for key in ["job", "a{b}c", "x}y", "{}", "}:leases"] {
+            for names in [single(key), cluster(key)] {
+                let of = |name: &str| {
+                    key_of_scanned(name, "dlock:", |k| {
+                        if names.leases.starts_with("{dlock:") {
+                            single(k)
+                        } else {
+                            cluster(k)
+                        }
+                    })
+                };
+                assert_eq!(of(&names.lock).as_deref(), Some(key), "{names:?}");
+                assert_eq!(of(&names.leases).as_deref(), Some(key), "{names:?}");
+                for side in [&names.fence, &names.holder, &names.records, &names.intents] {
+                    assert_eq!(of(side), None, "{side}");
+                }
+            }
+        }
+        assert_eq!(key_of_scanned("other:job", "dlock:", single), None);
+    }
+
+    #[test]
     fn hash_slots_follow_the_cluster_spec() {
         // The reference values of the Redis Cluster specification and CLUSTER KEYSLOT.
         assert_eq!(hash_slot(b"123456789"), 0x31c3);
@@ -732,7 +928,14 @@ mod tests {
         ] {
             let names = KeyNames::in_slot("dlock:", key);
             let slot = hash_slot(names.lock.as_bytes());
-            for side in [&names.fence, &names.holder, &names.channel] {
+            for side in [
+                &names.fence,
+                &names.holder,
+                &names.leases,
+                &names.records,
+                &names.intents,
+                &names.channel,
+            ] {
                 assert_eq!(hash_slot(side.as_bytes()), slot, "{key:?}: {side}");
             }
             assert!(

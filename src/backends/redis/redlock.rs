@@ -21,6 +21,7 @@ use super::node::{abandon_soon, Node, NodeAttempt};
 use super::waker::{ChannelWatch, Waker};
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+    LockKind,
 };
 use crate::core::lease::Lease;
 use crate::core::locks::{Locks, Wait};
@@ -272,6 +273,64 @@ impl Cluster {
     }
 }
 
+/// One lease's record from the nodes that hold it: the first node's, with the highest
+/// fence (phase 2 wrote it on the majority) and the earliest expiry.
+fn merged(key: &Key, infos: Vec<LockInfo>) -> LockInfo {
+    let fence = infos.iter().filter_map(|i| i.fence).max();
+    let expires_at = infos.iter().filter_map(|i| i.expires_at).min();
+    let mut info = infos
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| LockInfo::new(key.as_str()));
+    info.fence = fence;
+    info.expires_at = expires_at;
+    info
+}
+
+/// The readers or permits of `key` that a majority of nodes knows, from each node's
+/// record of its holders; `None` if there are none.
+fn quorum_holders(key: &Key, nodes: &[LockInfo], quorum: usize) -> Option<LockInfo> {
+    let mut by_owner: BTreeMap<String, Vec<LockInfo>> = BTreeMap::new();
+    for holder in nodes.iter().flat_map(|info| info.holders.iter()) {
+        if let Some(owner) = &holder.owner {
+            by_owner
+                .entry(owner.clone())
+                .or_default()
+                .push(holder.clone());
+        }
+    }
+    let mut holders: Vec<LockInfo> = by_owner
+        .into_values()
+        .filter(|infos| infos.len() >= quorum)
+        .map(|infos| merged(key, infos))
+        .collect();
+    if holders.is_empty() {
+        return None;
+    }
+    holders.sort_by_key(|h| h.fence);
+    let first = nodes.first()?;
+    let kind = match first.permits {
+        Some(permits) if first.kind.as_deref() == Some("semaphore") => {
+            LockKind::Semaphore { permits }
+        }
+        _ => LockKind::Shared,
+    };
+    Some(LockInfo::of_holders(key.as_str(), kind, holders))
+}
+
+/// The semaphore slot granted by the most nodes (the lowest on a tie), if any.
+fn most_granted_slot(grants: &[(usize, u64, u32)]) -> Option<u32> {
+    let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
+    for &(_, _, slot) in grants {
+        *votes.entry(slot).or_default() += 1;
+    }
+    let most = votes.values().copied().max()?;
+    votes
+        .into_iter()
+        .find(|&(_, n)| n == most)
+        .map(|(slot, _)| slot)
+}
+
 /// Wakes at the first release message from any node, then waits a small random delay.
 struct RedlockWatch {
     watches: Vec<ChannelWatch>,
@@ -280,7 +339,7 @@ struct RedlockWatch {
 #[async_trait]
 impl KeyWatch for RedlockWatch {
     async fn changed(&mut self) {
-        let waits = self.watches.iter().map(|w| Box::pin(w.notified()));
+        let waits = self.watches.iter_mut().map(|w| Box::pin(w.notified()));
         futures_util::future::select_all(waits).await;
         let jitter = rand::rng().random_range(Duration::ZERO..=RETRY_JITTER);
         tokio::time::sleep(jitter).await;
@@ -293,6 +352,7 @@ struct RedlockLease {
     cluster: Arc<Cluster>,
     key: Key,
     owner: Owner,
+    kind: LockKind,
     ttl: Duration,
 }
 
@@ -300,10 +360,10 @@ struct RedlockLease {
 impl HeldLease for RedlockLease {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         let limit = self.cluster.node_timeout(ttl);
-        let (key, owner) = (&self.key, &self.owner);
+        let (key, owner, kind) = (&self.key, &self.owner, self.kind);
         let results = self
             .cluster
-            .on_all(limit, |node| node.renew(key, owner, ttl))
+            .on_all(limit, |node| node.renew(key, owner, ttl, kind))
             .await;
         let renewed = self.cluster.tally("renewal", results)?;
         if renewed {
@@ -329,28 +389,42 @@ impl Backend for RedlockBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let cluster = &self.cluster;
         let started = Instant::now();
         let limit = cluster.node_timeout(request.ttl);
+        // Every node is asked to try the slots from the same one, so that nodes in the
+        // same state grant the same slot; a random start spreads concurrent requests.
+        let first_slot = match request.kind {
+            LockKind::Semaphore { permits } if permits > 1 => rand::rng().random_range(0..permits),
+            _ => 0,
+        };
         let results = cluster
-            .on_all(limit, |node| node.acquire(request, true))
+            .on_all(limit, |node| node.acquire(request, true, first_slot))
             .await;
-        let mut granted = Vec::new();
-        let mut counters = Vec::new();
+        // (node, counter, slot) of each grant.
+        let mut grants: Vec<(usize, u64, u32)> = Vec::new();
         // When each node's lock frees: zero where we were granted (we release below),
         // the remaining TTL where held, unknown (None) where the node failed.
         let mut frees: Vec<Option<Duration>> = Vec::new();
         let mut errors = Vec::new();
+        let mut mismatches: Vec<u32> = Vec::new();
         for (index, result) in results.into_iter().enumerate() {
             match result {
-                Ok(NodeAttempt::Taken(counter)) => {
-                    granted.push(index);
-                    counters.push(counter);
+                Ok(NodeAttempt::Taken { number, slot }) => {
+                    grants.push((index, number, slot));
                     frees.push(Some(Duration::ZERO));
+                }
+                Ok(NodeAttempt::Mismatch(held_with)) => {
+                    mismatches.push(held_with);
+                    frees.push(None);
                 }
                 Ok(NodeAttempt::Held(pttl)) => {
                     frees.push((pttl >= 0).then(|| Duration::from_millis(pttl.unsigned_abs())));
@@ -361,20 +435,37 @@ impl Backend for RedlockBackend {
                 }
             }
         }
+        // A permit holds one slot on a majority: the slot granted by most nodes.
+        let slot = most_granted_slot(&grants);
+        let granted: Vec<(usize, u64)> = grants
+            .iter()
+            .filter(|(_, _, s)| Some(*s) == slot)
+            .map(|&(index, counter, _)| (index, counter))
+            .collect();
         let drift = request.ttl / 100 + Duration::from_millis(2);
         if granted.len() >= cluster.quorum {
-            let fence = counters
+            // Grants of another slot are given back, so that this lease holds one slot.
+            let strays = grants.iter().filter(|(_, _, s)| Some(*s) != slot);
+            join_all(strays.filter_map(|&(index, _, _)| {
+                let node = cluster.nodes.get(index)?;
+                Some(tokio::time::timeout(
+                    limit,
+                    node.release(request.key, request.owner),
+                ))
+            }))
+            .await;
+            let fence = granted
                 .iter()
-                .copied()
+                .map(|&(_, counter)| counter)
                 .max()
                 .unwrap_or(0)
                 .saturating_add(1);
-            let commits = join_all(granted.iter().filter_map(|&index| {
+            let commits = join_all(granted.iter().filter_map(|&(index, _)| {
                 let node = cluster.nodes.get(index)?;
                 Some(async move {
                     tokio::time::timeout(
                         limit,
-                        node.commit_fence(request.key, request.owner, fence),
+                        node.commit_fence(request.key, request.owner, fence, request.kind),
                     )
                     .await
                     .unwrap_or(Ok(false))
@@ -394,20 +485,34 @@ impl Backend for RedlockBackend {
                         cluster: Arc::clone(cluster),
                         key: request.key.clone(),
                         owner: request.owner.clone(),
+                        kind: request.kind,
                         ttl: request.ttl,
                     }),
                 }));
             }
         }
         // Not held: give back what we took, on all nodes at once (also those that did not
-        // answer in time: the command may still have reached them).
-        if !granted.is_empty() || !errors.is_empty() {
+        // answer in time: the command may still have reached them). A writer's intent
+        // stays: it still waits.
+        if !grants.is_empty() || !errors.is_empty() {
             let cleanup = cluster
                 .node_timeout(request.ttl)
                 .max(Duration::from_millis(50));
             cluster
-                .release_everywhere(request.key, request.owner, cleanup)
+                .on_all(cleanup, |node| {
+                    node.release_keeping_intent(request.key, request.owner, true)
+                })
                 .await;
+        }
+        // The count differs on so many nodes that no majority can grant it.
+        if cluster.nodes.len() - mismatches.len() < cluster.quorum {
+            if let Some(&held_with) = mismatches.iter().max() {
+                return Err(super::single::mismatch(
+                    &cluster.describe,
+                    request,
+                    held_with,
+                ));
+            }
         }
         let answered = cluster.nodes.len() - errors.len();
         if answered < cluster.quorum {
@@ -465,8 +570,10 @@ impl Admin for RedlockBackend {
             .await;
         let mut errors = Vec::new();
         let mut by_owner: BTreeMap<String, Vec<LockInfo>> = BTreeMap::new();
+        let mut shared: Vec<LockInfo> = Vec::new();
         for result in results {
             match result {
+                Ok(Some(info)) if !info.holders.is_empty() => shared.push(info),
                 Ok(Some(info)) => {
                     if let Some(owner) = info.owner.clone() {
                         by_owner.entry(owner).or_default().push(info);
@@ -477,21 +584,14 @@ impl Admin for RedlockBackend {
             }
         }
         let answered = cluster.nodes.len() - errors.len();
+        if let Some(info) = quorum_holders(key, &shared, cluster.quorum) {
+            return Ok(Some(info));
+        }
         let held = by_owner
             .into_values()
             .find(|infos| infos.len() >= cluster.quorum);
         match held {
-            Some(infos) => {
-                let fence = infos.iter().filter_map(|i| i.fence).max();
-                let expires_at = infos.iter().filter_map(|i| i.expires_at).min();
-                let mut info = infos
-                    .into_iter()
-                    .next()
-                    .unwrap_or_else(|| LockInfo::new(key.as_str()));
-                info.fence = fence;
-                info.expires_at = expires_at;
-                Ok(Some(info))
-            }
+            Some(infos) => Ok(Some(merged(key, infos))),
             None if answered < cluster.quorum => {
                 Err(cluster.quorum_error("status", answered, &errors))
             }

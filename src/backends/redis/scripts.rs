@@ -7,7 +7,14 @@
 //! - `K`: the owner token, set with `SET K owner NX PX ttl` — the canonical lock;
 //! - `{K}:fence`: the last fence handed out for `K`, expiring once the server clock has
 //!   passed it by the lease TTL plus [`FENCE_MARGIN_MS`] (see [`KEEP_FENCE`]);
-//! - `{K}:holder`: a hash with pid, host, times and fence, for `status`, expiring with `K`.
+//! - `{K}:holder`: a hash with pid, host, times, fence and value, for `status`, expiring
+//!   with `K`;
+//! - `{K}:leases`: the reader or permit leases, a sorted set of owner tokens scored by
+//!   their expiry (server clock, ms), expiring with its last member;
+//! - `{K}:records`: a hash beside it, `.mode` (`shared` or `semaphore`), `.permits`, and
+//!   one JSON record per lease (fence, pid, host, value, times, slot);
+//! - `{K}:intents`: the waiting writers, a sorted set of owner tokens scored by when
+//!   their intent lapses, expiring with the latest.
 //!
 //! Numbers above 2^47 lose digits when Lua turns them into strings with `%.14g`, so
 //! every number written or returned goes through `string.format('%.0f', n)`.
@@ -60,56 +67,167 @@ fn keep_fence() -> String {
     KEEP_FENCE.replace("FENCE_MARGIN_MS", &FENCE_MARGIN_MS.to_string())
 }
 
-/// KEYS: lock, fence, holder. ARGV: owner, ttl_ms, pid, host, now_ms.
-/// Returns `{1, fence}` when taken (fence = max(counter + 1, clock µs), stored), else
-/// `{0, pttl}`.
+/// Helpers of the scripts that know the lock kinds: the server clock in ms, number
+/// formatting that keeps every digit, and the pruning of expired reader/permit leases.
+const KINDS: &str = r"
+local function fmt(n) return string.format('%.0f', n) end
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function prune(leases, records, now)
+  local gone = redis.call('ZRANGEBYSCORE', leases, '-inf', fmt(now))
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', fmt(now))
+    for i = 1, #gone do redis.call('HDEL', records, gone[i]) end
+  end
+  return redis.call('ZCARD', leases)
+end
+local function first_expiry(leases, now)
+  local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+  if #first < 2 then return 0 end
+  return math.max(tonumber(first[2]) - now, 0)
+end
+local function expire_with_last(leases, records)
+  local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
+  if #last == 2 then
+    redis.call('PEXPIREAT', leases, last[2])
+    redis.call('PEXPIREAT', records, last[2])
+  end
+end
+";
+
+/// How long a refused writer's intent keeps new readers out after its last attempt.
+pub const WRITER_INTENT_MS: u64 = 2_000;
+
+/// One attempt of any kind, on one node.
+///
+/// KEYS: lock, fence, holder, leases, records, intents. ARGV: owner, ttl_ms, pid, host,
+/// requested_ms, kind (`x` exclusive, `s` shared, `p` semaphore), permits, value,
+/// has_value (`1`/`0`), intent_ms, first slot to try, redlock (`1`: phase 1 of Redlock,
+/// which returns `max(counter, clock µs)` and writes no counter).
+///
+/// Returns `{1, fence, slot}` when taken, `{0, ms until a retry may succeed (-1: the
+/// holder has no expiry), 0}` when held, `{2, held_with, 0}` when the key's permits were
+/// taken with another count.
+///
+/// An exclusive request is refused while live reader/permit leases exist, and leaves an
+/// intent (member of `intents`, expiring `intent_ms` later) that keeps new readers out.
+/// A semaphore lease takes a slot `0..permits` free on this node, trying the slots from
+/// the given one: the count is bounded by the slots, which is what keeps Redlock, where a
+/// holder is on a majority and not on every node, from over-admitting.
 pub static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{FLOOR}{keep}
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+        r"{FLOOR}{keep}{KINDS}
+local owner, ttl = ARGV[1], ARGV[2]
+local redlock = ARGV[12] == '1'
+local function take_fence()
   local current, now = fence_floor(KEYS[2])
-  local fence = string.format('%.0f', math.max(current + 1, now))
+  if redlock then return fmt(math.max(current, now)) end
+  local fence = fmt(math.max(current + 1, now))
   redis.call('SET', KEYS[2], fence)
-  keep_fence(KEYS[2], fence, ARGV[2])
-  redis.call('DEL', KEYS[3])
-  redis.call('HSET', KEYS[3], 'owner', ARGV[1], 'fence', fence, 'pid', ARGV[3], 'host', ARGV[4],
-    'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ARGV[2])
-  redis.call('PEXPIRE', KEYS[3], ARGV[2])
-  return {{1, fence}}
+  keep_fence(KEYS[2], fence, ttl)
+  return fence
 end
-return {{0, string.format('%.0f', redis.call('PTTL', KEYS[1]))}}
+if ARGV[6] == 'x' then
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    local now = server_ms()
+    if prune(KEYS[4], KEYS[5], now) > 0 then
+      local intent = tonumber(ARGV[10])
+      redis.call('ZADD', KEYS[6], fmt(now + intent), owner)
+      redis.call('PEXPIRE', KEYS[6], ARGV[10])
+      return {{0, fmt(math.min(first_expiry(KEYS[4], now), math.floor(intent / 3))), 0}}
+    end
+  end
+  if redis.call('SET', KEYS[1], owner, 'NX', 'PX', ttl) then
+    local fence = take_fence()
+    redis.call('DEL', KEYS[3])
+    redis.call('HSET', KEYS[3], 'owner', owner, 'pid', ARGV[3], 'host', ARGV[4],
+      'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ttl)
+    if not redlock then redis.call('HSET', KEYS[3], 'fence', fence) end
+    if ARGV[9] == '1' then redis.call('HSET', KEYS[3], 'value', ARGV[8]) end
+    redis.call('PEXPIRE', KEYS[3], ttl)
+    redis.call('ZREM', KEYS[6], owner)
+    return {{1, fence, 0}}
+  end
+  return {{0, fmt(redis.call('PTTL', KEYS[1])), 0}}
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 then return {{0, fmt(pttl), 0}} end
+local now = server_ms()
+local shared = ARGV[6] == 's'
+local permits = tonumber(ARGV[7])
+-- A retry with the same owner token replaces what its earlier attempt took.
+if redis.call('ZREM', KEYS[4], owner) == 1 then redis.call('HDEL', KEYS[5], owner) end
+local live = prune(KEYS[4], KEYS[5], now)
+if live > 0 then
+  local mode = redis.call('HGET', KEYS[5], '.mode')
+  if shared and mode ~= 'shared' then return {{0, fmt(first_expiry(KEYS[4], now)), 0}} end
+  if not shared then
+    if mode ~= 'semaphore' then return {{0, fmt(first_expiry(KEYS[4], now)), 0}} end
+    local held_with = tonumber(redis.call('HGET', KEYS[5], '.permits') or '0')
+    if held_with ~= permits then return {{2, fmt(held_with), 0}} end
+    if live >= permits then return {{0, fmt(first_expiry(KEYS[4], now)), 0}} end
+  end
+end
+local slot = 0
+if shared then
+  if redis.call('EXISTS', KEYS[6]) == 1 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', fmt(now))
+    local first = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
+    if #first == 2 then return {{0, fmt(math.max(tonumber(first[2]) - now, 1)), 0}} end
+  end
+else
+  local used = {{}}
+  if live > 0 then
+    local all = redis.call('HGETALL', KEYS[5])
+    for i = 1, #all, 2 do
+      if string.sub(all[i], 1, 1) ~= '.' then
+        local ok, rec = pcall(cjson.decode, all[i + 1])
+        if ok and type(rec) == 'table' and rec.slot then used[tonumber(rec.slot)] = true end
+      end
+    end
+  end
+  slot = -1
+  local start = tonumber(ARGV[11]) % permits
+  for j = 0, permits - 1 do
+    local i = (start + j) % permits
+    if not used[i] then slot = i; break end
+  end
+  if slot < 0 then return {{0, fmt(first_expiry(KEYS[4], now)), 0}} end
+end
+local fence = take_fence()
+redis.call('ZADD', KEYS[4], fmt(now + tonumber(ttl)), owner)
+local rec = {{pid = ARGV[3], host = ARGV[4], acquired_ms = ARGV[5], renewed_ms = ARGV[5],
+  ttl_ms = ttl, slot = slot}}
+if not redlock then rec.fence = fence end
+if ARGV[9] == '1' then rec.value = ARGV[8] end
+redis.call('HSET', KEYS[5], owner, cjson.encode(rec), '.mode', shared and 'shared' or 'semaphore',
+  '.permits', ARGV[7])
+expire_with_last(KEYS[4], KEYS[5])
+return {{1, fence, slot}}
 ",
         keep = keep_fence()
     ))
 });
 
-/// Redlock, phase 1 on one node. KEYS: lock, fence, holder. ARGV: owner, ttl_ms, pid,
-/// host, now_ms. Returns `{1, max(counter, clock µs)}` (nothing written to the counter:
-/// phase 2 does that) when taken, else `{0, pttl}`.
-pub static REDLOCK_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{FLOOR}
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local current, now = fence_floor(KEYS[2])
-  local counter = string.format('%.0f', math.max(current, now))
-  redis.call('DEL', KEYS[3])
-  redis.call('HSET', KEYS[3], 'owner', ARGV[1], 'pid', ARGV[3], 'host', ARGV[4],
-    'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ARGV[2])
-  redis.call('PEXPIRE', KEYS[3], ARGV[2])
-  return {{1, counter}}
-end
-return {{0, string.format('%.0f', redis.call('PTTL', KEYS[1]))}}
-"
-    ))
-});
-
-/// Redlock, phase 2 on one node: records the chosen fence if the owner still holds the
-/// lock there. KEYS: lock, fence, holder. ARGV: owner, fence. Returns 1 or 0.
-/// The counter's horizon uses the lock's remaining TTL, which phase 1 has just set.
+/// Redlock, phase 2 on one node: records the chosen fence if the owner still holds its
+/// lease there. KEYS: lock, fence, holder, leases, records. ARGV: owner, fence, kind
+/// (`x` for an exclusive lease, else a reader or permit). Returns 1 or 0.
+/// The counter's horizon uses the lease's remaining TTL, which phase 1 has just set.
 pub static REDLOCK_COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{keep}
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+        r"{keep}{KINDS}
+local left
+if ARGV[3] == 'x' then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+  left = math.max(redis.call('PTTL', KEYS[1]), 0)
+else
+  local score = redis.call('ZSCORE', KEYS[4], ARGV[1])
+  if not score then return 0 end
+  left = tonumber(score) - server_ms()
+  if left <= 0 then return 0 end
+end
 local current = redis.call('GET', KEYS[2])
 local kept = ARGV[2]
 if (not current) or tonumber(current) < tonumber(ARGV[2]) then
@@ -117,9 +235,18 @@ if (not current) or tonumber(current) < tonumber(ARGV[2]) then
 else
   kept = current
 end
-keep_fence(KEYS[2], kept, math.max(redis.call('PTTL', KEYS[1]), 0))
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[3], 'fence', ARGV[2])
+keep_fence(KEYS[2], kept, left)
+if ARGV[3] == 'x' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('HSET', KEYS[3], 'fence', ARGV[2])
+  end
+else
+  local raw = redis.call('HGET', KEYS[5], ARGV[1])
+  if raw then
+    local rec = cjson.decode(raw)
+    rec.fence = ARGV[2]
+    redis.call('HSET', KEYS[5], ARGV[1], cjson.encode(rec))
+  end
 end
 return 1
 ",
@@ -127,7 +254,8 @@ return 1
     ))
 });
 
-/// Compare-and-expire. KEYS: lock, holder. ARGV: owner, ttl_ms, now_ms. Returns 1 or 0.
+/// Compare-and-expire of an exclusive lease. KEYS: lock, holder. ARGV: owner, ttl_ms,
+/// now_ms. Returns 1 or 0.
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -144,31 +272,71 @@ return 0
     )
 });
 
-/// Compare-and-delete, then a wake-up for waiters. KEYS: lock, holder. ARGV: owner,
-/// channel, key (the message). Returns 1 or 0. `publish` is PUBLISH, or SPUBLISH in a
-/// cluster, where the channel is in the lock's slot.
+/// Renewal of one reader or permit lease, touching only its own member and record.
+/// KEYS: leases, records. ARGV: owner, ttl_ms, now_ms. Returns 1 or 0 (gone or expired).
+pub static RENEW_SHARED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{KINDS}
+local now = server_ms()
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not score) or tonumber(score) <= now then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', fmt(now + tonumber(ARGV[2])), ARGV[1])
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if raw then
+  local rec = cjson.decode(raw)
+  rec.renewed_ms = ARGV[3]
+  rec.ttl_ms = ARGV[2]
+  redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(rec))
+end
+expire_with_last(KEYS[1], KEYS[2])
+return 1
+"
+    ))
+});
+
+/// Release of whatever `owner` holds on the key (an exclusive lease, or a reader or
+/// permit lease) and of its writer intent, then a wake-up for waiters of every kind.
+/// Also the cleanup of an abandoned attempt, which does not know what it took.
+/// KEYS: lock, holder, leases, records, intents. ARGV: owner, channel, key (the
+/// message), keep_intent (`1`: leave the owner's writer intent in place). Returns 1 if a
+/// live lease was released, else 0. `publish` is PUBLISH, or
+/// SPUBLISH in a cluster, where the channel is in the lock's slot.
 fn release(publish: &str) -> Script {
     Script::new(&format!(
-        r"
+        r"{KINDS}
+local done, changed = 0, false
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('{publish}', ARGV[2], ARGV[3])
-  return 1
+  done, changed = 1, true
+elseif redis.call('EXISTS', KEYS[3]) == 1 then
+  local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if score then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[4], ARGV[1])
+    if tonumber(score) > server_ms() then done = 1 end
+    changed = true
+    if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
+  end
 end
-return 0
+if ARGV[4] ~= '1' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then changed = true end
+if changed then redis.call('{publish}', ARGV[2], ARGV[3]) end
+return done
 "
     ))
 }
 
-/// Deletes the lock whoever holds it, and wakes waiters. KEYS: lock, holder.
-/// ARGV: channel, key (the message). Returns 1 if the lock was held.
+/// Breaks every lease of the key (the writer, every reader, every permit) and the
+/// writers' intents, and wakes waiters. KEYS: lock, holder, leases, records, intents.
+/// ARGV: channel, key (the message). Returns 1 if a live lease was there.
 fn force_release(publish: &str) -> Script {
     Script::new(&format!(
-        r"
+        r"{KINDS}
 local held = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[2])
+local live = redis.call('ZCOUNT', KEYS[3], '(' .. fmt(server_ms()), '+inf')
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('{publish}', ARGV[1], ARGV[2])
-return held
+if held > 0 or live > 0 then return 1 end
+return 0
 "
     ))
 }
@@ -182,16 +350,31 @@ pub static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| force_release("PUB
 /// [`force_release`] with SPUBLISH.
 pub static FORCE_RELEASE_SHARDED: LazyLock<Script> = LazyLock::new(|| force_release("SPUBLISH"));
 
-/// Who holds the lock. KEYS: lock, holder. Returns nil when free (or when the key is
-/// not a string, i.e. not a lock), else `{owner, pttl, {holder hash fields…}}`.
+/// Who holds the lock. KEYS: lock, holder, leases, records. Returns nil when free (or
+/// when the lock key is neither a string nor absent, i.e. not a lock), else
+/// `{'exclusive', owner, pttl, {holder hash fields…}}` for an exclusive lock, or
+/// `{mode, permits, '', {owner, pttl, record, …}}` for the live readers or permits.
 pub static INSPECT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{KINDS}
 local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'string' then return false end
-local owner = redis.call('GET', KEYS[1])
-local pttl = string.format('%.0f', redis.call('PTTL', KEYS[1]))
-return {owner, pttl, redis.call('HGETALL', KEYS[2])}
-",
-    )
+if kind == 'string' then
+  local owner = redis.call('GET', KEYS[1])
+  return {{'exclusive', owner, fmt(redis.call('PTTL', KEYS[1])), redis.call('HGETALL', KEYS[2])}}
+end
+if kind ~= 'none' then return false end
+local now = server_ms()
+local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. fmt(now), '+inf', 'WITHSCORES')
+if #live == 0 then return false end
+local holders = {{}}
+for i = 1, #live, 2 do
+  holders[#holders + 1] = live[i]
+  holders[#holders + 1] = fmt(tonumber(live[i + 1]) - now)
+  holders[#holders + 1] = redis.call('HGET', KEYS[4], live[i]) or ''
+end
+local mode = redis.call('HGET', KEYS[4], '.mode') or 'shared'
+local permits = redis.call('HGET', KEYS[4], '.permits') or '0'
+return {{mode, permits, '', holders}}
+"
+    ))
 });

@@ -5,9 +5,10 @@ use super::node::{abandon_soon, Connect, Node, NodeAttempt};
 use super::waker::Waker;
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+    LockKind,
 };
 use crate::core::owner::Owner;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::location::BackendUrl;
 use async_trait::async_trait;
@@ -17,8 +18,9 @@ use std::time::{Duration, Instant};
 /// Locks on one Redis node: the key `<prefix><key>` holds the owner token, taken with
 /// `SET NX PX` and renewed or released only by compare-and-expire / compare-and-delete
 /// scripts, so any client following that canonical protocol excludes dlock and is
-/// excluded by it. Waiters are woken by a Pub/Sub message from the release script, and
-/// at the holder's expiry.
+/// excluded by it. Readers and semaphore permits are leases in a sorted set beside it
+/// (docs/backends/redis.md, "Shared locks and semaphores"). Waiters are woken by a
+/// Pub/Sub message from the release script, and at the holder's expiry.
 #[derive(Debug)]
 pub struct RedisBackend {
     node: Arc<Node>,
@@ -76,12 +78,15 @@ struct RedisLease<C: Connect> {
     node: Arc<Node<C>>,
     key: Key,
     owner: Owner,
+    kind: LockKind,
 }
 
 #[async_trait]
 impl<C: Connect> HeldLease for RedisLease<C> {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
-        self.node.renew(&self.key, &self.owner, ttl).await
+        self.node
+            .renew(&self.key, &self.owner, ttl, self.kind)
+            .await
     }
 
     async fn release(self: Box<Self>) -> Result<bool> {
@@ -96,7 +101,11 @@ impl Backend for RedisBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
@@ -138,16 +147,20 @@ pub(super) async fn try_acquire<C: Connect>(
     request: &AcquireRequest<'_>,
 ) -> Result<Attempt> {
     let sent_at = Instant::now();
-    Ok(match node.acquire(request, false).await? {
-        NodeAttempt::Taken(fence) => Attempt::Acquired(Granted {
-            fence,
+    Ok(match node.acquire(request, false, 0).await? {
+        NodeAttempt::Taken { number, .. } => Attempt::Acquired(Granted {
+            fence: number,
             sent_at,
             lease: Box::new(RedisLease {
                 node: Arc::clone(node),
                 key: request.key.clone(),
                 owner: request.owner.clone(),
+                kind: request.kind,
             }),
         }),
+        NodeAttempt::Mismatch(held_with) => {
+            return Err(mismatch(node.describe(), request, held_with))
+        }
         NodeAttempt::Held(pttl) => Attempt::Held {
             expires_in: match pttl {
                 -1 => None,
@@ -155,6 +168,20 @@ pub(super) async fn try_acquire<C: Connect>(
             },
         },
     })
+}
+
+/// The error of a semaphore request whose count differs from the holders'.
+pub(super) fn mismatch(describe: &str, request: &AcquireRequest<'_>, held_with: u32) -> Error {
+    let asked = match request.kind {
+        LockKind::Semaphore { permits } => permits,
+        _ => 0,
+    };
+    Error::PermitMismatch {
+        key: request.key.to_string(),
+        backend: describe.to_owned(),
+        held_with,
+        asked,
+    }
 }
 
 /// Frees what an abandoned attempt on `node` may have taken.

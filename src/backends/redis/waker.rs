@@ -11,9 +11,11 @@
 //! price is that a subscribed handle receives the releases of every key under its prefix
 //! (a few dozen bytes each); give unrelated applications different prefixes.
 //!
-//! In this process, each message wakes **one** waiter of the key ([`Notify::notify_one`]:
-//! if it was dropped meanwhile, tokio passes the wake-up on), so many local waiters do not
-//! stampede the server: only the woken one tries, and the next release wakes the next.
+//! In this process, each message wakes every waiter of the key, and a waiter busy with an
+//! attempt when it comes sees it at its next wait (a per-key generation counter, never a
+//! missed wake-up). Exclusive waiters of one handle line up in the engine's local queue,
+//! so only the head of it watches and one message causes one attempt; readers and
+//! permit holders, which can all get in at once, are all woken.
 //! Across processes, each client wakes once per release. When the subscriber connection
 //! breaks, every waiter is woken (a release may have been missed) and the connection is
 //! re-established in the background while anybody waits; meanwhile waiters still retry
@@ -27,12 +29,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 #[derive(Debug)]
 struct Watched {
     refs: usize,
-    notify: Arc<Notify>,
+    /// Bumped at each wake-up; each waiter waits for a value it has not seen.
+    generation: watch::Sender<u64>,
 }
 
 /// The local waiters, by key, of one wake-up hub (this module's, or the cluster's shard
@@ -60,37 +63,33 @@ impl Watchers {
 
     /// Registers one more waiter for `key`.
     pub fn watch(self: &Arc<Self>, key: &str) -> ChannelWatch {
-        let notify = {
+        let seen = {
             let mut keys = self.keys();
             let entry = keys.entry(key.to_owned()).or_insert_with(|| Watched {
                 refs: 0,
-                notify: Arc::new(Notify::new()),
+                generation: watch::channel(0).0,
             });
             entry.refs += 1;
-            Arc::clone(&entry.notify)
+            entry.generation.subscribe()
         };
         ChannelWatch {
             watchers: Arc::clone(self),
             key: key.to_owned(),
-            notify,
+            seen,
         }
     }
 
-    /// Wakes one waiter of `key` (tokio passes the wake-up on if it was dropped).
-    pub fn wake_one(&self, key: &str) {
-        let notify = self
-            .keys()
-            .get(key)
-            .map(|watched| Arc::clone(&watched.notify));
-        if let Some(notify) = notify {
-            notify.notify_one();
+    /// Wakes the waiters of `key`.
+    pub fn wake(&self, key: &str) {
+        if let Some(watched) = self.keys().get(key) {
+            watched.generation.send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 
     /// Wakes every waiter: a release may have been missed.
     pub fn wake_all(&self) {
         for watched in self.keys().values() {
-            watched.notify.notify_waiters();
+            watched.generation.send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 
@@ -172,7 +171,7 @@ async fn read(inner: Weak<Inner>, mut stream: PubSubStream, generation: u64) {
     while let Some(message) = stream.next().await {
         let Some(inner) = inner.upgrade() else { return };
         let key = String::from_utf8_lossy(message.get_payload_bytes());
-        inner.watchers.wake_one(&key);
+        inner.watchers.wake(&key);
     }
     let Some(strong) = inner.upgrade() else {
         return;
@@ -279,13 +278,16 @@ impl Waker {
 pub struct ChannelWatch {
     watchers: Arc<Watchers>,
     key: String,
-    notify: Arc<Notify>,
+    seen: watch::Receiver<u64>,
 }
 
 impl ChannelWatch {
-    /// Resolves at the next wake-up for this waiter.
-    pub async fn notified(&self) {
-        self.notify.notified().await;
+    /// Resolves at the first wake-up this waiter has not seen yet.
+    pub async fn notified(&mut self) {
+        if self.seen.changed().await.is_err() {
+            // The sender lives as long as a watch of the key, this one included.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
