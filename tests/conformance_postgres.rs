@@ -11,6 +11,7 @@ mod session {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
 
 mod lease {

@@ -23,6 +23,7 @@ pub mod keys;
 mod lease_table;
 mod listener;
 pub(crate) mod session;
+mod session_kinds;
 
 use super::sql_url;
 use crate::core::backend::Backend;
