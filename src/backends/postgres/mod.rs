@@ -20,10 +20,11 @@
 //! sequence share locks and URLs that do not, do not.
 
 pub mod keys;
+mod lease_kinds;
 mod lease_table;
 mod listener;
 pub(crate) mod session;
-mod session_kinds;
+pub(crate) mod session_kinds;
 
 use super::sql_url;
 use crate::core::backend::Backend;
@@ -430,7 +431,7 @@ pub fn schema_sql(url: &str) -> Result<String> {
     let settings = Settings::parse(&url)?;
     let ddl = match settings.mode {
         Mode::Session => session::ddl(&settings.table),
-        Mode::Lease => lease_table::ddl(&settings.table),
+        Mode::Lease => lease_table::ddl(&settings.table, &settings.sequence),
     };
     Ok(format!(
         "CREATE SEQUENCE IF NOT EXISTS {};\n{ddl}\n",
