@@ -22,6 +22,7 @@
 //! client stalled while holding a row lock delays others by seconds, with an error that
 //! says so, not by the server's default 50 s.
 
+mod lease_kinds;
 mod lease_table;
 mod session;
 
@@ -471,7 +472,10 @@ pub fn schema_sql(url: &str) -> Result<String> {
             statements.push(session::ddl(&settings.table));
             statements
         }
-        Mode::Lease => vec![lease_table::ddl(&settings.table)],
+        Mode::Lease => vec![
+            lease_table::ddl(&settings.table),
+            lease_kinds::ddl(&settings.table),
+        ],
     };
     Ok(statements.iter().map(|s| format!("{s};\n")).collect())
 }

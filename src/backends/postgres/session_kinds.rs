@@ -148,35 +148,9 @@ pub(crate) fn kind_of(permits: Option<i32>) -> LockKind {
     }
 }
 
-fn name(kind: LockKind) -> &'static str {
-    match kind {
-        LockKind::Shared => "a shared lock",
-        LockKind::Semaphore { .. } => "a semaphore",
-        _ => "an exclusive lock",
-    }
-}
-
 /// The error of a request of `asked` on a key that live holders hold as `held`.
 pub(crate) fn conflict(describe: &str, key: &str, held: LockKind, asked: LockKind) -> Error {
-    match (held, asked) {
-        (
-            LockKind::Semaphore { permits: held_with },
-            LockKind::Semaphore { permits: asked },
-        ) => Error::PermitMismatch {
-            key: key.to_owned(),
-            backend: describe.to_owned(),
-            held_with,
-            asked,
-        },
-        _ => Error::backend(
-            describe,
-            format!(
-                "key {key:?} is held as {}, and was asked for as {}: a key is either a lock or a semaphore",
-                name(held),
-                name(asked)
-            ),
-        ),
-    }
+    crate::backends::sql_session::kind_conflict(describe, key, held, asked)
 }
 
 /// Fails unless `permits` fits the statements' `integer`.
