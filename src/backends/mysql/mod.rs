@@ -548,6 +548,11 @@ mod tests {
             "{sql}"
         );
         assert!(!sql.contains("dlock_fence_counter"), "{sql}");
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_leases_holders"),
+            "{sql}"
+        );
+        assert!(sql.contains("value TEXT NULL"), "{sql}");
         let sql = schema_sql("mysql://u@h/db").unwrap();
         assert!(sql.contains("dlock_fence_counter"), "{sql}");
         assert!(sql.contains("dlock_sessions"), "{sql}");

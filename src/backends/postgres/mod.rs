@@ -489,6 +489,31 @@ mod tests {
             sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions"),
             "{sql}"
         );
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions_holders"),
+            "{sql}"
+        );
+        let sql = schema_sql("postgres://u@h/db?mode=lease").unwrap();
+        for part in [
+            "CREATE TABLE IF NOT EXISTS dlock_leases_holders",
+            "FUNCTION dlock_leases_kind_acquire",
+            "FUNCTION dlock_leases_kind_release",
+            "FUNCTION dlock_leases_kind_renew",
+        ] {
+            assert!(sql.contains(part), "{part}: {sql}");
+        }
+    }
+
+    #[test]
+    fn bench_statements_bind_no_value() {
+        for url in ["postgres://u@h/db", "postgres://u@h/db?mode=lease"] {
+            let acquire = &bench_statements(url).unwrap()[0].1;
+            assert!(acquire.contains("NULL::text"), "{acquire}");
+            assert!(
+                !acquire.contains("$6, $7") && !acquire.contains("$5, $6)"),
+                "{acquire}"
+            );
+        }
     }
 
     #[test]
