@@ -24,4 +24,5 @@ mod lease {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }

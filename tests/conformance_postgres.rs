@@ -11,6 +11,7 @@ mod session {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
 
 mod lease {
@@ -24,4 +25,5 @@ mod lease {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }

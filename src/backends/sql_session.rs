@@ -19,6 +19,7 @@
 
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, EndSignal, Granted, HeldLease, LockInfo,
+    LockKind,
 };
 use crate::core::backoff::Backoff;
 use crate::core::owner::Owner;
@@ -56,6 +57,10 @@ pub(crate) struct Claim<L> {
     pub(crate) ttl: Duration,
     pub(crate) pid: u32,
     pub(crate) host: String,
+    /// The value published beside the lease (an election's leader value).
+    pub(crate) value: Option<String>,
+    /// Which kind of lease is asked for.
+    pub(crate) kind: LockKind,
     /// When a wait in the server's queue gives up (`None`: never).
     pub(crate) deadline: Option<Instant>,
     /// The database's name of the lock (an advisory key, a `GET_LOCK` name).
@@ -86,6 +91,17 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
     fn describe(&self) -> &str;
     /// The database's name of `key`'s lock.
     fn lock_of(&self, key: &Key) -> Self::Lock;
+    /// Whether the dialect takes shared and semaphore leases besides exclusive ones.
+    fn kinds(&self) -> bool {
+        false
+    }
+    /// Whether a wait for `kind` happens in the server's queue ([`wait_lock`]); other
+    /// kinds wait by attempts repeated with backoff.
+    ///
+    /// [`wait_lock`]: Dialect::wait_lock
+    fn waits_in_queue(&self, kind: LockKind) -> bool {
+        kind == LockKind::Exclusive
+    }
 
     /// Opens a session (bounded by the connect timeout of the settings).
     async fn connect(&self) -> Result<Self::Conn>;
@@ -131,8 +147,8 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
     /// Whether session `id` still holds `lock`, asked on another connection.
     async fn check(&self, lock: &Self::Lock, id: u64) -> Liveness;
 
-    /// The session holding `key`'s lock, if any.
-    async fn holder(&self, key: &Key) -> Result<Option<u64>>;
+    /// The sessions holding `key`'s lock (several for readers and permits).
+    async fn holders(&self, key: &Key) -> Result<Vec<u64>>;
     /// Ends session `id`, which holds `key`'s lock, and forgets its holder record.
     async fn end_session(&self, key: &Key, id: u64) -> Result<()>;
     /// Who holds `key`, for `status`.
@@ -219,6 +235,8 @@ impl<D: Dialect> SessionLocks<D> {
             ttl: request.ttl,
             pid: request.holder.pid,
             host: request.holder.host.clone(),
+            value: request.holder.value.clone(),
+            kind: request.kind,
             deadline: request.deadline,
             lock: self.pool.dialect.lock_of(request.key),
         }
@@ -437,7 +455,12 @@ impl<D: Dialect> Backend for SessionLocks<D> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::session_bound()
+        let kinds = self.pool.dialect.kinds();
+        Capabilities {
+            shared_locks: kinds,
+            semaphores: kinds,
+            ..Capabilities::session_bound()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
@@ -460,6 +483,9 @@ impl<D: Dialect> Backend for SessionLocks<D> {
     /// connection) are retried on a new connection until the deadline: the server's
     /// queue does not survive them, but the wait does.
     async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Option<Granted>> {
+        if !self.pool.dialect.waits_in_queue(request.kind) {
+            return crate::core::wait::poll_until_acquired(self, request).await;
+        }
         let claim = self.claim(request);
         let mut delays = Backoff {
             min: Duration::from_millis(50),
@@ -496,19 +522,27 @@ impl<D: Dialect> Admin for SessionLocks<D> {
         self.pool.dialect.list().await
     }
 
-    /// Ends the holder's session, then waits (briefly) until the server has freed its
-    /// lock, so that the old holder cannot release or renew in between.
+    /// Ends the holders' sessions (every reader's and permit's of a shared key), each
+    /// waited for (briefly) until the server has freed its lock, so that no old holder
+    /// can release or renew in between.
     async fn force_release(&self, key: &Key) -> Result<bool> {
         let dialect = &self.pool.dialect;
-        let Some(id) = dialect.holder(key).await? else {
-            return Ok(false);
-        };
-        dialect.end_session(key, id).await?;
+        // Only the sessions that hold it now: a waiter granted meanwhile is a new holder.
+        let ended = dialect.holders(key).await?;
+        for id in &ended {
+            dialect.end_session(key, *id).await?;
+        }
         let settled = Instant::now() + FORCE_SETTLE;
-        while dialect.holder(key).await? == Some(id) && Instant::now() < settled {
+        while Instant::now() < settled
+            && dialect
+                .holders(key)
+                .await?
+                .iter()
+                .any(|id| ended.contains(id))
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(true)
+        Ok(!ended.is_empty())
     }
 }
 
@@ -565,5 +599,36 @@ impl Cleanups {
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&mark);
         });
+    }
+}
+
+fn name(kind: LockKind) -> &'static str {
+    match kind {
+        LockKind::Shared => "a shared lock",
+        LockKind::Semaphore { .. } => "a semaphore",
+        _ => "an exclusive lock",
+    }
+}
+
+/// The error of a request of `asked` on a key that live holders hold as `held`.
+pub(crate) fn kind_conflict(describe: &str, key: &str, held: LockKind, asked: LockKind) -> Error {
+    match (held, asked) {
+        (
+            LockKind::Semaphore { permits: held_with },
+            LockKind::Semaphore { permits: asked },
+        ) => Error::PermitMismatch {
+            key: key.to_owned(),
+            backend: describe.to_owned(),
+            held_with,
+            asked,
+        },
+        _ => Error::backend(
+            describe,
+            format!(
+                "key {key:?} is held as {}, and was asked for as {}: a key is either a lock or a semaphore",
+                name(held),
+                name(asked)
+            ),
+        ),
     }
 }

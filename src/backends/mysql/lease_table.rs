@@ -25,19 +25,23 @@
 //! MySQL has no LISTEN/NOTIFY: waiters retry with the engine's jittered backoff (5 ms
 //! doubling to 1 s) and no later than the holder's expiry.
 
+use super::lease_kinds::{self, KindSql};
 use super::{
     ensure_schema, epoch_us, from_micros, is_lock_wait_timeout, micros, my_error, row_key,
     table_probe, Conns, Lent, Settings, STATEMENT_TIMEOUT,
 };
 use crate::backends::sql_session::Cleanups;
-use crate::core::backend::{AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, LockInfo};
+use crate::core::backend::{
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo, LockKind,
+};
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
 use crate::key::Key;
 use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
 use mysql_async::Row;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long before the engine's limit of an acquire attempt its statements give up.
@@ -60,6 +64,7 @@ pub(crate) fn ddl(table: &str) -> String {
     ttl_ms BIGINT NOT NULL,
     pid INT UNSIGNED NULL,
     host VARCHAR(255) NULL,
+    value TEXT NULL,
     KEY (expires_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
     )
@@ -76,12 +81,13 @@ struct Sql {
     force: String,
     inspect: String,
     list: String,
+    kinds: KindSql,
 }
 
 impl Sql {
     fn new(t: &str) -> Self {
         let cols = format!(
-            "key_text, owner, fence, pid, host, {}, {}, {}, ttl_ms",
+            "key_text, owner, fence, pid, host, {}, {}, {}, ttl_ms, value",
             epoch_us("acquired_at"),
             epoch_us("renewed_at"),
             epoch_us("expires_at")
@@ -89,12 +95,14 @@ impl Sql {
         let expired = "expires_at <= UTC_TIMESTAMP(6)";
         let free = format!("owner = '', expires_at = {RELEASED}");
         Sql {
-            peek: format!("SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) FROM {t} WHERE k = ?"),
+            kinds: KindSql::new(t),
+            // The empty owner: held by readers or permits.
+            peek: format!("SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at), owner = '' FROM {t} WHERE k = ?"),
             // Assignments run left to right and see earlier ones: expires_at goes last so
             // every condition reads the old expiry.
             claim: format!(
-                "INSERT INTO {t} (k, key_text, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host)
-VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), ?, ?, ?)
+                "INSERT INTO {t} (k, key_text, owner, fence, expires_at, acquired_at, renewed_at, ttl_ms, pid, host, value)
+VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), ?, ?, ?, ?)
 ON DUPLICATE KEY UPDATE
     fence = IF({expired}, fence + 1, fence),
     owner = IF({expired}, VALUES(owner), owner),
@@ -103,6 +111,7 @@ ON DUPLICATE KEY UPDATE
     ttl_ms = IF({expired}, VALUES(ttl_ms), ttl_ms),
     pid = IF({expired}, VALUES(pid), pid),
     host = IF({expired}, VALUES(host), host),
+    value = IF({expired}, VALUES(value), value),
     expires_at = IF({expired}, VALUES(expires_at), expires_at)"
             ),
             mine: format!(
@@ -116,8 +125,8 @@ WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"
             release_live: format!("UPDATE {t} SET {free} WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)"),
             release_any: format!("UPDATE {t} SET {free} WHERE k = ? AND owner = ?"),
             force: format!("UPDATE {t} SET {free} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6)"),
-            inspect: format!("SELECT {cols} FROM {t} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6)"),
-            list: format!("SELECT {cols} FROM {t} WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY key_text"),
+            inspect: format!("SELECT {cols} FROM {t} WHERE k = ? AND expires_at > UTC_TIMESTAMP(6) AND owner <> ''"),
+            list: format!("SELECT {cols} FROM {t} WHERE expires_at > UTC_TIMESTAMP(6) AND owner <> '' ORDER BY key_text"),
         }
     }
 }
@@ -155,6 +164,8 @@ struct Inner {
     first_fence: u64,
     /// Abandoned attempts whose rows are being freed.
     cleanups: Cleanups,
+    /// Writers of this handle that left an intent: they withdraw it when granted.
+    intents: Mutex<HashSet<(Key, String)>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -189,7 +200,27 @@ pub(crate) fn info_of(mut row: Row) -> LockInfo {
         .flatten()
         .and_then(|t| u64::try_from(t).ok())
         .map(Duration::from_millis);
+    info.value = row
+        .take_opt::<Option<String>, _>(9)
+        .and_then(|r| r.ok())
+        .flatten();
     info
+}
+
+/// The record of a key held by readers or permits (rows of the kinds' `inspect`).
+fn holders_info(mut rows: Vec<Row>) -> Option<LockInfo> {
+    let permits = rows
+        .first_mut()?
+        .take_opt::<Option<u32>, _>(10)
+        .and_then(|r| r.ok())
+        .flatten();
+    let kind = match permits {
+        Some(permits) => LockKind::Semaphore { permits },
+        None => LockKind::Shared,
+    };
+    let holders: Vec<LockInfo> = rows.into_iter().map(info_of).collect();
+    let key = holders.first()?.key.clone();
+    Some(LockInfo::of_holders(key, kind, holders))
 }
 
 /// The server's error code for a missing table.
@@ -201,13 +232,29 @@ impl MysqlLeaseBackend {
     pub async fn connect(settings: Settings) -> Result<Self> {
         let conns = Conns::new(settings.opts.clone(), settings.describe.clone());
         let mut conn = conns.take().await?;
+        let holders = lease_kinds::holders_table(&settings.table);
         ensure_schema(
             &mut conn,
             &settings.describe,
-            &[table_probe(&settings.table)],
-            vec![ddl(&settings.table)],
+            &[table_probe(&settings.table), table_probe(&holders)],
+            vec![ddl(&settings.table), lease_kinds::ddl(&settings.table)],
         )
         .await?;
+        // Tables of versions before the kinds lack the value column.
+        let probe = format!("SELECT value FROM {} LIMIT 0", settings.table);
+        if let Err(mysql_async::Error::Server(_)) = conn.query_drop(probe).await {
+            conn.query_drop(format!(
+                "ALTER TABLE {} ADD COLUMN value TEXT NULL",
+                settings.table
+            ))
+            .await
+            .map_err(|err| {
+                Error::backend(
+                    &settings.describe,
+                    format!("cannot add the value column to {} ({err}); have it added by a user with ALTER (see docs/backends/mysql.md)", settings.table),
+                )
+            })?;
+        }
         // A plain (consistent, non-locking) read: a stalled client of an earlier version
         // holding the counter's row lock does not delay it.
         let old: mysql_async::Result<Option<u64>> = conn
@@ -230,6 +277,7 @@ impl MysqlLeaseBackend {
                 sql: Sql::new(&settings.table),
                 first_fence: old.saturating_add(1),
                 cleanups: Cleanups::default(),
+                intents: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -336,6 +384,7 @@ impl MysqlLeaseBackend {
                     super::millis(request.ttl),
                     request.holder.pid,
                     request.holder.host.as_str(),
+                    request.holder.value.as_deref(),
                 ),
             ),
         )
@@ -378,59 +427,175 @@ impl Backend for MysqlLeaseBackend {
         &self.inner.describe
     }
 
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
+    }
+
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let began = Instant::now();
         if self.inner.cleanups.running(request.key, request.owner) {
             return Ok(Attempt::Held { expires_in: None });
         }
         let mut conn = self.conn().await?;
+        if request.kind != LockKind::Exclusive {
+            return self.try_kind(conn, request, began).await;
+        }
         let key = request.key.as_str();
         let k = row_key(key);
-        let remaining: Option<Option<i64>> = self
+        let remaining: Option<(Option<i64>, Option<bool>)> = self
             .on_row(
                 key,
                 conn.exec_first(self.inner.sql.peek.as_str(), (k.as_slice(),)),
             )
             .await?;
-        if let Some(Some(us)) = remaining {
+        if let Some((Some(us), by_holders)) = remaining {
             if us > 0 {
+                let mut expires_in = Duration::from_micros(us.unsigned_abs());
+                if by_holders == Some(true) {
+                    self.leave_intent(&mut conn, request).await?;
+                    expires_in = expires_in.min(lease_kinds::INTENT / 3);
+                }
                 conn.keep();
                 return Ok(Attempt::Held {
-                    expires_in: Some(Duration::from_micros(us.unsigned_abs())),
+                    expires_in: Some(expires_in),
                 });
             }
         }
         // A dropped future (or a failed statement) closes the connection.
         let claimed = self.claim(&mut conn, request, began).await?;
+        if claimed.is_some() && self.intent_left(request.key, request.owner, false) {
+            self.on_row(
+                key,
+                conn.exec_drop(
+                    self.inner.sql.kinds.drop_intent.as_str(),
+                    (k.as_slice(), request.owner.as_str()),
+                ),
+            )
+            .await?;
+        }
         conn.keep();
         match claimed {
             Some(fence) => Ok(Attempt::Acquired(Granted {
                 fence,
                 sent_at: began,
-                lease: self.held(request.key, request.owner),
+                lease: self.held(request.key, request.owner, LockKind::Exclusive),
             })),
             None => Ok(Attempt::Held { expires_in: None }),
         }
     }
 
     /// The owner-checked release, in the background: the caller gave up on a store that
-    /// did not answer, and must not wait for that store again.
+    /// did not answer, and must not wait for that store again. The attempt's kind is not
+    /// known here: the row, and any reader, permit or intent of the owner, are freed.
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        self.inner
-            .cleanups
-            .spawn(self.held(key, owner).release(), key, owner);
+        self.intent_left(key, owner, false);
+        let (this, k, o) = (self.clone(), key.clone(), owner.clone());
+        let cleanup = async move {
+            let row = this.release_row(&k, &o).await;
+            let holder = this.release_holder(&k, &o).await;
+            Ok(row? | holder?)
+        };
+        self.inner.cleanups.spawn(cleanup, key, owner);
         Ok(())
     }
 }
 
 impl MysqlLeaseBackend {
     /// The handle of a row held (or maybe taken) by `owner`.
-    fn held(&self, key: &Key, owner: &Owner) -> Box<dyn HeldLease> {
+    fn held(&self, key: &Key, owner: &Owner, kind: LockKind) -> Box<dyn HeldLease> {
         Box::new(MysqlLease {
             backend: self.clone(),
             key: key.clone(),
             owner: owner.clone(),
+            kind,
         })
+    }
+
+    /// Whether `owner` left an intent on `key` (and notes that it did, if `leaves`).
+    fn intent_left(&self, key: &Key, owner: &Owner, leaves: bool) -> bool {
+        let mut intents = self
+            .inner
+            .intents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mark = (key.clone(), owner.as_str().to_owned());
+        if leaves {
+            !intents.insert(mark)
+        } else {
+            intents.remove(&mark)
+        }
+    }
+
+    /// A writer refused by readers writes (or refreshes) its intent.
+    async fn leave_intent(&self, conn: &mut Lent, request: &AcquireRequest<'_>) -> Result<()> {
+        let key = request.key.as_str();
+        self.intent_left(request.key, request.owner, true);
+        self.on_row(
+            key,
+            conn.exec_drop(
+                self.inner.sql.kinds.intent.as_str(),
+                (
+                    row_key(key),
+                    request.owner.as_str(),
+                    key.as_bytes(),
+                    micros(lease_kinds::INTENT),
+                ),
+            ),
+        )
+        .await
+    }
+
+    /// One attempt at a reader or a permit, on its own transaction.
+    async fn try_kind(
+        &self,
+        mut conn: Lent,
+        request: &AcquireRequest<'_>,
+        began: Instant,
+    ) -> Result<Attempt> {
+        let outcome = self
+            .on_row(
+                request.key.as_str(),
+                lease_kinds::try_kind(
+                    &mut conn,
+                    &self.inner.sql.kinds,
+                    &self.inner.describe,
+                    request,
+                    self.inner.first_fence,
+                ),
+            )
+            .await?;
+        // Only a finished transaction returns the connection to the pool.
+        conn.keep();
+        match outcome? {
+            lease_kinds::Outcome::Granted(fence) => Ok(Attempt::Acquired(Granted {
+                fence,
+                sent_at: began,
+                lease: self.held(request.key, request.owner, request.kind),
+            })),
+            lease_kinds::Outcome::Held(expires_in) => Ok(Attempt::Held { expires_in }),
+        }
+    }
+
+    /// A reader's or permit's release: `true` if it was live.
+    async fn release_holder(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let live = self
+            .on_row(
+                key.as_str(),
+                lease_kinds::release(
+                    &mut conn,
+                    &self.inner.sql.kinds,
+                    key.as_str(),
+                    owner.as_str(),
+                ),
+            )
+            .await?;
+        conn.keep();
+        Ok(live)
     }
 }
 
@@ -439,6 +604,7 @@ struct MysqlLease {
     backend: MysqlLeaseBackend,
     key: Key,
     owner: Owner,
+    kind: LockKind,
 }
 
 #[async_trait]
@@ -446,6 +612,36 @@ impl HeldLease for MysqlLease {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         let backend = &self.backend;
         let mut conn = backend.conn().await?;
+        if self.kind != LockKind::Exclusive {
+            let k = row_key(self.key.as_str());
+            let sql = &backend.inner.sql.kinds;
+            backend
+                .on_row(
+                    self.key.as_str(),
+                    conn.exec_drop(
+                        sql.renew_holder.as_str(),
+                        (
+                            super::millis(ttl),
+                            micros(ttl),
+                            k.as_slice(),
+                            self.owner.as_str(),
+                        ),
+                    ),
+                )
+                .await?;
+            if conn.affected_rows() != 1 {
+                conn.keep();
+                return Ok(false);
+            }
+            backend
+                .on_row(
+                    self.key.as_str(),
+                    conn.exec_drop(sql.renew_row.as_str(), (micros(ttl), k.as_slice())),
+                )
+                .await?;
+            conn.keep();
+            return Ok(true);
+        }
         backend
             .on_row(
                 self.key.as_str(),
@@ -465,6 +661,9 @@ impl HeldLease for MysqlLease {
     }
 
     async fn release(self: Box<Self>) -> Result<bool> {
+        if self.kind != LockKind::Exclusive {
+            return self.backend.release_holder(&self.key, &self.owner).await;
+        }
         self.backend.release_row(&self.key, &self.owner).await
     }
 }
@@ -504,6 +703,19 @@ impl MysqlLeaseBackend {
 impl Admin for MysqlLeaseBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let mut conn = self.conn().await?;
+        let rows: Vec<Row> = self
+            .on_row(
+                key.as_str(),
+                conn.exec(
+                    self.inner.sql.kinds.inspect.as_str(),
+                    (row_key(key.as_str()),),
+                ),
+            )
+            .await?;
+        if let Some(info) = holders_info(rows) {
+            conn.keep();
+            return Ok(Some(info));
+        }
         let row: Option<Row> = self
             .on_row(
                 key.as_str(),
@@ -519,8 +731,25 @@ impl Admin for MysqlLeaseBackend {
         let rows: Vec<Row> = self
             .on_row("*", conn.query(self.inner.sql.list.as_str()))
             .await?;
+        let mut all: Vec<LockInfo> = rows.into_iter().map(info_of).collect();
+        let rows: Vec<Row> = self
+            .on_row("*", conn.query(self.inner.sql.kinds.list.as_str()))
+            .await?;
         conn.keep();
-        Ok(rows.into_iter().map(info_of).collect())
+        // Rows come ordered by key: one record per run of a key.
+        let mut run: Vec<Row> = Vec::new();
+        let mut run_key: Option<Vec<u8>> = None;
+        for row in rows {
+            let key: Option<Vec<u8>> = row.get(0);
+            if key != run_key && !run.is_empty() {
+                all.extend(holders_info(std::mem::take(&mut run)));
+            }
+            run_key = key;
+            run.push(row);
+        }
+        all.extend(holders_info(run));
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(all)
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
@@ -530,7 +759,17 @@ impl Admin for MysqlLeaseBackend {
             conn.exec_drop(self.inner.sql.force.as_str(), (row_key(key.as_str()),)),
         )
         .await?;
+        let held = conn.affected_rows() > 0;
+        // Every reader and permit of the key goes with it.
+        self.on_row(
+            key.as_str(),
+            conn.exec_drop(
+                self.inner.sql.kinds.force.as_str(),
+                (row_key(key.as_str()),),
+            ),
+        )
+        .await?;
         conn.keep();
-        Ok(conn.affected_rows() > 0)
+        Ok(held)
     }
 }

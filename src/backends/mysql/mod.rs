@@ -22,6 +22,7 @@
 //! client stalled while holding a row lock delays others by seconds, with an error that
 //! says so, not by the server's default 50 s.
 
+mod lease_kinds;
 mod lease_table;
 mod session;
 
@@ -471,7 +472,10 @@ pub fn schema_sql(url: &str) -> Result<String> {
             statements.push(session::ddl(&settings.table));
             statements
         }
-        Mode::Lease => vec![lease_table::ddl(&settings.table)],
+        Mode::Lease => vec![
+            lease_table::ddl(&settings.table),
+            lease_kinds::ddl(&settings.table),
+        ],
     };
     Ok(statements.iter().map(|s| format!("{s};\n")).collect())
 }
@@ -544,6 +548,11 @@ mod tests {
             "{sql}"
         );
         assert!(!sql.contains("dlock_fence_counter"), "{sql}");
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_leases_holders"),
+            "{sql}"
+        );
+        assert!(sql.contains("value TEXT NULL"), "{sql}");
         let sql = schema_sql("mysql://u@h/db").unwrap();
         assert!(sql.contains("dlock_fence_counter"), "{sql}");
         assert!(sql.contains("dlock_sessions"), "{sql}");

@@ -373,10 +373,13 @@ impl Dialect for MySession {
         }
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<u64>> {
-        self.used_by(&self.lock_of(key))
+    async fn holders(&self, key: &Key) -> Result<Vec<u64>> {
+        Ok(self
+            .used_by(&self.lock_of(key))
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?
+            .into_iter()
+            .collect())
     }
 
     async fn end_session(&self, _key: &Key, id: u64) -> Result<()> {
@@ -390,7 +393,8 @@ impl Dialect for MySession {
 
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let name = self.lock_of(key);
-        let Some(conn_id) = self.holder(key).await? else {
+        let used_by = self.used_by(&name).await.map_err(|e| self.err(e))?;
+        let Some(conn_id) = used_by else {
             return Ok(None);
         };
         let mut conn = self.admin.take().await?;

@@ -20,9 +20,11 @@
 //! sequence share locks and URLs that do not, do not.
 
 pub mod keys;
+mod lease_kinds;
 mod lease_table;
 mod listener;
 pub(crate) mod session;
+pub(crate) mod session_kinds;
 
 use super::sql_url;
 use crate::core::backend::Backend;
@@ -429,7 +431,7 @@ pub fn schema_sql(url: &str) -> Result<String> {
     let settings = Settings::parse(&url)?;
     let ddl = match settings.mode {
         Mode::Session => session::ddl(&settings.table),
-        Mode::Lease => lease_table::ddl(&settings.table),
+        Mode::Lease => lease_table::ddl(&settings.table, &settings.sequence),
     };
     Ok(format!(
         "CREATE SEQUENCE IF NOT EXISTS {};\n{ddl}\n",
@@ -487,6 +489,31 @@ mod tests {
             sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions"),
             "{sql}"
         );
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions_holders"),
+            "{sql}"
+        );
+        let sql = schema_sql("postgres://u@h/db?mode=lease").unwrap();
+        for part in [
+            "CREATE TABLE IF NOT EXISTS dlock_leases_holders",
+            "FUNCTION dlock_leases_kind_acquire",
+            "FUNCTION dlock_leases_kind_release",
+            "FUNCTION dlock_leases_kind_renew",
+        ] {
+            assert!(sql.contains(part), "{part}: {sql}");
+        }
+    }
+
+    #[test]
+    fn bench_statements_bind_no_value() {
+        for url in ["postgres://u@h/db", "postgres://u@h/db?mode=lease"] {
+            let acquire = &bench_statements(url).unwrap()[0].1;
+            assert!(acquire.contains("NULL::text"), "{acquire}");
+            assert!(
+                !acquire.contains("$6, $7") && !acquire.contains("$5, $6)"),
+                "{acquire}"
+            );
+        }
     }
 
     #[test]

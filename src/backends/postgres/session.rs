@@ -21,10 +21,11 @@
 //! holds.
 
 use super::keys::{namespaced_key, pg_locks_halves};
+use super::session_kinds::{self, KindSql};
 use super::{ensure_schema, fence_namespace, millis, pg_error, Conn, Settings, Shared};
 use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Liveness, SessionLocks};
 use crate::backends::sql_sweep::SweepClock;
-use crate::core::backend::LockInfo;
+use crate::core::backend::{LockInfo, LockKind};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use async_trait::async_trait;
@@ -35,8 +36,9 @@ use tokio_postgres::{CancelToken, Config, NoTls, Row};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// The sessions table's definition.
+/// The sessions table's definition, and its holders table's (readers, permits).
 pub(crate) fn ddl(table: &str) -> String {
+    let holders = session_kinds::ddl(&session_kinds::holders_table(table));
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
     key text PRIMARY KEY,
@@ -48,8 +50,11 @@ pub(crate) fn ddl(table: &str) -> String {
     renewed_at timestamptz NOT NULL,
     ttl_ms bigint,
     pid integer,
-    host text
-);"
+    host text,
+    value text
+);
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS value text;
+{holders}"
     )
 }
 
@@ -63,6 +68,7 @@ struct Sql {
     force: String,
     held: String,
     sweep: String,
+    kinds: KindSql,
 }
 
 const LOCK_MATCH: &str = "l.locktype = 'advisory' AND l.granted AND l.objsubid = 1";
@@ -72,16 +78,17 @@ impl Sql {
         let upsert = |lock: &str, filter: &str| {
             format!(
                 "WITH l AS (SELECT {lock})
-INSERT INTO {t} AS h (key, lock_id, owner, fence, backend_pid, acquired_at, renewed_at, ttl_ms, pid, host)
-SELECT $2, $1, $3, nextval('{seq}'), pg_backend_pid(), clock_timestamp(), clock_timestamp(), $4, $5, $6 FROM l {filter}
+INSERT INTO {t} AS h (key, lock_id, owner, fence, backend_pid, acquired_at, renewed_at, ttl_ms, pid, host, value)
+SELECT $2, $1, $3, nextval('{seq}'), pg_backend_pid(), clock_timestamp(), clock_timestamp(), $4, $5, $6, $7 FROM l {filter}
 ON CONFLICT (key) DO UPDATE SET lock_id = excluded.lock_id, owner = excluded.owner, fence = excluded.fence,
     backend_pid = excluded.backend_pid, acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at,
-    ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host
+    ttl_ms = excluded.ttl_ms, pid = excluded.pid, host = excluded.host, value = excluded.value
 RETURNING fence, backend_pid"
             )
         };
         let this_db =
             "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+        let kinds = KindSql::new(&session_kinds::holders_table(t), seq, LOCK_MATCH);
         let row_lock = "l.pid = h.backend_pid AND l.classid = ((h.lock_id >> 32) & 4294967295)::oid AND l.objid = (h.lock_id & 4294967295)::oid";
         Sql {
             try_lock: upsert("pg_try_advisory_lock($1) AS got", "WHERE l.got"),
@@ -96,27 +103,30 @@ SELECT pg_advisory_unlock($1), (SELECT count(*) FROM d)"
             ),
             inspect: format!(
                 "SELECT h.owner, h.fence, h.pid, h.host, h.acquired_at, h.renewed_at, h.ttl_ms, l.pid,
-       host(a.client_addr), a.application_name
+       host(a.client_addr), a.application_name, h.value
 FROM pg_locks l
 LEFT JOIN {t} h ON h.key = $1 AND h.backend_pid = l.pid
 LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE {LOCK_MATCH} AND {this_db} AND l.classid = $2 AND l.objid = $3"
             ),
             list: format!(
-                "SELECT h.key, h.owner, h.fence, h.pid, h.host, h.acquired_at, h.renewed_at, h.ttl_ms, l.pid
+                "SELECT h.key, h.owner, h.fence, h.pid, h.host, h.acquired_at, h.renewed_at, h.ttl_ms, l.pid, h.value
 FROM {t} h JOIN pg_locks l ON {LOCK_MATCH} AND {row_lock}
 ORDER BY h.key"
             ),
             force: format!(
-                "WITH d AS (DELETE FROM {t} WHERE key = $1 AND backend_pid = $2)
-SELECT pg_terminate_backend($2)"
+                "WITH d AS (DELETE FROM {t} WHERE key = $1 AND backend_pid = $2), r AS ({})
+SELECT pg_terminate_backend($2)",
+                kinds.force
             ),
             held: format!(
                 "SELECT l.pid FROM pg_locks l WHERE {LOCK_MATCH} AND {this_db} AND l.classid = $1 AND l.objid = $2"
             ),
             sweep: format!(
-                "DELETE FROM {t} h WHERE NOT EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_MATCH} AND {row_lock})"
+                "WITH r AS ({}) DELETE FROM {t} h WHERE NOT EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_MATCH} AND {row_lock})",
+                kinds.sweep
             ),
+            kinds,
         }
     }
 }
@@ -127,6 +137,8 @@ pub(super) fn bench_statements(table: &str, sequence: &str) -> Vec<(&'static str
     let Sql {
         try_lock, release, ..
     } = Sql::new(table, sequence);
+    // A plain lock publishes no value.
+    let try_lock = try_lock.replace("$7", "NULL::text");
     vec![("acquire", try_lock), ("release", release)]
 }
 
@@ -151,10 +163,12 @@ pub(crate) async fn connect(settings: Settings) -> Result<PgSessionBackend> {
         settings.describe.clone(),
     ));
     let conn = admin.get().await?;
+    // The holders table is the newest part: a schema without it predates the kinds and
+    // the `value` column, which the script adds.
     ensure_schema(
         &conn,
         &settings.describe,
-        &settings.table,
+        &session_kinds::holders_table(&settings.table),
         &settings.sequence,
         &ddl(&settings.table),
     )
@@ -176,18 +190,25 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 const QUERY_CANCELED: &str = "57014";
 
 /// The parameters of an acquire statement, in the order the statements take them.
+/// A semaphore's statement also takes `$8` permits and `$9` the slot ids.
 fn run_params<'a>(
     claim: &'a Claim<i64>,
     owned: &'a Owned,
-) -> [(&'a (dyn tokio_postgres::types::ToSql + Sync), Type); 6] {
-    [
+) -> Vec<(&'a (dyn tokio_postgres::types::ToSql + Sync), Type)> {
+    let mut params: Vec<(&'a (dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![
         (&claim.lock, Type::INT8),
         (&owned.key, Type::TEXT),
         (&claim.owner, Type::TEXT),
         (&owned.ttl_ms, Type::INT8),
         (&owned.pid, Type::INT4),
         (&claim.host, Type::TEXT),
-    ]
+        (&claim.value, Type::TEXT),
+    ];
+    if let Some((permits, slots)) = &owned.permits {
+        params.push((permits, Type::INT4));
+        params.push((slots, Type::INT8_ARRAY));
+    }
+    params
 }
 
 /// The values of a claim in the types the statements take.
@@ -195,16 +216,18 @@ struct Owned {
     key: String,
     ttl_ms: i64,
     pid: Option<i32>,
+    /// A semaphore's permits and slot ids.
+    permits: Option<(i32, Vec<i64>)>,
 }
 
-impl Owned {
-    fn of(claim: &Claim<i64>) -> Self {
-        Owned {
-            key: claim.key.to_string(),
-            ttl_ms: millis(claim.ttl),
-            pid: i32::try_from(claim.pid).ok(),
-        }
-    }
+/// What an acquire statement answered.
+enum Answer {
+    /// Granted, with this fence.
+    Granted(u64),
+    /// Held by others of the same kind (or a writer): wait.
+    Held,
+    /// Held by live holders of another kind or permit count.
+    Conflict(LockKind),
 }
 
 fn is_code(err: &tokio_postgres::Error, code: &str) -> bool {
@@ -222,24 +245,74 @@ impl PgSession {
         });
     }
 
+    fn owned(&self, claim: &Claim<i64>) -> Result<Owned> {
+        let permits = match claim.kind {
+            LockKind::Semaphore { permits } => Some((
+                session_kinds::permits_param(&self.describe, permits)?,
+                session_kinds::slot_ids(&self.namespace, claim.key.as_str(), permits),
+            )),
+            _ => None,
+        };
+        Ok(Owned {
+            key: claim.key.to_string(),
+            ttl_ms: millis(claim.ttl),
+            pid: i32::try_from(claim.pid).ok(),
+            permits,
+        })
+    }
+
+    /// The acquire statement of `claim`'s kind (a semaphore never waits in the queue).
+    fn lock_sql(&self, claim: &Claim<i64>, wait: bool) -> &str {
+        match (claim.kind, wait) {
+            (LockKind::Shared, false) => &self.sql.kinds.try_shared,
+            (LockKind::Shared, true) => &self.sql.kinds.wait_shared,
+            (LockKind::Semaphore { .. }, _) => &self.sql.kinds.try_permit,
+            (_, false) => &self.sql.try_lock,
+            (_, true) => &self.sql.wait_lock,
+        }
+    }
+
     async fn lock_with(
         &self,
         conn: &Conn,
         claim: &Claim<i64>,
-        sql: &str,
-    ) -> Result<Option<u64>, tokio_postgres::Error> {
-        let owned = Owned::of(claim);
-        let rows = conn.query_typed(sql, &run_params(claim, &owned)).await?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
+        wait: bool,
+    ) -> Result<Result<Answer, tokio_postgres::Error>> {
+        let owned = self.owned(claim)?;
+        let sql = self.lock_sql(claim, wait);
+        let rows = match conn.query_typed(sql, &run_params(claim, &owned)).await {
+            Ok(rows) => rows,
+            Err(err) => return Ok(Err(err)),
         };
-        if let Ok(pid) = row.try_get::<_, i32>(1) {
+        let Some(row) = rows.first() else {
+            return Ok(Ok(Answer::Held));
+        };
+        if let Ok(Some(pid)) = row.try_get::<_, Option<i32>>(1) {
             conn.set_backend_pid(pid);
         }
-        Ok(row
-            .try_get::<_, i64>(0)
-            .ok()
-            .map(|fence| u64::try_from(fence).unwrap_or(0)))
+        if let Ok(Some(fence)) = row.try_get::<_, Option<i64>>(0) {
+            return Ok(Ok(Answer::Granted(u64::try_from(fence).unwrap_or(0))));
+        }
+        // The kinds' statements count the live holders of another kind or count.
+        if row.try_get::<_, i64>(2).unwrap_or(0) > 0 {
+            let held = session_kinds::kind_of(row.try_get::<_, Option<i32>>(3).ok().flatten());
+            return Ok(Ok(Answer::Conflict(held)));
+        }
+        Ok(Ok(Answer::Held))
+    }
+
+    /// A fence, `None` for held, or the typed error of a conflict of kinds.
+    fn settle(&self, claim: &Claim<i64>, answer: Answer) -> Result<Option<u64>> {
+        match answer {
+            Answer::Granted(fence) => Ok(Some(fence)),
+            Answer::Held => Ok(None),
+            Answer::Conflict(held) => Err(session_kinds::conflict(
+                &self.describe,
+                claim.key.as_str(),
+                held,
+                claim.kind,
+            )),
+        }
     }
 
     async fn admin_rows(
@@ -268,6 +341,14 @@ impl Dialect for PgSession {
         namespaced_key(&self.namespace, key.as_str())
     }
 
+    fn kinds(&self) -> bool {
+        true
+    }
+
+    fn waits_in_queue(&self, kind: LockKind) -> bool {
+        matches!(kind, LockKind::Exclusive | LockKind::Shared)
+    }
+
     async fn connect(&self) -> Result<Conn> {
         Conn::open(&self.config, &self.describe).await
     }
@@ -290,9 +371,11 @@ impl Dialect for PgSession {
 
     async fn try_lock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<Option<u64>> {
         self.maybe_sweep();
-        self.lock_with(conn, claim, &self.sql.try_lock)
-            .await
-            .map_err(|e| pg_error(&self.describe, e))
+        let answer = self
+            .lock_with(conn, claim, false)
+            .await?
+            .map_err(|e| pg_error(&self.describe, e))?;
+        self.settle(claim, answer)
     }
 
     async fn wait_lock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<Option<u64>> {
@@ -315,11 +398,11 @@ impl Dialect for PgSession {
             )
             .await;
         let waited = match set {
-            Ok(_) => self.lock_with(conn, claim, &self.sql.wait_lock).await,
+            Ok(_) => self.lock_with(conn, claim, true).await?,
             Err(err) => Err(err),
         };
         match waited {
-            Ok(Some(fence)) => {
+            Ok(Answer::Granted(fence)) => {
                 // Back to the connection's defaults for the renewals and the release.
                 conn.client
                     .batch_execute("RESET lock_timeout; RESET statement_timeout")
@@ -327,10 +410,11 @@ impl Dialect for PgSession {
                     .map_err(|e| pg_error(&self.describe, e))?;
                 Ok(Some(fence))
             }
-            Ok(None) => Err(Error::backend(
+            Ok(Answer::Held) => Err(Error::backend(
                 &self.describe,
                 "the lock statement returned no fence",
             )),
+            Ok(conflict @ Answer::Conflict(_)) => self.settle(claim, conflict),
             Err(err)
                 if deadline.is_some()
                     && (is_code(&err, LOCK_NOT_AVAILABLE) || is_code(&err, QUERY_CANCELED)) =>
@@ -353,9 +437,13 @@ impl Dialect for PgSession {
 
     async fn renew(&self, conn: &mut Conn, claim: &Claim<i64>, ttl: Duration) -> Result<bool> {
         let key = claim.key.as_str();
+        let sql = match claim.kind {
+            LockKind::Exclusive => &self.sql.renew,
+            _ => &self.sql.kinds.renew,
+        };
         let n = conn
             .execute_typed(
-                &self.sql.renew,
+                sql,
                 &[
                     (&key, Type::TEXT),
                     (&claim.owner, Type::TEXT),
@@ -369,6 +457,23 @@ impl Dialect for PgSession {
 
     async fn unlock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<bool> {
         let key = claim.key.as_str();
+        if claim.kind != LockKind::Exclusive {
+            let rows = conn
+                .query_typed(
+                    &self.sql.kinds.release,
+                    &[
+                        (&claim.lock, Type::INT8),
+                        (&key, Type::TEXT),
+                        (&claim.owner, Type::TEXT),
+                    ],
+                )
+                .await
+                .map_err(|e| pg_error(&self.describe, e))?;
+            let row = rows.first();
+            let deleted = row.and_then(|r| r.try_get::<_, i64>(0).ok()) == Some(1);
+            let unlocked = row.and_then(|r| r.try_get::<_, bool>(1).ok()) == Some(true);
+            return Ok(deleted && unlocked);
+        }
         let rows = conn
             .query_typed(
                 &self.sql.release,
@@ -416,7 +521,7 @@ impl Dialect for PgSession {
         }
     }
 
-    async fn holder(&self, key: &Key) -> Result<Option<u64>> {
+    async fn holders(&self, key: &Key) -> Result<Vec<u64>> {
         let (classid, objid) = pg_locks_halves(self.lock_of(key));
         let rows = self
             .admin_rows(
@@ -425,9 +530,10 @@ impl Dialect for PgSession {
             )
             .await?;
         Ok(rows
-            .first()
-            .and_then(|r| r.try_get::<_, i32>(0).ok())
-            .and_then(|pid| u64::try_from(pid).ok()))
+            .iter()
+            .filter_map(|r| r.try_get::<_, i32>(0).ok())
+            .filter_map(|pid| u64::try_from(pid).ok())
+            .collect())
     }
 
     async fn end_session(&self, key: &Key, id: u64) -> Result<()> {
@@ -441,6 +547,12 @@ impl Dialect for PgSession {
     }
 
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
+        let rows = self
+            .admin_rows(&self.sql.kinds.inspect, &[(&key.as_str(), Type::TEXT)])
+            .await?;
+        if let Some(info) = shared_info(key.as_str(), &rows, 0) {
+            return Ok(Some(info));
+        }
         let (classid, objid) = pg_locks_halves(self.lock_of(key));
         let rows = self
             .admin_rows(
@@ -463,6 +575,7 @@ impl Dialect for PgSession {
         let info = LockInfo::new(key.as_str());
         if row.try_get::<_, Option<String>>(0).ok().flatten().is_some() {
             let mut info = holder_info(info, row, 0);
+            info.value = row.try_get(10).ok().flatten();
             info.note = Some(format!(
                 "advisory lock held by PostgreSQL session pid {server_pid}{from}; freed when that session ends"
             ));
@@ -481,20 +594,55 @@ impl Dialect for PgSession {
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let rows = self.admin_rows(&self.sql.list, &[]).await?;
-        Ok(rows
+        let mut all: Vec<LockInfo> = rows
             .iter()
             .map(|row| {
                 let info = LockInfo::new(row.try_get::<_, String>(0).unwrap_or_default());
                 let server_pid = row.try_get::<_, i32>(8).unwrap_or_default();
                 let mut info = holder_info(info, row, 1);
+                info.value = row.try_get(9).ok().flatten();
                 info.note = Some(format!(
                     "advisory lock held by PostgreSQL session pid {server_pid}"
                 ));
                 info
             })
-            .collect())
+            .collect();
+        let rows = self.admin_rows(&self.sql.kinds.list, &[]).await?;
+        // Rows come ordered by key: one record per run of a key.
+        let mut start = 0;
+        while start < rows.len() {
+            let key: String = rows[start].try_get(0).unwrap_or_default();
+            let end = rows[start..]
+                .iter()
+                .position(|r| r.try_get::<_, String>(0).ok().as_deref() != Some(key.as_str()))
+                .map_or(rows.len(), |n| start + n);
+            all.extend(shared_info(&key, &rows[start..end], 1));
+            start = end;
+        }
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(all)
     }
 }
+/// The record of a key held by readers or permits: the holders rows of the kinds'
+/// `inspect` (or `list`, whose columns start one later, after the key).
+fn shared_info(key: &str, rows: &[Row], first: usize) -> Option<LockInfo> {
+    let row = rows.first()?;
+    let kind = session_kinds::kind_of(row.try_get::<_, Option<i32>>(first + 7).ok().flatten());
+    let holders = rows
+        .iter()
+        .map(|row| {
+            let mut info = holder_info(LockInfo::new(key), row, first);
+            info.value = row.try_get(first + 8).ok().flatten();
+            let server_pid = row.try_get::<_, i32>(first + 9).unwrap_or_default();
+            info.note = Some(format!(
+                "advisory lock held by PostgreSQL session pid {server_pid}; freed when that session ends"
+            ));
+            info
+        })
+        .collect();
+    Some(LockInfo::of_holders(key, kind, holders))
+}
+
 fn opt_u32(row: &Row, index: usize) -> Option<u32> {
     row.try_get::<_, Option<i32>>(index)
         .ok()
