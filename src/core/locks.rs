@@ -472,7 +472,14 @@ impl LockBuilder {
         if !backend.capabilities().supports(self.kind) {
             return Err(Error::Unsupported {
                 backend: backend.describe().to_owned(),
-                what: format!("{:?} leases", self.kind),
+                what: format!(
+                    "{} (the README's backend table shows which backend has which kind)",
+                    match self.kind {
+                        LockKind::Shared => "shared locks",
+                        LockKind::Semaphore { .. } => "semaphores",
+                        _ => "this kind of lease",
+                    }
+                ),
             });
         }
         if let LockKind::Semaphore { permits: 0 } = self.kind {
