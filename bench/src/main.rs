@@ -6,6 +6,13 @@
 //! directory that it removes afterwards. It says where it writes before it starts.
 
 mod modes;
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "mongodb",
+    feature = "dynamodb"
+))]
+mod raw;
 mod stats;
 
 use clap::{Parser, ValueEnum};
@@ -75,6 +82,11 @@ pub struct BenchArgs {
     /// `semaphore:N` (N permits)
     #[arg(long, value_name = "KIND", default_value = "exclusive", value_parser = kind_arg)]
     kind: LockKind,
+    /// Measure the store's own client instead of dlock, running the operations a dlock
+    /// lease costs on it (uncontended; handoff on etcd's Lock RPC): etcd://, redis://,
+    /// redis+cluster://, mongodb:// and dynamodb:// URLs
+    #[arg(long)]
+    raw: bool,
 }
 
 fn kind_arg(text: &str) -> Result<LockKind, String> {
@@ -254,6 +266,99 @@ pub fn key_prefix() -> String {
     format!("dlock-bench-{}-", std::process::id())
 }
 
+/// The run's concurrency and duration, with the mode's defaults; `None` (after saying
+/// why) if the concurrency does not fit the mode.
+fn sizes(args: &BenchArgs) -> Option<(usize, Duration)> {
+    let concurrency = args.concurrency.unwrap_or(match args.mode {
+        Mode::Handoff => 16,
+        Mode::Held => 10_000,
+        _ => 1,
+    });
+    if concurrency == 0 || (args.mode == Mode::Handoff && concurrency < 2) {
+        report("--concurrency must be at least 1 (handoff: at least 2)");
+        return None;
+    }
+    let duration = args.duration.unwrap_or(match args.mode {
+        Mode::Held => Duration::from_secs(60),
+        _ => Duration::from_secs(10),
+    });
+    Some((concurrency, duration))
+}
+
+/// Prints a report as `--json` or `--table` asks, and maps its outcome to the exit
+/// status: 70 for a violation, 69 for errors.
+fn finish(args: &BenchArgs, report: &Report) -> ExitCode {
+    if args.json {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+    } else {
+        modes::print_table(report);
+    }
+    if report.violations > 0 {
+        self::report(format!(
+            "MUTUAL EXCLUSION VIOLATED {} times on {}",
+            report.violations, report.backend
+        ));
+        ExitCode::from(VIOLATION)
+    } else if report.errors > 0 {
+        self::report(format!(
+            "{} errors during the run; last: {}",
+            report.errors,
+            report.last_error.as_deref().unwrap_or("?")
+        ));
+        ExitCode::from(UNAVAILABLE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "mongodb",
+    feature = "dynamodb"
+))]
+async fn raw_bench(args: &BenchArgs, url: &str) -> ExitCode {
+    let Some((concurrency, duration)) = sizes(args) else {
+        return ExitCode::from(USAGE);
+    };
+    if args.kind != LockKind::Exclusive {
+        report("--raw measures exclusive locks only");
+        return ExitCode::from(USAGE);
+    }
+    let store = match raw::Store::connect(url).await {
+        Ok(store) => store,
+        Err(err) => {
+            report(err);
+            return ExitCode::from(UNAVAILABLE);
+        }
+    };
+    let run = raw::RawArgs {
+        mode: args.mode,
+        concurrency,
+        duration,
+        ttl: args.ttl,
+        hold: args.hold,
+    };
+    match raw::bench(store, run).await {
+        Ok(report) => finish(args, &report),
+        Err(err) => {
+            report(err);
+            ExitCode::from(USAGE)
+        }
+    }
+}
+
+#[cfg(not(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "mongodb",
+    feature = "dynamodb"
+)))]
+async fn raw_bench(_: &BenchArgs, _: &str) -> ExitCode {
+    report("--raw needs a build with a store's feature (redis, etcd, mongodb or dynamodb)");
+    ExitCode::from(USAGE)
+}
+
 async fn bench(args: BenchArgs) -> ExitCode {
     raise_open_file_limit();
     // Lock files are never deleted by the file backend (deleting a flock file is unsafe
@@ -278,6 +383,9 @@ async fn bench(args: BenchArgs) -> ExitCode {
             ""
         }
     );
+    if args.raw {
+        return raw_bench(&args, &url).await;
+    }
     let locks = match dlock::connect(&url).await {
         Ok(locks) => locks,
         Err(err) => {
@@ -288,19 +396,9 @@ async fn bench(args: BenchArgs) -> ExitCode {
     let counting = Counting::new(locks.backend().clone());
     let counts = counting.counts();
     let locks = Locks::from_backend(counting);
-    let concurrency = args.concurrency.unwrap_or(match args.mode {
-        Mode::Handoff => 16,
-        Mode::Held => 10_000,
-        _ => 1,
-    });
-    if concurrency == 0 || (args.mode == Mode::Handoff && concurrency < 2) {
-        report("--concurrency must be at least 1 (handoff: at least 2)");
+    let Some((concurrency, duration)) = sizes(&args) else {
         return ExitCode::from(USAGE);
-    }
-    let duration = args.duration.unwrap_or(match args.mode {
-        Mode::Held => Duration::from_secs(60),
-        _ => Duration::from_secs(10),
-    });
+    };
     let started = Instant::now();
     let run = Arc::new(Run {
         locks,
@@ -357,27 +455,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
         last_error: run.last_error.lock().ok().and_then(|e| e.clone()),
         details,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
-    } else {
-        modes::print_table(&report);
-    }
-    let outcome = if report.violations > 0 {
-        self::report(format!(
-            "MUTUAL EXCLUSION VIOLATED {} times on {}",
-            report.violations, report.backend
-        ));
-        ExitCode::from(VIOLATION)
-    } else if report.errors > 0 {
-        self::report(format!(
-            "{} errors during the run; last: {}",
-            report.errors,
-            report.last_error.as_deref().unwrap_or("?")
-        ));
-        ExitCode::from(UNAVAILABLE)
-    } else {
-        ExitCode::SUCCESS
-    };
+    let outcome = finish(&args, &report);
     drop(run);
     drop(scratch);
     outcome
