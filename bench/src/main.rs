@@ -50,11 +50,15 @@ pub enum Mode {
   dlock-bench --backend redis://127.0.0.1:6379 --concurrency 64
   dlock-bench --mode handoff --concurrency 16 --hold 5ms
   dlock-bench --mode held --concurrency 10000 --duration 60s --json
+  dlock-bench --backend etcd://127.0.0.1:2379 --raw --concurrency 16
 
 Modes: uncontended (fresh random keys: pairs/s, acquire latency), contended (one
 key: pairs/s, latency, switch share, tasks served), handoff (release -> next
 holder latency), held (memory, CPU and renewal traffic of many held leases).
-Every mode checks mutual exclusion and exits 70 if it was violated."
+Every mode checks mutual exclusion and exits 70 if it was violated; a backend
+that does not offer --kind ends the run at once with exit status 78.
+With --raw, the store's own client runs what a dlock lease costs on it, for
+comparison (etcd://, redis://, redis+cluster://, mongodb://, dynamodb://)."
 )]
 pub struct BenchArgs {
     /// Backend URL [default: the file backend in a temporary directory, removed afterwards]
@@ -122,6 +126,8 @@ pub struct Run {
     pub violations: AtomicU64,
     pub errors: AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Set once the backend answered that it cannot do what the run asks.
+    pub unsupported: std::sync::atomic::AtomicBool,
 }
 
 impl Run {
@@ -150,6 +156,16 @@ impl Run {
 
     pub fn error(&self, err: &dlock::Error) {
         self.note_error(err.to_string());
+    }
+
+    /// Notes and tells whether `err` says the backend cannot do what the run asks (a
+    /// lock kind it does not offer), which no retry changes.
+    pub fn unsupported(&self, err: &dlock::Error) -> bool {
+        let unsupported = matches!(err, dlock::Error::Unsupported { .. });
+        if unsupported {
+            self.unsupported.store(true, Ordering::Relaxed);
+        }
+        unsupported
     }
 
     /// A lease found no longer held at its release.
@@ -215,6 +231,10 @@ pub struct Report {
     pub errors: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The backend answered that it cannot do what was asked (`last_error` says what);
+    /// the run stopped there.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unsupported: bool,
     #[serde(flatten)]
     pub details: modes::Details,
 }
@@ -237,6 +257,9 @@ fn raise_open_file_limit() {
 const UNAVAILABLE: u8 = 69;
 /// Exit status for bad arguments (as the CLI's).
 const USAGE: u8 = 64;
+/// Exit status when the backend cannot do what the run asks (a lock kind it does not
+/// offer): EX_CONFIG, the setup's limit rather than a failure of the store.
+const UNSUPPORTED: u8 = 78;
 
 fn report(message: impl std::fmt::Display) {
     eprintln!("dlock-bench: {message}");
@@ -293,7 +316,13 @@ fn finish(args: &BenchArgs, report: &Report) -> ExitCode {
     } else {
         modes::print_table(report);
     }
-    if report.violations > 0 {
+    if report.unsupported {
+        self::report(format!(
+            "unsupported: {}",
+            report.last_error.as_deref().unwrap_or("?")
+        ));
+        ExitCode::from(UNSUPPORTED)
+    } else if report.violations > 0 {
         self::report(format!(
             "MUTUAL EXCLUSION VIOLATED {} times on {}",
             report.violations, report.backend
@@ -412,6 +441,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
         violations: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         last_error: std::sync::Mutex::new(None),
+        unsupported: std::sync::atomic::AtomicBool::new(false),
     });
     let progress = std::io::stderr().is_terminal().then(|| {
         let run = Arc::clone(&run);
@@ -453,6 +483,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
         violations: run.violations.load(Ordering::Relaxed),
         errors: run.errors.load(Ordering::Relaxed),
         last_error: run.last_error.lock().ok().and_then(|e| e.clone()),
+        unsupported: run.unsupported.load(Ordering::Relaxed),
         details,
     };
     let outcome = finish(&args, &report);

@@ -96,3 +96,16 @@ fn keys_stay_in_the_run_namespace() {
         );
     }
 }
+
+#[test]
+fn shared_and_semaphore_kinds_run_on_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    for kind in ["shared", "semaphore:4"] {
+        let report = bench(&url, &["--mode", "uncontended", "-c", "4", "--kind", kind]);
+        assert_eq!(report["kind"], kind, "{report}");
+        assert!(report["operations"].as_u64().unwrap() > 0, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert!(report.get("unsupported").is_none(), "{report}");
+    }
+}

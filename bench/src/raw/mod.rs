@@ -210,6 +210,7 @@ pub async fn bench(store: Store, args: RawArgs) -> Result<Report, String> {
         violations: tally.violations.load(Ordering::Relaxed),
         errors: tally.errors.load(Ordering::Relaxed),
         last_error: tally.last_error.lock().ok().and_then(|e| e.clone()),
+        unsupported: false,
         details,
     })
 }
