@@ -330,9 +330,12 @@ class Servers:
             subprocess.run(self.pg_stop, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def build(sections):
-    run(["cargo", "build", "--release", "--all-features", "--workspace", "--bin", "dlock", "--bin", "dlock-bench",
-         "--bin", "dlock-pgbench-script"], cwd=ROOT)
+def build(sections, cargo=True):
+    """Builds the binaries (unless `cargo` is false) and the peer clients the sections
+    need."""
+    if cargo:
+        run(["cargo", "build", "--release", "--all-features", "--workspace", "--bin", "dlock", "--bin",
+             "dlock-bench", "--bin", "dlock-pgbench-script"], cwd=ROOT)
     if "redis" in sections:
         run(["cargo", "build", "--release"], cwd=PEERS)
     if not (VENV / "bin" / "python").exists():
@@ -882,7 +885,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="2 s per measurement, 5 s for held leases")
     p.add_argument("--skip-build", action="store_true")
     p.add_argument("--bin-dir", metavar="DIR", help="take dlock and dlock-bench from DIR (e.g. target/debug, to try "
-                   "the script while the release build runs) instead of target/release; implies --skip-build, and "
+                   "the script while the release build runs) instead of target/release, without building them; "
                    "the figures of a debug build are not comparable")
     p.add_argument("--only", metavar="SECTION[,SECTION]",
                    help="run these sections only, keeping the others' rows from the last results.jsonl: "
@@ -892,7 +895,6 @@ def main():
         global DLOCK, DLOCK_BENCH, PGBENCH_SCRIPT
         bins = Path(args.bin_dir).resolve()
         DLOCK, DLOCK_BENCH, PGBENCH_SCRIPT = bins / "dlock", bins / "dlock-bench", bins / "dlock-pgbench-script"
-        args.skip_build = True
     sections = SECTIONS
     if args.only:
         sections = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -915,7 +917,7 @@ def main():
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dlockbench")
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     if not args.skip_build:
-        build(sections)
+        build(sections, cargo=not args.bin_dir)
     with tempfile.TemporaryDirectory(prefix="dlock-compare-") as tmp:
         servers = Servers(tmp)
         results.tmp = Path(tmp)
