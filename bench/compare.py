@@ -395,13 +395,18 @@ class Results:
     def json_cmd(self, backend, cmd, client=None, allow_unsupported=False):
         log(" ".join(str(c) for c in cmd))
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == UNSUPPORTED and allow_unsupported:
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == UNSUPPORTED and allow_unsupported and lines:
+            row = json.loads(lines[-1])
             log(f"unsupported: {row.get('last_error')}")
+        elif done.returncode != 0 and lines and lines[-1].startswith("{"):
+            # A run that saw errors (or a violation) still reports; the table shows how many.
+            row = json.loads(lines[-1])
+            log(f"exited {done.returncode}: {done.stderr.strip()[-500:]}")
         elif done.returncode != 0:
             raise SystemExit(f"compare: {cmd[0]} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
         else:
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = json.loads(lines[-1])
         if client:
             row["client"] = client
         log(f"{row.get('client')} {row.get('mode')} c={row.get('concurrency')}: {row.get('per_second', 0):.0f}/s")
@@ -555,6 +560,16 @@ def versions():
     ]
 
 
+def trouble(row):
+    """What went wrong in a measurement, for its table cell."""
+    notes = []
+    if row.get("violations"):
+        notes.append(f"{row['violations']} VIOLATIONS")
+    if row.get("errors"):
+        notes.append(f"{row['errors']} errors")
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def write_report(results, command):
     rows = results.rows
     # Written again whole: the file written as the run went is only a safety copy.
@@ -569,7 +584,8 @@ def write_report(results, command):
                 "their figures from the run named in the table of runs below, and every figure of a table comes "
                 "from one run.")
     lines = ["# Benchmarks", "", produced + " Absolute numbers on a shared machine drift by tens of percent: read the "
-             "ratios to the raw store.", "", f"    {command}", "", "| | |", "|---|---|"]
+             "ratios to the raw store. A measurement that saw errors says how many in its cell (the last error is "
+             "in docs/bench/results.jsonl).", "", f"    {command}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in versions()]
     if len(set(stamps.values())) > 1:
         lines += ["", "Not every section comes from the same run: each was last run as below (`--only` re-runs some "
@@ -592,7 +608,7 @@ def write_report(results, command):
                 if c == concurrencies[0]:
                     one = r
                 ratio = f" ({r['per_second'] / raw['per_second']:.2f}×)" if raw and raw.get("per_second") else ""
-                cells.append(f"{r['per_second']:,.0f}{ratio}")
+                cells.append(f"{r['per_second']:,.0f}{ratio}{trouble(r)}")
             lat = f"{us(one['acquire']['p50_us'])} / {us(one['acquire']['p99_us'])}" if one and one.get("acquire") else "-"
             out.append(f"| {client} | " + " | ".join(cells) + f" | {lat} |")
         return out
@@ -606,7 +622,7 @@ def write_report(results, command):
             served = r.get("tasks_served", "-")
             ratio = f"{h['p99_us'] / h['p50_us']:.1f}" if h.get("p50_us") else "-"
             out.append(f"| {r['client']} | {us(h.get('p50_us'))} | {us(h.get('p99_us'))} | {us(h.get('max_us'))} | "
-                       f"{ratio} | {r['per_second']:.0f} | {served} |")
+                       f"{ratio} | {r['per_second']:.0f}{trouble(r)} | {served} |")
         name = svg_ladder(f"Hand-off latency, 16 waiters, hold 5 ms — {kind}", hs, OUT / f"handoff-{kind}.svg")
         if name:
             out += ["", f"![hand-off latency on {kind}](bench/{name})"]
@@ -708,9 +724,9 @@ def write_report(results, command):
                     elif r.get("unsupported"):
                         cells.append("unsupported")
                     elif kind == "exclusive" or not base or not base.get("per_second") or base.get("unsupported"):
-                        cells.append(f"{r['per_second']:,.0f}")
+                        cells.append(f"{r['per_second']:,.0f}{trouble(r)}")
                     else:
-                        cells.append(f"{r['per_second']:,.0f} ({r['per_second'] / base['per_second']:.2f}×)")
+                        cells.append(f"{r['per_second']:,.0f} ({r['per_second'] / base['per_second']:.2f}×){trouble(r)}")
                 if any(cell != "-" for cell in cells):
                     lines.append(f"| {backend} | {c} | " + " | ".join(cells) + " |")
     lines.append("")
