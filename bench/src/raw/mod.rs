@@ -57,7 +57,7 @@ pub enum Token {
 #[derive(Clone)]
 pub enum Store {
     #[cfg(feature = "etcd")]
-    Etcd(etcd::Etcd),
+    Etcd(Box<etcd::Etcd>),
     #[cfg(feature = "redis")]
     Redis(redis::Redis),
     #[cfg(feature = "mongodb")]
@@ -72,7 +72,9 @@ impl Store {
         let scheme = url.split("://").next().unwrap_or_default();
         match scheme {
             #[cfg(feature = "etcd")]
-            "etcd" => etcd::Etcd::connect(url).await.map(Store::Etcd),
+            "etcd" => etcd::Etcd::connect(url)
+                .await
+                .map(|etcd| Store::Etcd(Box::new(etcd))),
             #[cfg(feature = "redis")]
             "redis" | "redis+cluster" => redis::Redis::connect(url).await.map(Store::Redis),
             #[cfg(feature = "mongodb")]
