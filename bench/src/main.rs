@@ -6,6 +6,13 @@
 //! directory that it removes afterwards. It says where it writes before it starts.
 
 mod modes;
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "mongodb",
+    feature = "dynamodb"
+))]
+mod raw;
 mod stats;
 
 use clap::{Parser, ValueEnum};
@@ -43,11 +50,15 @@ pub enum Mode {
   dlock-bench --backend redis://127.0.0.1:6379 --concurrency 64
   dlock-bench --mode handoff --concurrency 16 --hold 5ms
   dlock-bench --mode held --concurrency 10000 --duration 60s --json
+  dlock-bench --backend etcd://127.0.0.1:2379 --raw --concurrency 16
 
 Modes: uncontended (fresh random keys: pairs/s, acquire latency), contended (one
 key: pairs/s, latency, switch share, tasks served), handoff (release -> next
 holder latency), held (memory, CPU and renewal traffic of many held leases).
-Every mode checks mutual exclusion and exits 70 if it was violated."
+Every mode checks mutual exclusion and exits 70 if it was violated; a backend
+that does not offer --kind ends the run at once with exit status 78.
+With --raw, the store's own client runs what a dlock lease costs on it, for
+comparison (etcd://, redis://, redis+cluster://, mongodb://, dynamodb://)."
 )]
 pub struct BenchArgs {
     /// Backend URL [default: the file backend in a temporary directory, removed afterwards]
@@ -75,6 +86,11 @@ pub struct BenchArgs {
     /// `semaphore:N` (N permits)
     #[arg(long, value_name = "KIND", default_value = "exclusive", value_parser = kind_arg)]
     kind: LockKind,
+    /// Measure the store's own client instead of dlock, running the operations a dlock
+    /// lease costs on it (uncontended; handoff on etcd's Lock RPC): etcd://, redis://,
+    /// redis+cluster://, mongodb:// and dynamodb:// URLs
+    #[arg(long)]
+    raw: bool,
 }
 
 fn kind_arg(text: &str) -> Result<LockKind, String> {
@@ -110,6 +126,8 @@ pub struct Run {
     pub violations: AtomicU64,
     pub errors: AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Set once the backend answered that it cannot do what the run asks.
+    pub unsupported: std::sync::atomic::AtomicBool,
 }
 
 impl Run {
@@ -138,6 +156,16 @@ impl Run {
 
     pub fn error(&self, err: &dlock::Error) {
         self.note_error(err.to_string());
+    }
+
+    /// Notes and tells whether `err` says the backend cannot do what the run asks (a
+    /// lock kind it does not offer), which no retry changes.
+    pub fn unsupported(&self, err: &dlock::Error) -> bool {
+        let unsupported = matches!(err, dlock::Error::Unsupported { .. });
+        if unsupported {
+            self.unsupported.store(true, Ordering::Relaxed);
+        }
+        unsupported
     }
 
     /// A lease found no longer held at its release.
@@ -203,6 +231,10 @@ pub struct Report {
     pub errors: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The backend answered that it cannot do what was asked (`last_error` says what);
+    /// the run stopped there.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unsupported: bool,
     #[serde(flatten)]
     pub details: modes::Details,
 }
@@ -225,6 +257,9 @@ fn raise_open_file_limit() {
 const UNAVAILABLE: u8 = 69;
 /// Exit status for bad arguments (as the CLI's).
 const USAGE: u8 = 64;
+/// Exit status when the backend cannot do what the run asks (a lock kind it does not
+/// offer): EX_CONFIG, the setup's limit rather than a failure of the store.
+const UNSUPPORTED: u8 = 78;
 
 fn report(message: impl std::fmt::Display) {
     eprintln!("dlock-bench: {message}");
@@ -254,6 +289,105 @@ pub fn key_prefix() -> String {
     format!("dlock-bench-{}-", std::process::id())
 }
 
+/// The run's concurrency and duration, with the mode's defaults; `None` (after saying
+/// why) if the concurrency does not fit the mode.
+fn sizes(args: &BenchArgs) -> Option<(usize, Duration)> {
+    let concurrency = args.concurrency.unwrap_or(match args.mode {
+        Mode::Handoff => 16,
+        Mode::Held => 10_000,
+        _ => 1,
+    });
+    if concurrency == 0 || (args.mode == Mode::Handoff && concurrency < 2) {
+        report("--concurrency must be at least 1 (handoff: at least 2)");
+        return None;
+    }
+    let duration = args.duration.unwrap_or(match args.mode {
+        Mode::Held => Duration::from_secs(60),
+        _ => Duration::from_secs(10),
+    });
+    Some((concurrency, duration))
+}
+
+/// Prints a report as `--json` or `--table` asks, and maps its outcome to the exit
+/// status: 70 for a violation, 69 for errors.
+fn finish(args: &BenchArgs, report: &Report) -> ExitCode {
+    if args.json {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+    } else {
+        modes::print_table(report);
+    }
+    if report.unsupported {
+        self::report(format!(
+            "unsupported: {}",
+            report.last_error.as_deref().unwrap_or("?")
+        ));
+        ExitCode::from(UNSUPPORTED)
+    } else if report.violations > 0 {
+        self::report(format!(
+            "MUTUAL EXCLUSION VIOLATED {} times on {}",
+            report.violations, report.backend
+        ));
+        ExitCode::from(VIOLATION)
+    } else if report.errors > 0 {
+        self::report(format!(
+            "{} errors during the run; last: {}",
+            report.errors,
+            report.last_error.as_deref().unwrap_or("?")
+        ));
+        ExitCode::from(UNAVAILABLE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "mongodb",
+    feature = "dynamodb"
+))]
+async fn raw_bench(args: &BenchArgs, url: &str) -> ExitCode {
+    let Some((concurrency, duration)) = sizes(args) else {
+        return ExitCode::from(USAGE);
+    };
+    if args.kind != LockKind::Exclusive {
+        report("--raw measures exclusive locks only");
+        return ExitCode::from(USAGE);
+    }
+    let store = match raw::Store::connect(url).await {
+        Ok(store) => store,
+        Err(err) => {
+            report(err);
+            return ExitCode::from(UNAVAILABLE);
+        }
+    };
+    let run = raw::RawArgs {
+        mode: args.mode,
+        concurrency,
+        duration,
+        ttl: args.ttl,
+        hold: args.hold,
+    };
+    match raw::bench(store, run).await {
+        Ok(report) => finish(args, &report),
+        Err(err) => {
+            report(err);
+            ExitCode::from(USAGE)
+        }
+    }
+}
+
+#[cfg(not(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "mongodb",
+    feature = "dynamodb"
+)))]
+async fn raw_bench(_: &BenchArgs, _: &str) -> ExitCode {
+    report("--raw needs a build with a store's feature (redis, etcd, mongodb or dynamodb)");
+    ExitCode::from(USAGE)
+}
+
 async fn bench(args: BenchArgs) -> ExitCode {
     raise_open_file_limit();
     // Lock files are never deleted by the file backend (deleting a flock file is unsafe
@@ -278,6 +412,9 @@ async fn bench(args: BenchArgs) -> ExitCode {
             ""
         }
     );
+    if args.raw {
+        return raw_bench(&args, &url).await;
+    }
     let locks = match dlock::connect(&url).await {
         Ok(locks) => locks,
         Err(err) => {
@@ -288,19 +425,9 @@ async fn bench(args: BenchArgs) -> ExitCode {
     let counting = Counting::new(locks.backend().clone());
     let counts = counting.counts();
     let locks = Locks::from_backend(counting);
-    let concurrency = args.concurrency.unwrap_or(match args.mode {
-        Mode::Handoff => 16,
-        Mode::Held => 10_000,
-        _ => 1,
-    });
-    if concurrency == 0 || (args.mode == Mode::Handoff && concurrency < 2) {
-        report("--concurrency must be at least 1 (handoff: at least 2)");
+    let Some((concurrency, duration)) = sizes(&args) else {
         return ExitCode::from(USAGE);
-    }
-    let duration = args.duration.unwrap_or(match args.mode {
-        Mode::Held => Duration::from_secs(60),
-        _ => Duration::from_secs(10),
-    });
+    };
     let started = Instant::now();
     let run = Arc::new(Run {
         locks,
@@ -314,6 +441,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
         violations: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         last_error: std::sync::Mutex::new(None),
+        unsupported: std::sync::atomic::AtomicBool::new(false),
     });
     let progress = std::io::stderr().is_terminal().then(|| {
         let run = Arc::clone(&run);
@@ -355,29 +483,10 @@ async fn bench(args: BenchArgs) -> ExitCode {
         violations: run.violations.load(Ordering::Relaxed),
         errors: run.errors.load(Ordering::Relaxed),
         last_error: run.last_error.lock().ok().and_then(|e| e.clone()),
+        unsupported: run.unsupported.load(Ordering::Relaxed),
         details,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
-    } else {
-        modes::print_table(&report);
-    }
-    let outcome = if report.violations > 0 {
-        self::report(format!(
-            "MUTUAL EXCLUSION VIOLATED {} times on {}",
-            report.violations, report.backend
-        ));
-        ExitCode::from(VIOLATION)
-    } else if report.errors > 0 {
-        self::report(format!(
-            "{} errors during the run; last: {}",
-            report.errors,
-            report.last_error.as_deref().unwrap_or("?")
-        ));
-        ExitCode::from(UNAVAILABLE)
-    } else {
-        ExitCode::SUCCESS
-    };
+    let outcome = finish(&args, &report);
     drop(run);
     drop(scratch);
     outcome

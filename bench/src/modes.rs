@@ -79,7 +79,13 @@ pub async fn uncontended(run: &Arc<Run>) -> Details {
                                 Err(err) => run.error(&err),
                             }
                         }
-                        Err(err) => run.error(&err),
+                        Err(err) => {
+                            run.error(&err);
+                            // Retrying cannot make a backend support the kind.
+                            if run.unsupported(&err) {
+                                break;
+                            }
+                        }
                     }
                 }
                 samples
@@ -120,6 +126,9 @@ pub async fn contended(run: &Arc<Run>) -> Details {
                         Err(Error::NotAcquired { .. }) => break,
                         Err(err) => {
                             run.error(&err);
+                            if run.unsupported(&err) {
+                                break;
+                            }
                             continue;
                         }
                     };

@@ -96,3 +96,43 @@ fn keys_stay_in_the_run_namespace() {
         );
     }
 }
+
+#[test]
+fn shared_and_semaphore_kinds_run_on_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    for kind in ["shared", "semaphore:4"] {
+        let report = bench(&url, &["--mode", "uncontended", "-c", "4", "--kind", kind]);
+        assert_eq!(report["kind"], kind, "{report}");
+        assert!(report["operations"].as_u64().unwrap() > 0, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert!(report.get("unsupported").is_none(), "{report}");
+    }
+}
+
+/// `--raw` runs the store's own client through the same loops and reports the same
+/// fields, on a private Redis.
+#[cfg(feature = "redis")]
+#[test]
+fn raw_client_runs_and_reports_on_redis() {
+    let redis = dlock_testkit::servers::redis::RedisServer::start();
+    let report = bench(&redis.url(), &["--raw", "--mode", "uncontended", "-c", "4"]);
+    assert_eq!(report["backend"], "redis-rs (raw)", "{report}");
+    assert!(report["operations"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["acquire"]["p50_us"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(report["errors"], 0, "{report}");
+    // Plain Redis commands have no waiting acquire: a hand-off is refused, not faked.
+    let out = Command::new(env!("CARGO_BIN_EXE_dlock-bench"))
+        .args(["--backend", &redis.url(), "--raw", "--mode", "handoff"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
