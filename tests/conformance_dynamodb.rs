@@ -16,6 +16,7 @@ mod dynalite {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
 
 mod moto {
@@ -32,4 +33,5 @@ mod moto {
     }
 
     dlock_testkit::conformance_tests!(target());
+    dlock_testkit::conformance_kind_tests!(target());
 }
