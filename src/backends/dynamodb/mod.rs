@@ -30,6 +30,9 @@
 //! The fence is a number attribute of the item, incremented (`ADD fence :one`) in the
 //! same conditional write that takes the lock, and kept across releases: a release
 //! removes the owner with the condition `owner = :me` and never deletes the item.
+//!
+//! Readers and permits are entries of the same item, each timed by its own record
+//! version in the same way ([`kinds`]); an exclusive grant also requires no entry.
 
 mod config;
 mod kinds;
