@@ -32,7 +32,7 @@
 //! removes the owner with the condition `owner = :me` and never deletes the item.
 //!
 //! Readers and permits are entries of the same item, each timed by its own record
-//! version in the same way ([`kinds`]); an exclusive grant also requires no entry.
+//! version in the same way (`kinds`); an exclusive grant also requires no entry.
 
 mod config;
 mod kinds;

@@ -13,7 +13,7 @@
 //! * renew and release are single owner-checked updates; a renew only extends a lease
 //!   that has not expired.
 //! * Waiters are woken by a change stream on the collection ([`watch`]).
-//! * Shared locks and semaphores are entries of the same document ([`kinds`]): every
+//! * Shared locks and semaphores are entries of the same document (`kinds`): every
 //!   kind shares the fence counter, and an exclusive grant also requires no live entry.
 //!
 //! Dates are compared as `{$toLong: date}` milliseconds rather than as dates: servers
