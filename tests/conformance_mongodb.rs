@@ -14,3 +14,4 @@ async fn target() -> dlock_testkit::Target {
 }
 
 dlock_testkit::conformance_tests!(target());
+dlock_testkit::conformance_kind_tests!(target());

@@ -30,11 +30,15 @@
 //! The fence is a number attribute of the item, incremented (`ADD fence :one`) in the
 //! same conditional write that takes the lock, and kept across releases: a release
 //! removes the owner with the condition `owner = :me` and never deletes the item.
+//!
+//! Readers and permits are entries of the same item, each timed by its own record
+//! version in the same way (`kinds`); an exclusive grant also requires no entry.
 
 mod config;
+mod kinds;
 
 use crate::core::backend::{
-    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo,
+    AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo, LockKind,
 };
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
@@ -65,6 +69,7 @@ const PID: &str = "pid";
 const HOST: &str = "host";
 const ACQUIRED_AT: &str = "acquired_at";
 const RENEWED_AT: &str = "renewed_at";
+const VALUE: &str = "value";
 
 /// The lease assumed for a held item without a readable `ttl_ms` (written by hand).
 const FALLBACK_LEASE: Duration = Duration::from_secs(60);
@@ -147,6 +152,18 @@ impl Observations {
     /// Notes that `rvn` was current at `at`; returns the sighting with the first time
     /// this process saw that version.
     fn note(scope: &Arc<str>, key: &Key, rvn: &str, lease: Duration, at: Instant) -> Sighting {
+        Self::note_name(scope, key.as_str(), rvn, lease, at)
+    }
+
+    /// [`note`](Self::note) for any record of the item: the key's own, or one of its
+    /// entries (`key`, NUL, the entry's name).
+    fn note_name(
+        scope: &Arc<str>,
+        name: &str,
+        rvn: &str,
+        lease: Duration,
+        at: Instant,
+    ) -> Sighting {
         let Ok(mut all) = Self::process().lock() else {
             // A poisoned table only loses history: time this version from now.
             return Sighting {
@@ -162,7 +179,7 @@ impl Observations {
         }
         let entry = all
             .seen
-            .entry((Arc::clone(scope), key.as_str().to_owned()))
+            .entry((Arc::clone(scope), name.to_owned()))
             .or_insert_with(|| Sighting {
                 rvn: rvn.to_owned(),
                 lease,
@@ -347,7 +364,17 @@ impl Shared {
             Some(owner) => update
                 .condition_expression("#owner = :me")
                 .expression_attribute_values(":me", s(owner.as_str())),
-            None => update.condition_expression("attribute_exists(#owner)"),
+            // Every reader and permit goes too: their renewals then find no entry.
+            None => update
+                .update_expression(
+                    "REMOVE #owner, #ttl, #pid, #host, #acq, #ren SET #rvn = :rvn, #leases = :none",
+                )
+                .condition_expression(
+                    "attribute_exists(#owner) OR (attribute_exists(#leases) AND size(#leases) > :zero)",
+                )
+                .expression_attribute_names("#leases", kinds::LEASES)
+                .expression_attribute_values(":none", AttributeValue::M(HashMap::new()))
+                .expression_attribute_values(":zero", n(0)),
         };
         match self.call("a release", update.send()).await {
             Ok(_) => {
@@ -355,6 +382,26 @@ impl Shared {
                 Ok(true)
             }
             Err(Failure::Condition) => Ok(false),
+            Err(Failure::Other(err, _)) => Err(err),
+        }
+    }
+
+    /// Removes the exclusive holder of `key` if its record is still in version `rvn`
+    /// (seen unchanged for a whole lease).
+    async fn clear_if_version(&self, key: &Key, rvn: &str) -> Result<()> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.settings.table)
+            .key(KEY, s(key.as_str()))
+            .update_expression("REMOVE #owner SET #rvn = :rvn")
+            .condition_expression("#rvn = :seen")
+            .expression_attribute_names("#owner", OWNER)
+            .expression_attribute_names("#rvn", RVN)
+            .expression_attribute_values(":seen", s(rvn))
+            .expression_attribute_values(":rvn", s(&new_rvn()));
+        match self.call("taking over a dead holder", update.send()).await {
+            Ok(_) | Err(Failure::Condition) => Ok(()),
             Err(Failure::Other(err, _)) => Err(err),
         }
     }
@@ -374,9 +421,14 @@ impl Shared {
             .update_item()
             .table_name(&self.settings.table)
             .key(KEY, s(request.key.as_str()))
-            .update_expression(
-                "SET #owner = :owner, #rvn = :rvn, #ttl = :ttl, #pid = :pid, #host = :host, #acq = :now, #ren = :now ADD #fence :one",
-            )
+            .update_expression(match request.holder.value {
+                Some(_) => "SET #owner = :owner, #rvn = :rvn, #ttl = :ttl, #pid = :pid, #host = :host, #acq = :now, #ren = :now, #value = :value ADD #fence :one REMOVE #intent",
+                None => "SET #owner = :owner, #rvn = :rvn, #ttl = :ttl, #pid = :pid, #host = :host, #acq = :now, #ren = :now ADD #fence :one REMOVE #intent, #value",
+            })
+            .expression_attribute_names("#value", VALUE)
+            .expression_attribute_names("#intent", kinds::INTENT)
+            .expression_attribute_names("#leases", kinds::LEASES)
+            .expression_attribute_values(":zero", n(0))
             .expression_attribute_names("#owner", OWNER)
             .expression_attribute_names("#rvn", RVN)
             .expression_attribute_names("#ttl", TTL_MS)
@@ -393,11 +445,15 @@ impl Shared {
             .expression_attribute_values(":now", n(now))
             .expression_attribute_values(":one", n(1))
             .return_values(ReturnValue::UpdatedNew);
+        if let Some(value) = &request.holder.value {
+            update = update.expression_attribute_values(":value", s(value));
+        }
+        // Readers and permits keep a writer out until their entries go.
         update = match ripe {
             Some(seen) => update
-                .condition_expression("attribute_not_exists(#owner) OR #rvn = :seen")
+                .condition_expression("(attribute_not_exists(#owner) OR #rvn = :seen) AND (attribute_not_exists(#leases) OR size(#leases) = :zero)")
                 .expression_attribute_values(":seen", s(seen)),
-            None => update.condition_expression("attribute_not_exists(#owner)"),
+            None => update.condition_expression("attribute_not_exists(#owner) AND (attribute_not_exists(#leases) OR size(#leases) = :zero)"),
         };
         match self.call("an acquire attempt", update.send()).await {
             Ok(out) => {
@@ -460,12 +516,15 @@ impl Shared {
 
     fn info_of(&self, item: &HashMap<String, AttributeValue>) -> Option<LockInfo> {
         let key = item.get(KEY)?.as_s().ok()?;
-        let holder = holder_of(item)?;
+        let Some(holder) = holder_of(item) else {
+            return kinds::info_of(key, item);
+        };
         let mut info = LockInfo::new(key.clone());
         info.owner = Some(holder.owner);
         info.fence = number(item, FENCE);
         info.pid = number(item, PID).and_then(|p| u32::try_from(p).ok());
         info.host = item.get(HOST).and_then(|v| v.as_s().ok()).cloned();
+        info.value = item.get(VALUE).and_then(|v| v.as_s().ok()).cloned();
         info.acquired_at = system_time(item, ACQUIRED_AT);
         info.renewed_at = system_time(item, RENEWED_AT);
         info.ttl = number(item, TTL_MS).map(Duration::from_millis);
@@ -757,11 +816,18 @@ impl Backend for DynamoBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let shared = &self.shared;
+        if request.kind != LockKind::Exclusive {
+            return kinds::try_acquire(shared, request).await;
+        }
         let mut ripe = Observations::ripe(&shared.scope, request.key);
         // At most one more write after the read: when the read shows the item free, or
         // shows a version this process has already seen for a whole lease.
@@ -790,7 +856,17 @@ impl Backend for DynamoBackend {
             let item = shared.read(request.key).await?;
             let seen_at = Instant::now();
             let Some(holder) = item.as_ref().and_then(holder_of) else {
-                // Released between the write and the read.
+                // Readers or permits hold it, or it was released between the write and
+                // the read.
+                if let Some(item) = &item {
+                    if let Some(left) =
+                        kinds::writer_blocked(shared, request, item, seen_at).await?
+                    {
+                        return Ok(Attempt::Held {
+                            expires_in: Some(left),
+                        });
+                    }
+                }
                 ripe = None;
                 continue;
             };
@@ -843,7 +919,8 @@ impl Backend for DynamoBackend {
     }
 
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        self.shared.clear(key, Some(owner)).await.map(|_| ())
+        self.shared.clear(key, Some(owner)).await?;
+        kinds::abandon(&self.shared, key, owner).await
     }
 }
 
@@ -871,8 +948,11 @@ impl Admin for DynamoBackend {
                         .client
                         .scan()
                         .table_name(&shared.settings.table)
-                        .filter_expression("attribute_exists(#owner)")
+                        // An empty `leases` map is dropped below: moto refuses size() in a
+                        // scan's filter.
+                        .filter_expression("attribute_exists(#owner) OR attribute_exists(#leases)")
                         .expression_attribute_names("#owner", OWNER)
+                        .expression_attribute_names("#leases", kinds::LEASES)
                         .consistent_read(true)
                         .set_exclusive_start_key(start.take())
                         .send(),

@@ -13,16 +13,20 @@
 //! * renew and release are single owner-checked updates; a renew only extends a lease
 //!   that has not expired.
 //! * Waiters are woken by a change stream on the collection ([`watch`]).
+//! * Shared locks and semaphores are entries of the same document (`kinds`): every
+//!   kind shares the fence counter, and an exclusive grant also requires no live entry.
 //!
 //! Dates are compared as `{$toLong: date}` milliseconds rather than as dates: servers
 //! that store dates without a time zone (SecantusDB 0.7) compare a stored date with
 //! `$$NOW` wrongly, while the millisecond numbers compare right everywhere.
 
 mod config;
+mod kinds;
 mod watch;
 
 use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, KeyWatch, LockInfo,
+    LockKind,
 };
 use crate::core::owner::Owner;
 use crate::error::{Error, Result};
@@ -82,18 +86,10 @@ fn now_plus(ms: i64) -> Document {
     doc! { "$add": [ "$$NOW", ms ] }
 }
 
-/// The update of a release: the owner goes, the fence and the holder record stay.
-fn release_pipeline(only_if_owned: bool) -> Vec<Document> {
-    let live = if only_if_owned {
-        Bson::Document(live_expr())
-    } else {
-        Bson::Document(doc! { "$and": [
-            { "$ne": [ { "$ifNull": [ "$owner", Bson::Null ] }, Bson::Null ] },
-            live_expr(),
-        ] })
-    };
+/// The update of an owner's release: the owner goes, the fence and the holder record stay.
+fn release_pipeline() -> Vec<Document> {
     vec![doc! { "$set": {
-        "released_live": live,
+        "released_live": live_expr(),
         "owner": Bson::Null,
         "expires_at": "$$NOW",
         "gc_at": now_plus(millis(GC_MARGIN)),
@@ -158,24 +154,33 @@ impl Shared {
         }
     }
 
-    /// Clears `owner`'s hold on `key` (or anybody's when `owner` is `None`); true if that
-    /// lease was still live.
-    async fn clear(&self, key: &Key, owner: Option<&Owner>) -> Result<bool> {
-        let mut filter = doc! { "_id": key.as_str() };
-        if let Some(owner) = owner {
-            filter.insert("owner", owner.as_str());
-        }
+    /// Clears `owner`'s exclusive hold on `key`; true if that lease was still live.
+    async fn clear(&self, key: &Key, owner: &Owner) -> Result<bool> {
+        let filter = doc! { "_id": key.as_str(), "owner": owner.as_str() };
         let after = self
             .bounded(
                 "a release",
                 self.locks
-                    .find_one_and_update(filter, release_pipeline(owner.is_some()))
+                    .find_one_and_update(filter, release_pipeline())
                     .return_document(ReturnDocument::After)
                     .projection(doc! { "released_live": 1 })
                     .into_future(),
             )
             .await?;
         Ok(after.is_some_and(|d| d.get_bool("released_live").unwrap_or(false)))
+    }
+
+    /// The documents an aggregation `pipeline` yields.
+    async fn views(&self, what: &str, pipeline: Vec<Document>) -> Result<Vec<Document>> {
+        self.bounded(what, async {
+            let mut cursor = self.locks.aggregate(pipeline).await?;
+            let mut all = Vec::new();
+            while let Some(d) = cursor.next().await {
+                all.push(d?);
+            }
+            Ok(all)
+        })
+        .await
     }
 
     /// The holder of `key` as the server sees it now: its owner, fence, and how long it
@@ -231,6 +236,7 @@ fn info_of(d: &Document) -> LockInfo {
     info.fence = int(d, "fence").and_then(|f| u64::try_from(f).ok());
     info.pid = int(d, "pid").and_then(|p| u32::try_from(p).ok());
     info.host = d.get_str("host").ok().map(str::to_owned);
+    info.value = d.get_str("value").ok().map(str::to_owned);
     info.acquired_at = d
         .get_datetime("acquired_at")
         .ok()
@@ -247,6 +253,36 @@ fn info_of(d: &Document) -> LockInfo {
         .and_then(|t| u64::try_from(t).ok())
         .map(Duration::from_millis);
     info
+}
+
+/// The filter and update of an exclusive grant: the key is free when no exclusive lease
+/// is live and no reader or permit is either.
+fn exclusive_grant(request: &AcquireRequest<'_>, ms: i64) -> (Document, Vec<Document>) {
+    let filter = doc! {
+        "_id": request.key.as_str(),
+        "$expr": { "$and": [ kinds::exclusive_free(), kinds::no_live_leases() ] },
+    };
+    let value = request
+        .holder
+        .value
+        .as_deref()
+        .map_or(Bson::Null, |v| Bson::Document(kinds::literal(v)));
+    let update = vec![doc! { "$set": {
+        "owner": request.owner.as_str(),
+        "fence": { "$max": [ { "$add": [ { "$ifNull": [ "$fence", 0_i64 ] }, 1_i64 ] }, now_ms() ] },
+        "expires_at": now_plus(ms),
+        "acquired_at": "$$NOW",
+        "renewed_at": "$$NOW",
+        "ttl_ms": ms,
+        "pid": i64::from(request.holder.pid),
+        "host": kinds::literal(&request.holder.host),
+        "value": value,
+        "mode": kinds::mode_name(LockKind::Exclusive),
+        "leases": [],
+        "intent": kinds::intent_without(request.owner),
+        "gc_at": now_plus(ms.saturating_add(millis(GC_MARGIN))),
+    } }];
+    (filter, update)
 }
 
 /// The MongoDB backend.
@@ -305,6 +341,33 @@ impl MongoBackend {
     }
 }
 
+impl MongoBackend {
+    /// The answer to a request the key refused: how long to wait, or why waiting cannot
+    /// help. A writer refused by readers leaves its intent, and comes back within it.
+    async fn refused(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
+        let shared = &self.shared;
+        let Ok(state) = kinds::state(shared, request.key).await else {
+            return Ok(Attempt::Held { expires_in: None });
+        };
+        let Some(state) = state else {
+            return Ok(Attempt::Held {
+                expires_in: Some(Duration::ZERO),
+            });
+        };
+        let expires_in =
+            match state.refusal(request.kind, request.key, &shared.settings.describe)? {
+                kinds::Refusal::Held(left) => left,
+                kinds::Refusal::Readers(left) => {
+                    kinds::write_intent(shared, request.key, request.owner).await?;
+                    left.min(kinds::WRITER_INTENT / 3)
+                }
+            };
+        Ok(Attempt::Held {
+            expires_in: Some(expires_in),
+        })
+    }
+}
+
 /// Opens `mongodb://…`.
 pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(
@@ -312,16 +375,20 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     ))
 }
 
-/// One held lease: its key and owner token on the shared collection.
+/// One held lease: its key, owner token and kind on the shared collection.
 struct MongoLease {
     shared: Arc<Shared>,
     key: Key,
     owner: Owner,
+    kind: LockKind,
 }
 
 #[async_trait]
 impl HeldLease for MongoLease {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
+        if self.kind != LockKind::Exclusive {
+            return kinds::renew(&self.shared, &self.key, &self.owner, ttl).await;
+        }
         let ms = millis(ttl);
         let filter = doc! {
             "_id": self.key.as_str(),
@@ -345,7 +412,10 @@ impl HeldLease for MongoLease {
     }
 
     async fn release(self: Box<Self>) -> Result<bool> {
-        self.shared.clear(&self.key, Some(&self.owner)).await
+        if self.kind != LockKind::Exclusive {
+            return kinds::release(&self.shared, &self.key, &self.owner).await;
+        }
+        self.shared.clear(&self.key, &self.owner).await
     }
 }
 
@@ -356,30 +426,24 @@ impl Backend for MongoBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::expiring()
+        Capabilities {
+            shared_locks: true,
+            semaphores: true,
+            ..Capabilities::expiring()
+        }
     }
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let shared = &self.shared;
         let ms = millis(request.ttl);
-        let filter = doc! {
-            "_id": request.key.as_str(),
-            "$expr": { "$or": [
-                { "$eq": [ { "$ifNull": [ "$owner", Bson::Null ] }, Bson::Null ] },
-                { "$not": [ live_expr() ] },
-            ] },
+        let (filter, update) = if request.kind == LockKind::Exclusive {
+            exclusive_grant(request, ms)
+        } else {
+            (
+                doc! { "_id": request.key.as_str(), "$expr": kinds::admits(request.kind) },
+                kinds::grant_pipeline(request.kind, request.owner, ms, request.holder),
+            )
         };
-        let update = vec![doc! { "$set": {
-            "owner": request.owner.as_str(),
-            "fence": { "$max": [ { "$add": [ { "$ifNull": [ "$fence", 0_i64 ] }, 1_i64 ] }, now_ms() ] },
-            "expires_at": now_plus(ms),
-            "acquired_at": "$$NOW",
-            "renewed_at": "$$NOW",
-            "ttl_ms": ms,
-            "pid": i64::from(request.holder.pid),
-            "host": request.holder.host.as_str(),
-            "gc_at": now_plus(ms.saturating_add(millis(GC_MARGIN))),
-        } }];
         let sent_at = Instant::now();
         let call = shared
             .locks
@@ -397,63 +461,57 @@ impl Backend for MongoBackend {
                     ))
                 }
             };
-        match outcome {
-            Ok(Some(granted)) => {
-                let fence = int(&granted, "fence")
-                    .and_then(|f| u64::try_from(f).ok())
-                    .ok_or_else(|| {
-                        Error::backend(
-                            &shared.settings.describe,
-                            format!(
-                                "the lock document of {:?} has no valid fence",
-                                request.key.as_str()
-                            ),
-                        )
-                    })?;
-                Ok(Attempt::Acquired(Granted {
-                    fence,
-                    sent_at,
-                    lease: Box::new(MongoLease {
-                        shared: Arc::clone(shared),
-                        key: request.key.clone(),
-                        owner: request.owner.clone(),
-                    }),
-                }))
-            }
+        let fence = match outcome {
+            Ok(Some(granted)) => int(&granted, "fence")
+                .and_then(|f| u64::try_from(f).ok())
+                .ok_or_else(|| {
+                    Error::backend(
+                        &shared.settings.describe,
+                        format!(
+                            "the lock document of {:?} has no valid fence",
+                            request.key.as_str()
+                        ),
+                    )
+                })?,
             // SecantusDB answers an upsert that found the document freed between its
             // read and its write with no document although the update landed: whether
             // the lock is ours is then read back.
-            Ok(None) => {
-                let holder = shared.holder(request.key).await?;
-                match holder {
+            Ok(None) if request.kind == LockKind::Exclusive => {
+                match shared.holder(request.key).await? {
                     Some((Some(owner), Some(fence), remaining))
                         if owner == request.owner.as_str() && !remaining.is_zero() =>
                     {
-                        Ok(Attempt::Acquired(Granted {
-                            fence,
-                            sent_at,
-                            lease: Box::new(MongoLease {
-                                shared: Arc::clone(shared),
-                                key: request.key.clone(),
-                                owner: request.owner.clone(),
-                            }),
-                        }))
+                        fence
                     }
-                    other => Ok(Attempt::Held {
-                        expires_in: other.map(|(_, _, remaining)| remaining),
-                    }),
+                    other => {
+                        return Ok(Attempt::Held {
+                            expires_in: other.map(|(_, _, remaining)| remaining),
+                        })
+                    }
                 }
             }
-            Err(err) if is_duplicate_key(&err) => Ok(Attempt::Held {
-                expires_in: shared
-                    .holder(request.key)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|(_, _, remaining)| remaining),
-            }),
-            Err(err) => Err(map_error(&shared.settings, &err)),
+            Ok(None) => match kinds::own_fence(shared, request.key, request.owner).await? {
+                Some(fence) => fence,
+                None => return self.refused(request).await,
+            },
+            Err(err) if is_duplicate_key(&err) => return self.refused(request).await,
+            Err(err) => return Err(map_error(&shared.settings, &err)),
+        };
+        if request.kind == LockKind::Shared {
+            // Readers waiting here share the key with this one: each event wakes one
+            // local waiter, so a reader that got in wakes the next.
+            self.hub.pass_on(request.key.as_str());
         }
+        Ok(Attempt::Acquired(Granted {
+            fence,
+            sent_at,
+            lease: Box::new(MongoLease {
+                shared: Arc::clone(shared),
+                key: request.key.clone(),
+                owner: request.owner.clone(),
+                kind: request.kind,
+            }),
+        }))
     }
 
     async fn watch(&self, key: &Key) -> Result<Option<Box<dyn KeyWatch>>> {
@@ -465,46 +523,41 @@ impl Backend for MongoBackend {
     }
 
     async fn abandon(&self, key: &Key, owner: &Owner) -> Result<()> {
-        self.shared.clear(key, Some(owner)).await.map(|_| ())
+        kinds::abandon(&self.shared, key, owner).await
     }
 }
 
 #[async_trait]
 impl Admin for MongoBackend {
     async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
-        let filter = doc! {
-            "_id": key.as_str(),
-            "owner": { "$ne": Bson::Null },
-            "$expr": live_expr(),
-        };
-        let found = self
+        let pipeline = vec![
+            doc! { "$match": { "_id": key.as_str() } },
+            kinds::view_stage(),
+        ];
+        Ok(self
             .shared
-            .bounded(
-                "reading the lock",
-                self.shared.locks.find_one(filter).into_future(),
-            )
-            .await?;
-        Ok(found.as_ref().map(info_of))
+            .views("reading the lock", pipeline)
+            .await?
+            .iter()
+            .find_map(kinds::info_of_view))
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let filter = doc! { "owner": { "$ne": Bson::Null }, "$expr": live_expr() };
-        let locks = &self.shared.locks;
-        let docs = self
+        let pipeline = vec![
+            kinds::held_match(),
+            kinds::view_stage(),
+            doc! { "$sort": { "_id": 1 } },
+        ];
+        Ok(self
             .shared
-            .bounded("listing the locks", async {
-                let mut cursor = locks.find(filter).sort(doc! { "_id": 1 }).await?;
-                let mut all = Vec::new();
-                while let Some(d) = cursor.next().await {
-                    all.push(d?);
-                }
-                Ok(all)
-            })
-            .await?;
-        Ok(docs.iter().map(info_of).collect())
+            .views("listing the locks", pipeline)
+            .await?
+            .iter()
+            .filter_map(kinds::info_of_view)
+            .collect())
     }
 
     async fn force_release(&self, key: &Key) -> Result<bool> {
-        self.shared.clear(key, None).await
+        kinds::force_release(&self.shared, key).await
     }
 }

@@ -4,8 +4,9 @@
 //! One stream for the handle rather than one per waiter: a change stream's `getMore`
 //! holds a pooled connection while it waits for events, so a stream per waiter would
 //! starve the attempts of connections under contention. The stream's `$match` keeps only
-//! the events that can free a lock (the owner changed, the document was replaced or
-//! deleted), so renewals cost the waiters nothing.
+//! the events that can free a lock (the owner changed, a reader, permit or writer intent
+//! went, which sets `freed`, or the document was replaced or deleted), so renewals cost
+//! the waiters nothing.
 //!
 //! In this process each event wakes **one** waiter of its key ([`Notify::notify_one`]),
 //! so that local waiters do not stampede the server. When the stream breaks, every waiter
@@ -80,6 +81,7 @@ fn pipeline() -> Vec<Document> {
         { "operationType": { "$in": ["delete", "replace", "drop", "rename", "dropDatabase", "invalidate"] } },
         { "updateDescription.updatedFields.owner": { "$exists": true } },
         { "updateDescription.removedFields": "owner" },
+        { "updateDescription.updatedFields.freed": { "$exists": true } },
     ] } }]
 }
 
@@ -267,6 +269,15 @@ impl Hub {
             }
         }
         Some(watch)
+    }
+}
+
+impl Hub {
+    /// Wakes one more local waiter of `key`, if any waits.
+    pub fn pass_on(&self, key: &str) {
+        if let Some(watched) = self.inner.keys().get(key) {
+            watched.notify.notify_one();
+        }
     }
 }
 
