@@ -92,12 +92,16 @@ pub async fn poll_until_acquired<B: Backend + ?Sized>(
     let mut delays = request.backoff.delays();
     let mut watch: Option<Box<dyn KeyWatch>> = None;
     let mut watching = false;
+    // The first attempt goes out unsubscribed: a free key costs one round trip, with no
+    // subscription to open (a change stream, a Pub/Sub channel) and close again.
+    let mut refused = false;
     loop {
         let now = Instant::now();
         let passed = request.deadline.is_some_and(|d| now >= d);
-        // Subscribe before the attempt so that a release between the two is not missed.
+        // After a refusal, subscribe before the next attempt so that a release between
+        // the two is not missed.
         let mut failure = None;
-        if !watching && !passed {
+        if refused && !watching && !passed {
             match watch_bounded(backend, request).await {
                 Ok(found) => {
                     watch = found;
@@ -132,6 +136,11 @@ pub async fn poll_until_acquired<B: Backend + ?Sized>(
             Ok(expires_in) => {
                 if request.deadline.is_some_and(|d| now >= d) {
                     return Ok(None);
+                }
+                if !refused {
+                    // Held at the first attempt: subscribe and attempt again at once.
+                    refused = true;
+                    continue;
                 }
                 match (&watch, expires_in) {
                     // Woken by the store at release; the expiry covers a holder that died.

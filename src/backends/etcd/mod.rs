@@ -715,13 +715,24 @@ impl HeldLease for EtcdLease {
     }
 
     fn ended(&mut self) -> EndSignal {
-        Box::pin(watch_end(
-            self.store.clone(),
-            self.entry.clone(),
-            self.revision,
-        ))
+        // A watch stream costs etcd a round trip and a watcher, which a short lease would
+        // pay for nothing: it opens after a third of the lease (the first keep-alive
+        // would notice a revoked lease by then anyway), and from the revision after the
+        // entry's creation, so a deletion in between is still seen.
+        let after = Duration::from_millis(
+            u64::try_from(self.granted_seconds.max(1)).unwrap_or(1) * 1000 / 3,
+        )
+        .min(WATCH_END_AFTER);
+        let (store, entry, revision) = (self.store.clone(), self.entry.clone(), self.revision);
+        Box::pin(async move {
+            tokio::time::sleep(after).await;
+            watch_end(store, entry, revision).await
+        })
     }
 }
+
+/// The longest a held lease goes before it watches its entry's deletion.
+const WATCH_END_AFTER: Duration = Duration::from_millis(500);
 
 /// Resolves when the entry created at `revision` is deleted: its lease expired or was
 /// revoked, or an operator deleted it (`release --force`). Watches from the revision
