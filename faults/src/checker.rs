@@ -37,7 +37,7 @@ pub struct Counts {
     /// sections do not count. For a semaphore of N permits: each time a section began with
     /// N others open.
     pub overlaps: u64,
-    /// Distinct sections that another holder's section overtook (began while it ran).
+    /// Distinct sections that a holder with a higher fence overlapped: stale holders.
     pub overtaken: u64,
     /// (b) writes accepted with a fence lower than an earlier accepted write's.
     pub out_of_order: u64,
@@ -211,7 +211,12 @@ pub fn check_workload(history: &[Event], final_value: u64, workload: Workload) -
             _ => {
                 for &k in &active {
                     if !(s.reader && sections[k].reader) {
-                        overtaken[k] = true;
+                        // Of two overlapping sections the one with the lower fence is the
+                        // stale holder: the newer holder overtook it, whichever of the two
+                        // the store heard begin first (a broken holder's "begin" may
+                        // arrive just after its successor's).
+                        let stale = if sections[k].fence <= s.fence { k } else { i };
+                        overtaken[stale] = true;
                         counts.overlaps += 1;
                     }
                 }
@@ -496,5 +501,24 @@ mod tests {
         h.extend(section(3, 4, 20, 30, false));
         let c = check_workload(&h, 0, Workload::ReadWrite);
         assert_eq!(c.out_of_order, 1);
+    }
+
+    #[test]
+    fn the_stale_holder_is_the_lower_fence_whichever_began_first() {
+        // The broken holder (fence 1) is heard to begin just after its successor (fence 2).
+        let mut h = section(2, 2, 0, 20, false);
+        h.extend(section(1, 1, 1, 10, false));
+        let c = check(&h, 0);
+        assert_eq!((c.overlaps, c.overtaken, c.silent_losses), (1, 1, 1));
+        let stale = sections(&h)
+            .into_iter()
+            .find(|s| s.fence == 1)
+            .expect("the section of fence 1");
+        assert_eq!(stale.client, 1);
+        // The successor, still holding its lease, is not counted as overtaken.
+        let mut h = section(2, 2, 0, 20, false);
+        h.extend(section(1, 1, 1, 10, true));
+        let c = check(&h, 0);
+        assert_eq!((c.overtaken, c.silent_losses), (1, 0));
     }
 }
