@@ -511,7 +511,15 @@ async fn renew_bounded(
 /// The release, bounded: a store that does not answer lets the lease end at its TTL (or
 /// with its session, whose handle is dropped here).
 async fn release_bounded(shared: &Shared, lease: Box<dyn HeldLease>) -> Result<bool> {
-    let limit = renewal_limit(shared.ttl).max(Duration::from_secs(1));
+    // A release may take the time the lease surely has left: answered by then, it tells
+    // the truth; a store that is merely slow (busy, or serving one request at a time)
+    // is not reported as unreachable.
+    let left = shared
+        .loss_deadline()
+        .saturating_duration_since(Instant::now());
+    let limit = left
+        .max(renewal_limit(shared.ttl))
+        .max(Duration::from_secs(1));
     match tokio::time::timeout(limit, lease.release()).await {
         Ok(outcome) => outcome,
         Err(_) => Err(Error::unavailable(
