@@ -531,7 +531,7 @@ async fn pg_schema_by_an_administrator_for_a_role_without_ddl() {
     admin.batch_execute(&sql).await.unwrap();
     admin
         .batch_execute(&format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO limited; GRANT USAGE ON SEQUENCE dlock_fence_seq TO limited"
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {table}, {table}_holders TO limited; GRANT USAGE ON SEQUENCE dlock_fence_seq TO limited"
         ))
         .await
         .unwrap();
