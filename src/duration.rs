@@ -8,7 +8,7 @@ use std::time::Duration;
 ///
 /// ```
 /// use std::time::Duration;
-/// use dlock::parse_duration;
+/// use fencelock::parse_duration;
 /// assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
 /// assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
 /// assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));

@@ -12,7 +12,7 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// escapes them, so `x'); DROP TABLE locks;--` is just a key.
 ///
 /// ```
-/// use dlock::Key;
+/// use fencelock::Key;
 /// assert!(Key::new("nightly-report").is_ok());
 /// assert!(Key::new("").is_err());
 /// assert!(Key::new("a\0b").is_err());

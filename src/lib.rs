@@ -1,16 +1,18 @@
-//! # dlock: distributed locks with leases and fencing tokens
+//! # fencelock: distributed locks with leases and fencing tokens
 //!
 //! One API over the stores teams already run: local files (flock), memory, and (behind
-//! cargo features) Redis, Redlock, PostgreSQL, MySQL and etcd. Every lock is a
+//! cargo features) Redis (one node, Redlock, Cluster), PostgreSQL, MySQL/MariaDB, etcd,
+//! ZooKeeper, MongoDB and DynamoDB. The `dlock` command of the same package is `flock(1)`
+//! for a fleet. Every lock is a
 //! [`Lease`]: an owner token, a TTL renewed automatically, a loss signal, and a
 //! **fencing token** that strictly increases per key.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), dlock::Error> {
+//! # async fn main() -> Result<(), fencelock::Error> {
 //! # let dir = std::env::temp_dir().join(format!("dlock-doc-{}", std::process::id()));
 //! # let url = format!("file://{}", dir.display());
-//! let locks = dlock::connect(&url).await?; // or "memory://", "redis://host:6379", …
+//! let locks = fencelock::connect(&url).await?; // or "memory://", "redis://host:6379", …
 //! let lease = locks.lock("nightly-report").acquire().await?;
 //! println!("{} held with fence {}", lease.key(), lease.fence());
 //! tokio::select! {
@@ -31,6 +33,9 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 #![warn(missing_docs)]
+// docs.rs builds with every feature and `--cfg docsrs`: each backend's items carry a
+// "available on crate feature … only" badge.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
 pub mod backends;
@@ -57,8 +62,8 @@ pub use registry::{schema_sql, Scheme};
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// assert!(dlock::connect("memory://").await.is_ok());
-/// let err = dlock::connect("nosuch://x").await.unwrap_err();
+/// assert!(fencelock::connect("memory://").await.is_ok());
+/// let err = fencelock::connect("nosuch://x").await.unwrap_err();
 /// assert!(err.to_string().contains("unknown backend"));
 /// # }
 /// ```

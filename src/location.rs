@@ -18,12 +18,12 @@ pub const DIR_ENV: &str = "DLOCK_DIR";
 /// host name leaves the host alone. Used for every message.
 ///
 /// ```
-/// assert_eq!(dlock::redact("redis://app:s3cret@db:6379/0"), "redis://app:***@db:6379/0");
+/// assert_eq!(fencelock::redact("redis://app:s3cret@db:6379/0"), "redis://app:***@db:6379/0");
 /// assert_eq!(
-///     dlock::redact("postgres://db/app?sslmode=require&Password=x"),
+///     fencelock::redact("postgres://db/app?sslmode=require&Password=x"),
 ///     "postgres://db/app?sslmode=require&Password=***"
 /// );
-/// assert_eq!(dlock::redact("file:///var/lock"), "file:///var/lock");
+/// assert_eq!(fencelock::redact("file:///var/lock"), "file:///var/lock");
 /// ```
 pub fn redact(url: &str) -> String {
     let (head, rest) = match url.find("://") {

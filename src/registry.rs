@@ -144,7 +144,7 @@ impl Scheme {
     /// The scheme of a backend URL.
     ///
     /// ```
-    /// use dlock::Scheme;
+    /// use fencelock::Scheme;
     /// assert_eq!(Scheme::of("rediss://h:6380").unwrap(), Scheme::Redis);
     /// assert_eq!(Scheme::of("redlock://a:1,b:2,c:3").unwrap(), Scheme::Redlock);
     /// assert_eq!(Scheme::of("redis+cluster://a:1,b:2").unwrap(), Scheme::RedisCluster);
@@ -229,7 +229,7 @@ pub(crate) async fn open(url: &str) -> Result<Arc<dyn Backend>> {
 /// DDL; `None` for backends without a schema. Nothing is connected to.
 ///
 /// ```
-/// assert!(dlock::schema_sql("memory://").unwrap().is_none());
+/// assert!(fencelock::schema_sql("memory://").unwrap().is_none());
 /// ```
 pub fn schema_sql(url: &str) -> Result<Option<String>> {
     let scheme = Scheme::of(url)?;

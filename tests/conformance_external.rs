@@ -1,9 +1,9 @@
 //! The conformance suite on a backend that is not named by a URL, as a backend written
 //! outside dlock would run it: here the memory store behind the call-counting wrapper.
 
-use dlock::backend::BackendUrl;
-use dlock::backends::counting::Counting;
-use dlock::backends::memory::MemoryBackend;
+use fencelock::backend::BackendUrl;
+use fencelock::backends::counting::Counting;
+use fencelock::backends::memory::MemoryBackend;
 use std::sync::Arc;
 
 async fn target() -> dlock_testkit::Target {

@@ -32,7 +32,7 @@ mod three_nodes {
 async fn permits_over_different_majorities_never_exceed_the_count() {
     use std::time::{SystemTime, UNIX_EPOCH};
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
-    let locks = dlock::connect(&url(&nodes)).await.unwrap();
+    let locks = fencelock::connect(&url(&nodes)).await.unwrap();
     let key = "spread";
     let leases = format!("{{dlock:{key}}}:leases");
     let records = format!("{{dlock:{key}}}:records");

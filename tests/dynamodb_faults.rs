@@ -3,9 +3,9 @@
 //! the server restarted, unreachable or frozen, and the `dlock` commands.
 #![cfg(feature = "dynamodb")]
 
-use dlock::Error;
 use dlock_testkit::process::signal;
 use dlock_testkit::servers::dynamodb::{set_test_credentials, DynamoServer};
+use fencelock::Error;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ async fn sigkilled_holder_is_taken_over(server: DynamoServer) {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let info = within(
         Duration::from_secs(30),
         "the CLI holder takes the lock",
@@ -155,7 +155,7 @@ async fn fences_keep_increasing_across_a_restart_of_dynalite_on_disk() {
     let server = DynamoServer::dynalite_on_disk();
     assert!(server.keeps_data());
     let url = server.url("faults");
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let mut last = 0;
     for _ in 0..3 {
         let lease = locks.lock("restarted").acquire().await.unwrap();
@@ -166,7 +166,7 @@ async fn fences_keep_increasing_across_a_restart_of_dynalite_on_disk() {
     server.restart();
     for round in 0..3 {
         let handle = if round == 1 {
-            dlock::connect(&url).await.unwrap()
+            fencelock::connect(&url).await.unwrap()
         } else {
             locks.clone()
         };
@@ -193,7 +193,7 @@ async fn moto_restart_loses_the_table_and_says_so() {
     let server = DynamoServer::moto();
     assert!(!server.keeps_data());
     let url = server.url("faults");
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     locks
         .lock("k")
         .acquire()
@@ -206,7 +206,7 @@ async fn moto_restart_loses_the_table_and_says_so() {
     let err = locks.lock("k").try_acquire().await.unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
     assert!(err.to_string().contains("does not exist"), "{err}");
-    let fresh = dlock::connect(&url).await.unwrap();
+    let fresh = fencelock::connect(&url).await.unwrap();
     let lease = fresh.lock("k").acquire().await.unwrap();
     assert_eq!(lease.fence(), 1, "a new table starts its fences again");
     lease.release().await.unwrap();
@@ -220,7 +220,7 @@ async fn unreachable_server_gives_typed_errors_within_the_deadline() {
         dead_port()
     );
     let started = Instant::now();
-    let err = dlock::connect(&url).await.unwrap_err();
+    let err = fencelock::connect(&url).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -231,7 +231,7 @@ async fn unreachable_server_gives_typed_errors_within_the_deadline() {
     // A handle whose server went away: a limited wait ends in a typed error, on time.
     let server = DynamoServer::dynalite();
     let url = server.url("faults");
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     server.kill();
     let wait = Duration::from_secs(2);
     let started = Instant::now();
@@ -265,7 +265,7 @@ async fn unreachable_server_gives_typed_errors_within_the_deadline() {
 async fn frozen_server_gives_typed_errors_within_the_deadline() {
     let server = DynamoServer::dynalite();
     let url = format!("{}&timeout=2s", server.url("faults"));
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let lease = locks.lock("frozen-held").acquire().await.unwrap();
     server.pause();
     let wait = Duration::from_secs(2);
@@ -418,11 +418,11 @@ fn fifty_parallel_runs_count_to_fifty() {
 /// lease to take it over from itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_attempt_whose_answer_was_lost_is_reclaimed_by_its_own_request() {
-    use dlock::backend::{AcquireRequest, Attempt, Backoff, Holder, LockKind, Owner};
+    use fencelock::backend::{AcquireRequest, Attempt, Backoff, Holder, LockKind, Owner};
     let server = DynamoServer::dynalite();
-    let locks = dlock::connect(&server.url("faults")).await.unwrap();
+    let locks = fencelock::connect(&server.url("faults")).await.unwrap();
     let backend = locks.backend().clone();
-    let key = dlock::Key::new("lost-answer").unwrap();
+    let key = fencelock::Key::new("lost-answer").unwrap();
     let owner = Owner::random();
     let holder = Holder::current();
     let request = AcquireRequest {

@@ -2,9 +2,9 @@
 //! held lease, a holder process killed, every member restarted; and `dlock run` with
 //! `status`, `list` and `release --force` on an etcd URL.
 
-use dlock::{Error, Locks};
 use dlock_testkit::process::signal;
 use dlock_testkit::servers::etcd::EtcdCluster;
+use fencelock::{Error, Locks};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -72,7 +72,7 @@ async fn leader_killed_while_held_keeps_the_lease_and_one_holder() {
     let _one = CLUSTERS.lock().await;
     let cluster = EtcdCluster::start_members(3);
     let key = unique("leader");
-    let locks = dlock::connect(&cluster.url()).await.unwrap();
+    let locks = fencelock::connect(&cluster.url()).await.unwrap();
     let lease = locks
         .lock(&key)
         .ttl(Duration::from_secs(6))
@@ -82,7 +82,7 @@ async fn leader_killed_while_held_keeps_the_lease_and_one_holder() {
     let leader = cluster.wait_leader();
     cluster.kill(leader);
     // Contenders from fresh handles, through and after the election: none may win.
-    let other = dlock::connect(&cluster.url()).await.unwrap();
+    let other = fencelock::connect(&cluster.url()).await.unwrap();
     let started = Instant::now();
     let mut answered = 0;
     while started.elapsed() < Duration::from_secs(8) {
@@ -124,7 +124,7 @@ async fn killed_holder_process_is_freed_at_its_ttl_and_the_waiter_is_woken() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let fence = wait_held(&locks, &key).await;
     let waiter = tokio::spawn({
         let (locks, key) = (locks.clone(), key.clone());
@@ -158,7 +158,7 @@ async fn fences_increase_across_a_restart_of_every_member() {
     let _one = CLUSTERS.lock().await;
     let cluster = EtcdCluster::start_members(3);
     let key = unique("restart");
-    let locks = dlock::connect(&cluster.url()).await.unwrap();
+    let locks = fencelock::connect(&cluster.url()).await.unwrap();
     let mut last = 0;
     for round in 0..3 {
         let lease = locks.lock(&key).wait_for(SOON).acquire().await.unwrap();
@@ -176,7 +176,7 @@ async fn fences_increase_across_a_restart_of_every_member() {
         }
     }
     // A handle opened after the restarts sees the same history.
-    let fresh = dlock::connect(&cluster.url()).await.unwrap();
+    let fresh = fencelock::connect(&cluster.url()).await.unwrap();
     let lease = fresh.lock(&key).wait_for(SOON).acquire().await.unwrap();
     assert!(lease.fence() > last);
     assert!(lease.release().await.unwrap());
@@ -281,19 +281,19 @@ async fn credentials_in_the_url() {
     cluster.enable_auth("s3cret-pw");
     let endpoint = cluster.endpoints().join(",");
     let good = format!("etcd://root:s3cret-pw@{endpoint}");
-    let locks = dlock::connect(&good).await.unwrap();
+    let locks = fencelock::connect(&good).await.unwrap();
     let key = unique("auth");
     let lease = locks.lock(&key).acquire().await.unwrap();
     assert!(lease.fence() > 0);
     assert!(lease.release().await.unwrap());
     let wrong = format!("etcd://root:wrong-pw@{endpoint}");
-    let err = match dlock::connect(&wrong).await {
+    let err = match fencelock::connect(&wrong).await {
         Ok(locks) => locks.lock(&key).try_acquire().await.unwrap_err(),
         Err(err) => err,
     };
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
     assert!(!err.to_string().contains("wrong-pw"), "{err}");
-    let anonymous = dlock::connect(&cluster.url()).await.unwrap();
+    let anonymous = fencelock::connect(&cluster.url()).await.unwrap();
     let err = anonymous.lock(&key).try_acquire().await.unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
 }
@@ -302,7 +302,7 @@ async fn credentials_in_the_url() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_ca_file() {
     let cluster = EtcdCluster::start_tls();
-    let locks = dlock::connect(&cluster.url()).await.unwrap();
+    let locks = fencelock::connect(&cluster.url()).await.unwrap();
     let key = unique("tls");
     let lease = locks.lock(&key).acquire().await.unwrap();
     let info = locks.status(&key).await.unwrap().expect("no holder");
@@ -312,7 +312,7 @@ async fn tls_with_ca_file() {
         "etcd://{}?command_timeout=1s",
         cluster.endpoints().join(",")
     );
-    let plain = dlock::connect(&plain).await.unwrap();
+    let plain = fencelock::connect(&plain).await.unwrap();
     let err = plain.lock(&key).try_acquire().await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
 }

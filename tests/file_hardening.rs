@@ -16,13 +16,13 @@ fn temp(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
 }
 
-async fn locks_in(dir: &Path) -> dlock::Locks {
-    dlock::connect(&format!("file://{}", dir.display()))
+async fn locks_in(dir: &Path) -> fencelock::Locks {
+    fencelock::connect(&format!("file://{}", dir.display()))
         .await
         .unwrap()
 }
 
-async fn acquire(locks: &dlock::Locks, key: &str) -> dlock::Result<dlock::Lease> {
+async fn acquire(locks: &fencelock::Locks, key: &str) -> fencelock::Result<fencelock::Lease> {
     tokio::time::timeout(
         LIMIT,
         locks
@@ -153,7 +153,7 @@ fn victim() -> Victim {
     Victim { _dir: dir, path }
 }
 
-fn assert_refused(err: &dlock::Error, path: &Path, what: &str) {
+fn assert_refused(err: &fencelock::Error, path: &Path, what: &str) {
     let text = err.to_string();
     assert!(
         text.contains(&path.display().to_string()) && text.contains(what),

@@ -3,10 +3,10 @@
 //! deadline plus at most a second, instead of hanging.
 #![cfg(all(feature = "etcd", feature = "zookeeper", feature = "redis"))]
 
-use dlock::Error;
 use dlock_testkit::proxy::Proxy;
 use dlock_testkit::servers::etcd::EtcdCluster;
 use dlock_testkit::servers::zookeeper::ZooKeeper;
+use fencelock::Error;
 use std::time::Duration;
 
 /// The deadline of a `--no-wait` attempt is now: it must end within this.
@@ -17,7 +17,7 @@ fn port_of(host_port: &str) -> u16 {
 }
 
 async fn frozen_attempts_fail_typed(url: String, proxy: &Proxy) {
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     // The handle is connected through the proxy before the freeze.
     let lease = locks.lock("frozen-warmup").try_acquire().await.unwrap();
     assert!(lease.expect("a free key").release().await.unwrap());
@@ -78,7 +78,7 @@ async fn zookeeper_attempts_behind_a_frozen_link_fail_typed_and_promptly() {
 async fn redis_cluster_attempts_on_frozen_nodes_fail_typed_and_promptly() {
     let cluster = dlock_testkit::servers::redis_cluster::RedisCluster::start();
     let url = cluster.url();
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let lease = locks.lock("frozen-warmup").try_acquire().await.unwrap();
     assert!(lease.expect("a free key").release().await.unwrap());
     for node in cluster.nodes() {

@@ -47,7 +47,7 @@ fn assert_safe(what: &str, out: &str, lines: usize) {
 async fn control_characters_in_keys_are_escaped_in_human_output_only() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let mut leases = Vec::new();
     for key in KEYS {
         leases.push(locks.lock(key).acquire().await.unwrap());

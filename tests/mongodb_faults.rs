@@ -3,9 +3,9 @@
 //! `dlock` commands.
 #![cfg(feature = "mongodb")]
 
-use dlock::Error;
 use dlock_testkit::process::signal;
 use dlock_testkit::servers::mongodb::MongoServer;
+use fencelock::Error;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -65,7 +65,7 @@ async fn sigkilled_cli_holder_is_freed_at_its_ttl() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let info = within(
         Duration::from_secs(30),
         "the CLI holder takes the lock",
@@ -99,7 +99,7 @@ async fn sigkilled_cli_holder_is_freed_at_its_ttl() {
 async fn fences_keep_increasing_across_a_server_restart() {
     let server = MongoServer::start();
     let url = server.url("faults");
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let mut last = 0;
     for _ in 0..3 {
         let lease = locks.lock("restarted").acquire().await.unwrap();
@@ -110,7 +110,7 @@ async fn fences_keep_increasing_across_a_server_restart() {
     server.restart();
     for round in 0..3 {
         let handle = if round == 1 {
-            dlock::connect(&url).await.unwrap()
+            fencelock::connect(&url).await.unwrap()
         } else {
             locks.clone()
         };
@@ -134,7 +134,7 @@ async fn fences_keep_increasing_across_a_server_restart() {
 async fn unreachable_server_gives_typed_errors_within_the_deadline() {
     let url = format!("mongodb://127.0.0.1:{}/faults", dead_port());
     let started = Instant::now();
-    let err = dlock::connect(&url).await.unwrap_err();
+    let err = fencelock::connect(&url).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -145,7 +145,7 @@ async fn unreachable_server_gives_typed_errors_within_the_deadline() {
     // A handle whose server went away: a limited wait ends in a typed error, on time.
     let server = MongoServer::start();
     let url = server.url("faults");
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     server.kill();
     let wait = Duration::from_secs(2);
     let started = Instant::now();
@@ -178,7 +178,7 @@ async fn unreachable_server_gives_typed_errors_within_the_deadline() {
 async fn frozen_server_gives_typed_errors_within_the_deadline() {
     let server = MongoServer::start();
     let url = format!("{}?command_timeout=2s", server.url("faults"));
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let lease = locks.lock("frozen-held").acquire().await.unwrap();
     server.pause();
     let wait = Duration::from_secs(2);

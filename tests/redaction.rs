@@ -2,8 +2,8 @@
 //! log line or the CLI's output: userinfo passwords, credential query options, percent-
 //! encoded passwords, and passwords that are also part of a host name.
 
-use dlock::backend::BackendUrl;
 use dlock_testkit::process::free_port;
+use fencelock::backend::BackendUrl;
 use std::process::Command;
 
 /// Every secret below starts with this; finding it anywhere is a leak.
@@ -68,8 +68,8 @@ fn assert_clean(what: &str, text: &str) {
     );
 }
 
-async fn connect_error(url: &str) -> dlock::Error {
-    match tokio::time::timeout(std::time::Duration::from_secs(60), dlock::connect(url)).await {
+async fn connect_error(url: &str) -> fencelock::Error {
+    match tokio::time::timeout(std::time::Duration::from_secs(60), fencelock::connect(url)).await {
         Ok(Ok(_)) => panic!("{url}: connected to nothing"),
         Ok(Err(err)) => err,
         Err(_) => panic!("{url}: connect did not fail within 60 s"),
@@ -130,11 +130,11 @@ fn debug_of_urls_and_settings_hides_credentials() {
     let url = format!("postgres://u:{SECRET}a@127.0.0.1:{p}/db?password={SECRET}b");
     let parsed = BackendUrl::parse(&url).unwrap();
     assert_clean("Debug of BackendUrl", &format!("{parsed:?}"));
-    let settings = dlock::backends::postgres::Settings::parse(&parsed).unwrap();
+    let settings = fencelock::backends::postgres::Settings::parse(&parsed).unwrap();
     assert_clean("Debug of postgres Settings", &format!("{settings:?}"));
     let url = format!("mysql://u:{SECRET}a@127.0.0.1:{p}/db?mode=lease");
     let parsed = BackendUrl::parse(&url).unwrap();
-    let settings = dlock::backends::mysql::Settings::parse(&parsed).unwrap();
+    let settings = fencelock::backends::mysql::Settings::parse(&parsed).unwrap();
     assert_clean("Debug of mysql Settings", &format!("{settings:?}"));
 }
 

@@ -2,8 +2,8 @@
 //! holder (its replica takes over), wake-ups through shard channels, every key of a lock
 //! in one slot, and `dlock run`/`status`/`list`/`release --force` on the cluster.
 
-use dlock::backends::redis::KeyNames;
 use dlock_testkit::servers::redis_cluster::RedisCluster;
+use fencelock::backends::redis::KeyNames;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -62,7 +62,7 @@ async fn killed_master_hands_over_to_its_replica_with_fences_still_increasing() 
         .and_then(|n| n.parse().ok())
         .unwrap_or(3);
     let cluster = RedisCluster::start();
-    let locks = dlock::connect(&cluster.url()).await.unwrap();
+    let locks = fencelock::connect(&cluster.url()).await.unwrap();
     let mut outcomes = Vec::new();
     for round in 0..rounds {
         let key = format!("failover-{round}");
@@ -84,7 +84,7 @@ async fn killed_master_hands_over_to_its_replica_with_fences_still_increasing() 
             _ = lease.lost() => Outcome::Lost,
             () = tokio::time::sleep(Duration::from_secs(8)) => Outcome::Kept,
         };
-        let other = dlock::connect(&cluster.url()).await.unwrap();
+        let other = fencelock::connect(&cluster.url()).await.unwrap();
         if outcome == Outcome::Kept {
             assert!(
                 other.lock(&key).try_acquire().await.unwrap().is_none(),
@@ -142,14 +142,14 @@ async fn waiters_are_woken_through_the_lock_shard_channel() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     };
-    let holder = dlock::connect(&cluster.url()).await.unwrap();
+    let holder = fencelock::connect(&cluster.url()).await.unwrap();
     let lease = holder
         .lock(key)
         .ttl(Duration::from_secs(60))
         .acquire()
         .await
         .unwrap();
-    let waiter = dlock::connect(&cluster.url()).await.unwrap();
+    let waiter = fencelock::connect(&cluster.url()).await.unwrap();
     let waiting = tokio::spawn(async move { waiter.lock(key).acquire().await });
     within(Duration::from_secs(10), "the waiter's SSUBSCRIBE", async {
         while tokio::task::block_in_place(subscribers) == 0 {

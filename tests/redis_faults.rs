@@ -2,11 +2,11 @@
 //! restarted or frozen under a holder or a waiter, attempts on a frozen server, a holder
 //! killed with SIGKILL, TLS and AUTH, and Redlock's multi-key acquisition.
 
-use dlock::backends::redis::RedlockBackend;
-use dlock::{Error, Wait};
 use dlock_testkit::process::signal;
 use dlock_testkit::proxy::Proxy;
 use dlock_testkit::servers::redis::{RedisConfig, RedisServer};
+use fencelock::backends::redis::RedlockBackend;
+use fencelock::{Error, Wait};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,7 @@ fn evalsha_calls(server: &RedisServer) -> u64 {
 async fn redlock_five_nodes_tolerates_two_down_and_reports_quorum_loss_with_three() {
     let nodes: Vec<RedisServer> = (0..5).map(|_| RedisServer::start()).collect();
     let url = redlock_url(&nodes);
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let mut last_fence = 0;
     for i in 0..5 {
         let lease = locks.lock(format!("warmup-{i}")).acquire().await.unwrap();
@@ -63,7 +63,7 @@ async fn redlock_five_nodes_tolerates_two_down_and_reports_quorum_loss_with_thre
 
     nodes[0].kill();
     nodes[3].kill();
-    let fresh = dlock::connect(&url)
+    let fresh = fencelock::connect(&url)
         .await
         .expect("a handle opens with 3 of 5 nodes up");
     for round in 0..20 {
@@ -101,7 +101,7 @@ async fn redlock_five_nodes_tolerates_two_down_and_reports_quorum_loss_with_thre
         text.contains("quorum") && text.contains("2 of 5") && text.contains("3 needed"),
         "{text}"
     );
-    let err = dlock::connect(&url).await.unwrap_err();
+    let err = fencelock::connect(&url).await.unwrap_err();
     assert!(err.to_string().contains("quorum"), "{err}");
 
     for index in [0, 3, 4] {
@@ -138,7 +138,7 @@ async fn redlock_five_nodes_tolerates_two_down_and_reports_quorum_loss_with_thre
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_fences_increase_while_the_majority_changes() {
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
-    let locks = dlock::connect(&redlock_url(&nodes)).await.unwrap();
+    let locks = fencelock::connect(&redlock_url(&nodes)).await.unwrap();
     let mut last = 0;
     let mut take = |fence: u64| {
         assert!(fence > last, "fence {fence} after {last}");
@@ -171,7 +171,7 @@ async fn redlock_fences_increase_while_the_majority_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn holder_sees_lost_when_its_node_is_restarted() {
     let server = RedisServer::start();
-    let locks = dlock::connect(&server.url()).await.unwrap();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
     let lease = locks
         .lock("restart")
         .ttl(Duration::from_secs(1))
@@ -214,7 +214,7 @@ async fn holder_sees_lost_when_its_node_is_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn holder_sees_lost_when_its_node_is_frozen_past_the_ttl() {
     let server = RedisServer::start();
-    let locks = dlock::connect(&server.url()).await.unwrap();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
     let lease = locks
         .lock("frozen")
         .ttl(Duration::from_secs(1))
@@ -236,7 +236,7 @@ async fn holder_sees_lost_when_its_node_is_frozen_past_the_ttl() {
         frozen_at.elapsed()
     );
     assert!(
-        matches!(reason, dlock::LossReason::RenewalFailed { .. }),
+        matches!(reason, fencelock::LossReason::RenewalFailed { .. }),
         "{reason:?}"
     );
 }
@@ -261,7 +261,7 @@ async fn killed_holder_frees_the_key_at_its_ttl_and_the_waiter_gets_it_without_p
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     within(
         Duration::from_secs(10),
         "the CLI holder takes the lock",
@@ -304,14 +304,14 @@ async fn tls_connects_with_the_ca_and_fails_clearly_without() {
         tls: true,
         ..RedisConfig::default()
     });
-    let locks = dlock::connect(&server.url())
+    let locks = fencelock::connect(&server.url())
         .await
         .expect("TLS with ca_file");
     let lease = locks.lock("tls").acquire().await.unwrap();
     assert!(lease.fence() > 0);
     assert!(lease.release().await.unwrap());
     let plain_tls = format!("rediss://127.0.0.1:{}?connect_timeout=2s", server.port());
-    let err = dlock::connect(&plain_tls).await.unwrap_err();
+    let err = fencelock::connect(&plain_tls).await.unwrap_err();
     assert!(
         matches!(err, Error::Unavailable { .. } | Error::Backend { .. }),
         "{err:?}"
@@ -321,7 +321,7 @@ async fn tls_connects_with_the_ca_and_fails_clearly_without() {
         server.port()
     );
     assert!(
-        dlock::connect(&plain).await.is_err(),
+        fencelock::connect(&plain).await.is_err(),
         "plain text to a TLS port connected"
     );
 }
@@ -339,7 +339,7 @@ async fn requirepass_and_acl_users_authenticate_and_wrong_passwords_are_clear_er
         format!("redis://default:s3cret-default@127.0.0.1:{port}/0"),
         format!("redis://alice:alice-pw@127.0.0.1:{port}/1?prefix=app:"),
     ] {
-        let locks = dlock::connect(&url)
+        let locks = fencelock::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         let lease = locks.lock("auth").acquire().await.unwrap();
@@ -360,7 +360,7 @@ async fn requirepass_and_acl_users_authenticate_and_wrong_passwords_are_clear_er
             "wrong-pass-3",
         ),
     ] {
-        let err = dlock::connect(&url).await.unwrap_err();
+        let err = fencelock::connect(&url).await.unwrap_err();
         let text = err.to_string();
         assert!(!text.contains(secret), "password in the message: {text}");
         assert!(matches!(err, Error::Backend { .. }), "{url}: {err:?}");
@@ -374,7 +374,7 @@ async fn requirepass_and_acl_users_authenticate_and_wrong_passwords_are_clear_er
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_server_is_unavailable_naming_the_redacted_url() {
     let port = dlock_testkit::process::free_port();
-    let err = dlock::connect(&format!(
+    let err = fencelock::connect(&format!(
         "redis://:hunter2@127.0.0.1:{port}?connect_timeout=1s"
     ))
     .await
@@ -390,7 +390,7 @@ async fn unreachable_server_is_unavailable_naming_the_redacted_url() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_acquire_all_is_all_or_nothing_and_cannot_deadlock() {
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
-    let locks = dlock::connect(&redlock_url(&nodes)).await.unwrap();
+    let locks = fencelock::connect(&redlock_url(&nodes)).await.unwrap();
     let blocker = locks.lock("b").acquire().await.unwrap();
     let err = RedlockBackend::acquire_all(
         &locks,
@@ -454,7 +454,7 @@ async fn redlock_acquire_all_is_all_or_nothing_and_cannot_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_local_waiters_do_not_stampede_the_server_at_release() {
     let server = RedisServer::start();
-    let locks = dlock::connect(&server.url()).await.unwrap();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
     let lease = locks.lock("crowd").acquire().await.unwrap();
     let mut waiters = Vec::new();
     for _ in 0..50 {
@@ -484,7 +484,7 @@ async fn many_local_waiters_do_not_stampede_the_server_at_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_lease_is_lost_when_renewal_cannot_reach_a_majority() {
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
-    let locks = dlock::connect(&redlock_url(&nodes)).await.unwrap();
+    let locks = fencelock::connect(&redlock_url(&nodes)).await.unwrap();
     let lease = locks
         .lock("majority")
         .ttl(Duration::from_secs(1))
@@ -509,7 +509,7 @@ async fn redlock_lease_is_lost_when_renewal_cannot_reach_a_majority() {
         since.elapsed()
     );
     assert!(
-        matches!(reason, dlock::LossReason::RenewalFailed { .. }),
+        matches!(reason, fencelock::LossReason::RenewalFailed { .. }),
         "{reason:?}"
     );
 }
@@ -522,7 +522,7 @@ const FROZEN_SLACK: Duration = Duration::from_millis(1500);
 async fn attempts_on_a_frozen_server_fail_typed_soon_after_their_deadline() {
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port()).await;
-    let locks = dlock::connect(&format!("redis://127.0.0.1:{}", proxy.port()))
+    let locks = fencelock::connect(&format!("redis://127.0.0.1:{}", proxy.port()))
         .await
         .unwrap();
     let key = "frozen-attempt";
@@ -587,14 +587,14 @@ async fn attempts_on_a_frozen_server_fail_typed_soon_after_their_deadline() {
 async fn waiter_without_limit_waits_across_a_server_restart_then_acquires() {
     let server = RedisServer::start();
     let key = "restart-wait";
-    let holder_locks = dlock::connect(&server.url()).await.unwrap();
+    let holder_locks = fencelock::connect(&server.url()).await.unwrap();
     let holder = holder_locks
         .lock(key)
         .ttl(Duration::from_secs(30))
         .acquire()
         .await
         .unwrap();
-    let locks = dlock::connect(&server.url()).await.unwrap();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
     let waiter = tokio::spawn(async move {
         locks
             .lock(key)
@@ -637,7 +637,7 @@ async fn redlock_attempts_with_a_frozen_majority_fail_typed_soon_after_their_dea
         .iter()
         .map(|p| format!("127.0.0.1:{}", p.port()))
         .collect();
-    let locks = dlock::connect(&format!("redlock://{}", hosts.join(",")))
+    let locks = fencelock::connect(&format!("redlock://{}", hosts.join(",")))
         .await
         .unwrap();
     let ttl = Duration::from_secs(2);

@@ -41,7 +41,7 @@ fn assert_fences_expire(server: &RedisServer, expected: usize) {
 #[tokio::test]
 async fn fence_counters_expire_and_holder_records_too() {
     let server = RedisServer::start();
-    let locks = dlock::connect(&server.url()).await.unwrap();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
     let mut held = Vec::new();
     for i in 0..20 {
         let lease = locks
@@ -72,7 +72,7 @@ async fn fence_counters_expire_and_holder_records_too() {
 async fn redlock_fence_counters_expire_on_every_node() {
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let hosts: Vec<String> = nodes.iter().map(RedisServer::address).collect();
-    let locks = dlock::connect(&format!("redlock://{}", hosts.join(",")))
+    let locks = fencelock::connect(&format!("redlock://{}", hosts.join(",")))
         .await
         .unwrap();
     for i in 0..10 {
@@ -92,7 +92,7 @@ async fn redlock_fence_counters_expire_on_every_node() {
 #[tokio::test]
 async fn fences_increase_across_a_forgotten_counter() {
     let server = RedisServer::start();
-    let locks = dlock::connect(&server.url()).await.unwrap();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
     let mut last = 0;
     for round in 0..4 {
         let lease = locks.lock("forgotten").ttl(TTL).acquire().await.unwrap();
@@ -116,7 +116,7 @@ async fn fences_increase_across_a_forgotten_counter() {
 #[tokio::test]
 async fn a_counter_ahead_of_the_clock_is_kept_until_the_clock_passes_it() {
     let server = RedisServer::start();
-    let locks = dlock::connect(&server.url()).await.unwrap();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
     // As after a clock stepped back by an hour while the counter lived.
     let ahead = Duration::from_secs(3600);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();

@@ -1,7 +1,7 @@
 //! The registry is the one list of backends: every scheme in it has the whole conformance
 //! suite and the lock kinds' suite run on it, and URLs are classified by it alone.
 
-use dlock::Scheme;
+use fencelock::Scheme;
 use std::path::Path;
 
 /// `tests/conformance_<name>.rs` for the scheme's canonical name (`+` written `_`).
@@ -62,7 +62,7 @@ async fn a_scheme_not_built_names_its_feature() {
             continue;
         }
         let url = format!("{}://127.0.0.1:1", scheme.names()[0]);
-        let err = dlock::connect(&url).await.unwrap_err().to_string();
+        let err = fencelock::connect(&url).await.unwrap_err().to_string();
         assert!(err.contains(scheme.feature()), "{err}");
         assert!(err.contains("not enabled in this build"), "{err}");
     }

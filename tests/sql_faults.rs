@@ -2,11 +2,11 @@
 //! connection killed by the server, server restarts, and abandoned waits.
 #![cfg(all(feature = "postgres", feature = "mysql"))]
 
-use dlock::backends::postgres::keys::{advisory_key, pg_locks_halves};
-use dlock::{Error, Locks, LossReason};
 use dlock_testkit::proxy::Proxy;
 use dlock_testkit::servers::mysql::Mysql;
 use dlock_testkit::servers::postgres::Postgres;
+use fencelock::backends::postgres::keys::{advisory_key, pg_locks_halves};
+use fencelock::{Error, Locks, LossReason};
 use mysql_async::prelude::Queryable;
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
@@ -77,7 +77,7 @@ async fn my_connections(admin: &mut mysql_async::Conn) -> u64 {
 
 /// The `GET_LOCK` name of `key` for a URL of the test database `dlock`.
 fn my_lock_name(key: &str) -> String {
-    dlock::backends::mysql::lock_name("dlock.dlock_fence_counter", key)
+    fencelock::backends::mysql::lock_name("dlock.dlock_fence_counter", key)
 }
 
 async fn my_waiting_get_lock(admin: &mut mysql_async::Conn) -> u64 {
@@ -131,8 +131,8 @@ async fn pg_terminate_backend_fires_lost_and_lets_a_waiter_in() {
     let admin = pg_admin(server).await;
     let url = server.url("");
     let (locks, waiter) = (
-        dlock::connect(&url).await.unwrap(),
-        dlock::connect(&url).await.unwrap(),
+        fencelock::connect(&url).await.unwrap(),
+        fencelock::connect(&url).await.unwrap(),
     );
     let k = key("terminate");
     let kill = async {
@@ -152,8 +152,8 @@ async fn mysql_kill_fires_lost_and_lets_a_waiter_in() {
     let mut admin = my_admin(server).await;
     let url = server.url("");
     let (locks, waiter) = (
-        dlock::connect(&url).await.unwrap(),
-        dlock::connect(&url).await.unwrap(),
+        fencelock::connect(&url).await.unwrap(),
+        fencelock::connect(&url).await.unwrap(),
     );
     let k = key("kill");
     let kill = async {
@@ -183,8 +183,8 @@ async fn restart_checks(
     stop: impl Fn() + Send + Sync + Clone + 'static,
     start: impl Fn() + Send + Sync + Clone + 'static,
 ) {
-    let session = dlock::connect(&url_session).await.unwrap();
-    let lease_locks = dlock::connect(&url_lease).await.unwrap();
+    let session = fencelock::connect(&url_session).await.unwrap();
+    let lease_locks = fencelock::connect(&url_lease).await.unwrap();
     let (ks, kl, kx) = (key("restart-s"), key("restart-l"), key("restart-x"));
     let held = session.lock(&ks).acquire().await.unwrap();
     let kept = lease_locks
@@ -230,7 +230,7 @@ async fn restart_checks(
         !kept.is_lost(),
         "a lease whose outage was shorter than its TTL was reported lost"
     );
-    let other = dlock::connect(&url_lease).await.unwrap();
+    let other = fencelock::connect(&url_lease).await.unwrap();
     assert!(
         other.lock(&kl).try_acquire().await.unwrap().is_none(),
         "the kept lease was free after the restart"
@@ -287,11 +287,11 @@ async fn mysql_restart_fires_lost_and_fences_keep_increasing() {
 
 /// Spawns 100 waiting acquires on held `k` over 4 handles, drops them, and releases.
 async fn drop_100_waiters(url: &str, k: &str) {
-    let holder = dlock::connect(url).await.unwrap();
+    let holder = fencelock::connect(url).await.unwrap();
     let lease = holder.lock(k).acquire().await.unwrap();
     let mut handles = Vec::new();
     for _ in 0..4 {
-        handles.push(dlock::connect(url).await.unwrap());
+        handles.push(fencelock::connect(url).await.unwrap());
     }
     let mut waiters = Vec::new();
     for i in 0..100 {
@@ -310,7 +310,7 @@ async fn drop_100_waiters(url: &str, k: &str) {
     }
     assert!(lease.release().await.unwrap());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let fresh = dlock::connect(url).await.unwrap();
+    let fresh = fencelock::connect(url).await.unwrap();
     assert!(
         fresh.status(k).await.unwrap().is_none(),
         "a dropped waiter holds the lock"
@@ -404,7 +404,7 @@ async fn bad_urls_name_the_problem_without_the_password() {
         "postgres://u:hunter2@127.0.0.1:1/db?table=x;drop",
         "mysql://u:hunter2@127.0.0.1:1/db?nope=1",
     ] {
-        let err = dlock::connect(url).await.unwrap_err();
+        let err = fencelock::connect(url).await.unwrap_err();
         assert!(matches!(err, Error::BadUrl { .. }), "{err:?}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
@@ -412,7 +412,7 @@ async fn bad_urls_name_the_problem_without_the_password() {
         "postgres://u:hunter2@127.0.0.1:1/db",
         "mysql://u:hunter2@127.0.0.1:1/db",
     ] {
-        let err = dlock::connect(url).await.unwrap_err();
+        let err = fencelock::connect(url).await.unwrap_err();
         assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
@@ -473,7 +473,7 @@ async fn cli_run_status_list_in_both_modes_on_both_databases() {
         assert!(human.status.success(), "{url}: {human:?}");
         eprintln!(
             "{}:\n{}",
-            dlock::redact(&url),
+            fencelock::redact(&url),
             String::from_utf8_lossy(&human.stdout)
         );
         let busy = cli(&["run", &k, "--backend", &url, "--no-wait", "--", "true"]);
@@ -518,7 +518,7 @@ async fn pg_schema_by_an_administrator_for_a_role_without_ddl() {
         "postgres://limited@127.0.0.1:{}/postgres?mode=lease&table={table}",
         server.port()
     );
-    let err = dlock::connect(&url).await.unwrap_err();
+    let err = fencelock::connect(&url).await.unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
     assert!(
         err.to_string().contains("cannot create the dlock schema"),
@@ -535,12 +535,12 @@ async fn pg_schema_by_an_administrator_for_a_role_without_ddl() {
         ))
         .await
         .unwrap();
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     let k = key("limited");
     let lease = locks.lock(&k).acquire().await.unwrap();
     let first = lease.fence();
     let waiter = tokio::spawn({
-        let (locks, k) = (dlock::connect(&url).await.unwrap(), k.clone());
+        let (locks, k) = (fencelock::connect(&url).await.unwrap(), k.clone());
         async move { locks.lock(&k).acquire().await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -564,7 +564,7 @@ async fn expired_lease_rows_are_swept() {
     let pg = Postgres::shared();
     let tag = key("swept");
     let url = pg.url("mode=lease");
-    let locks = dlock::connect(&url).await.unwrap();
+    let locks = fencelock::connect(&url).await.unwrap();
     for i in 0..20 {
         let lease = locks
             .lock(format!("{tag}-{i}"))
@@ -586,7 +586,7 @@ async fn expired_lease_rows_are_swept() {
         .await
         .unwrap();
     // A new handle sweeps at its first acquire.
-    let fresh = dlock::connect(&url).await.unwrap();
+    let fresh = fencelock::connect(&url).await.unwrap();
     let lease = fresh.lock(key("trigger")).acquire().await.unwrap();
     lease.release().await.unwrap();
     let deadline = Instant::now() + PROMPTLY;
@@ -620,7 +620,7 @@ struct Grants {
 /// (holding it for `hold`), checking at each grant that no one else is inside and that the fence
 /// is greater than every fence granted before.
 async fn contend(
-    handles: &[dlock::Locks],
+    handles: &[fencelock::Locks],
     k: &str,
     per_task: usize,
     ttl: Duration,
@@ -679,10 +679,10 @@ async fn contend(
     }
 }
 
-async fn lease_handles(url: &str, n: usize) -> Vec<dlock::Locks> {
+async fn lease_handles(url: &str, n: usize) -> Vec<fencelock::Locks> {
     let mut handles = Vec::new();
     for _ in 0..n {
-        handles.push(dlock::connect(url).await.unwrap());
+        handles.push(fencelock::connect(url).await.unwrap());
     }
     handles
 }
@@ -839,7 +839,7 @@ async fn stalled_then_killed(
     kill: impl std::future::Future<Output = ()>,
 ) {
     proxy.set_latency(Duration::from_millis(50));
-    let holder = dlock::connect(proxied).await.unwrap();
+    let holder = fencelock::connect(proxied).await.unwrap();
     let lease = holder
         .lock(k)
         .ttl(Duration::from_secs(3))
@@ -847,7 +847,7 @@ async fn stalled_then_killed(
         .await
         .unwrap();
     let waiting = tokio::spawn({
-        let (waiter, k) = (dlock::connect(direct).await.unwrap(), k.to_owned());
+        let (waiter, k) = (fencelock::connect(direct).await.unwrap(), k.to_owned());
         async move {
             let lease = waiter
                 .lock(&k)
@@ -946,7 +946,7 @@ async fn no_wait_behind_a_frozen_link_fails_promptly_with_a_typed_error() {
     ] {
         let proxy = Proxy::start(port).await;
         let url = via(&server_url, port, &proxy);
-        let locks = dlock::connect(&url).await.unwrap();
+        let locks = fencelock::connect(&url).await.unwrap();
         let k = key("frozen");
         // A connection in the pool, so that the attempt meets a stalled open connection.
         let warm = locks
@@ -976,7 +976,7 @@ async fn no_wait_behind_a_frozen_link_fails_promptly_with_a_typed_error() {
             assert!(err.is_transient(), "{url}: {err:?}");
             eprintln!(
                 "{}: failed after {:?}: {err}",
-                dlock::redact(&url),
+                fencelock::redact(&url),
                 started.elapsed()
             );
         }
@@ -991,11 +991,17 @@ async fn pg_unlimited_waiter_survives_a_server_restart() {
     let server = std::sync::Arc::new(Postgres::start(true));
     let url = server.url("");
     let k = key("restart-wait");
-    let holder = dlock::connect(&url).await.unwrap();
+    let holder = fencelock::connect(&url).await.unwrap();
     let lease = holder.lock(&k).acquire().await.unwrap();
     let waiting = tokio::spawn({
-        let (waiter, k) = (dlock::connect(&url).await.unwrap(), k.clone());
-        async move { waiter.lock(&k).wait(dlock::Wait::Forever).acquire().await }
+        let (waiter, k) = (fencelock::connect(&url).await.unwrap(), k.clone());
+        async move {
+            waiter
+                .lock(&k)
+                .wait(fencelock::Wait::Forever)
+                .acquire()
+                .await
+        }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "the waiter got a held lock");

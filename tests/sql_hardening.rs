@@ -2,9 +2,9 @@
 //! mode under a stalled acquirer, against private servers.
 #![cfg(all(feature = "postgres", feature = "mysql"))]
 
-use dlock::Locks;
 use dlock_testkit::servers::mysql::Mysql;
 use dlock_testkit::servers::postgres::Postgres;
+use fencelock::Locks;
 use mysql_async::prelude::Queryable;
 use std::time::Duration;
 use tokio_postgres::NoTls;
@@ -135,24 +135,24 @@ async fn pg_session_locks_are_per_fence_sequence() {
             .unwrap();
     }
     let key = tag("same-key");
-    let a = dlock::connect(&pg.url(&format!("table={one}.locks")))
+    let a = fencelock::connect(&pg.url(&format!("table={one}.locks")))
         .await
         .unwrap();
-    let b = dlock::connect(&pg.url(&format!("table={two}.locks")))
+    let b = fencelock::connect(&pg.url(&format!("table={two}.locks")))
         .await
         .unwrap();
     independent(&a, &b, &key).await;
     // The default table is in yet another namespace (public).
-    let default = dlock::connect(&pg.url("")).await.unwrap();
+    let default = fencelock::connect(&pg.url("")).await.unwrap();
     independent(&default, &a, &key).await;
 
     // Two tables beside one sequence share it, so they share locks; so do the default
     // table and the same table named with its schema.
-    let c = dlock::connect(&pg.url(&format!("table={one}.other_locks")))
+    let c = fencelock::connect(&pg.url(&format!("table={one}.other_locks")))
         .await
         .unwrap();
     shared(&a, &c, &key).await;
-    let qualified = dlock::connect(&pg.url("table=public.dlock_sessions"))
+    let qualified = fencelock::connect(&pg.url("table=public.dlock_sessions"))
         .await
         .unwrap();
     shared(&default, &qualified, &key).await;
@@ -178,13 +178,13 @@ async fn mysql_session_locks_are_per_fence_counter() {
         .await
         .unwrap();
     let key = tag("same-key");
-    let a = dlock::connect(&my.url("")).await.unwrap();
-    let b = dlock::connect(&my_url(my, &other, "")).await.unwrap();
+    let a = fencelock::connect(&my.url("")).await.unwrap();
+    let b = fencelock::connect(&my_url(my, &other, "")).await.unwrap();
     independent(&a, &b, &key).await;
 
     // The counter is beside the table: a URL of the other database naming a table of
     // the first shares the first's counter, and so its locks.
-    let c = dlock::connect(&my_url(my, &other, "table=dlock.dlock_sessions"))
+    let c = fencelock::connect(&my_url(my, &other, "table=dlock.dlock_sessions"))
         .await
         .unwrap();
     shared(&a, &c, &key).await;
@@ -228,7 +228,7 @@ async fn mysql_lease_stalled_acquirer_blocks_only_its_own_key() {
         .await
         .unwrap();
     let url = my_url(my, &db, "mode=lease");
-    let first = dlock::connect(&url).await.unwrap();
+    let first = fencelock::connect(&url).await.unwrap();
     let (old_key, stalled_key, free_key) = (tag("old"), tag("stalled"), tag("free"));
     admin
         .exec_drop(
@@ -278,7 +278,7 @@ VALUES (UNHEX(SHA2(?, 256)), ?, 'frozen', 1001, UTC_TIMESTAMP(6) + INTERVAL 1 HO
     let second = within(
         PROMPTLY,
         "connect beside a stalled acquirer",
-        dlock::connect(&url),
+        fencelock::connect(&url),
     )
     .await
     .unwrap();

@@ -37,8 +37,8 @@ fn wait_held(url: &str, key: &str) {
     }
 }
 
-async fn connect(url: &str) -> dlock::Locks {
-    dlock::connect(url).await.unwrap()
+async fn connect(url: &str) -> fencelock::Locks {
+    fencelock::connect(url).await.unwrap()
 }
 
 /// Waits until some member leads again (after a leader was killed).
@@ -280,7 +280,7 @@ async fn holder_cut_off_longer_than_its_session_could_live_is_lost() {
     zk.resume(0);
     let reason = reason.expect("the lease was not given up while the server was silent");
     assert!(
-        matches!(&reason, dlock::LossReason::SessionEnded { detail } if detail.contains("disconnected")),
+        matches!(&reason, fencelock::LossReason::SessionEnded { detail } if detail.contains("disconnected")),
         "{reason:?}"
     );
     // The servers may or may not have expired the session meanwhile; either way the

@@ -55,7 +55,7 @@ async fn main() {
     println!("|---------|------:|-------------:|------------:|------:|");
     for tasks in [1, 16] {
         let url = format!("file://{}", dir.path().display());
-        let locks = dlock::connect(&url).await.unwrap();
+        let locks = fencelock::connect(&url).await.unwrap();
         let dlock_rate = pairs_per_second(tasks, move |task, n| {
             let locks = locks.clone();
             async move {
@@ -93,7 +93,7 @@ async fn main() {
         .await;
         row("file", tasks, dlock_rate, raw_rate);
 
-        let locks = dlock::connect("memory://bench").await.unwrap();
+        let locks = fencelock::connect("memory://bench").await.unwrap();
         let dlock_rate = pairs_per_second(tasks, move |task, n| {
             let locks = locks.clone();
             async move {

@@ -82,7 +82,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Hand-off latencies with 16 dlock waiters on one key.
 async fn dlock_handoff(url: &str, shared_handle: bool, handoffs: usize) -> Vec<Duration> {
     let key = random_key();
-    let shared = dlock::connect(url).await.unwrap();
+    let shared = fencelock::connect(url).await.unwrap();
     let released_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let remaining = Arc::new(AtomicI64::new(handoffs as i64 + 1));
@@ -91,7 +91,7 @@ async fn dlock_handoff(url: &str, shared_handle: bool, handoffs: usize) -> Vec<D
         let locks = if shared_handle {
             shared.clone()
         } else {
-            dlock::connect(url).await.unwrap()
+            fencelock::connect(url).await.unwrap()
         };
         let (key, released_at, latencies, remaining) = (
             key.clone(),
@@ -244,7 +244,7 @@ fn main() {
     let url = server.url();
     let length = run_secs();
     runtime.block_on(async {
-        let locks = dlock::connect(&url).await.unwrap();
+        let locks = fencelock::connect(&url).await.unwrap();
         let client = redis::Client::open(url.as_str()).unwrap();
         let raw = client.get_multiplexed_async_connection().await.unwrap();
         let release = Arc::new(redis::Script::new(RELEASE_SCRIPT));

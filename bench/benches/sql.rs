@@ -59,7 +59,7 @@ where
 }
 
 async fn dlock_pairs(url: &str, tasks: usize) -> f64 {
-    let locks = dlock::connect(url).await.expect("connect");
+    let locks = fencelock::connect(url).await.expect("connect");
     let tag = format!("bench-{:x}", rand::random::<u32>());
     pairs_per_second(tasks, move |task| {
         let (locks, key) = (locks.clone(), format!("{tag}-{task}"));
@@ -174,12 +174,12 @@ const TTL: Duration = Duration::from_secs(30);
 /// the parameters in the order `bench_statements` documents.
 async fn pg_same_sql(server: &Postgres, tasks: usize, lease: bool) -> f64 {
     let url = server.url(if lease { "mode=lease" } else { "" });
-    let statements = dlock::backends::postgres::bench_statements(&url).expect("statements");
+    let statements = fencelock::backends::postgres::bench_statements(&url).expect("statements");
     let (acquire, release) = (
         statement(&statements, "acquire"),
         statement(&statements, "release"),
     );
-    let channel = dlock::backends::postgres::bench_channel(&url).expect("channel");
+    let channel = fencelock::backends::postgres::bench_channel(&url).expect("channel");
     let mut clients = Vec::new();
     for _ in 0..tasks {
         let (client, connection) = tokio_postgres::connect(
@@ -281,7 +281,7 @@ async fn mysql_same_sql(server: &Mysql, tasks: usize, lease: bool) -> f64 {
     );
     let mode_url = server.url(if lease { "mode=lease" } else { "" });
     let statements =
-        Arc::new(dlock::backends::mysql::bench_statements(&mode_url).expect("statements"));
+        Arc::new(fencelock::backends::mysql::bench_statements(&mode_url).expect("statements"));
     let opts = mysql_async::Opts::from_url(&url).expect("url");
     let mut conns = Vec::new();
     for _ in 0..tasks {
@@ -381,7 +381,7 @@ async fn handoff(url: &str) -> (Duration, Duration, usize) {
     let limit = run_for().max(Duration::from_secs(2));
     let mut tasks = Vec::new();
     for _ in 0..WAITERS {
-        let locks = dlock::connect(url).await.expect("connect");
+        let locks = fencelock::connect(url).await.expect("connect");
         let (key, released_at, samples) =
             (key.clone(), Arc::clone(&released_at), Arc::clone(&samples));
         tasks.push(tokio::spawn(async move {
@@ -432,7 +432,7 @@ fn main() {
     runtime.block_on(async {
         // Create the schemas before the baselines use the tables.
         for url in [pg.url(""), pg.url("mode=lease"), my.url(""), my.url("mode=lease")] {
-            dlock::connect(&url).await.expect("connect");
+            fencelock::connect(&url).await.expect("connect");
         }
         println!("| database | mode | tasks | dlock pairs/s | baseline (same run) | baseline pairs/s | dlock / baseline |");
         println!("|---|---|---:|---:|---|---:|---:|");

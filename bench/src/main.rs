@@ -16,8 +16,8 @@ mod raw;
 mod stats;
 
 use clap::{Parser, ValueEnum};
-use dlock::backends::counting::Counting;
-use dlock::{LockKind, Locks};
+use fencelock::backends::counting::Counting;
+use fencelock::{LockKind, Locks};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -132,7 +132,7 @@ pub struct Run {
 
 impl Run {
     /// A lock on `key` of the run's kind and TTL.
-    pub fn lock(&self, key: &str) -> dlock::LockBuilder {
+    pub fn lock(&self, key: &str) -> fencelock::LockBuilder {
         let builder = match self.kind {
             LockKind::Shared => self.locks.lock(key).shared(),
             LockKind::Semaphore { permits } => self.locks.semaphore(key, permits),
@@ -154,14 +154,14 @@ impl Run {
         Instant::now() < self.until
     }
 
-    pub fn error(&self, err: &dlock::Error) {
+    pub fn error(&self, err: &fencelock::Error) {
         self.note_error(err.to_string());
     }
 
     /// Notes and tells whether `err` says the backend cannot do what the run asks (a
     /// lock kind it does not offer), which no retry changes.
-    pub fn unsupported(&self, err: &dlock::Error) -> bool {
-        let unsupported = matches!(err, dlock::Error::Unsupported { .. });
+    pub fn unsupported(&self, err: &fencelock::Error) -> bool {
+        let unsupported = matches!(err, fencelock::Error::Unsupported { .. });
         if unsupported {
             self.unsupported.store(true, Ordering::Relaxed);
         }
@@ -266,8 +266,8 @@ fn report(message: impl std::fmt::Display) {
 }
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
-    dlock::parse_duration(text).map_err(|err| match err {
-        dlock::Error::BadDuration { reason, .. } => reason,
+    fencelock::parse_duration(text).map_err(|err| match err {
+        fencelock::Error::BadDuration { reason, .. } => reason,
         other => other.to_string(),
     })
 }
@@ -405,7 +405,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
     eprintln!(
         "dlock-bench: writing keys {}* on {}{}",
         key_prefix(),
-        dlock::redact(&url),
+        fencelock::redact(&url),
         if scratch.is_some() {
             " (removed afterwards)"
         } else {
@@ -415,7 +415,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
     if args.raw {
         return raw_bench(&args, &url).await;
     }
-    let locks = match dlock::connect(&url).await {
+    let locks = match fencelock::connect(&url).await {
         Ok(locks) => locks,
         Err(err) => {
             report(err);

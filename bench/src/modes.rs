@@ -2,8 +2,8 @@
 
 use super::stats::{human_us, percentiles, Percentiles};
 use super::{Exclusion, Report, Run};
-use dlock::backends::counting::CallCounts;
-use dlock::Error;
+use fencelock::backends::counting::CallCounts;
+use fencelock::Error;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,12 +1,12 @@
 //! pgbench scripts that run exactly the statements dlock sends for one uncontended
-//! acquire and release ([`dlock::backends::postgres::bench_statements`]), so a change to
+//! acquire and release ([`fencelock::backends::postgres::bench_statements`]), so a change to
 //! dlock's SQL changes the baseline with it.
 //!
 //! Each client works on its own key: the lock id is `:id`, the key `'pgbench-' || :id`,
 //! the owner token `'owner-' || :id`. Casts pin the parameter types that dlock binds,
 //! since pgbench sends its variables untyped.
 
-use dlock::backends::postgres::{bench_channel, bench_statements};
+use fencelock::backends::postgres::{bench_channel, bench_statements};
 
 /// Where the lock ids of dlock's scripts start (the bare script uses other ids).
 const FIRST_ID: u32 = 1_000_000;
@@ -68,7 +68,7 @@ pub fn substitute(sql: &str, params: &[String]) -> String {
 
 /// The script of `url`'s mode (`postgres://…` with `?mode=` and `?table=` as dlock reads
 /// them; only the mode and the names matter).
-pub fn script(url: &str) -> dlock::Result<String> {
+pub fn script(url: &str) -> fencelock::Result<String> {
     let lease = url.contains("mode=lease");
     let channel = if lease {
         text(&bench_channel(url)?)

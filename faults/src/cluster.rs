@@ -105,7 +105,7 @@ impl Backend {
                     .build()
                     .map_err(|e| e.to_string())?;
                 runtime.block_on(async {
-                    dlock::connect(&url)
+                    fencelock::connect(&url)
                         .await
                         .map(|locks| locks.backend().capabilities())
                         .map_err(|e| e.to_string())
@@ -118,13 +118,13 @@ impl Backend {
             Kind::Memory
         } else if capabilities.expires {
             Kind::Ttl
-        } else if matches!(dlock::Scheme::of(url), Ok(dlock::Scheme::File)) {
+        } else if matches!(fencelock::Scheme::of(url), Ok(fencelock::Scheme::File)) {
             Kind::Flock
         } else {
             Kind::Session
         };
         Ok(Backend {
-            name: dlock::redact(url),
+            name: fencelock::redact(url),
             url: url.to_owned(),
             kind,
             servers: Vec::new(),

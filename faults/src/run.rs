@@ -185,7 +185,7 @@ struct Runner<'a> {
     hung: u64,
     worker_errors: u64,
     /// The harness's own connection to the backend (for force-release), made when needed.
-    admin: Option<dlock::Locks>,
+    admin: Option<fencelock::Locks>,
     /// A force-release burst still running when the run ended.
     burst: Option<tokio::task::JoinHandle<()>>,
     hostile: Option<nemesis::Hostile>,
@@ -323,7 +323,7 @@ impl Runner<'_> {
         if self.backend.kind == Kind::Memory {
             let url = self.backend.url.clone();
             let task = tokio::spawn(async move {
-                let locks = dlock::connect(&url)
+                let locks = fencelock::connect(&url)
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 worker::run(locks, config).await
@@ -461,7 +461,7 @@ impl Runner<'_> {
     }
 
     /// The harness's own connection to the backend, made at first use.
-    async fn admin(&mut self) -> Option<dlock::Locks> {
+    async fn admin(&mut self) -> Option<fencelock::Locks> {
         if self.admin.is_none() {
             let until = Instant::now() + self.config.ttl * 4 + Duration::from_secs(2);
             match connect_retrying(&self.backend.url, until).await {
@@ -935,7 +935,7 @@ impl Runner<'_> {
 /// 1 if dlock took it as a lock, else 0 (errors are the expected answers).
 async fn probe(url: &str, key: &str) -> u64 {
     let limit = Duration::from_secs(10);
-    let Ok(Ok(locks)) = tokio::time::timeout(limit, dlock::connect(url)).await else {
+    let Ok(Ok(locks)) = tokio::time::timeout(limit, fencelock::connect(url)).await else {
         return 0;
     };
     let mut breaches = 0;
@@ -952,9 +952,9 @@ async fn probe(url: &str, key: &str) -> u64 {
     breaches
 }
 
-async fn connect_retrying(url: &str, until: Instant) -> dlock::Result<dlock::Locks> {
+async fn connect_retrying(url: &str, until: Instant) -> fencelock::Result<fencelock::Locks> {
     loop {
-        match dlock::connect(url).await {
+        match fencelock::connect(url).await {
             Ok(locks) => return Ok(locks),
             Err(err) if Instant::now() >= until => return Err(err),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

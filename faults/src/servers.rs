@@ -89,7 +89,7 @@ impl ServerCtl for MysqlCtl {
 /// be starting up), for at most a minute. Runs on a thread of its own so that it can be
 /// called from inside or outside a runtime.
 fn wait_ready(url: &str) {
-    let shown = dlock::redact(url);
+    let shown = fencelock::redact(url);
     let url = url.to_owned();
     let ready = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -99,7 +99,7 @@ fn wait_ready(url: &str) {
         runtime.block_on(async {
             let until = std::time::Instant::now() + Duration::from_secs(60);
             loop {
-                let attempt = async { dlock::connect(&url).await?.list().await };
+                let attempt = async { fencelock::connect(&url).await?.list().await };
                 match tokio::time::timeout(Duration::from_secs(5), attempt).await {
                     Ok(Ok(_)) => return Ok(()),
                     Ok(Err(err)) if std::time::Instant::now() >= until => {

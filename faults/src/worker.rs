@@ -12,7 +12,7 @@
 //! so that the fence, not the client's good behaviour, is what stops a stale holder.
 
 use crate::store::StoreClient;
-use dlock::Locks;
+use fencelock::Locks;
 use std::time::{Duration, Instant};
 
 /// Which kind of lease the workers take and what they do under it.
@@ -130,7 +130,7 @@ pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerSt
         let acquire = builder.ttl(config.ttl).wait_for(config.ttl * 2).acquire();
         let lease = match tokio::time::timeout(limit, acquire).await {
             Ok(Ok(lease)) => lease,
-            Ok(Err(dlock::Error::NotAcquired { .. })) => continue,
+            Ok(Err(fencelock::Error::NotAcquired { .. })) => continue,
             Ok(Err(err)) => {
                 stats.errors.push(err.to_string());
                 tokio::time::sleep(Duration::from_millis(50)).await;

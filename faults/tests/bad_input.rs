@@ -1,8 +1,8 @@
 //! Bad-input sweep (issue 7, acceptance 3): random and hostile keys, URLs and durations,
-//! and server replies cut short by a proxy of our own, give typed `dlock::Error`s, never a
+//! and server replies cut short by a proxy of our own, give typed `fencelock::Error`s, never a
 //! panic, and leave no lock held.
 
-use dlock::Error;
+use fencelock::Error;
 use rand::Rng;
 use std::time::Duration;
 
@@ -61,7 +61,7 @@ fn key_is_valid(key: &str) -> bool {
 /// Every key: a valid one is taken, released and then not held; an invalid one is
 /// `BadKey` and nothing is held.
 async fn sweep_keys(url: &str) {
-    let locks = dlock::connect(url).await.unwrap();
+    let locks = fencelock::connect(url).await.unwrap();
     for key in hostile_keys() {
         let shown: String = key.chars().take(30).collect();
         let attempt = tokio::time::timeout(
@@ -170,7 +170,7 @@ fn hostile_urls() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_urls_are_typed_errors() {
     for url in hostile_urls() {
-        let outcome = tokio::time::timeout(Duration::from_secs(20), dlock::connect(&url))
+        let outcome = tokio::time::timeout(Duration::from_secs(20), fencelock::connect(&url))
             .await
             .unwrap_or_else(|_| panic!("connect({url:?}) hung"));
         match outcome {
@@ -236,7 +236,7 @@ async fn hostile_durations_are_typed_errors() {
         "1e3",
         "9223372036854775807h",
     ] {
-        match dlock::parse_duration(text) {
+        match fencelock::parse_duration(text) {
             Ok(d) => assert!(
                 d < Duration::from_secs(u64::MAX / 2),
                 "{text:?} parsed as {d:?}"
@@ -255,7 +255,7 @@ async fn hostile_durations_are_typed_errors() {
                     .unwrap()
             })
             .collect();
-        match dlock::parse_duration(&text) {
+        match fencelock::parse_duration(&text) {
             Ok(_) | Err(Error::BadDuration { .. }) => {}
             Err(other) => panic!("{text:?}: {other:?} is not BadDuration"),
         }
@@ -263,7 +263,7 @@ async fn hostile_durations_are_typed_errors() {
 
     let (_dir, url) = file_url();
     for url in [url.as_str(), "memory://durations"] {
-        let locks = dlock::connect(url).await.unwrap();
+        let locks = fencelock::connect(url).await.unwrap();
         let key = "durations";
         for ttl in [
             Duration::ZERO,
@@ -315,7 +315,7 @@ mod servers {
 
     /// Waits until `key` is free on the backend (reached directly, not through the proxy).
     async fn assert_freed(direct: &str, key: &str, within: Duration, what: &str) {
-        let locks = dlock::connect(direct).await.unwrap();
+        let locks = fencelock::connect(direct).await.unwrap();
         let until = Instant::now() + within;
         loop {
             match locks.status(key).await {
@@ -344,7 +344,7 @@ mod servers {
     async fn attempt(url: &str, key: &str, ttl: Duration, what: &str) {
         let limit = Duration::from_secs(30);
         let outcome = tokio::time::timeout(limit, async {
-            let locks = dlock::connect(url).await?;
+            let locks = fencelock::connect(url).await?;
             if let Some(lease) = locks.lock(key).ttl(ttl).try_acquire().await? {
                 lease.release().await?;
             }
@@ -395,7 +395,7 @@ mod servers {
         for (mode, cut) in [(Mode::Close, 0), (Mode::Truncate, 3)] {
             set(Mode::Pass, 0);
             let what = format!("{name}: lease cut by {mode:?}");
-            let locks = tokio::time::timeout(Duration::from_secs(20), dlock::connect(&url))
+            let locks = tokio::time::timeout(Duration::from_secs(20), fencelock::connect(&url))
                 .await
                 .unwrap()
                 .unwrap();
@@ -421,7 +421,7 @@ mod servers {
         // closed the key is free again.
         set(Mode::Pass, 0);
         let what = format!("{name}: lease behind a black hole");
-        let locks = tokio::time::timeout(Duration::from_secs(20), dlock::connect(&url))
+        let locks = tokio::time::timeout(Duration::from_secs(20), fencelock::connect(&url))
             .await
             .unwrap()
             .unwrap();

@@ -37,12 +37,12 @@ impl CallCounts {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), dlock::Error> {
-/// use dlock::backends::counting::Counting;
-/// let inner = dlock::connect("memory://").await?;
+/// # async fn main() -> Result<(), fencelock::Error> {
+/// use fencelock::backends::counting::Counting;
+/// let inner = fencelock::connect("memory://").await?;
 /// let counting = Counting::new(inner.backend().clone());
 /// let counts = counting.counts();
-/// let locks = dlock::Locks::from_backend(counting);
+/// let locks = fencelock::Locks::from_backend(counting);
 /// locks.lock("k").acquire().await?.release().await?;
 /// assert_eq!(counts.release.load(std::sync::atomic::Ordering::Relaxed), 1);
 /// # Ok(()) }

@@ -1,6 +1,6 @@
 //! Exit statuses (SPEC §4, after sysexits.h and flock(1)) and one-line error messages.
 
-use dlock::Error;
+use fencelock::Error;
 use std::process::ExitCode;
 
 /// COMMAND ran and this is its status: passed through.

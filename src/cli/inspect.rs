@@ -2,12 +2,12 @@
 
 use super::exit::printable;
 use super::{connect, exit};
-use dlock::LockInfo;
+use fencelock::LockInfo;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
 pub async fn status(key: &str, backend: Option<String>, json: bool) -> ExitCode {
-    if let Err(err) = dlock::Key::new(key) {
+    if let Err(err) = fencelock::Key::new(key) {
         return exit::fail(&err);
     }
     let locks = match connect(backend).await {
@@ -64,7 +64,7 @@ pub async fn release(key: &str, force: bool, backend: Option<String>) -> ExitCod
         ));
         return ExitCode::from(exit::USAGE);
     }
-    if let Err(err) = dlock::Key::new(key) {
+    if let Err(err) = fencelock::Key::new(key) {
         return exit::fail(&err);
     }
     let locks = match connect(backend).await {
@@ -201,14 +201,14 @@ fn print_table(all: &[LockInfo]) {
 
 /// `dlock leader NAME [--watch]`.
 pub async fn leader(name: &str, backend: Option<String>, json: bool, watch: bool) -> ExitCode {
-    if let Err(err) = dlock::Key::new(name) {
+    if let Err(err) = fencelock::Key::new(name) {
         return exit::fail(&err);
     }
     let locks = match connect(backend).await {
         Ok(locks) => locks,
         Err(err) => return exit::fail(&err),
     };
-    let show = |leader: &Option<dlock::Leader>| {
+    let show = |leader: &Option<fencelock::Leader>| {
         if json {
             let value = match leader {
                 Some(l) => serde_json::json!({

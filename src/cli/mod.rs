@@ -20,7 +20,7 @@ Exit statuses: COMMAND's own; 75 lock not acquired; 69 backend unavailable;
 fn after_help() -> String {
     let mut text = String::from("Backends (--backend or DLOCK_BACKEND; default: file:// in $DLOCK_DIR,\nelse $XDG_STATE_HOME/dlock, else ~/.local/state/dlock):\n");
     let mut missing = Vec::new();
-    for scheme in dlock::Scheme::ALL {
+    for scheme in fencelock::Scheme::ALL {
         if scheme.is_enabled() {
             let (url, what) = scheme.usage();
             text.push_str(&format!("  {url:<40} {what}\n"));
@@ -155,8 +155,8 @@ USAGE on the PostgreSQL sequence). Nothing is connected to.")]
 }
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
-    dlock::parse_duration(text).map_err(|err| match err {
-        dlock::Error::BadDuration { reason, .. } => reason,
+    fencelock::parse_duration(text).map_err(|err| match err {
+        fencelock::Error::BadDuration { reason, .. } => reason,
         other => other.to_string(),
     })
 }
@@ -247,10 +247,10 @@ pub fn main() -> ExitCode {
 }
 
 /// Connects to `--backend`, `$DLOCK_BACKEND` or the default file backend.
-async fn connect(backend: Option<String>) -> Result<dlock::Locks, dlock::Error> {
+async fn connect(backend: Option<String>) -> Result<fencelock::Locks, fencelock::Error> {
     let url = match backend {
         Some(url) => url,
-        None => dlock::default_url()?,
+        None => fencelock::default_url()?,
     };
-    dlock::connect(&url).await
+    fencelock::connect(&url).await
 }

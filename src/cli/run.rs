@@ -2,7 +2,7 @@
 
 use super::{child, connect, duration_arg, exit, tree, BackendArg};
 use clap::Args;
-use dlock::{Key, Wait};
+use fencelock::{Key, Wait};
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -86,13 +86,13 @@ fn split_keys(lists: &[String]) -> Result<Vec<String>, String> {
 
 /// What `run` or `elect` holds while COMMAND runs.
 enum Held {
-    One(dlock::Lease),
-    All(dlock::MultiLease),
-    Leader(dlock::Leadership),
+    One(fencelock::Lease),
+    All(fencelock::MultiLease),
+    Leader(fencelock::Leadership),
 }
 
 impl Held {
-    fn lease(&self) -> Option<&dlock::Lease> {
+    fn lease(&self) -> Option<&fencelock::Lease> {
         match self {
             Held::One(lease) => Some(lease),
             Held::Leader(leadership) => Some(leadership.lease()),
@@ -129,7 +129,7 @@ impl Held {
 
     fn lost(
         &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = dlock::LossReason> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = fencelock::LossReason> + Send>> {
         match self {
             Held::One(lease) => Box::pin(lease.lost()),
             Held::All(all) => Box::pin(all.lost()),
@@ -137,7 +137,7 @@ impl Held {
         }
     }
 
-    fn lost_error(&self, backend: &str, reason: dlock::LossReason) -> dlock::Error {
+    fn lost_error(&self, backend: &str, reason: fencelock::LossReason) -> fencelock::Error {
         let (key, fence) = match self {
             Held::One(lease) => (lease.key().to_owned(), lease.fence()),
             Held::Leader(leadership) => (leadership.name().to_owned(), leadership.term()),
@@ -149,7 +149,7 @@ impl Held {
                 }
             }
         };
-        dlock::Error::LeaseLost {
+        fencelock::Error::LeaseLost {
             key,
             backend: backend.to_owned(),
             fence,
@@ -165,7 +165,7 @@ impl Held {
         }
     }
 
-    async fn release(self) -> dlock::Result<bool> {
+    async fn release(self) -> fencelock::Result<bool> {
         match self {
             Held::One(lease) => lease.release().await,
             Held::All(all) => all.release().await,
@@ -179,7 +179,10 @@ impl Held {
 const CONNECT_GRACE: Duration = Duration::from_secs(1);
 
 /// Connects, within the wait's limit plus a grace when the wait is limited.
-async fn connect_within(backend: Option<String>, wait: Wait) -> Result<dlock::Locks, dlock::Error> {
+async fn connect_within(
+    backend: Option<String>,
+    wait: Wait,
+) -> Result<fencelock::Locks, fencelock::Error> {
     let limit = match wait {
         Wait::No => Duration::ZERO,
         Wait::For(limit) => limit,
@@ -187,12 +190,12 @@ async fn connect_within(backend: Option<String>, wait: Wait) -> Result<dlock::Lo
     };
     let url = match backend {
         Some(url) => url,
-        None => dlock::default_url()?,
+        None => fencelock::default_url()?,
     };
-    let describe = dlock::redact(&url);
+    let describe = fencelock::redact(&url);
     match tokio::time::timeout(limit.saturating_add(CONNECT_GRACE), connect(Some(url))).await {
         Ok(connected) => connected,
-        Err(_) => Err(dlock::Error::unavailable(
+        Err(_) => Err(fencelock::Error::unavailable(
             &describe,
             "no answer while connecting, within the wait's limit",
         )),
@@ -282,7 +285,7 @@ pub async fn elect(args: ElectArgs) -> ExitCode {
     let value = args.value.unwrap_or_else(|| {
         format!(
             "{}:{}",
-            dlock::backend::Holder::current().host,
+            fencelock::backend::Holder::current().host,
             std::process::id()
         )
     });

@@ -4,11 +4,11 @@ use super::exit;
 use std::process::ExitCode;
 
 pub fn print(backend: Option<String>) -> ExitCode {
-    let url = match backend.map_or_else(dlock::default_url, Ok) {
+    let url = match backend.map_or_else(fencelock::default_url, Ok) {
         Ok(url) => url,
         Err(err) => return exit::fail(&err),
     };
-    match dlock::schema_sql(&url) {
+    match fencelock::schema_sql(&url) {
         Ok(Some(sql)) => {
             print!("{sql}");
             ExitCode::SUCCESS
@@ -16,7 +16,7 @@ pub fn print(backend: Option<String>) -> ExitCode {
         Ok(None) => {
             println!(
                 "-- {} needs no schema",
-                super::exit::printable(&dlock::redact(&url))
+                super::exit::printable(&fencelock::redact(&url))
             );
             ExitCode::SUCCESS
         }

@@ -332,10 +332,10 @@ impl LockInfo {
 /// A complete backend, keeping its locks in this process:
 ///
 /// ```
-/// use dlock::backend::{
+/// use fencelock::backend::{
 ///     async_trait, AcquireRequest, Admin, Attempt, Backend, Granted, HeldLease, Owner,
 /// };
-/// use dlock::{Key, LockInfo, Locks, Result};
+/// use fencelock::{Key, LockInfo, Locks, Result};
 /// use std::collections::HashMap;
 /// use std::sync::{Arc, Mutex};
 /// use std::time::{Duration, Instant};

@@ -112,8 +112,8 @@ enum Command {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), dlock::Error> {
-/// let locks = dlock::connect("memory://").await?;
+/// # async fn main() -> Result<(), fencelock::Error> {
+/// let locks = fencelock::connect("memory://").await?;
 /// let lease = locks.lock("invoice-42").acquire().await?;
 /// // Pass the fence to the protected store so it can reject a stale holder's writes.
 /// println!("holding {} with fence {}", lease.key(), lease.fence());

@@ -26,8 +26,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), dlock::Error> {
-/// let locks = dlock::connect("memory://").await?;
+/// # async fn main() -> Result<(), fencelock::Error> {
+/// let locks = fencelock::connect("memory://").await?;
 /// let other = locks.clone(); // same backend, usable from another task
 /// let lease = locks.lock("migrations").acquire().await?;
 /// assert!(other.lock("migrations").try_acquire().await?.is_none());
@@ -92,8 +92,8 @@ impl Locks {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dlock::Error> {
-    /// let locks = dlock::connect("memory://").await?;
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://").await?;
     /// let both = locks.lock_all(["account-7", "account-3"]).acquire().await?;
     /// assert_eq!(both.keys().collect::<Vec<_>>(), ["account-3", "account-7"]);
     /// assert!(locks.lock("account-3").try_acquire().await?.is_none());
@@ -118,8 +118,8 @@ impl Locks {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dlock::Error> {
-    /// let locks = dlock::connect("memory://").await?;
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://").await?;
     /// let leadership = locks.elect("scheduler", "10.0.0.7:8080").campaign().await?;
     /// let leader = locks.leader("scheduler").await?.expect("somebody leads");
     /// assert_eq!(leader.value.as_deref(), Some("10.0.0.7:8080"));
@@ -162,8 +162,8 @@ impl Locks {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dlock::Error> {
-    /// let locks = dlock::connect("memory://").await?;
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://").await?;
     /// let a = locks.semaphore("api-slots", 2).acquire().await?;
     /// let b = locks.semaphore("api-slots", 2).acquire().await?;
     /// assert!(locks.semaphore("api-slots", 2).try_acquire().await?.is_none());
@@ -238,8 +238,8 @@ pub enum Wait {
 /// ```
 /// use std::time::Duration;
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), dlock::Error> {
-/// let locks = dlock::connect("memory://").await?;
+/// # async fn main() -> Result<(), fencelock::Error> {
+/// let locks = fencelock::connect("memory://").await?;
 /// let lease = locks
 ///     .lock("nightly-report")
 ///     .ttl(Duration::from_secs(10))
@@ -290,8 +290,8 @@ impl LockBuilder {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dlock::Error> {
-    /// let locks = dlock::connect("memory://").await?;
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://").await?;
     /// let r1 = locks.lock("catalog").shared().acquire().await?;
     /// let r2 = locks.lock("catalog").shared().acquire().await?;
     /// assert!(locks.lock("catalog").try_acquire().await?.is_none()); // a writer waits
@@ -409,8 +409,8 @@ impl LockBuilder {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), dlock::Error> {
-    /// let locks = dlock::connect("memory://").await?;
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://").await?;
     /// let total = locks
     ///     .lock("payments")
     ///     .run(|lease| async move {

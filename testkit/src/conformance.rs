@@ -1,10 +1,10 @@
-//! The conformance suite: each behaviour of SPEC §2 written once over [`dlock::Locks`]
+//! The conformance suite: each behaviour of SPEC §2 written once over [`fencelock::Locks`]
 //! and run against every backend by [`conformance_tests!`](crate::conformance_tests).
 
 use crate::process::{is_alive, signal};
 use crate::Target;
-use dlock::backend::Owner;
-use dlock::{Error, Key, LossReason};
+use fencelock::backend::Owner;
+use fencelock::{Error, Key, LossReason};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -499,7 +499,7 @@ async fn holder_runtime_dropped_frees_the_lock(target: &Target, key: &str) {
 /// Every bad key of SPEC §2 is a typed `BadKey` error from every entry point.
 pub async fn bad_keys_are_typed_errors(target: &Target) {
     let locks = target.locks().await;
-    let too_long = "k".repeat(dlock::MAX_KEY_BYTES + 1);
+    let too_long = "k".repeat(fencelock::MAX_KEY_BYTES + 1);
     for key in ["", "nul\0inside", too_long.as_str()] {
         let err = locks.lock(key).acquire().await.unwrap_err();
         assert!(matches!(err, Error::BadKey { .. }), "{key:?}: {err:?}");
@@ -521,7 +521,7 @@ pub async fn hostile_keys_are_just_keys(target: &Target) {
     let suffix = target.unique_key("");
     let longest = format!(
         "{suffix}{}",
-        "é".repeat((dlock::MAX_KEY_BYTES - suffix.len()) / 2)
+        "é".repeat((fencelock::MAX_KEY_BYTES - suffix.len()) / 2)
     );
     let keys = [
         format!("../../etc/passwd{suffix}"),

@@ -8,7 +8,7 @@
 
 use crate::process::signal;
 use crate::Target;
-use dlock::{Error, Locks};
+use fencelock::{Error, Locks};
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -1,8 +1,8 @@
 //! A backend under test: how to open a fresh handle on it, and (for backends named by a
 //! URL) its URL and the `dlock` binary, for the behaviours that need other processes.
 
-use dlock::backend::Backend;
-use dlock::Locks;
+use fencelock::backend::Backend;
+use fencelock::Locks;
 use std::any::Any;
 use std::future::Future;
 use std::path::PathBuf;
@@ -28,7 +28,7 @@ impl Target {
         let connect: Connect = Arc::new(move || {
             let url = for_connect.clone();
             Box::pin(async move {
-                match dlock::connect(&url).await {
+                match fencelock::connect(&url).await {
                     Ok(locks) => locks,
                     Err(err) => panic!("cannot connect to the backend under test: {err}"),
                 }

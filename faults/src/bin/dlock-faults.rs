@@ -30,19 +30,19 @@ enum Cmd {
         #[arg(long, default_value = "all")]
         nemesis: String,
         /// How long each backend runs in total, split evenly between its nemeses.
-        #[arg(long, default_value = "60s", value_parser = dlock::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = fencelock::parse_duration)]
         duration: Duration,
         /// Concurrent client processes.
         #[arg(long, default_value_t = 3)]
         workers: usize,
         /// Lease TTL.
-        #[arg(long, default_value = "600ms", value_parser = dlock::parse_duration)]
+        #[arg(long, default_value = "600ms", value_parser = fencelock::parse_duration)]
         ttl: Duration,
         /// Time between read and write in a critical section.
-        #[arg(long, default_value = "20ms", value_parser = dlock::parse_duration)]
+        #[arg(long, default_value = "20ms", value_parser = fencelock::parse_duration)]
         work: Duration,
         /// Mean time between faults.
-        #[arg(long, default_value = "1500ms", value_parser = dlock::parse_duration)]
+        #[arg(long, default_value = "1500ms", value_parser = fencelock::parse_duration)]
         fault_every: Duration,
         /// Which leases the workers take: mutex (exclusive leases, fenced
         /// read-modify-write), rw (readers under shared() and writers), semaphore:N.

@@ -20,13 +20,13 @@ struct Args {
     #[arg(long)]
     client: u32,
     /// Lease TTL.
-    #[arg(long, value_parser = dlock::parse_duration)]
+    #[arg(long, value_parser = fencelock::parse_duration)]
     ttl: Duration,
     /// Time between read and write inside a critical section.
-    #[arg(long, value_parser = dlock::parse_duration)]
+    #[arg(long, value_parser = fencelock::parse_duration)]
     work: Duration,
     /// How long to run.
-    #[arg(long, value_parser = dlock::parse_duration)]
+    #[arg(long, value_parser = fencelock::parse_duration)]
     run_for: Duration,
     /// Which leases to take: mutex, rw or semaphore:N.
     #[arg(long, default_value = "mutex", value_parser = Workload::parse)]
@@ -47,7 +47,7 @@ fn main() {
         }
     };
     let code = runtime.block_on(async move {
-        let connect = tokio::time::timeout(Duration::from_secs(10), dlock::connect(&args.url));
+        let connect = tokio::time::timeout(Duration::from_secs(10), fencelock::connect(&args.url));
         let locks = match connect.await {
             Ok(Ok(locks)) => locks,
             Err(_) => {

@@ -433,7 +433,7 @@ pub(crate) async fn ensure_schema(
         }
         Error::backend(
             describe,
-            format!("cannot create the dlock tables ({err}); have them created by a user with CREATE (see docs/backends/mysql.md and dlock::backends::mysql::schema_sql)"),
+            format!("cannot create the dlock tables ({err}); have them created by a user with CREATE (see docs/backends/mysql.md and fencelock::backends::mysql::schema_sql)"),
         )
     };
     conn.query_drop("DO GET_LOCK('dlock:schema', 30)")

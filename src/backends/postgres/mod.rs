@@ -395,7 +395,7 @@ pub(crate) async fn ensure_schema(
         return Err(Error::backend(
             describe,
             format!(
-                "cannot create the dlock schema ({}); have it created by a role with CREATE on the schema (see docs/backends/postgres.md and dlock::backends::postgres::schema_sql)",
+                "cannot create the dlock schema ({}); have it created by a role with CREATE on the schema (see docs/backends/postgres.md and fencelock::backends::postgres::schema_sql)",
                 detail(&err)
             ),
         ));

@@ -145,10 +145,10 @@ impl RedlockBackend {
     /// backend (the ordering argument does not depend on the store).
     ///
     /// ```no_run
-    /// # async fn f(locks: dlock::Locks) -> dlock::Result<()> {
-    /// use dlock::backends::redis::RedlockBackend;
+    /// # async fn f(locks: fencelock::Locks) -> fencelock::Result<()> {
+    /// use fencelock::backends::redis::RedlockBackend;
     /// let leases = RedlockBackend::acquire_all(
-    ///     &locks, &["account:7", "account:3"], std::time::Duration::from_secs(10), dlock::Wait::Forever,
+    ///     &locks, &["account:7", "account:3"], std::time::Duration::from_secs(10), fencelock::Wait::Forever,
     /// ).await?;
     /// assert_eq!(leases[0].key(), "account:3");
     /// # Ok(()) }
