@@ -340,3 +340,50 @@ VALUES (UNHEX(SHA2(?, 256)), ?, 'frozen', 1001, UTC_TIMESTAMP(6) + INTERVAL 1 HO
         .await
         .unwrap();
 }
+
+/// Session mode's tables hold rows that die with their sessions, so they are created
+/// unlogged: writing them makes no WAL, and acquire and release do not wait for a WAL
+/// flush. Shared locks keep their rows in the holders table, which is unlogged too.
+#[tokio::test]
+async fn pg_session_tables_are_unlogged() {
+    let pg = Postgres::shared();
+    let admin = pg_admin(pg).await;
+    let schema = tag("unlogged");
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let locks = fencelock::connect(&pg.url(&format!("table={schema}.locks")))
+        .await
+        .unwrap();
+    let key = tag("k");
+    let lease = locks
+        .lock(&key)
+        .shared()
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("a free key");
+    let rows = admin
+        .query(
+            "SELECT c.relname, c.relpersistence::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .unwrap();
+    let tables: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        tables,
+        [
+            ("locks".to_owned(), "u".to_owned()),
+            ("locks_holders".to_owned(), "u".to_owned())
+        ]
+    );
+    lease.release().await.unwrap();
+    drop(locks);
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

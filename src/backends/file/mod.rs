@@ -20,8 +20,8 @@
 //! Fences. The counter of a key is its fence file `<dir>/<name>.fence` (see [`naming`]),
 //! which dlock never replaces or deletes. A fence is handed out only by [`advance`], under
 //! an exclusive flock on that file, verified after locking to still be the file of that
-//! name, and is written and fsynced there before the flock is dropped and before the
-//! lease is handed over. So every acquirer of the key, whichever lock file it holds,
+//! name, and is written there before the flock is dropped and before the lease is
+//! handed over. So every acquirer of the key, whichever lock file it holds,
 //! serializes on one inode and reads the value the previous one left: fences strictly
 //! increase with no assumption about timing. That matters because after a force-release
 //! two lock files of a key exist for a while, and a waiter on the old one can still take
@@ -31,10 +31,11 @@
 //!
 //! The lock record's copy of the fence is a floor: the next fence exceeds both it and
 //! the fence file, so a fence file deleted by hand (or a directory from before fence
-//! files) continues from the record. Only if neither holds a number (both cut short by a
-//! crash, or overwritten by another program) does the counter fall back to the clock, in
-//! microseconds since 1970, which exceeds any count of acquisitions. A counter at
-//! `u64::MAX` is an error, never a repeated fence.
+//! files) continues from the record. The clock is a floor too: a new fence is at least
+//! the time in microseconds since 1970, so fences keep increasing even when a power loss
+//! takes the fence file's last writes (or the whole new file) with it, without an fsync
+//! per acquisition. Only a power loss together with the clock being set back across it
+//! could repeat a fence. A counter at `u64::MAX` is an error, never a repeated fence.
 //!
 //! Every entry of the directory is opened through [`dir::LockDir`]: relative to a
 //! descriptor of the directory, never following a link, and used only if it is a regular
@@ -129,7 +130,7 @@ impl FileBackend {
         self.inner.dir.path().join(naming::file_name(key.as_str()))
     }
 
-    /// Runs blocking file work (an fsync) on tokio's blocking pool, or in place on a
+    /// Runs blocking file work (a fence file's flock may wait for another process) on tokio's blocking pool, or in place on a
     /// current-thread runtime: there a thread hop costs more than it saves (it is what
     /// `dlock run` uses, where starting a pool thread was most of the lock's cost).
     async fn blocking<T: Send + 'static>(
@@ -211,7 +212,7 @@ impl HeldLease for HeldFile {
 }
 
 /// How long a fence file may stay locked by someone else before taking a fence fails.
-/// dlock holds it only for a read, a write and an fsync.
+/// dlock holds it only for a read and a write.
 const FENCE_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 impl Inner {
@@ -297,7 +298,7 @@ impl Inner {
                 Stored::Empty => in_record,
                 Stored::Unreadable => None,
             };
-            let next = match known {
+            let counted = match known {
                 Some(k) => k.checked_add(step).ok_or_else(|| {
                     let source = if in_record == Some(k) {
                         lock_name
@@ -306,21 +307,25 @@ impl Inner {
                     };
                     self.exhausted(key, source)
                 })?,
-                // The counter is lost: the clock, in µs, exceeds any count of acquisitions.
                 None => in_record
                     .unwrap_or(0)
                     .checked_add(step)
-                    .ok_or_else(|| self.exhausted(key, lock_name))?
-                    .max(record::clock_floor()),
+                    .ok_or_else(|| self.exhausted(key, lock_name))?,
+            };
+            // A new fence is at least the clock, in µs since 1970. That, not an fsync, is
+            // what keeps fences increasing over a power loss that takes the last writes of
+            // the fence file with it: every fence handed out before the crash was at most
+            // the clock then (or a few counts above it in a burst), and the clock has
+            // moved on since. An fsync per acquisition cost milliseconds on disks that
+            // honour it; a process crash loses nothing either way (the page cache stays).
+            let next = if step == 0 {
+                counted
+            } else {
+                counted.max(record::clock_floor())
             };
             if !matches!(stored, Stored::Fence(v) if v == next) {
                 record::write_fence(&file.0, next)
-                    .and_then(|()| file.0.sync_data())
                     .map_err(|e| self.io_error("write the fence to", &name, &e))?;
-                if matches!(stored, Stored::Empty) {
-                    // A new fence file must survive a crash, or the counter restarts.
-                    self.dir.sync().map_err(|e| self.io_error("sync", "", &e))?;
-                }
             }
             return Ok(next);
         }

@@ -11,6 +11,14 @@
 //! the lock, upserts the holder row `(key, lock_id, owner, fence, backend_pid, …)` in the
 //! sessions table with the fence from `nextval('dlock_fence_seq')`.
 //!
+//! The sessions table and its holders table are `UNLOGGED`: a row describes a session,
+//! which a server crash ends anyway, and a write to an unlogged table makes no WAL, so
+//! acquire and release commit without waiting for a WAL flush (which was most of their
+//! cost). The fence needs no table: the sequence's own WAL record, written every 32
+//! values and flushed by the commit of the statement that wrote it, keeps fences
+//! increasing over a crash. Tables created by an earlier version stay logged until an
+//! administrator runs `ALTER TABLE … SET UNLOGGED` (docs/backends/postgres.md).
+//!
 //! Waiting happens in the server's lock queue, bounded on the server too: the wait runs
 //! with `lock_timeout` and `statement_timeout` set to the time left before the caller's
 //! deadline (none for a wait without limit), so a wait whose cancel request is lost
@@ -40,7 +48,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 pub(crate) fn ddl(table: &str) -> String {
     let holders = session_kinds::ddl(&session_kinds::holders_table(table));
     format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
+        "CREATE UNLOGGED TABLE IF NOT EXISTS {table} (
     key text PRIMARY KEY,
     lock_id bigint NOT NULL,
     owner text NOT NULL,

@@ -27,7 +27,7 @@ pub(crate) fn holders_table(table: &str) -> String {
 /// The holders table's definition.
 pub(crate) fn ddl(h: &str) -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {h} (
+        "CREATE UNLOGGED TABLE IF NOT EXISTS {h} (
     key text NOT NULL,
     owner text NOT NULL,
     permits integer,
