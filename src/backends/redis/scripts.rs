@@ -30,7 +30,7 @@ local function fence_floor(fence_key)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local current = tonumber(redis.call('GET', fence_key) or '0') or 0
-  return current, now
+  return current, now, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 ";
 
@@ -53,9 +53,11 @@ pub const FENCE_MARGIN_MS: u64 = 60_000;
 /// the horizon so that a counter never goes before the lease it was handed out with
 /// would have expired unrenewed.
 const KEEP_FENCE: &str = r"
-local function keep_fence(fence_key, fence, extra_ms)
-  local t = redis.call('TIME')
-  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function keep_fence(fence_key, fence, extra_ms, now_ms)
+  if not now_ms then
+    local t = redis.call('TIME')
+    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
   local at = math.max(math.floor(tonumber(fence) / 1000) + 1, now_ms)
     + tonumber(extra_ms) + FENCE_MARGIN_MS
   redis.call('PEXPIREAT', fence_key, string.format('%.0f', at))
@@ -122,11 +124,11 @@ pub static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
 local owner, ttl = ARGV[1], ARGV[2]
 local redlock = ARGV[12] == '1'
 local function take_fence()
-  local current, now = fence_floor(KEYS[2])
+  local current, now, now_ms = fence_floor(KEYS[2])
   if redlock then return fmt(math.max(current, now)) end
   local fence = fmt(math.max(current + 1, now))
   redis.call('SET', KEYS[2], fence)
-  keep_fence(KEYS[2], fence, ttl)
+  keep_fence(KEYS[2], fence, ttl, now_ms)
   return fence
 end
 if ARGV[6] == 'x' then
@@ -142,10 +144,12 @@ if ARGV[6] == 'x' then
   if redis.call('SET', KEYS[1], owner, 'NX', 'PX', ttl) then
     local fence = take_fence()
     redis.call('DEL', KEYS[3])
-    redis.call('HSET', KEYS[3], 'owner', owner, 'pid', ARGV[3], 'host', ARGV[4],
-      'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ttl)
-    if not redlock then redis.call('HSET', KEYS[3], 'fence', fence) end
-    if ARGV[9] == '1' then redis.call('HSET', KEYS[3], 'value', ARGV[8]) end
+    -- One HSET of every field: each redis.call costs server time.
+    local fields = {{'owner', owner, 'pid', ARGV[3], 'host', ARGV[4],
+      'acquired_ms', ARGV[5], 'renewed_ms', ARGV[5], 'ttl_ms', ttl}}
+    if not redlock then fields[#fields + 1] = 'fence'; fields[#fields + 1] = fence end
+    if ARGV[9] == '1' then fields[#fields + 1] = 'value'; fields[#fields + 1] = ARGV[8] end
+    redis.call('HSET', KEYS[3], unpack(fields))
     redis.call('PEXPIRE', KEYS[3], ttl)
     redis.call('ZREM', KEYS[6], owner)
     return {{1, fence, 0}}
