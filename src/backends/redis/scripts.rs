@@ -322,7 +322,11 @@ elseif redis.call('EXISTS', KEYS[3]) == 1 then
     if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[3], KEYS[4]) end
   end
 end
-if ARGV[4] ~= '1' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then changed = true end
+-- A live lease leaves no intent behind (a writer's went at its grant; readers and
+-- permits make none): only an abandoned or lapsed attempt can have one.
+if done == 0 and ARGV[4] ~= '1' and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
+  changed = true
+end
 if changed then redis.call('{publish}', ARGV[2], ARGV[3]) end
 return done
 "
