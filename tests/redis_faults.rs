@@ -298,6 +298,52 @@ async fn killed_holder_frees_the_key_at_its_ttl_and_the_waiter_gets_it_without_p
     lease.release().await.unwrap();
 }
 
+/// A client that is not dlock (redis-py's `Lock`, node-redlock, a bare `SET NX PX`)
+/// publishes nothing when it deletes its lock: a dlock waiter behind it must still get
+/// the key soon after, not at the foreign lock's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiter_behind_a_foreign_holder_gets_the_key_soon_after_its_release() {
+    let server = RedisServer::start();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
+    for (key, expiry) in [
+        ("foreign-px", &["PX", "30000"][..]),
+        ("foreign-forever", &[][..]),
+    ] {
+        let lock_key = format!("dlock:{key}");
+        let mut set = vec!["SET", lock_key.as_str(), "their-token", "NX"];
+        set.extend_from_slice(expiry);
+        assert_eq!(server.cli(&set).trim(), "OK");
+        let waiter = tokio::spawn({
+            let locks = locks.clone();
+            async move { locks.lock(key).acquire().await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiter.is_finished(),
+            "{key}: acquired while held elsewhere"
+        );
+        assert_eq!(server.cli(&["DEL", lock_key.as_str()]).trim(), "1");
+        let deleted_at = Instant::now();
+        let lease = within(
+            Duration::from_secs(5),
+            "the waiter gets the key after the foreign release",
+            waiter,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        // Far below the foreign lease's 30 s (or its lack of any expiry).
+        assert!(
+            deleted_at.elapsed() < Duration::from_secs(3),
+            "{key}: acquired {:?} after the foreign release",
+            deleted_at.elapsed()
+        );
+        lease.release().await.unwrap();
+    }
+    drop(locks);
+    assert_eq!(stray_keys(&server), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_connects_with_the_ca_and_fails_clearly_without() {
     let server = RedisServer::start_with(RedisConfig {

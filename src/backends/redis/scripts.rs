@@ -99,6 +99,11 @@ local function expire_with_last(leases, records)
 end
 ";
 
+/// How often a waiter tries again while the key is held by a client that is not dlock
+/// (redis-py's `Lock`, node-redlock, a bare `SET NX PX`): such a holder publishes nothing
+/// when it lets go, so polling is the only wake-up. A dlock holder's release publishes.
+pub const FOREIGN_POLL_MS: u64 = 5;
+
 /// How long a refused writer's intent keeps new readers out after its last attempt.
 pub const WRITER_INTENT_MS: u64 = 2_000;
 
@@ -110,8 +115,9 @@ pub const WRITER_INTENT_MS: u64 = 2_000;
 /// which returns `max(counter, clock µs)` and writes no counter).
 ///
 /// Returns `{1, fence, slot}` when taken, `{0, ms until a retry may succeed (-1: the
-/// holder has no expiry), 0}` when held, `{2, held_with, 0}` when the key's permits were
-/// taken with another count.
+/// holder has no expiry; at most [`FOREIGN_POLL_MS`] behind a holder that is not
+/// dlock's), 0}` when held, `{2, held_with, 0}` when the key's permits were taken with
+/// another count.
 ///
 /// An exclusive request is refused while live reader/permit leases exist, and leaves an
 /// intent (member of `intents`, expiring `intent_ms` later) that keeps new readers out.
@@ -123,6 +129,14 @@ pub static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
         r"{FLOOR}{keep}{KINDS}
 local owner, ttl = ARGV[1], ARGV[2]
 local redlock = ARGV[12] == '1'
+-- When to try again behind the holder of KEYS[1], whose PTTL is `pttl`: at its expiry
+-- if it is dlock's (its release publishes), soon if no holder record names it.
+local function retry_in(pttl)
+  if redis.call('HGET', KEYS[3], 'owner') ~= redis.call('GET', KEYS[1]) then
+    if pttl < 0 or pttl > {FOREIGN_POLL_MS} then return {FOREIGN_POLL_MS} end
+  end
+  return pttl
+end
 local function take_fence()
   local current, now, now_ms = fence_floor(KEYS[2])
   if redlock then return fmt(math.max(current, now)) end
@@ -154,10 +168,10 @@ if ARGV[6] == 'x' then
     redis.call('ZREM', KEYS[6], owner)
     return {{1, fence, 0}}
   end
-  return {{0, fmt(redis.call('PTTL', KEYS[1])), 0}}
+  return {{0, fmt(retry_in(redis.call('PTTL', KEYS[1]))), 0}}
 end
 local pttl = redis.call('PTTL', KEYS[1])
-if pttl ~= -2 then return {{0, fmt(pttl), 0}} end
+if pttl ~= -2 then return {{0, fmt(retry_in(pttl)), 0}} end
 local now = server_ms()
 local shared = ARGV[6] == 's'
 local permits = tonumber(ARGV[7])
