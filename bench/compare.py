@@ -650,6 +650,18 @@ def write_report(results, command):
                   "One key, 16 waiters; each holder holds 5 ms, releases, and steps aside until another has acquired. "
                   "Latency is from the release call to the next holder's acquire returning."]
         lines += handoff_table("redis")
+        foreign = [r for r in rows if r.get("backend_kind") == "redis" and r.get("mode") == "foreign-handoff"]
+        if foreign:
+            lines += ["", "## Redis: a dlock waiter behind another client's lock", "",
+                      "Another client holds the key (redis-py's `Lock`, 10 s TTL; node-redlock, 5 s) and deletes it "
+                      "after 0.7 s; a `dlock run` waits on the same key. The delay runs from that client's release "
+                      "to dlock's COMMAND (`sh -c date`) starting, so it includes a process start. Such clients "
+                      "publish nothing: the waiter polls every 5 ms while the holder is not dlock's.", "",
+                      "| holder | rounds | p50 | p99 | max |", "|---|---:|---:|---:|---:|"]
+            for r in foreign:
+                h = r["handoff"]
+                lines.append(f"| {r['client']} | {r['rounds']} | {us(h['p50_us'])} | {us(h['p99_us'])} | "
+                             f"{us(h['max_us'])} |")
     if "postgres" in stamps:
         for mode in PG_MODES:
             lines += ["", f"## PostgreSQL ({mode} mode): uncontended acquire + release", "",
@@ -785,6 +797,38 @@ def section_redis(results, env):
         results.node(client, redis_url, "handoff", 16)
     for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
         results.python(client, redis_url, "handoff", 16)
+    for client in ("redis-py", "node-redlock"):
+        foreign_handoff(results, redis_url, client)
+
+
+def foreign_handoff(results, url, client, rounds=20):
+    """A dlock waiter behind another client's lock on the same key (redis-py's Lock with a
+    10 s TTL, node-redlock with 5 s): from that client's release to `dlock run`'s COMMAND
+    starting. The delay includes starting `sh -c date` (about a millisecond), so it is an
+    upper bound of the wake-up."""
+    samples = []
+    for i in range(rounds):
+        key = f"bench-foreign-{os.getpid()}-{i}"
+        if client == "redis-py":
+            holder_cmd = [str(VENV / "bin" / "python"), str(PEERS / "python_peers.py"), "--client", "redis-py"]
+        else:
+            holder_cmd = ["node", str(PEERS / "node_peers.mjs"), "--client", "redlock"]
+        holder = subprocess.Popen(holder_cmd + ["--url", url, "--mode", "hold", "--key", f"dlock:{key}",
+                                                "--hold-ms", "700"], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held", f"{client} did not take the key"
+        waiter = subprocess.Popen([str(DLOCK), "run", key, "--backend", url, "--wait", "30s", "--", "sh", "-c",
+                                   "date +%s%N"], stdout=subprocess.PIPE, text=True)
+        released = int(holder.stdout.readline().split()[1])
+        holder.wait()
+        started = int(waiter.communicate(timeout=60)[0].strip())
+        samples.append((started - released) / 1e9)
+    samples.sort()
+    at = lambda q: samples[min(len(samples) - 1, round((len(samples) - 1) * q))] * 1e6
+    log(f"foreign hand-off after {client}: p50 {at(0.5) / 1000:.1f} ms")
+    return results.add("redis", {"client": f"dlock waiting behind {client}", "mode": "foreign-handoff",
+                                 "concurrency": 1, "per_second": 0, "rounds": rounds,
+                                 "handoff": {"count": len(samples), "p50_us": at(0.5), "p99_us": at(0.99),
+                                             "max_us": at(1.0)}})
 
 
 def section_postgres(results, env):

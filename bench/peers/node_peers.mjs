@@ -1,6 +1,8 @@
 // node-redlock (v4, the npm "latest" tag) with ioredis, measured the way `dlock bench`
 // measures dlock. Prints one JSON object per run.
 //   node node_peers.mjs --client redlock|redlock-tuned --url redis://… --mode uncontended|handoff -c N --seconds S
+//   node node_peers.mjs --client redlock --url … --mode hold --key K --hold-ms H
+//     (takes K for 5 s, prints "held", holds H ms, releases, prints "released <unix ns>")
 import Redis from "ioredis";
 import Redlock from "redlock";
 import { randomBytes } from "node:crypto";
@@ -69,6 +71,15 @@ async function handoff() {
   return { operations: ops, seconds: s, per_second: ops / s, handoff: percentiles(samples) };
 }
 
+if (mode === "hold") {
+  const lock = await redlock.lock(opt("--key"), 5000);
+  console.log("held");
+  await sleep(holdMs);
+  await lock.unlock();
+  console.log("released", (BigInt(Date.now()) * 1000000n).toString());
+  redis.disconnect();
+  process.exit(0);
+}
 const report = mode === "handoff" ? await handoff() : await uncontended();
 report.client = client === "redlock-tuned" ? "node-redlock (retry 5ms)" : "node-redlock (default retry)";
 report.mode = mode;

@@ -4,6 +4,9 @@ Prints one JSON object per run (same fields as `dlock-bench --json`).
 
   python3 python_peers.py --client redis-py|redis-py-tuned|python-redis-lock \
       --url redis://127.0.0.1:6379 --mode uncontended|handoff -c N --seconds S
+  python3 python_peers.py --client redis-py --url … --mode hold --key K --hold-ms H
+      (takes K with a 10 s lock, prints "held", holds H ms, releases and prints
+      "released <unix ns>": the foreign holder a dlock waiter waits behind)
 """
 import argparse
 import json
@@ -88,15 +91,29 @@ def handoff(args, url):
             "handoff": percentiles(samples)}
 
 
+def hold(args, conn):
+    lock = make_lock(args.client, conn, args.key)
+    if args.client != "python-redis-lock":
+        lock = conn.lock(args.key, timeout=10)
+    assert lock.acquire(blocking=False), "the key was not free"
+    print("held", flush=True)
+    time.sleep(args.hold_ms / 1000)
+    lock.release()
+    print("released", time.time_ns(), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--client", required=True, choices=["redis-py", "redis-py-tuned", "python-redis-lock"])
     p.add_argument("--url", required=True)
-    p.add_argument("--mode", default="uncontended", choices=["uncontended", "handoff"])
+    p.add_argument("--mode", default="uncontended", choices=["uncontended", "handoff", "hold"])
+    p.add_argument("--key")
     p.add_argument("-c", "--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--hold-ms", type=float, default=5)
     args = p.parse_args()
+    if args.mode == "hold":
+        return hold(args, redis.Redis.from_url(args.url))
     if args.mode == "uncontended":
         report = uncontended(args, redis.Redis.from_url(args.url))
     else:
