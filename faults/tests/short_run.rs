@@ -50,14 +50,6 @@ async fn short_run(name: &str) {
     let kinds: &[Workload] = if WITHOUT_KINDS.contains(&name) {
         skipped.push("the rw and semaphore workloads: the backend has no such kinds".into());
         &[]
-    } else if name == "dynamodb" {
-        // A killed holder's reader or permit entry leaves the item only once a waiter has
-        // watched it unrenewed for a whole lease (no server clock); with no waiter left at
-        // the end of the run, the end-of-run check would see it held. The kinds are
-        // covered by the conformance suite on dynalite and moto; the semaphore workload
-        // runs under the nemeses that leave no dead holder behind.
-        skipped.push("the rw workload, and the semaphore workload under holder-killing nemeses: a dead holder's entry leaves the item only when a waiter sees it unrenewed".into());
-        &[Workload::Semaphore { permits: 2 }]
     } else {
         &[Workload::ReadWrite, Workload::Semaphore { permits: 2 }]
     };
@@ -67,15 +59,6 @@ async fn short_run(name: &str) {
             .flat_map(|&w| KIND_NEMESES.iter().map(move |&n| (w, n))),
     );
     for (workload, nemesis) in plan {
-        if name == "dynamodb"
-            && workload != Workload::Mutex
-            && matches!(
-                nemesis,
-                Nemesis::KillClient | Nemesis::Mixed | Nemesis::PauseClient
-            )
-        {
-            continue;
-        }
         if let Err(why) = backend.applicable(nemesis) {
             skipped.push(format!("{} ({}): {why}", nemesis.name(), workload.name()));
             continue;
