@@ -42,6 +42,12 @@ pub enum LossReason {
         /// What the backend reported.
         detail: String,
     },
+    /// The lease reached its hold-at-most limit
+    /// ([`LockBuilder::hold_at_most`](crate::LockBuilder::hold_at_most)).
+    HoldLimit {
+        /// The limit, counted from the acquisition.
+        limit: std::time::Duration,
+    },
 }
 
 impl std::fmt::Display for LossReason {
@@ -58,6 +64,11 @@ impl std::fmt::Display for LossReason {
             LossReason::SessionEnded { detail } => {
                 write!(f, "the backend session holding it ended ({detail})")
             }
+            LossReason::HoldLimit { limit } => write!(
+                f,
+                "it reached its hold-at-most limit of {} after acquisition",
+                crate::duration::format_duration(*limit)
+            ),
         }
     }
 }

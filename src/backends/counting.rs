@@ -90,6 +90,11 @@ impl HeldLease for CountingLease {
         self.inner.release().await
     }
 
+    async fn expire_after(self: Box<Self>, ttl: Duration) -> Result<bool> {
+        bump(&self.counts.renew);
+        self.inner.expire_after(ttl).await
+    }
+
     fn ended(&mut self) -> EndSignal {
         self.inner.ended()
     }

@@ -25,6 +25,17 @@ pub struct RunArgs {
     /// backslash as `\\`; may be repeated
     #[arg(long, value_name = "K1,K2,…", conflicts_with = "permits")]
     all: Vec<String>,
+    /// Keep the lock taken until DUR after acquisition even if COMMAND ends sooner, so a
+    /// replica whose schedule fires a little later skips the run (with --no-wait). On a
+    /// backend with TTLs the store ends the lease then and dlock exits at once; on file,
+    /// the SQL session modes and ZooKeeper dlock stays, holding, until then
+    #[arg(long, value_name = "DUR", value_parser = duration_arg, conflicts_with = "all")]
+    hold_at_least: Option<Duration>,
+    /// Never hold the lock longer than DUR after acquisition: the lease is not renewed
+    /// past it, and a COMMAND still running then is stopped as on a lost lease (SIGTERM,
+    /// SIGKILL after --kill-after, exit 76)
+    #[arg(long, value_name = "DUR", value_parser = duration_arg, conflicts_with = "all")]
+    hold_at_most: Option<Duration>,
     #[command(flatten)]
     common: Common,
 }
@@ -242,12 +253,46 @@ async fn futures_select_all<F: std::future::Future<Output = libc::c_int> + Unpin
     .await
 }
 
+/// How long a `run` holds its lock at least and at most, after acquisition.
+#[derive(Debug, Clone, Copy, Default)]
+struct Hold {
+    at_least: Option<Duration>,
+    at_most: Option<Duration>,
+}
+
+impl Hold {
+    fn check(self) -> Result<(), String> {
+        if let Some(at_least) = self.at_least {
+            if at_least > fencelock::MAX_TTL {
+                return Err(format!(
+                    "--hold-at-least {at_least:?} is longer than the longest lease, {:?}",
+                    fencelock::MAX_TTL
+                ));
+            }
+            if let Some(at_most) = self.at_most.filter(|at_most| at_least > *at_most) {
+                return Err(format!(
+                    "--hold-at-least {at_least:?} is longer than --hold-at-most {at_most:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(self, builder: fencelock::LockBuilder) -> fencelock::LockBuilder {
+        match self.at_most {
+            Some(at_most) => builder.hold_at_most(at_most),
+            None => builder,
+        }
+    }
+}
+
 /// What to take.
 enum Plan {
     One {
         key: String,
         shared: bool,
         permits: Option<u32>,
+        hold: Hold,
     },
     All {
         keys: Vec<String>,
@@ -261,10 +306,19 @@ enum Plan {
 
 pub async fn run(args: RunArgs) -> ExitCode {
     let plan = if args.all.is_empty() {
+        let hold = Hold {
+            at_least: args.hold_at_least,
+            at_most: args.hold_at_most,
+        };
+        if let Err(message) = hold.check() {
+            exit::report(message);
+            return ExitCode::from(exit::USAGE);
+        }
         Plan::One {
             key: args.key.unwrap_or_default(),
             shared: args.shared,
             permits: args.permits,
+            hold,
         }
     } else {
         match split_keys(&args.all) {
@@ -336,19 +390,19 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
             Plan::One {
                 key,
                 permits: Some(n),
+                hold,
                 ..
             } => {
                 permits = Some(*n);
-                locks
-                    .semaphore(key, *n)
-                    .ttl(args.ttl)
-                    .wait(wait)
+                hold.apply(locks.semaphore(key, *n).ttl(args.ttl).wait(wait))
                     .acquire()
                     .await
                     .map(Held::One)
             }
-            Plan::One { key, shared, .. } => {
-                let builder = locks.lock(key).ttl(args.ttl).wait(wait);
+            Plan::One {
+                key, shared, hold, ..
+            } => {
+                let builder = hold.apply(locks.lock(key).ttl(args.ttl).wait(wait));
                 let builder = if *shared { builder.shared() } else { builder };
                 builder.acquire().await.map(Held::One)
             }
@@ -433,8 +487,50 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
     let name = lease.name();
     group.stop(args.kill_after).await;
     group.close();
-    if let Err(err) = lease.release().await {
+    let at_least = match &plan {
+        Plan::One { hold, .. } => hold.at_least,
+        _ => None,
+    };
+    let released = match (lease, at_least) {
+        (Held::One(lease), Some(at_least)) => {
+            let expires = locks.backend().capabilities().expires;
+            hold_then_release(lease, at_least, expires, &mut signals).await
+        }
+        (lease, _) => lease.release().await,
+    };
+    if let Err(err) = released {
         exit::report(format!("{err} (the lease on {:?} ends at its TTL)", name));
     }
     ExitCode::from(code)
+}
+
+/// Releases `lease`, but not before `at_least` after its acquisition (`--hold-at-least`).
+/// A store with TTLs is told when the lease ends, and dlock exits at once; a lock that
+/// dies with dlock's session (file, SQL session modes, ZooKeeper) is kept until then by
+/// dlock, which waits for it. SIGINT, SIGTERM or SIGHUP during that wait end it early:
+/// the lock is released at once.
+async fn hold_then_release(
+    lease: fencelock::Lease,
+    at_least: Duration,
+    expires: bool,
+    signals: &mut Signals,
+) -> fencelock::Result<bool> {
+    if !expires {
+        let until = lease.acquired_at().checked_add(at_least);
+        let hold = async {
+            match until {
+                Some(until) => tokio::time::sleep_until(until.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = hold => {}
+            _ = lease.lost() => {}
+            number = signals.recv() => {
+                tracing::debug!(signal = number, key = lease.key(), "hold-at-least ended early by a signal");
+                return lease.release().await;
+            }
+        }
+    }
+    lease.release_after(at_least).await
 }

@@ -194,6 +194,18 @@ pub trait HeldLease: Send + Sync + 'static {
     /// Releases the lease; `Ok(false)` if it was no longer held.
     async fn release(self: Box<Self>) -> Result<bool>;
 
+    /// Makes the lease end by itself `ttl` from now, by the store's clock, and lets go of
+    /// it without releasing; `Ok(false)` if the store no longer knows it as held. The
+    /// engine calls it, on backends whose leases expire ([`Capabilities::expires`]), for
+    /// a lease released before its hold-at-least time
+    /// ([`Lease::release_after`](crate::Lease::release_after)), and drops the handle
+    /// afterwards. The default is a [`renew`](HeldLease::renew) with `ttl`, which is
+    /// right for stores whose renewal sets the remaining lifetime (a key's expiry, an
+    /// expiry column); a store whose renewal cannot shorten a lease overrides it.
+    async fn expire_after(mut self: Box<Self>, ttl: Duration) -> Result<bool> {
+        self.renew(ttl).await
+    }
+
     /// A future that resolves when the store reports the lease's end on its own (the
     /// session holding it died, its key was deleted). Taken once, right after the grant;
     /// it must not need the handle (it runs while `renew` does). The default never resolves.

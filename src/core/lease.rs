@@ -23,6 +23,12 @@ pub(crate) struct Shared {
     /// acquire or renewal was *sent*, plus its TTL.
     valid_until: Mutex<Instant>,
     lost: watch::Sender<Option<LossReason>>,
+    /// When the grant reached this process: hold-at-least times count from here.
+    acquired_at: Instant,
+    /// The hold limits the lease was taken with.
+    hold: HoldLimits,
+    /// The hold-at-most limit's end: when the winning request was sent, plus the limit.
+    cap: Option<Instant>,
     /// Keeps other tasks of this handle queued behind this lease; given up after the
     /// backend release (so the next local task finds the key free), or as soon as the
     /// lease is lost (so a holder that keeps its lost lease cannot block its own handle).
@@ -51,6 +57,25 @@ impl Shared {
         self.valid_until()
             .checked_sub(drift)
             .unwrap_or_else(Instant::now)
+    }
+
+    /// The moment the lease ends by its hold-at-most limit, less the same drift
+    /// allowance as [`loss_deadline`](Self::loss_deadline).
+    fn cap_deadline(&self) -> Option<Instant> {
+        let drift = self.ttl / 100 + Duration::from_millis(2);
+        self.cap.map(|cap| cap.checked_sub(drift).unwrap_or(cap))
+    }
+
+    /// `ttl` for a renewal sent at `sent`, shortened so that the lease ends at its
+    /// hold-at-most limit; `None` if too little is left for one (the limit's end comes first).
+    fn capped_ttl(&self, ttl: Duration, sent: Instant) -> Option<Duration> {
+        match self.cap {
+            None => Some(ttl),
+            Some(cap) => {
+                let left = cap.saturating_duration_since(sent);
+                (left >= crate::core::locks::MIN_TTL).then(|| ttl.min(left))
+            }
+        }
     }
 
     fn give_up_turn(&self) {
@@ -85,6 +110,15 @@ impl Shared {
     }
 }
 
+/// How long a lease must stay held at least, and may stay held at most, after its
+/// acquisition ([`LockBuilder::hold_at_least`](crate::LockBuilder::hold_at_least),
+/// [`LockBuilder::hold_at_most`](crate::LockBuilder::hold_at_most)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct HoldLimits {
+    pub(crate) at_least: Option<Duration>,
+    pub(crate) at_most: Option<Duration>,
+}
+
 /// What the backend granted: the lease's identity, when its TTL started counting, and
 /// the handle on its store-side state.
 pub(crate) struct Grant {
@@ -95,12 +129,15 @@ pub(crate) struct Grant {
     /// When the successful request was sent: the lease is surely valid until then + TTL.
     pub(crate) sent_at: Instant,
     pub(crate) lease: Box<dyn HeldLease>,
+    pub(crate) hold: HoldLimits,
 }
 
 /// What a [`Lease`] asks of its background task, which alone owns the store-side handle.
 enum Command {
     Extend(Duration, oneshot::Sender<Result<bool>>),
     Release(oneshot::Sender<Result<bool>>),
+    /// Release, but not before this long after the acquisition.
+    ReleaseAfter(Duration, oneshot::Sender<Result<bool>>),
 }
 
 /// A held lock.
@@ -157,6 +194,13 @@ macro_rules! lease_identity {
             self.shared.ttl
         }
 
+        /// When the grant reached this process. A hold-at-least time
+        /// ([`Lease::release_after`]) counts from here, a hold-at-most limit from the
+        /// (earlier) moment the winning request was sent, so that each errs on its safe side.
+        pub fn acquired_at(&self) -> Instant {
+            self.shared.acquired_at
+        }
+
         /// Resolves when the lease may no longer be held: a renewal was refused, renewal
         /// failed until the lease may have expired, or the backend session holding it
         /// ended. Never resolves for a lease that stays held or is released normally.
@@ -204,6 +248,7 @@ impl Lease {
             ttl,
             sent_at,
             lease,
+            hold,
         } = grant;
         let (lost, _) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -213,6 +258,9 @@ impl Lease {
             ttl,
             backend,
             valid_until: Mutex::new(sent_at + ttl),
+            acquired_at: Instant::now(),
+            hold,
+            cap: hold.at_most.and_then(|limit| sent_at.checked_add(limit)),
             lost,
             turn: Mutex::new(turn),
         });
@@ -275,13 +323,82 @@ impl Lease {
         }
     }
 
-    /// Releases the lock now. Returns `true` if the lease was still held, `false` if it
-    /// had already been lost (expired, or broken by `release --force`).
+    /// Releases the lock now, or, for a lease taken with
+    /// [`hold_at_least`](crate::LockBuilder::hold_at_least), as
+    /// [`release_after`](Lease::release_after) with that time. Returns `true` if the
+    /// lease was still held, `false` if it had already been lost (expired, or broken by
+    /// `release --force`).
     ///
     /// Cancel safety: if the future is dropped, the release still completes in the
     /// background.
-    pub async fn release(mut self) -> Result<bool> {
-        let held = self.ask(Command::Release).await;
+    pub async fn release(self) -> Result<bool> {
+        match self.shared.hold.at_least {
+            Some(at_least) => self.release_after(at_least).await,
+            None => self.release_now(Command::Release).await,
+        }
+    }
+
+    /// Releases the lock, but not before `at_least` has passed since its
+    /// [acquisition](Lease::acquired_at): a scheduled job that ends early keeps the key
+    /// taken until then, so that a replica whose schedule fires a little later skips
+    /// the run (ShedLock's *lock at least for*). Returns as [`release`](Lease::release) does.
+    ///
+    /// - On a backend whose leases expire by themselves ([`Capabilities::expires`](crate::backend::Capabilities):
+    ///   Redis, Redlock, the SQL lease tables, etcd, MongoDB, DynamoDB, memory), the
+    ///   lease's remaining lifetime is set in the store, measured by the store's clock
+    ///   where it has one (`PEXPIRE`, an expiry column from the server's `now()`, an
+    ///   etcd lease of that TTL, in whole seconds rounded up), and the call returns at
+    ///   once: the process may exit, and the store ends the lease by itself.
+    /// - On a backend whose locks die with their holder's session (file `flock`, the
+    ///   PostgreSQL and MySQL session modes, ZooKeeper's ephemeral znodes), the lock
+    ///   cannot outlive the process: the call keeps holding (and renewing) the lease
+    ///   until the time is up, then releases it.
+    ///
+    /// With nothing left of the time, it is a plain release. A
+    /// [hold-at-most](crate::LockBuilder::hold_at_most) limit wins over it. Fences are
+    /// unaffected: the next holder gets a higher one, as after any release.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://release-after-doc").await?;
+    /// let run = locks.lock("nightly-report").no_wait().acquire().await?;
+    /// let first = run.fence();
+    /// // ... the report, done quickly ...
+    /// assert!(run.release_after(Duration::from_millis(300)).await?);
+    /// // A replica whose schedule fires a moment later skips the run:
+    /// assert!(locks.lock("nightly-report").try_acquire().await?.is_none());
+    /// tokio::time::sleep(Duration::from_millis(400)).await;
+    /// let next = locks.lock("nightly-report").try_acquire().await?.expect("free again");
+    /// assert!(next.fence() > first);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Fails with [`Error::BadOption`] for a time longer than
+    /// [`MAX_TTL`](crate::MAX_TTL) (no store keeps a lease that long), and as
+    /// [`release`](Lease::release) does when the store cannot be reached (the lease then
+    /// ends at its TTL).
+    ///
+    /// Cancel safety: dropping the future while it holds a session-bound lock releases
+    /// the lock at once (in the background); a lifetime already set in the store stands.
+    pub async fn release_after(self, at_least: Duration) -> Result<bool> {
+        if at_least > crate::core::locks::MAX_TTL {
+            return Err(Error::BadOption(format!(
+                "hold-at-least {} is longer than the longest lease, {}",
+                crate::duration::format_duration(at_least),
+                crate::duration::format_duration(crate::core::locks::MAX_TTL)
+            )));
+        }
+        self.release_now(|reply| Command::ReleaseAfter(at_least, reply))
+            .await
+    }
+
+    async fn release_now(
+        mut self,
+        command: impl FnOnce(oneshot::Sender<Result<bool>>) -> Command,
+    ) -> Result<bool> {
+        let held = self.ask(command).await;
         // The task has handed the store-side lease back (or given it up): nothing is left
         // for Drop to do.
         self.task = None;
@@ -369,6 +486,9 @@ async fn guard_lease(
     let mut ended = lease.ended();
     let mut next_renewal = renew_every.map(|every| Instant::now() + every);
     let mut last_error: Option<String> = None;
+    let cap_deadline = shared.cap_deadline();
+    // A release waiting for its hold-at-least time (session-bound backends only).
+    let mut held_until: Option<(Instant, oneshot::Sender<Result<bool>>)> = None;
     let outcome: Option<LossReason> = loop {
         let loss_deadline = shared.loss_deadline();
         // A lease tied to a session lapses only when renewals keep failing: the store
@@ -382,6 +502,19 @@ async fn guard_lease(
                 std::future::pending().await
             }
         };
+        let at_cap = async {
+            match cap_deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let hold_until = held_until.as_ref().map(|(at, _)| *at);
+        let hold_over = async {
+            match hold_until {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let renewal_due = async {
             match next_renewal {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -391,21 +524,66 @@ async fn guard_lease(
         let ttl = tokio::select! {
             biased;
             reason = &mut ended => break Some(reason),
+            () = at_cap => break Some(LossReason::HoldLimit {
+                limit: shared.hold.at_most.unwrap_or_default(),
+            }),
             () = lapse => break Some(match last_error.take() {
                 Some(last_error) => LossReason::RenewalFailed { last_error },
                 None => LossReason::Expired,
             }),
+            () = hold_over => {
+                if let Some((_, reply)) = held_until.take() {
+                    finish_release(&shared, lease, reply).await;
+                }
+                return;
+            }
             command = inbox.recv() => match command {
                 None => break None,
                 Some(Command::Release(reply)) => {
-                    let released = release_bounded(&shared, lease).await;
-                    // The next local task may go as soon as the caller hears back.
-                    shared.give_up_turn();
-                    let _ = reply.send(released);
+                    finish_release(&shared, lease, reply).await;
+                    return;
+                }
+                Some(Command::ReleaseAfter(at_least, reply)) => {
+                    let until = shared.acquired_at.checked_add(at_least).unwrap_or_else(Instant::now);
+                    let until = cap_deadline.map_or(until, |cap| until.min(cap));
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left < crate::core::locks::MIN_TTL {
+                        finish_release(&shared, lease, reply).await;
+                        return;
+                    }
+                    if !expires {
+                        // The lock dies with this process's session: keep it until then.
+                        held_until = Some((until, reply));
+                        continue;
+                    }
+                    match hand_over_bounded(&shared, lease, &mut ended, left).await {
+                        Renewal::Done(Ok(true)) => {
+                            tracing::debug!(key = %shared.key, fence = shared.fence, left = ?left, "lease left to expire in the store");
+                            shared.give_up_turn();
+                            let _ = reply.send(Ok(true));
+                        }
+                        Renewal::Done(Ok(false)) => {
+                            shared.mark_lost(LossReason::RenewalRefused);
+                            let _ = reply.send(Ok(false));
+                        }
+                        Renewal::Done(Err(err)) => {
+                            shared.give_up_turn();
+                            let _ = reply.send(Err(err));
+                        }
+                        Renewal::Ended(reason) => {
+                            shared.mark_lost(reason);
+                            let _ = reply.send(Ok(false));
+                        }
+                    }
                     return;
                 }
                 Some(Command::Extend(ttl, reply)) => {
                     let sent = Instant::now();
+                    let Some(ttl) = shared.capped_ttl(ttl, sent) else {
+                        // The hold-at-most limit ends the lease before this TTL would.
+                        let _ = reply.send(Ok(true));
+                        continue;
+                    };
                     let outcome = renew_bounded(&shared, &mut lease, &mut ended, ttl, true).await;
                     match outcome {
                         Renewal::Done(Ok(true)) => {
@@ -434,6 +612,11 @@ async fn guard_lease(
         };
         let Some(every) = renew_every else { continue };
         let sent = Instant::now();
+        let Some(ttl) = shared.capped_ttl(ttl, sent) else {
+            // Too little is left before the hold-at-most limit: that ends the lease.
+            next_renewal = None;
+            continue;
+        };
         match renew_bounded(&shared, &mut lease, &mut ended, ttl, false).await {
             Renewal::Done(Ok(true)) => {
                 shared.set_valid_until(sent + ttl);
@@ -461,6 +644,9 @@ async fn guard_lease(
             // answering commands that arrive meanwhile with "not held".
             inbox.close();
             let _ = release_bounded(&shared, lease).await;
+            if let Some((_, reply)) = held_until.take() {
+                let _ = reply.send(Ok(false));
+            }
         }
         None => {
             // The Lease was dropped: release in its place.
@@ -504,6 +690,39 @@ async fn renew_bounded(
         outcome = renewal => Renewal::Done(outcome.unwrap_or_else(|_| Err(Error::unavailable(
             shared.backend.describe(),
             "renewal did not answer in time",
+        )))),
+    }
+}
+
+/// Releases the lease and answers the caller; the next local task may go as soon as the
+/// caller hears back.
+async fn finish_release(
+    shared: &Shared,
+    lease: Box<dyn HeldLease>,
+    reply: oneshot::Sender<Result<bool>>,
+) {
+    let released = release_bounded(shared, lease).await;
+    shared.give_up_turn();
+    let _ = reply.send(released);
+}
+
+/// Sets the lease to end by itself `left` from now in the store and lets go of it,
+/// bounded like an `extend` by hand, while still listening for the store's end signal.
+async fn hand_over_bounded(
+    shared: &Shared,
+    lease: Box<dyn HeldLease>,
+    ended: &mut crate::core::backend::EndSignal,
+    left: Duration,
+) -> Renewal {
+    let now = Instant::now();
+    let until = shared.loss_deadline().max(now + renewal_limit(shared.ttl));
+    let call = tokio::time::timeout_at(until.into(), lease.expire_after(left));
+    tokio::select! {
+        biased;
+        reason = ended => Renewal::Ended(reason),
+        outcome = call => Renewal::Done(outcome.unwrap_or_else(|_| Err(Error::unavailable(
+            shared.backend.describe(),
+            "setting the lease's remaining lifetime did not answer in time; it ends at its TTL",
         )))),
     }
 }

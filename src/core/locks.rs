@@ -2,7 +2,7 @@
 
 use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo, LockKind};
 use crate::core::backoff::Backoff;
-use crate::core::lease::{spawn_detached, Grant, Lease, LeaseHandle};
+use crate::core::lease::{spawn_detached, Grant, HoldLimits, Lease, LeaseHandle};
 use crate::core::local_queue::{LocalQueues, LocalTurn};
 use crate::core::owner::Owner;
 use crate::core::wait;
@@ -79,6 +79,7 @@ impl Locks {
             backoff: Backoff::default(),
             renew_every: Some(DEFAULT_TTL / 3),
             renew_set: false,
+            hold: HoldLimits::default(),
             kind: LockKind::Exclusive,
             value: None,
         }
@@ -259,6 +260,7 @@ pub struct LockBuilder {
     backoff: Backoff,
     renew_every: Option<Duration>,
     renew_set: bool,
+    hold: HoldLimits,
     kind: LockKind,
     /// Published in the holder record (elections).
     pub(crate) value: Option<String>,
@@ -331,6 +333,76 @@ impl LockBuilder {
         self
     }
 
+    /// Keep the key taken for at least `at_least` after the acquisition, even if the
+    /// lease is released sooner: [`Lease::release`] then acts as
+    /// [`Lease::release_after`] with this time, which says what happens on each kind of
+    /// backend. For scheduled jobs run by several replicas: the first to fire runs the
+    /// job, and one firing a little later (clock skew, a slow cron) finds the key still
+    /// taken and skips it. A dropped lease is released at once, without the wait.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://hold-at-least-doc").await?;
+    /// let run = locks
+    ///     .lock("nightly-report")
+    ///     .hold_at_least(Duration::from_secs(300))
+    ///     .no_wait()
+    ///     .acquire()
+    ///     .await?;
+    /// // ... the report, done in a few seconds ...
+    /// run.release().await?; // the key stays taken until 5 minutes after the acquisition
+    /// assert!(locks.lock("nightly-report").try_acquire().await?.is_none());
+    /// # Ok(()) }
+    /// ```
+    pub fn hold_at_least(mut self, at_least: Duration) -> Self {
+        self.hold.at_least = Some(at_least);
+        self
+    }
+
+    /// Never hold the lease longer than `at_most` after the acquisition (counted from
+    /// when the winning request was sent): the lease is taken with a TTL no longer than
+    /// that, renewals and [`Lease::extend`] never lengthen it past that moment (the last
+    /// renewal sets exactly what is left, so a store with TTLs ends it then by its own
+    /// clock even if this process hangs), and when the moment comes the lease is
+    /// released and [`Lease::lost`] fires with [`LossReason::HoldLimit`](crate::LossReason::HoldLimit):
+    /// stop the work then (`dlock run` stops COMMAND and exits 76, as for any loss).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), fencelock::Error> {
+    /// let locks = fencelock::connect("memory://").await?;
+    /// let lease = locks
+    ///     .lock("cache-warmup")
+    ///     .hold_at_most(Duration::from_millis(200))
+    ///     .acquire()
+    ///     .await?;
+    /// let reason = lease.lost().await; // the job overran its limit
+    /// assert!(matches!(reason, fencelock::LossReason::HoldLimit { .. }));
+    /// # Ok(()) }
+    /// ```
+    pub fn hold_at_most(mut self, at_most: Duration) -> Self {
+        self.hold.at_most = Some(at_most);
+        self
+    }
+
+    /// This builder with its TTL shortened to a hold-at-most limit below it (and the
+    /// renewal interval with it, unless set by hand); `None` if there is nothing to shorten.
+    fn capped_by_hold(&self) -> Option<LockBuilder> {
+        let at_most = self
+            .hold
+            .at_most
+            .filter(|limit| *limit < self.ttl && *limit >= MIN_TTL)?;
+        let mut capped = self.clone();
+        capped.ttl = at_most;
+        if !capped.renew_set {
+            capped.renew_every = Some(at_most / 3);
+        }
+        Some(capped)
+    }
+
     /// The same options for another key (all-or-nothing locks).
     pub(crate) fn for_key(&self, key: Key) -> LockBuilder {
         LockBuilder {
@@ -371,6 +443,28 @@ impl LockBuilder {
                 return Err(Error::BadOption(format!(
                     "renewal interval {every:?} must be above zero and below the TTL {:?}",
                     self.ttl
+                )));
+            }
+        }
+        let HoldLimits { at_least, at_most } = self.hold;
+        if let Some(at_most) = at_most {
+            if !(MIN_TTL..=MAX_TTL).contains(&at_most) {
+                return Err(Error::BadOption(format!(
+                    "hold-at-most {:?} is outside {:?}..={:?}",
+                    at_most, MIN_TTL, MAX_TTL
+                )));
+            }
+        }
+        if let Some(at_least) = at_least {
+            if at_least > MAX_TTL {
+                return Err(Error::BadOption(format!(
+                    "hold-at-least {at_least:?} is longer than the longest lease, {MAX_TTL:?}"
+                )));
+            }
+            if at_most.is_some_and(|at_most| at_least > at_most) {
+                return Err(Error::BadOption(format!(
+                    "hold-at-least {at_least:?} is longer than hold-at-most {:?}",
+                    at_most.unwrap_or_default()
                 )));
             }
         }
@@ -449,6 +543,9 @@ impl LockBuilder {
     }
 
     async fn acquire_inner(&self) -> Result<Option<Lease>> {
+        if let Some(capped) = self.capped_by_hold() {
+            return Box::pin(capped.acquire_inner()).await;
+        }
         let key = self.validate()?;
         let backend = Arc::clone(&self.locks.backend);
         let owner = Owner::random();
@@ -555,6 +652,7 @@ impl LockBuilder {
                     ttl: self.ttl,
                     sent_at: granted.sent_at,
                     lease: granted.lease,
+                    hold: self.hold,
                 };
                 Ok(Some(Lease::start(
                     Arc::clone(backend),

@@ -663,3 +663,135 @@ pub async fn with_lock_cancels_work_when_lease_is_lost(target: &Target) {
     assert!(matches!(err, Error::LeaseLost { .. }), "{err:?}");
     assert!(!finished.load(Ordering::SeqCst));
 }
+
+/// `release_after` keeps the key taken until its time after the acquisition, then frees
+/// it. On a backend whose leases expire the call returns at once, and the store ends the
+/// lease by itself, with the holder's handle gone; on a session-bound one (the lock dies
+/// with its holder) the call holds the lease until then. The next holder's fence is higher.
+pub async fn release_after_keeps_the_key_until_its_time(target: &Target) {
+    let key = target.unique_key("hold-least");
+    let hold = Duration::from_millis(2500);
+    let locks = target.locks().await;
+    let expires = locks.backend().capabilities().expires;
+    let lease = locks
+        .lock(&key)
+        .ttl(Duration::from_secs(10))
+        .acquire()
+        .await
+        .unwrap();
+    let (acquired, first) = (lease.acquired_at(), lease.fence());
+    let release = tokio::spawn(lease.release_after(hold));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = target.locks().await;
+    if expires {
+        let held = within(PROMPTLY, "release_after on a backend with TTLs", release)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(held, "release_after reported the lease as not held");
+        let returned = acquired.elapsed();
+        assert!(
+            returned < hold,
+            "release_after waited {returned:?} on a backend whose store expires leases"
+        );
+        // The store alone keeps the lease now.
+        drop(locks);
+        assert!(
+            other.lock(&key).try_acquire().await.unwrap().is_none(),
+            "the key was free during its hold"
+        );
+        let next = within(PROMPTLY + hold, "the key free after its hold", async {
+            loop {
+                if let Some(next) = other.lock(&key).try_acquire().await.unwrap() {
+                    break next;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let freed = acquired.elapsed();
+        assert!(
+            freed >= hold - Duration::from_millis(50),
+            "free {freed:?} after the acquisition, before its hold of {hold:?}"
+        );
+        assert!(next.fence() > first, "fence {} after {first}", next.fence());
+        assert!(next.release().await.unwrap());
+    } else {
+        assert!(
+            !release.is_finished(),
+            "release_after returned before its time on a session-bound backend"
+        );
+        assert!(
+            other.lock(&key).try_acquire().await.unwrap().is_none(),
+            "the key was free during its hold"
+        );
+        let held = within(PROMPTLY + hold, "release_after at its time", release)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(held, "release_after reported the lease as not held");
+        let returned = acquired.elapsed();
+        assert!(
+            returned >= hold,
+            "released {returned:?} after the acquisition, before its hold of {hold:?}"
+        );
+        let next = within(PROMPTLY, "the key free after its hold", async {
+            loop {
+                if let Some(next) = other.lock(&key).try_acquire().await.unwrap() {
+                    break next;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(next.fence() > first, "fence {} after {first}", next.fence());
+        assert!(next.release().await.unwrap());
+    }
+}
+
+/// A lease taken with `hold_at_most` is renewed until its limit (with a TTL no longer
+/// than the limit), then lost with `LossReason::HoldLimit`, not before; the key is free
+/// again right after, for a holder with a higher fence.
+pub async fn hold_at_most_ends_the_lease_at_its_limit(target: &Target) {
+    let key = target.unique_key("hold-most");
+    // Long enough that a renewal of a slow store (a third of the TTL) is not mistaken
+    // for a failure before the limit.
+    let limit = Duration::from_secs(3);
+    let locks = target.locks().await;
+    let lease = locks
+        .lock(&key)
+        .ttl(Duration::from_secs(10))
+        .hold_at_most(limit)
+        .acquire()
+        .await
+        .unwrap();
+    let (acquired, first) = (lease.acquired_at(), lease.fence());
+    assert!(
+        lease.ttl() <= limit,
+        "TTL {:?} above the limit",
+        lease.ttl()
+    );
+    let reason = within(PROMPTLY, "lost() at the hold-at-most limit", lease.lost()).await;
+    let at = acquired.elapsed();
+    assert_eq!(reason, LossReason::HoldLimit { limit });
+    assert!(
+        at >= limit - Duration::from_millis(200) && at < limit + Duration::from_secs(3),
+        "lost {at:?} after the acquisition, with a limit of {limit:?}"
+    );
+    assert!(
+        !lease.release().await.unwrap(),
+        "a lease past its limit was still held"
+    );
+    let other = target.locks().await;
+    let next = within(PROMPTLY, "the key free after the limit", async {
+        loop {
+            if let Some(next) = other.lock(&key).try_acquire().await.unwrap() {
+                break next;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(next.fence() > first, "fence {} after {first}", next.fence());
+    assert!(next.release().await.unwrap());
+}

@@ -44,7 +44,9 @@ macro_rules! conformance_tests {
             release_reports_whether_still_held,
             released_key_is_free_at_once_on_the_same_handle,
             with_lock_runs_work_and_releases,
-            with_lock_cancels_work_when_lease_is_lost
+            with_lock_cancels_work_when_lease_is_lost,
+            release_after_keeps_the_key_until_its_time,
+            hold_at_most_ends_the_lease_at_its_limit
         );
     };
     (@each $target:expr; $($name:ident),* $(,)?) => {

@@ -702,6 +702,17 @@ impl HeldLease for EtcdLease {
         self.store.keep_alive(self.id, None).await
     }
 
+    /// A keep-alive restores the etcd lease's granted TTL, which may be longer than
+    /// `ttl`: a lease of another length moves the entry to a new etcd lease of exactly
+    /// `ttl` (in whole seconds, rounded up, at least etcd's minimum).
+    async fn expire_after(mut self: Box<Self>, ttl: Duration) -> Result<bool> {
+        let seconds = lease_seconds(ttl);
+        if seconds == self.granted_seconds {
+            return self.store.keep_alive(self.id, None).await;
+        }
+        self.lengthen(seconds).await
+    }
+
     async fn release(self: Box<Self>) -> Result<bool> {
         let held = self
             .store
