@@ -50,6 +50,8 @@ pub use crate::core::backend::{LockInfo, LockKind};
 pub use crate::core::election::{ElectionBuilder, Leader, LeaderWatch, Leadership};
 pub use crate::core::lease::{Lease, LeaseHandle};
 pub use crate::core::locks::{LockBuilder, Locks, Wait, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+/// Metric names and options (see the module for names, types and labels).
+pub use crate::core::metrics;
 pub use crate::core::multi::{MultiLease, MultiLockBuilder};
 pub use duration::parse_duration;
 pub use error::{Cause, Error, LossReason, Result};

@@ -4,6 +4,7 @@
 mod child;
 mod exit;
 mod inspect;
+mod metrics;
 mod run;
 mod schema;
 mod tree;
@@ -105,7 +106,9 @@ dlock exits 76; when COMMAND exits, dlock resigns.")]
         watch: bool,
     },
     /// Show who holds KEY (exit 0 if held, 1 if free)
-    #[command(after_help = "Example:\n  dlock status nightly-report --json")]
+    #[command(
+        after_help = "Example:\n  dlock status nightly-report --json\n  dlock status nightly-report --watch"
+    )]
     Status {
         /// The lock key
         key: String,
@@ -114,15 +117,21 @@ dlock exits 76; when COMMAND exits, dlock resigns.")]
         /// Print one JSON object instead of a table
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        watch: inspect::WatchArgs,
     },
     /// List the locks currently held
-    #[command(after_help = "Example:\n  dlock list --backend redis://127.0.0.1:6379 --json")]
+    #[command(
+        after_help = "Example:\n  dlock list --backend redis://127.0.0.1:6379 --json\n  dlock list --watch > locks.log"
+    )]
     List {
         #[command(flatten)]
         backend: BackendArg,
         /// Print one JSON object per lock instead of a table
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        watch: inspect::WatchArgs,
     },
     /// Break the lock on KEY whoever holds it (exit 0 if it was held, 1 if not)
     #[command(after_help = "\
@@ -232,10 +241,19 @@ pub fn main() -> ExitCode {
                 json,
                 watch,
             } => inspect::leader(&name, backend.backend, json, watch).await,
-            Command::Status { key, backend, json } => {
-                inspect::status(&key, backend.backend, json).await
+            Command::Status {
+                key,
+                backend,
+                watch,
+                ..
+            } if watch.watch => inspect::watch_status(&key, backend.backend, watch).await,
+            Command::Status {
+                key, backend, json, ..
+            } => inspect::status(&key, backend.backend, json).await,
+            Command::List { backend, watch, .. } if watch.watch => {
+                inspect::watch_list(backend.backend, watch).await
             }
-            Command::List { backend, json } => inspect::list(backend.backend, json).await,
+            Command::List { backend, json, .. } => inspect::list(backend.backend, json).await,
             Command::Release {
                 key,
                 force,

@@ -69,6 +69,10 @@ pub struct Common {
     /// After a lost lease, how long COMMAND has between SIGTERM and SIGKILL
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = duration_arg)]
     kill_after: Duration,
+    /// Serve Prometheus metrics on ADDR while dlock runs (HOST:PORT with an IP address,
+    /// or a bare PORT on 127.0.0.1); see "Observability" in the README
+    #[arg(long, value_name = "ADDR", value_parser = super::metrics::parse_addr)]
+    metrics: Option<std::net::SocketAddr>,
     /// The command to run under the lock, after `--`
     #[arg(required = true, last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -368,6 +372,13 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
         exit::report("no COMMAND given after --");
         return ExitCode::from(exit::USAGE);
     };
+    // Before the acquire, so that its wait and latency are measured too.
+    if let Some(addr) = args.metrics {
+        if let Err(message) = super::metrics::serve(addr) {
+            exit::report(message);
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    }
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
         Err(err) => {

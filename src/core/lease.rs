@@ -2,6 +2,7 @@
 
 use crate::core::backend::{Backend, HeldLease};
 use crate::core::local_queue::LocalTurn;
+use crate::core::metrics::{Holding, Labels};
 use crate::core::owner::Owner;
 use crate::error::{Error, LossReason, Result};
 use crate::key::Key;
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// State shared by a [`Lease`], its [`LeaseHandle`]s and its background task.
 pub(crate) struct Shared {
@@ -33,6 +35,8 @@ pub(crate) struct Shared {
     /// backend release (so the next local task finds the key free), or as soon as the
     /// lease is lost (so a holder that keeps its lost lease cannot block its own handle).
     turn: Mutex<Option<LocalTurn>>,
+    /// The labels of this lease's metrics (backend scheme and kind).
+    metrics: Labels,
 }
 
 impl Shared {
@@ -130,6 +134,8 @@ pub(crate) struct Grant {
     pub(crate) sent_at: Instant,
     pub(crate) lease: Box<dyn HeldLease>,
     pub(crate) hold: HoldLimits,
+    /// The kind of lease, for its metrics.
+    pub(crate) kind: crate::core::backend::LockKind,
 }
 
 /// What a [`Lease`] asks of its background task, which alone owns the store-side handle.
@@ -249,8 +255,10 @@ impl Lease {
             sent_at,
             lease,
             hold,
+            kind,
         } = grant;
         let (lost, _) = watch::channel(None);
+        let metrics = Labels::new(backend.describe(), kind, key.as_str());
         let shared = Arc::new(Shared {
             key,
             owner,
@@ -263,6 +271,7 @@ impl Lease {
             cap: hold.at_most.and_then(|limit| sent_at.checked_add(limit)),
             lost,
             turn: Mutex::new(turn),
+            metrics,
         });
         let (commands, inbox) = mpsc::channel(4);
         let task = tokio::spawn(guard_lease(Arc::clone(&shared), lease, renew_every, inbox));
@@ -483,6 +492,8 @@ async fn guard_lease(
     mut inbox: mpsc::Receiver<Command>,
 ) {
     let expires = shared.backend.capabilities().expires;
+    // Counts this lease in the holder gauge until the task ends, however it ends.
+    let mut holding: Holding = shared.metrics.holding();
     let mut ended = lease.ended();
     let mut next_renewal = renew_every.map(|every| Instant::now() + every);
     let mut last_error: Option<String> = None;
@@ -533,14 +544,14 @@ async fn guard_lease(
             }),
             () = hold_over => {
                 if let Some((_, reply)) = held_until.take() {
-                    finish_release(&shared, lease, reply).await;
+                    finish_release(&shared, lease, reply, holding).await;
                 }
                 return;
             }
             command = inbox.recv() => match command {
                 None => break None,
                 Some(Command::Release(reply)) => {
-                    finish_release(&shared, lease, reply).await;
+                    finish_release(&shared, lease, reply, holding).await;
                     return;
                 }
                 Some(Command::ReleaseAfter(at_least, reply)) => {
@@ -548,7 +559,7 @@ async fn guard_lease(
                     let until = cap_deadline.map_or(until, |cap| until.min(cap));
                     let left = until.saturating_duration_since(Instant::now());
                     if left < crate::core::locks::MIN_TTL {
-                        finish_release(&shared, lease, reply).await;
+                        finish_release(&shared, lease, reply, holding).await;
                         return;
                     }
                     if !expires {
@@ -559,18 +570,27 @@ async fn guard_lease(
                     match hand_over_bounded(&shared, lease, &mut ended, left).await {
                         Renewal::Done(Ok(true)) => {
                             tracing::debug!(key = %shared.key, fence = shared.fence, left = ?left, "lease left to expire in the store");
+                            holding.ended("released");
+                            drop(holding);
                             shared.give_up_turn();
                             let _ = reply.send(Ok(true));
                         }
                         Renewal::Done(Ok(false)) => {
+                            shared.metrics.lost(&LossReason::RenewalRefused);
+                            holding.ended("lost");
+                            drop(holding);
                             shared.mark_lost(LossReason::RenewalRefused);
                             let _ = reply.send(Ok(false));
                         }
                         Renewal::Done(Err(err)) => {
+                            drop(holding);
                             shared.give_up_turn();
                             let _ = reply.send(Err(err));
                         }
                         Renewal::Ended(reason) => {
+                            shared.metrics.lost(&reason);
+                            holding.ended("lost");
+                            drop(holding);
                             shared.mark_lost(reason);
                             let _ = reply.send(Ok(false));
                         }
@@ -588,15 +608,18 @@ async fn guard_lease(
                     match outcome {
                         Renewal::Done(Ok(true)) => {
                             shared.set_valid_until(sent + ttl);
+                            shared.metrics.renewed();
                             last_error = None;
                             let _ = reply.send(Ok(true));
                             continue;
                         }
                         Renewal::Done(Ok(false)) => {
+                            shared.metrics.renewal_failed(true);
                             let _ = reply.send(Ok(false));
                             break Some(LossReason::RenewalRefused);
                         }
                         Renewal::Done(Err(err)) => {
+                            shared.metrics.renewal_failed(false);
                             last_error = Some(err.to_string());
                             let _ = reply.send(Err(err));
                             continue;
@@ -620,11 +643,16 @@ async fn guard_lease(
         match renew_bounded(&shared, &mut lease, &mut ended, ttl, false).await {
             Renewal::Done(Ok(true)) => {
                 shared.set_valid_until(sent + ttl);
+                shared.metrics.renewed();
                 last_error = None;
                 next_renewal = Some(sent + every);
             }
-            Renewal::Done(Ok(false)) => break Some(LossReason::RenewalRefused),
+            Renewal::Done(Ok(false)) => {
+                shared.metrics.renewal_failed(true);
+                break Some(LossReason::RenewalRefused);
+            }
             Renewal::Done(Err(err)) => {
+                shared.metrics.renewal_failed(false);
                 tracing::warn!(key = %shared.key, %err, "lease renewal failed; retrying");
                 last_error = Some(err.to_string());
                 // Retry sooner than the normal cadence, but leave time for a few tries
@@ -639,6 +667,9 @@ async fn guard_lease(
     };
     match outcome {
         Some(reason) => {
+            shared.metrics.lost(&reason);
+            holding.ended("lost");
+            drop(holding);
             shared.mark_lost(reason);
             // Whatever the store still keeps of the lease (a record, a session) goes now;
             // answering commands that arrive meanwhile with "not held".
@@ -653,6 +684,7 @@ async fn guard_lease(
             if let Err(err) = release_bounded(&shared, lease).await {
                 tracing::warn!(key = %shared.key, %err, "background release of a dropped lease failed; it ends at its TTL");
             }
+            drop(holding);
             shared.give_up_turn();
         }
     }
@@ -683,7 +715,14 @@ async fn renew_bounded(
         (false, true) => (now + renewal_limit(shared.ttl)).min(shared.loss_deadline()),
         (false, false) => now + renewal_limit(shared.ttl),
     };
-    let renewal = tokio::time::timeout_at(until.into(), lease.renew(ttl));
+    let span = tracing::info_span!(
+        "dlock.renew",
+        key = %shared.key,
+        backend = shared.backend.describe(),
+        fence = shared.fence,
+        by_hand,
+    );
+    let renewal = tokio::time::timeout_at(until.into(), lease.renew(ttl)).instrument(span);
     tokio::select! {
         biased;
         reason = ended => Renewal::Ended(reason),
@@ -700,8 +739,12 @@ async fn finish_release(
     shared: &Shared,
     lease: Box<dyn HeldLease>,
     reply: oneshot::Sender<Result<bool>>,
+    mut holding: Holding,
 ) {
     let released = release_bounded(shared, lease).await;
+    holding.ended("released");
+    drop(holding);
+    // The next local task may go as soon as the caller hears back.
     shared.give_up_turn();
     let _ = reply.send(released);
 }
@@ -739,7 +782,16 @@ async fn release_bounded(shared: &Shared, lease: Box<dyn HeldLease>) -> Result<b
     let limit = left
         .max(renewal_limit(shared.ttl))
         .max(Duration::from_secs(1));
-    match tokio::time::timeout(limit, lease.release()).await {
+    let span = tracing::info_span!(
+        "dlock.release",
+        key = %shared.key,
+        backend = shared.backend.describe(),
+        fence = shared.fence,
+    );
+    match tokio::time::timeout(limit, lease.release())
+        .instrument(span)
+        .await
+    {
         Ok(outcome) => outcome,
         Err(_) => Err(Error::unavailable(
             shared.backend.describe(),

@@ -4,6 +4,7 @@ use crate::core::backend::{AcquireRequest, Attempt, Backend, Holder, LockInfo, L
 use crate::core::backoff::Backoff;
 use crate::core::lease::{spawn_detached, Grant, HoldLimits, Lease, LeaseHandle};
 use crate::core::local_queue::{LocalQueues, LocalTurn};
+use crate::core::metrics::{self, Labels};
 use crate::core::owner::Owner;
 use crate::core::wait;
 use crate::error::{Error, Result};
@@ -11,6 +12,7 @@ use crate::key::Key;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// The TTL of a lease unless set otherwise (SPEC §4).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
@@ -542,11 +544,41 @@ impl LockBuilder {
         }
     }
 
+    /// Takes the lock as configured, in a `dlock.acquire` span, recording the acquire's
+    /// metrics (duration, attempts, outcome; a waiter while it waits).
     async fn acquire_inner(&self) -> Result<Option<Lease>> {
         if let Some(capped) = self.capped_by_hold() {
             return Box::pin(capped.acquire_inner()).await;
         }
         let key = self.validate()?;
+        let labels = Labels::new(self.locks.describe(), self.kind, key.as_str());
+        let span = tracing::info_span!(
+            "dlock.acquire",
+            key = %key,
+            backend = self.locks.describe(),
+            kind = metrics::kind_label(self.kind),
+            fence = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let waiting = (self.wait != Wait::No).then(|| labels.waiting());
+        let started = Instant::now();
+        let (outcome, attempts) =
+            metrics::count_attempts(self.acquire_validated(key).instrument(span.clone())).await;
+        drop(waiting);
+        let label = match &outcome {
+            Ok(Some(lease)) => {
+                span.record("fence", lease.fence());
+                "acquired"
+            }
+            Ok(None) => "not_acquired",
+            Err(_) => "error",
+        };
+        span.record("outcome", label);
+        labels.acquired(label, started.elapsed(), attempts);
+        outcome
+    }
+
+    async fn acquire_validated(&self, key: Key) -> Result<Option<Lease>> {
         let backend = Arc::clone(&self.locks.backend);
         let owner = Owner::random();
         let mut holder = Holder::current();
@@ -653,6 +685,7 @@ impl LockBuilder {
                     sent_at: granted.sent_at,
                     lease: granted.lease,
                     hold: self.hold,
+                    kind: self.kind,
                 };
                 Ok(Some(Lease::start(
                     Arc::clone(backend),

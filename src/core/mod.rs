@@ -8,6 +8,7 @@ pub(crate) mod host;
 pub mod lease;
 pub(crate) mod local_queue;
 pub mod locks;
+pub mod metrics;
 pub mod multi;
 pub mod owner;
 pub(crate) mod serde_time;

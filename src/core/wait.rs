@@ -34,6 +34,7 @@ pub(crate) async fn bounded_attempt<B: Backend + ?Sized>(
     request: &AcquireRequest<'_>,
 ) -> Result<Attempt> {
     let until = call_deadline(request, Instant::now());
+    crate::core::metrics::attempt_made();
     match tokio::time::timeout_at(until.into(), backend.try_acquire(request)).await {
         Ok(outcome) => outcome,
         Err(_) => {

@@ -486,11 +486,11 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions"),
+            sql.contains("CREATE UNLOGGED TABLE IF NOT EXISTS dlock_sessions"),
             "{sql}"
         );
         assert!(
-            sql.contains("CREATE TABLE IF NOT EXISTS dlock_sessions_holders"),
+            sql.contains("CREATE UNLOGGED TABLE IF NOT EXISTS dlock_sessions_holders"),
             "{sql}"
         );
         let sql = schema_sql("postgres://u@h/db?mode=lease").unwrap();
