@@ -4,7 +4,7 @@
 
 use super::{run_checked, run_setup, sql_url, ServerProcess};
 use crate::process::{logged, require_binary, temp_dir};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -49,16 +49,7 @@ impl Mysql {
         let install = require_binary("mariadb-install-db", "mariadb-server", BIN_DIRS);
         let server = require_binary("mariadbd", "mariadb-server", BIN_DIRS);
         let dir = temp_dir("dlock-mariadb-");
-        let data = dir.path().join("data");
-        let mut init = logged(&install, dir.path(), "install.log");
-        init.arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
-            .args(install_and_server_options(dir.path()));
-        if is_root() {
-            init.arg("--user=root");
-        }
-        run_setup(&mut init, dir.path(), "install.log", "mariadb-install-db");
+        copy_fresh_install(&install, &server, &dir.path().join("data"));
         let process = ServerProcess::new("mariadbd", "mariadbd.log", dir, libc::SIGTERM);
         let server = Mysql {
             process,
@@ -144,4 +135,58 @@ impl Mysql {
         self.stop();
         self.launch();
     }
+}
+
+/// Copies a fresh install's data directory to `data`. `mariadb-install-db` runs once per
+/// MariaDB build into a template in the test cache, which every server copies: an
+/// install takes a second of CPU (several on a loaded machine), and under nextest every
+/// test process starts its own server, beside tests that measure time.
+fn copy_fresh_install(install: &Path, server: &Path, data: &Path) {
+    let template = template_data_dir(install, server);
+    run_checked(
+        Command::new("cp").arg("-a").arg(&template).arg(data),
+        "copying the MariaDB template data directory",
+    );
+}
+
+/// `<cache>/mariadb-datadir-v1-<size>-<mtime of mariadbd>` (v1: the install options),
+/// installed unless it is there.
+/// Concurrent test processes may install at once; the first complete install to be
+/// renamed into place wins, and a partial one never is.
+fn template_data_dir(install: &Path, server: &Path) -> PathBuf {
+    let built = std::fs::metadata(server)
+        .map(|m| {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            format!("{}-{mtime}", m.len())
+        })
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", server.display()));
+    let cache = super::pypi::cache_dir();
+    let template = cache.join(format!("mariadb-datadir-v1-{built}"));
+    if template.is_dir() {
+        return template;
+    }
+    std::fs::create_dir_all(&cache)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", cache.display()));
+    let work = tempfile::Builder::new()
+        .prefix("mariadb-install-")
+        .tempdir_in(&cache)
+        .expect("cannot create a directory in the test cache");
+    let data = work.path().join("data");
+    let mut init = logged(install, work.path(), "install.log");
+    init.arg("--no-defaults")
+        .arg(format!("--datadir={}", data.display()))
+        .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+        .args(install_and_server_options(work.path()));
+    if is_root() {
+        init.arg("--user=root");
+    }
+    run_setup(&mut init, work.path(), "install.log", "mariadb-install-db");
+    if std::fs::rename(&data, &template).is_err() && !template.is_dir() {
+        panic!("cannot move the MariaDB install to {}", template.display());
+    }
+    template
 }
