@@ -281,3 +281,97 @@ pub fn temp_dir_until_exit(prefix: &str) -> &'static Path {
     let dir = temp_dir(prefix).keep();
     Box::leak(dir.into_boxed_path())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_owner_pid() {
+        assert_eq!(owner_pid("dlock-pg-1234-AbC9eF"), Some(1234));
+        assert_eq!(owner_pid("dlock-faults-file-77-xYz012"), Some(77));
+        assert_eq!(owner_pid("dlock-pg-AbC9eF"), None);
+        assert_eq!(owner_pid("other-1234-AbC9eF"), None);
+        assert_eq!(owner_pid("dlock-pg-12a4-AbC9eF"), None);
+    }
+
+    #[test]
+    fn stale_dirs_of_gone_processes_are_removed_and_no_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = tmp.path().join(format!("dlock-pg-{}-AbC9eF", pid_max + 1));
+        let live = tmp
+            .path()
+            .join(format!("dlock-pg-{}-AbC9eF", std::process::id()));
+        let unnamed = tmp.path().join("dlock-pg-AbC9eF");
+        let file = tmp.path().join(format!("dlock-log-{}-AbC9eF", pid_max + 1));
+        for dir in [&gone, &live, &unnamed] {
+            std::fs::create_dir_all(dir.join("data")).unwrap();
+        }
+        std::fs::write(&file, "not a directory").unwrap();
+        assert_eq!(remove_stale_dirs(tmp.path()), 1);
+        assert!(!gone.exists());
+        assert!(live.exists() && unnamed.exists() && file.exists());
+    }
+
+    #[test]
+    fn temp_dirs_are_named_after_this_process() {
+        let dir = temp_dir("dlock-kit-");
+        let name = dir.path().file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(owner_pid(&name), Some(std::process::id()), "{name}");
+        let registered = AT_EXIT.lock().unwrap().contains(&dir.path().to_owned());
+        assert!(registered, "{name} is not removed at exit");
+    }
+
+    /// Run by `a_test_process_leaves_no_dir_nor_child_at_exit` in a process of its own:
+    /// a directory kept until exit, one never dropped, and a child never waited for.
+    #[test]
+    fn helper_leaves_things_for_the_exit_hook() {
+        let Some(report) = std::env::var_os("DLOCK_TESTKIT_EXIT_REPORT") else {
+            return;
+        };
+        let kept = temp_dir_until_exit("dlock-kit-");
+        let forgotten = temp_dir("dlock-kit-");
+        let mut sleep = Command::new("sleep");
+        sleep.arg("60").stdout(Stdio::null()).stderr(Stdio::null());
+        let child = sleep.spawn().unwrap();
+        std::fs::write(
+            report,
+            format!(
+                "{}\n{}\n{}\n",
+                kept.display(),
+                forgotten.path().display(),
+                child.id()
+            ),
+        )
+        .unwrap();
+        std::mem::forget(forgotten);
+        std::mem::forget(child);
+    }
+
+    #[test]
+    fn a_test_process_leaves_no_dir_nor_child_at_exit() {
+        let report = tempfile::NamedTempFile::new().unwrap();
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "process::tests::helper_leaves_things_for_the_exit_hook",
+            ])
+            .env("DLOCK_TESTKIT_EXIT_REPORT", report.path())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let text = std::fs::read_to_string(report.path()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(!Path::new(lines[0]).exists(), "{} is left", lines[0]);
+        assert!(!Path::new(lines[1]).exists(), "{} is left", lines[1]);
+        let pid: u32 = lines[2].parse().unwrap();
+        assert!(!is_alive(pid), "the child {pid} outlived its test process");
+    }
+}
