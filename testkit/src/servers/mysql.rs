@@ -128,6 +128,21 @@ impl Mysql {
             ]);
         }
         self.process.spawn(command);
+        // The TCP port opens a moment before the socket the setup uses.
+        self.wait_for_socket();
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mariadbd did not open {}: {}",
+                self.socket().display(),
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Stops and starts the server again on the same port and data.
