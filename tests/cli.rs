@@ -10,10 +10,8 @@ struct Dir(tempfile::TempDir);
 
 impl Dir {
     fn new() -> Self {
-        Dir(tempfile::Builder::new()
-            .prefix("dlock-cli-")
-            .tempdir()
-            .unwrap())
+        // Named after this process, and removed at its exit if a test leaks it.
+        Dir(dlock_testkit::process::temp_dir("dlock-cli-"))
     }
 
     fn path(&self) -> &Path {
