@@ -10,10 +10,8 @@ struct Dir(tempfile::TempDir);
 
 impl Dir {
     fn new() -> Self {
-        Dir(tempfile::Builder::new()
-            .prefix("dlock-cli-")
-            .tempdir()
-            .unwrap())
+        // Named after this process, and removed at its exit if a test leaks it.
+        Dir(dlock_testkit::process::temp_dir("dlock-cli-"))
     }
 
     fn path(&self) -> &Path {
@@ -263,25 +261,93 @@ fn lost_lease_terminates_command_with_status_76() {
     assert!(stderr(&out).contains("lost"), "{}", stderr(&out));
 }
 
+/// The process `pid` while it runs `comm` (so that a reused pid is never touched).
+fn running_as(pid: &str, comm: &str) -> Option<libc::pid_t> {
+    let pid: libc::pid_t = pid.trim().parse().ok()?;
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    (name.trim() == comm && !zombie).then_some(pid)
+}
+
+/// A `dlock run` holder whose COMMAND writes its shell's and its background child's pids
+/// into `$PIDS`, a directory of their own. Dropped, passed or failed, it kills dlock, the
+/// shell and the child: nothing the test started outlives it (nor holds the test's
+/// output open).
+struct Holder {
+    pids: Dir,
+    child: Child,
+}
+
+impl Holder {
+    fn pid_of(&self, name: &str) -> Option<libc::pid_t> {
+        let pid = std::fs::read_to_string(self.pids.path().join(format!("{name}.pid"))).ok()?;
+        running_as(&pid, name)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        for name in ["sleep", "sh"] {
+            if let Some(pid) = self.pid_of(name) {
+                // SAFETY: kill(2) of a process this test started, checked just now.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn signals_are_forwarded_to_command() {
     let dir = Dir::new();
-    let mut holder = dir
-        .dlock(&[
-            "run",
-            "k",
-            "--",
-            "sh",
-            "-c",
-            "trap 'exit 42' TERM; sleep 10 & wait",
-        ])
-        .spawn()
-        .unwrap();
+    // The background child writes nowhere the test reads: were it left running, it would
+    // not hold the test's output open.
+    let script = r#"echo $$ > "$PIDS/sh.pid"
+trap 'kill $! 2>/dev/null; exit 42' TERM
+sleep 10 </dev/null >/dev/null 2>&1 &
+echo $! > "$PIDS/sleep.pid"
+wait"#;
+    let pids = Dir::new();
+    let log = pids.path().join("holder.log");
+    let mut holder = Holder {
+        child: dir
+            .dlock(&["run", "k", "--", "sh", "-c", script])
+            .env("PIDS", pids.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        pids,
+    };
     dir.wait_held("k");
-    std::thread::sleep(Duration::from_millis(200));
-    unsafe { libc::kill(holder.id() as i32, libc::SIGTERM) };
-    let status = holder.wait().unwrap();
-    assert_eq!(status.code(), Some(42), "COMMAND did not get SIGTERM");
+    let started = Instant::now();
+    while holder.pid_of("sleep").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "COMMAND never started its child"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(holder.child.id() as i32, libc::SIGTERM) };
+    let status = holder.child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "COMMAND did not get SIGTERM: {log}"
+    );
+    let started = Instant::now();
+    while holder.pid_of("sleep").is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "COMMAND's child outlived dlock run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = dir.output(&["run", "k", "--no-wait", "--", "true"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }

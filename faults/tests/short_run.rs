@@ -40,10 +40,15 @@ async fn short_run(name: &str) {
     );
     let backend = Backend::start(name).unwrap_or_else(|e| panic!("{e}"));
     // One directory per backend: the backends run side by side and each removes its own.
-    let log_dir =
-        std::env::temp_dir().join(format!("dlock-faults-ci-{}-{}", std::process::id(), name));
+    // It is under the build's target directory, not /tmp: the logs and histories of a
+    // failed run stay there for the post-mortem (until the next run of the backend).
+    let log_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("dlock-faults-ci")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&log_dir);
     let mut results = Vec::new();
     let mut skipped = Vec::new();
+    let mut harness_errors: Vec<String> = Vec::new();
     // The mutex workload under every nemesis; the read-write and semaphore workloads
     // under those that break holders (the others break the store or the network, which
     // the kinds share with the mutex).
@@ -87,31 +92,41 @@ async fn short_run(name: &str) {
             log_dir: log_dir.clone(),
             workload,
         };
-        let result = run(&backend, nemesis, &config)
-            .await
-            .expect("harness error");
-        results.push(result);
+        // A harness error fails the test after the other runs, with the table so far.
+        match run(&backend, nemesis, &config).await {
+            Ok(result) => results.push(result),
+            Err(err) => harness_errors.push(format!(
+                "{name} / {} ({}): harness error: {err}",
+                nemesis.name(),
+                workload.name()
+            )),
+        }
     }
-    eprintln!("{}", report::table(&results));
+    let table = report::table(&results);
+    eprintln!("{table}");
     for s in &skipped {
         eprintln!("{name}: skipped {s}");
     }
-    let failures: Vec<String> = results.iter().flat_map(|r| r.failures()).collect();
+    let mut failures: Vec<String> = results.iter().flat_map(|r| r.failures()).collect();
+    failures.extend(harness_errors);
     // The logs and histories are kept only when something failed, for the post-mortem.
     if failures.is_empty() {
         let _ = std::fs::remove_dir_all(&log_dir);
     }
+    // The table goes into the failure message too, so that it is in the test's summary
+    // (cargo test, nextest) beside the failures it explains.
     assert!(
         failures.is_empty(),
-        "fault-injection failures:\n{}",
-        failures.join("\n")
+        "fault-injection failures:\n{}\n\n{table}\nlogs and histories: {}",
+        failures.join("\n"),
+        log_dir.display()
     );
     // Every nemesis that should inject faults did.
     for r in &results {
         if r.nemesis != Nemesis::None {
             assert!(
                 r.counts.faults > 0,
-                "{} / {}: no fault was injected",
+                "{} / {}: no fault was injected\n\n{table}",
                 r.backend,
                 r.nemesis.name()
             );

@@ -131,45 +131,247 @@ pub fn is_alive(pid: u32) -> bool {
     }
 }
 
-/// A temporary directory for a server's data, removed on drop.
+/// A temporary directory for a server's data or a test's files, named after this
+/// process (`PREFIX<pid>-XXXXXX` in the temporary directory). It is removed on drop and,
+/// if it is still there, when the test process exits (a server kept in a `static` is
+/// never dropped): the exit hook kills this process's remaining children first, then
+/// removes every directory made here. A test process killed by a signal runs no exit
+/// hook; its directories are removed by the next test process that makes one (see
+/// [`remove_stale_dirs`]).
 pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        remove_stale_dirs(&std::env::temp_dir());
+    });
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}-", std::process::id()))
         .tempdir()
-        .expect("cannot create a temporary directory")
+        .expect("cannot create a temporary directory");
+    remove_at_exit(dir.path());
+    dir
 }
 
-/// A command with stdout and stderr sent to `log` in `dir`, for servers.
+/// Directories to remove when the test process exits.
+static AT_EXIT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes `dir` (if it is still there) when the test process exits, after killing the
+/// children this process still has.
+pub fn remove_at_exit(dir: &Path) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    // SAFETY: atexit(3) with a function that never unwinds into C.
+    HOOK.call_once(|| unsafe {
+        libc::atexit(clean_up_at_exit);
+    });
+    AT_EXIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(dir.to_owned());
+}
+
+extern "C" fn clean_up_at_exit() {
+    // A server still running could write into its directory while it is removed.
+    kill_children();
+    let dirs = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Kills (SIGKILL) and reaps every child process this process still has: nothing a test
+/// started outlives the test process.
+pub fn kill_children() {
+    let me = std::process::id();
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| parent_of(pid) == Some(me))
+                .collect()
+        })
+        .unwrap_or_default();
+    for pid in children {
+        // SAFETY: kill(2) and waitpid(2) on a child of this process, which cannot be
+        // reused by another process until it is reaped here.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGCONT);
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// The parent process id of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The pid in the name of a directory made by [`temp_dir`]: `dlock-…-<pid>-XXXXXX`.
+fn owner_pid(name: &str) -> Option<u32> {
+    if !name.starts_with("dlock-") {
+        return None;
+    }
+    let mut parts = name.rsplit('-');
+    let random = parts.next()?;
+    let pid = parts.next()?;
+    let well_formed = random.len() >= 6
+        && random.chars().all(|c| c.is_ascii_alphanumeric())
+        && !pid.is_empty()
+        && pid.chars().all(|c| c.is_ascii_digit());
+    if well_formed {
+        pid.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Removes the directories under `tmp` that [`temp_dir`] made for processes that are gone
+/// (killed by a signal, so that their exit hook never ran); returns how many it removed.
+/// Only names of the form `dlock-…-<pid>-XXXXXX` are touched, and only while no process
+/// `<pid>` exists; unless this process is root, only directories it owns.
+pub fn remove_stale_dirs(tmp: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(owner_pid) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() || (euid != 0 && meta.uid() != euid) {
+            continue;
+        }
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// A command with stdout and stderr sent to `log` in `dir`, for servers. `TMPDIR` is
+/// `dir` too: a server's temporary files stay with its data (and go with it), and no two
+/// servers share a temporary directory.
 pub fn logged(program: &Path, dir: &Path, log: &str) -> Command {
     let mut command = Command::new(program);
     let file = std::fs::File::create(dir.join(log)).expect("cannot create a server log");
     let err = file.try_clone().expect("cannot clone a log handle");
-    command.stdin(Stdio::null()).stdout(file).stderr(err);
+    command
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .env("TMPDIR", dir);
     command
 }
 
 /// A temporary directory that lives until the test process exits, then is removed (a
 /// `static` is never dropped, so a `TempDir` kept in one would stay behind).
 pub fn temp_dir_until_exit(prefix: &str) -> &'static Path {
-    static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    extern "C" fn remove_dirs() {
-        let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|e| e.into_inner()));
-        for dir in dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-    // SAFETY: atexit(3) with a function that never unwinds into C.
-    HOOK.call_once(|| unsafe {
-        libc::atexit(remove_dirs);
-    });
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .expect("cannot create a temporary directory")
-        .keep();
-    DIRS.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(dir.clone());
+    // `temp_dir` registered it for removal at exit already.
+    let dir = temp_dir(prefix).keep();
     Box::leak(dir.into_boxed_path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_owner_pid() {
+        assert_eq!(owner_pid("dlock-pg-1234-AbC9eF"), Some(1234));
+        assert_eq!(owner_pid("dlock-faults-file-77-xYz012"), Some(77));
+        assert_eq!(owner_pid("dlock-pg-AbC9eF"), None);
+        assert_eq!(owner_pid("other-1234-AbC9eF"), None);
+        assert_eq!(owner_pid("dlock-pg-12a4-AbC9eF"), None);
+    }
+
+    #[test]
+    fn stale_dirs_of_gone_processes_are_removed_and_no_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = tmp.path().join(format!("dlock-pg-{}-AbC9eF", pid_max + 1));
+        let live = tmp
+            .path()
+            .join(format!("dlock-pg-{}-AbC9eF", std::process::id()));
+        let unnamed = tmp.path().join("dlock-pg-AbC9eF");
+        let file = tmp.path().join(format!("dlock-log-{}-AbC9eF", pid_max + 1));
+        for dir in [&gone, &live, &unnamed] {
+            std::fs::create_dir_all(dir.join("data")).unwrap();
+        }
+        std::fs::write(&file, "not a directory").unwrap();
+        assert_eq!(remove_stale_dirs(tmp.path()), 1);
+        assert!(!gone.exists());
+        assert!(live.exists() && unnamed.exists() && file.exists());
+    }
+
+    #[test]
+    fn temp_dirs_are_named_after_this_process() {
+        let dir = temp_dir("dlock-kit-");
+        let name = dir.path().file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(owner_pid(&name), Some(std::process::id()), "{name}");
+        let registered = AT_EXIT.lock().unwrap().contains(&dir.path().to_owned());
+        assert!(registered, "{name} is not removed at exit");
+    }
+
+    /// Run by `a_test_process_leaves_no_dir_nor_child_at_exit` in a process of its own:
+    /// a directory kept until exit, one never dropped, and a child never waited for.
+    #[test]
+    fn helper_leaves_things_for_the_exit_hook() {
+        let Some(report) = std::env::var_os("DLOCK_TESTKIT_EXIT_REPORT") else {
+            return;
+        };
+        let kept = temp_dir_until_exit("dlock-kit-");
+        let forgotten = temp_dir("dlock-kit-");
+        let mut sleep = Command::new("sleep");
+        sleep.arg("60").stdout(Stdio::null()).stderr(Stdio::null());
+        let child = sleep.spawn().unwrap();
+        std::fs::write(
+            report,
+            format!(
+                "{}\n{}\n{}\n",
+                kept.display(),
+                forgotten.path().display(),
+                child.id()
+            ),
+        )
+        .unwrap();
+        std::mem::forget(forgotten);
+        std::mem::forget(child);
+    }
+
+    #[test]
+    fn a_test_process_leaves_no_dir_nor_child_at_exit() {
+        let report = tempfile::NamedTempFile::new().unwrap();
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "process::tests::helper_leaves_things_for_the_exit_hook",
+            ])
+            .env("DLOCK_TESTKIT_EXIT_REPORT", report.path())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let text = std::fs::read_to_string(report.path()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(!Path::new(lines[0]).exists(), "{} is left", lines[0]);
+        assert!(!Path::new(lines[1]).exists(), "{} is left", lines[1]);
+        let pid: u32 = lines[2].parse().unwrap();
+        assert!(!is_alive(pid), "the child {pid} outlived its test process");
+    }
 }
