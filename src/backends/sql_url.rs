@@ -113,3 +113,81 @@ pub(crate) fn fmt_backend(
 ) -> std::fmt::Result {
     f.debug_struct(kind).field("url", &describe).finish()
 }
+
+/// What a failed TLS handshake says, found in the chain of a client library's error:
+/// `Some` when the failure is rustls's (a certificate that did not verify, a handshake
+/// the server broke off), in words that name the check that failed.
+pub(crate) fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(err);
+    while let Some(current) = next {
+        let found = current.downcast_ref::<rustls::Error>().or_else(|| {
+            current
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = found {
+            return Some(describe_tls_error(tls));
+        }
+        next = current.source();
+    }
+    None
+}
+
+fn describe_tls_error(err: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match err {
+        rustls::Error::InvalidCertificate(cert) => {
+            let why = match cert {
+                C::UnknownIssuer => {
+                    "the server's certificate is not signed by a trusted CA (check the CA file given)"
+                        .to_owned()
+                }
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    format!("the server's certificate does not name the host connected to ({cert})")
+                }
+                other => format!("{other}"),
+            };
+            format!("TLS certificate verification failed: {why}")
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+/// The certificates of a PEM file (`what` names the option in messages).
+pub(crate) fn read_certs(
+    path: &str,
+    what: &str,
+) -> std::result::Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|err| format!("cannot read {what}={path}: {err}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what}={path} holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file (`what` names the option in messages).
+pub(crate) fn read_key(
+    path: &str,
+    what: &str,
+) -> std::result::Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::PrivateKeyDer::from_pem_file(path)
+        .map_err(|err| format!("cannot read a PEM private key from {what}={path}: {err}"))
+}
+
+/// Removes the options `names` from `url`'s query.
+pub(crate) fn remove_options(url: &mut Url, names: &[&str]) {
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| !names.contains(&k.as_ref()))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    url.set_query(None);
+    if !kept.is_empty() {
+        url.query_pairs_mut().extend_pairs(kept.iter());
+    }
+}

@@ -17,6 +17,7 @@ pub mod process;
 pub mod proxy;
 pub mod servers;
 mod target;
+pub mod tls;
 
 pub use target::Target;
 

@@ -230,7 +230,7 @@ impl MysqlLeaseBackend {
     /// Connects, and creates the lease table unless it exists. A connect to an existing
     /// table only reads.
     pub async fn connect(settings: Settings) -> Result<Self> {
-        let conns = Conns::new(settings.opts.clone(), settings.describe.clone());
+        let conns = Conns::new(settings.dial.clone(), settings.describe.clone());
         let mut conn = conns.take().await?;
         let holders = lease_kinds::holders_table(&settings.table);
         ensure_schema(

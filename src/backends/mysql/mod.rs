@@ -25,6 +25,7 @@
 mod lease_kinds;
 mod lease_table;
 mod session;
+pub mod tls;
 
 use super::sql_url;
 use crate::core::backend::Backend;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use lease_table::MysqlLeaseBackend;
+pub use tls::MysqlSslMode;
 
 /// Options passed on to the client (mysql_async's URL parameters).
 const CLIENT_OPTIONS: &[&str] = &[
@@ -57,10 +59,10 @@ const CLIENT_OPTIONS: &[&str] = &[
     "secure_auth",
     "socket",
     "compression",
-    "require_ssl",
-    "verify_ca",
-    "verify_identity",
-    "built_in_roots",
+    "ssl-mode",
+    "ssl-ca",
+    "ssl-cert",
+    "ssl-key",
 ];
 
 /// The longest user-level lock name the server takes.
@@ -73,8 +75,12 @@ pub use super::sql_url::Mode;
 pub struct Settings {
     /// Which mode.
     pub mode: Mode,
-    /// The client options.
+    /// The client options (with TLS unless `ssl-mode=DISABLED`).
     pub opts: Opts,
+    /// `ssl-mode` (see [`tls`]).
+    pub ssl_mode: MysqlSslMode,
+    /// How connections are opened: `opts`, and for `PREFERRED` the plain fallback.
+    pub(crate) dial: Dial,
     /// The mode's table, possibly `database.table`.
     pub table: String,
     /// The fence counter table, in the same database.
@@ -91,6 +97,7 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("mode", &self.mode)
+            .field("ssl_mode", &self.ssl_mode)
             .field("table", &self.table)
             .field("counter", &self.counter)
             .field("namespace", &self.namespace)
@@ -120,11 +127,47 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 const MARIADB_BOUNDS: &str = "SET SESSION max_statement_time = 15";
 const MYSQL_BOUNDS: &str = "SET SESSION max_execution_time = 15000";
 
+/// The options connections are opened with: under `ssl-mode=PREFERRED`, TLS first and,
+/// once the server has said it has no TLS, plain connections.
+#[derive(Clone)]
+pub(crate) struct Dial {
+    opts: Opts,
+    plain: Option<Arc<Plain>>,
+}
+
+struct Plain {
+    opts: Opts,
+    /// The server answered without TLS: later connections go plain at once.
+    chosen: std::sync::atomic::AtomicBool,
+}
+
+impl Dial {
+    /// A connection, TLS or plain as the mode says.
+    async fn connect(&self) -> mysql_async::Result<mysql_async::Conn> {
+        use std::sync::atomic::Ordering;
+        let Some(plain) = &self.plain else {
+            return mysql_async::Conn::new(self.opts.clone()).await;
+        };
+        if plain.chosen.load(Ordering::Relaxed) {
+            return mysql_async::Conn::new(plain.opts.clone()).await;
+        }
+        match mysql_async::Conn::new(self.opts.clone()).await {
+            Err(mysql_async::Error::Driver(
+                mysql_async::DriverError::NoClientSslFlagFromServer,
+            )) => {
+                plain.chosen.store(true, Ordering::Relaxed);
+                mysql_async::Conn::new(plain.opts.clone()).await
+            }
+            other => other,
+        }
+    }
+}
+
 /// Opens a connection with the statement bounds set, bounded in time; `true` for MariaDB.
-pub(crate) async fn open_conn(opts: &Opts) -> mysql_async::Result<(mysql_async::Conn, bool)> {
+pub(crate) async fn open_conn(dial: &Dial) -> mysql_async::Result<(mysql_async::Conn, bool)> {
     use mysql_async::prelude::Queryable;
     let opened = tokio::time::timeout(CONNECT_LIMIT, async {
-        let mut conn = mysql_async::Conn::new(opts.clone()).await?;
+        let mut conn = dial.connect().await?;
         let mariadb = match conn.query_drop(MARIADB_BOUNDS).await {
             Ok(()) => true,
             // MySQL has no max_statement_time (unknown system variable).
@@ -161,11 +204,14 @@ pub(crate) fn millis(duration: Duration) -> i64 {
 impl Settings {
     /// Parses and checks a `mysql://` URL.
     pub fn parse(url: &BackendUrl) -> Result<Self> {
+        let (ssl_mode, ssl_opts) =
+            tls::from_options(|name| url.option(name)).map_err(|reason| url.error(reason))?;
         let sql_url::SqlOptions {
             mode,
             table,
-            client_url,
+            mut client_url,
         } = sql_url::parse(url, CLIENT_OPTIONS, "GET_LOCK", "database")?;
+        sql_url::remove_options(&mut client_url, tls::OPTIONS);
         let counter = sql_url::beside(&table, "dlock_fence_counter");
         if client_url.path().trim_matches('/').is_empty() && !table.contains('.') {
             return Err(url.error("no database; write mysql://user:password@host:3306/database"));
@@ -197,9 +243,22 @@ impl Settings {
             );
         }
         builder = builder.client_found_rows(false);
+        let plain: Opts = builder.clone().into();
+        let opts: Opts = builder.ssl_opts(ssl_opts).into();
+        let plain = (ssl_mode == MysqlSslMode::Preferred).then(|| {
+            Arc::new(Plain {
+                opts: plain,
+                chosen: std::sync::atomic::AtomicBool::new(false),
+            })
+        });
         Ok(Settings {
             mode,
-            opts: builder.into(),
+            dial: Dial {
+                opts: opts.clone(),
+                plain,
+            },
+            opts,
+            ssl_mode,
             table,
             counter,
             namespace,
@@ -248,7 +307,7 @@ pub(crate) fn is_lock_wait_timeout(err: &mysql_async::Error) -> bool {
 /// mid-statement or that failed is closed instead (the server then rolls back anything
 /// it left open). Connections idle for a minute are pinged before reuse.
 pub(crate) struct Conns {
-    opts: Opts,
+    dial: Dial,
     describe: String,
     idle: std::sync::Mutex<Vec<(mysql_async::Conn, std::time::Instant)>>,
 }
@@ -266,9 +325,9 @@ const MAX_IDLE: usize = 32;
 const PING_IDLE_AFTER: Duration = Duration::from_secs(60);
 
 impl Conns {
-    pub(crate) fn new(opts: Opts, describe: String) -> std::sync::Arc<Conns> {
+    pub(crate) fn new(dial: Dial, describe: String) -> std::sync::Arc<Conns> {
         std::sync::Arc::new(Conns {
-            opts,
+            dial,
             describe,
             idle: std::sync::Mutex::new(Vec::new()),
         })
@@ -295,7 +354,7 @@ impl Conns {
                 return Ok(self.lend(conn));
             }
         }
-        let (conn, _) = open_conn(&self.opts).await?;
+        let (conn, _) = open_conn(&self.dial).await?;
         Ok(self.lend(conn))
     }
 
@@ -374,6 +433,19 @@ fn is_transient_code(code: u16) -> bool {
 /// transient errors are [`Error::Unavailable`] (waiters retry them); the rest of what the
 /// server answers (bad credentials, missing privileges) is [`Error::Backend`].
 pub(crate) fn my_error(describe: &str, err: mysql_async::Error) -> Error {
+    if let Some(failure) = sql_url::tls_failure(&err) {
+        return Error::backend(describe, format!("cannot connect: {failure}")).caused_by(err);
+    }
+    if matches!(
+        err,
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)
+    ) {
+        return Error::backend(
+            describe,
+            "cannot connect: the server does not offer TLS, which the URL's ssl-mode requires (enable TLS on the server, or use ssl-mode=PREFERRED or DISABLED)",
+        )
+        .caused_by(err);
+    }
     let mapped = match &err {
         mysql_async::Error::Server(server) if !is_transient_code(server.code) => {
             Error::backend(describe, server)

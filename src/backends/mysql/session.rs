@@ -131,7 +131,7 @@ pub(crate) struct MySession {
     describe: String,
     /// The fence counter (`database.table`), which namespaces the lock names.
     namespace: String,
-    opts: mysql_async::Opts,
+    dial: super::Dial,
     sql: Sql,
     admin: Arc<Conns>,
 }
@@ -141,7 +141,7 @@ pub(crate) type MysqlSessionBackend = SessionLocks<MySession>;
 
 /// Connects, and creates the counter and sessions tables unless they exist.
 pub(crate) async fn connect(settings: Settings) -> Result<MysqlSessionBackend> {
-    let admin = Conns::new(settings.opts.clone(), settings.describe.clone());
+    let admin = Conns::new(settings.dial.clone(), settings.describe.clone());
     let mut conn = admin.take().await?;
     let mut statements = counter_ddl(&settings.counter);
     statements.push(ddl(&settings.table));
@@ -156,7 +156,7 @@ pub(crate) async fn connect(settings: Settings) -> Result<MysqlSessionBackend> {
         namespace: settings.namespace,
         sql: Sql::new(&settings.table, &settings.counter),
         describe: settings.describe,
-        opts: settings.opts,
+        dial: settings.dial,
         admin,
     }))
 }
@@ -235,7 +235,7 @@ impl Dialect for MySession {
     type Interrupt = Waiting;
 
     async fn connect(&self) -> Result<MyConn> {
-        let (conn, mariadb) = super::open_conn(&self.opts)
+        let (conn, mariadb) = super::open_conn(&self.dial)
             .await
             .map_err(|e| self.err(e))?;
         Ok(MyConn {

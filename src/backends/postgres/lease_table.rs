@@ -170,7 +170,11 @@ impl std::fmt::Debug for Inner {
 impl PgLeaseBackend {
     /// Connects, and creates the sequence and table unless they exist.
     pub async fn connect(settings: Settings) -> Result<Self> {
-        let db = Shared::new(settings.config.clone(), settings.describe.clone());
+        let db = Shared::new(
+            settings.config.clone(),
+            settings.tls.clone(),
+            settings.describe.clone(),
+        );
         let conn = db.get().await?;
         // The holders table is the newest part: a schema without it predates the kinds.
         ensure_schema(
@@ -186,6 +190,7 @@ impl PgLeaseBackend {
             inner: Arc::new(Inner {
                 listener: Listener::new(
                     settings.config.clone(),
+                    settings.tls.clone(),
                     settings.describe.clone(),
                     channel.clone(),
                 ),

@@ -6,7 +6,7 @@
 //! ends, every waiter is woken (spuriously), and the next wait reconnects and wakes them
 //! once more after `LISTEN` is active again, so that nothing released meanwhile is missed.
 
-use super::{detail, pg_error, Conn};
+use super::{connect_error, detail, pg_error, Conn, PgTls};
 use crate::core::backend::KeyWatch;
 use crate::error::{Error, Result};
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Config};
 
 type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
 
@@ -22,6 +22,7 @@ type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
 #[derive(Debug)]
 pub(crate) struct Listener {
     config: Config,
+    tls: PgTls,
     describe: String,
     channel: String,
     live: tokio::sync::Mutex<Option<Arc<Conn>>>,
@@ -36,9 +37,10 @@ fn wake_all(watchers: &Watchers) {
 }
 
 impl Listener {
-    pub(crate) fn new(config: Config, describe: String, channel: String) -> Arc<Self> {
+    pub(crate) fn new(config: Config, tls: PgTls, describe: String, channel: String) -> Arc<Self> {
         Arc::new(Listener {
             config,
+            tls,
             describe,
             channel,
             live: tokio::sync::Mutex::new(None),
@@ -53,12 +55,17 @@ impl Listener {
             return Ok(());
         }
         let reconnect = live.is_some();
-        let (client, mut connection) = self.config.connect(NoTls).await.map_err(|err| {
-            Error::unavailable(
-                &self.describe,
-                format!("cannot connect the listener: {}", detail(&err)),
-            )
-        })?;
+        let (client, mut connection) =
+            self.config
+                .connect(self.tls.connector())
+                .await
+                .map_err(|err| match connect_error(&self.describe, &self.tls, err) {
+                    Error::Unavailable { detail, .. } => Error::unavailable(
+                        &self.describe,
+                        detail.replacen("cannot connect", "cannot connect the listener", 1),
+                    ),
+                    other => other,
+                })?;
         let (tx, closed) = watch::channel(None);
         let watchers = Arc::clone(&self.watchers);
         tokio::spawn(async move {

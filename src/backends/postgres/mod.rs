@@ -25,6 +25,7 @@ mod lease_table;
 mod listener;
 pub(crate) mod session;
 pub(crate) mod session_kinds;
+pub mod tls;
 
 use super::sql_url;
 use crate::core::backend::Backend;
@@ -35,9 +36,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{CancelToken, Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{CancelToken, Client, Config, Row, Statement};
 
 pub use lease_table::PgLeaseBackend;
+pub use tls::{PgSslMode, PgTls};
 
 /// Connection options passed on to the client (libpq names).
 const CLIENT_OPTIONS: &[&str] = &[
@@ -47,6 +49,9 @@ const CLIENT_OPTIONS: &[&str] = &[
     "options",
     "application_name",
     "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
     "host",
     "hostaddr",
     "port",
@@ -85,6 +90,8 @@ pub struct Settings {
     pub mode: Mode,
     /// The client configuration (host, port, user, password, database, …).
     pub config: Config,
+    /// TLS: `sslmode` and the certificates (see [`tls`]).
+    pub tls: PgTls,
     /// The table of the mode (`dlock_sessions` or `dlock_leases` unless `?table=`),
     /// possibly schema-qualified.
     pub table: String,
@@ -103,6 +110,11 @@ impl Settings {
             mut client_url,
         } = sql_url::parse(url, CLIENT_OPTIONS, "advisory locks", "schema")?;
         let sequence = sql_url::beside(&table, "dlock_fence_seq");
+        let tls =
+            PgTls::from_options(|name| url.option(name)).map_err(|reason| url.error(reason))?;
+        // tokio-postgres knows only disable/prefer/require and no certificate options:
+        // the connector does the rest.
+        sql_url::remove_options(&mut client_url, tls::OPTIONS);
         let _ = client_url.set_scheme("postgresql");
         let text = client_url.as_str().replacen("postgresql:", "postgres:", 1);
         let mut config = Config::from_str(&text).map_err(|err| url.error(format!("{err}")))?;
@@ -130,9 +142,11 @@ impl Settings {
             None => STATEMENT_BOUNDS.to_owned(),
         };
         config.options(&options);
+        config.ssl_mode(tls.ssl_mode());
         Ok(Settings {
             mode,
             config,
+            tls,
             table,
             sequence,
             describe: url.redacted().to_owned(),
@@ -167,18 +181,11 @@ impl std::fmt::Debug for Conn {
 
 impl Conn {
     /// Opens a connection and drives it in a task of its own.
-    pub(crate) async fn open(config: &Config, describe: &str) -> Result<Conn> {
-        let (client, connection) = config.connect(NoTls).await.map_err(|err| {
-            let failed = pg_error(describe, err);
-            match failed {
-                Error::Unavailable { detail, source, .. } => Error::Unavailable {
-                    backend: describe.to_owned(),
-                    detail: format!("cannot connect: {detail}"),
-                    source,
-                },
-                other => other,
-            }
-        })?;
+    pub(crate) async fn open(config: &Config, tls: &PgTls, describe: &str) -> Result<Conn> {
+        let (client, connection) = config
+            .connect(tls.connector())
+            .await
+            .map_err(|err| connect_error(describe, tls, err))?;
         let (tx, closed) = watch::channel(None);
         tokio::spawn(async move {
             let reason = match connection.await {
@@ -283,6 +290,38 @@ impl Conn {
     }
 }
 
+/// The error of a failed connection attempt: "cannot connect: …", and for TLS failures a
+/// [`Error::Backend`] that says which check failed (it does not heal by retrying).
+pub(crate) fn connect_error(describe: &str, tls: &PgTls, err: tokio_postgres::Error) -> Error {
+    if let Some(failure) = sql_url::tls_failure(&err) {
+        let mode = tls.mode().as_str();
+        return Error::backend(
+            describe,
+            format!("cannot connect: {failure} (sslmode={mode})"),
+        )
+        .caused_by(err);
+    }
+    if tls.ssl_mode() == tokio_postgres::config::SslMode::Require
+        && std::error::Error::source(&err)
+            .is_some_and(|cause| cause.to_string().contains("server does not support TLS"))
+    {
+        let mode = tls.mode().as_str();
+        return Error::backend(
+            describe,
+            format!("cannot connect: the server does not offer TLS, which sslmode={mode} requires (enable ssl on the server, or use sslmode=prefer or disable)"),
+        )
+        .caused_by(err);
+    }
+    match pg_error(describe, err) {
+        Error::Unavailable { detail, source, .. } => Error::Unavailable {
+            backend: describe.to_owned(),
+            detail: format!("cannot connect: {detail}"),
+            source,
+        },
+        other => other,
+    }
+}
+
 /// The text of a client error, with the server's message where there is one.
 pub(crate) fn detail(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {
@@ -340,14 +379,16 @@ pub(crate) async fn run_sweep(db: &Shared, sql: &str, what: &str) {
 #[derive(Debug)]
 pub(crate) struct Shared {
     config: Config,
+    tls: PgTls,
     describe: String,
     current: tokio::sync::Mutex<Option<Arc<Conn>>>,
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, describe: String) -> Self {
+    pub(crate) fn new(config: Config, tls: PgTls, describe: String) -> Self {
         Shared {
             config,
+            tls,
             describe,
             current: tokio::sync::Mutex::new(None),
         }
@@ -361,7 +402,7 @@ impl Shared {
                 return Ok(Arc::clone(conn));
             }
         }
-        let conn = Arc::new(Conn::open(&self.config, &self.describe).await?);
+        let conn = Arc::new(Conn::open(&self.config, &self.tls, &self.describe).await?);
         *current = Some(Arc::clone(&conn));
         Ok(conn)
     }

@@ -40,7 +40,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::types::Type;
-use tokio_postgres::{CancelToken, Config, NoTls, Row};
+use tokio_postgres::{CancelToken, Config, Row};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -156,6 +156,7 @@ pub(crate) struct PgSession {
     /// The schema-qualified fence sequence, which namespaces the advisory keys.
     namespace: String,
     config: Config,
+    tls: super::PgTls,
     sql: Arc<Sql>,
     admin: Arc<Shared>,
     sweeps: SweepClock,
@@ -168,6 +169,7 @@ pub(crate) type PgSessionBackend = SessionLocks<PgSession>;
 pub(crate) async fn connect(settings: Settings) -> Result<PgSessionBackend> {
     let admin = Arc::new(Shared::new(
         settings.config.clone(),
+        settings.tls.clone(),
         settings.describe.clone(),
     ));
     let conn = admin.get().await?;
@@ -187,6 +189,7 @@ pub(crate) async fn connect(settings: Settings) -> Result<PgSessionBackend> {
         sql: Arc::new(Sql::new(&settings.table, &settings.sequence)),
         describe: settings.describe,
         config: settings.config,
+        tls: settings.tls,
         admin,
         sweeps: SweepClock::new(SWEEP_EVERY, false),
     }))
@@ -358,7 +361,7 @@ impl Dialect for PgSession {
     }
 
     async fn connect(&self) -> Result<Conn> {
-        Conn::open(&self.config, &self.describe).await
+        Conn::open(&self.config, &self.tls, &self.describe).await
     }
 
     fn is_closed(&self, conn: &Conn) -> bool {
@@ -438,7 +441,7 @@ impl Dialect for PgSession {
     }
 
     async fn interrupt(&self, token: CancelToken) {
-        if let Err(err) = token.cancel_query(NoTls).await {
+        if let Err(err) = token.cancel_query(self.tls.connector()).await {
             tracing::debug!(err = %super::detail(&err), "cancelling an abandoned wait failed; its connection is closed anyway");
         }
     }

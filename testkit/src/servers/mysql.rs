@@ -1,9 +1,13 @@
 //! A private MariaDB (or MySQL) server: `mariadb-install-db` into a temporary directory,
 //! then `mariadbd` on a free loopback port, tied to the test process. A database `dlock`
 //! and a user `dlock` (password `dlock-secret`) are created for the tests.
+//!
+//! [`Mysql::start_tls`] starts one that also speaks TLS, with a certificate of a
+//! [`TestCa`] for the host name `localhost` only.
 
 use super::{run_checked, run_setup, sql_url, ServerProcess};
 use crate::process::{logged, require_binary, temp_dir};
+use crate::tls::TestCa;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -34,7 +38,13 @@ pub struct Mysql {
     process: ServerProcess,
     server: PathBuf,
     durable: bool,
+    tls: bool,
 }
+
+/// The users of a TLS server besides `dlock` (all privileges, password `dlock-secret`):
+/// `dlock_tls` may connect only over TLS (`REQUIRE SSL`), `dlock_cert` only with a client
+/// certificate of the CA whose subject is `/CN=dlock_cert`.
+pub const TLS_USERS: &[&str] = &["dlock_tls", "dlock_cert"];
 
 impl std::ops::Deref for Mysql {
     type Target = ServerProcess;
@@ -46,26 +56,58 @@ impl std::ops::Deref for Mysql {
 impl Mysql {
     /// Starts a new server. `durable` flushes the InnoDB log at every commit.
     pub fn start(durable: bool) -> Mysql {
+        Mysql::start_with(durable, None)
+    }
+
+    /// Starts a new server that speaks TLS: its certificate is issued by `ca` for
+    /// `localhost` (not for `127.0.0.1`, so that a URL with that address names the wrong
+    /// host), client certificates of `ca` are checked, and [`TLS_USERS`] exist.
+    pub fn start_tls(ca: &TestCa) -> Mysql {
+        Mysql::start_with(false, Some(ca))
+    }
+
+    fn start_with(durable: bool, ca: Option<&TestCa>) -> Mysql {
         let install = require_binary("mariadb-install-db", "mariadb-server", BIN_DIRS);
         let server = require_binary("mariadbd", "mariadb-server", BIN_DIRS);
         let dir = temp_dir("dlock-mariadb-");
         copy_fresh_install(&install, &server, &dir.path().join("data"));
+        if let Some(ca) = ca {
+            let issued = ca.issue("mariadb-server", "localhost", &["localhost"]);
+            for (from, to) in [
+                (issued.cert_file.as_path(), "server.pem"),
+                (issued.key_file.as_path(), "server.key"),
+                (ca.ca_file(), "ca.pem"),
+            ] {
+                std::fs::copy(from, dir.path().join(to)).expect("cannot copy a TLS file");
+            }
+        }
         let process = ServerProcess::new("mariadbd", "mariadbd.log", dir, libc::SIGTERM);
         let server = Mysql {
             process,
             server,
             durable,
+            tls: ca.is_some(),
         };
         server.launch();
         let client = require_binary("mariadb", "mariadb-client", BIN_DIRS);
-        let setup = "CREATE DATABASE IF NOT EXISTS dlock; \
+        let mut setup = "CREATE DATABASE IF NOT EXISTS dlock; \
             CREATE USER IF NOT EXISTS 'dlock'@'%' IDENTIFIED BY 'dlock-secret'; \
-            GRANT ALL ON *.* TO 'dlock'@'%' WITH GRANT OPTION; FLUSH PRIVILEGES;";
+            GRANT ALL ON *.* TO 'dlock'@'%' WITH GRANT OPTION;"
+            .to_owned();
+        if server.tls {
+            setup.push_str(
+                " CREATE USER 'dlock_tls'@'%' IDENTIFIED BY 'dlock-secret' REQUIRE SSL; \
+                GRANT ALL ON *.* TO 'dlock_tls'@'%'; \
+                CREATE USER 'dlock_cert'@'%' IDENTIFIED BY 'dlock-secret' REQUIRE SUBJECT '/CN=dlock_cert'; \
+                GRANT ALL ON *.* TO 'dlock_cert'@'%';",
+            );
+        }
+        setup.push_str(" FLUSH PRIVILEGES;");
         run_checked(
             Command::new(client)
                 .arg("--no-defaults")
                 .arg(format!("--socket={}", server.socket().display()))
-                .args(["-uroot", "-e", setup]),
+                .args(["-uroot", "-e", &setup]),
             "the mariadb client's setup",
         );
         server
@@ -88,6 +130,20 @@ impl Mysql {
     /// A backend URL for this server with the given query (e.g. `"mode=lease"`).
     pub fn url(&self, query: &str) -> String {
         sql_url("mysql", "dlock:dlock-secret", self.port(), "dlock", query)
+    }
+
+    /// A backend URL for this server with the given host (`localhost`, `127.0.0.1`),
+    /// user (password `dlock-secret`) and query.
+    pub fn url_as(&self, host: &str, user: &str, query: &str) -> String {
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        format!(
+            "mysql://{user}:dlock-secret@{host}:{}/dlock{query}",
+            self.port()
+        )
     }
 
     fn socket(&self) -> PathBuf {
@@ -119,6 +175,13 @@ impl Mysql {
         if is_root() {
             // mariadbd refuses to run as root unless told to.
             command.arg("--user=root");
+        }
+        if self.tls {
+            let dir = self.process.dir.path();
+            command
+                .arg(format!("--ssl-cert={}", dir.join("server.pem").display()))
+                .arg(format!("--ssl-key={}", dir.join("server.key").display()))
+                .arg(format!("--ssl-ca={}", dir.join("ca.pem").display()));
         }
         if !self.durable {
             command.args([

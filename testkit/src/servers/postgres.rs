@@ -2,9 +2,13 @@
 //! free loopback port (unix socket inside the directory too), tied to the test process.
 //! PostgreSQL refuses to run as root, so under root the cluster runs as the `postgres`
 //! system user of the Debian package.
+//!
+//! [`Postgres::start_tls`] starts one that also speaks TLS, with a certificate of a
+//! [`TestCa`] for the host name `localhost` only.
 
 use super::{run_setup, sql_url, ServerProcess};
 use crate::process::{logged, require_binary, temp_dir};
+use crate::tls::TestCa;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +22,13 @@ pub struct Postgres {
     process: ServerProcess,
     postgres: PathBuf,
     durable: bool,
+    tls: bool,
 }
+
+/// The roles of a TLS server besides `postgres` (superusers, no password): `dlock_tls`
+/// may connect only over TLS, `dlock_cert` only over TLS with a client certificate of
+/// the CA whose common name is `dlock_cert`.
+pub const TLS_ROLES: &[&str] = &["dlock_tls", "dlock_cert"];
 
 fn system_user(name: &str) -> Option<(u32, u32)> {
     let cname = std::ffi::CString::new(name).ok()?;
@@ -61,6 +71,17 @@ impl Postgres {
     /// Starts a new cluster. `durable` keeps fsync on (for restart tests); otherwise the
     /// server skips fsync for speed.
     pub fn start(durable: bool) -> Postgres {
+        Postgres::start_with(durable, None)
+    }
+
+    /// Starts a new cluster with `ssl=on`: its certificate is issued by `ca` for
+    /// `localhost` (not for `127.0.0.1`, so that a URL with that address names the wrong
+    /// host), client certificates of `ca` are checked, and [`TLS_ROLES`] exist.
+    pub fn start_tls(ca: &TestCa) -> Postgres {
+        Postgres::start_with(false, Some(ca))
+    }
+
+    fn start_with(durable: bool, ca: Option<&TestCa>) -> Postgres {
         let initdb = require_binary("initdb", "postgresql", BIN_DIRS);
         let postgres = require_binary("postgres", "postgresql", BIN_DIRS);
         let dir = temp_dir("dlock-pg-");
@@ -81,12 +102,46 @@ impl Postgres {
             .current_dir(dir.path());
         as_server_user(&mut init);
         run_setup(&mut init, dir.path(), "initdb.log", "initdb");
+        if let Some(ca) = ca {
+            let issued = ca.issue("postgres-server", "localhost", &["localhost"]);
+            for (from, to) in [
+                (issued.cert_file.as_path(), "server.crt"),
+                (issued.key_file.as_path(), "server.key"),
+                (ca.ca_file(), "root.crt"),
+            ] {
+                std::fs::copy(from, dir.path().join(to)).expect("cannot copy a TLS file");
+            }
+            // First match wins: the TLS roles' rules go before initdb's `trust` lines.
+            let hba = data.join("pg_hba.conf");
+            let initial = std::fs::read_to_string(&hba).expect("cannot read pg_hba.conf");
+            let rules = "hostnossl all dlock_tls all reject\n\
+                hostssl all dlock_cert all cert\n\
+                hostnossl all dlock_cert all reject\n";
+            std::fs::write(&hba, format!("{rules}{initial}")).expect("cannot write pg_hba.conf");
+            chown_tree(dir.path());
+        }
         let server = Postgres {
             process: ServerProcess::new("postgres", "postgres.log", dir, libc::SIGINT),
             postgres,
             durable,
+            tls: ca.is_some(),
         };
         server.launch();
+        if server.tls {
+            let psql = require_binary("psql", "postgresql-client", BIN_DIRS);
+            let roles: String = TLS_ROLES
+                .iter()
+                .map(|role| format!("CREATE ROLE {role} LOGIN SUPERUSER;"))
+                .collect();
+            super::run_checked(
+                Command::new(psql)
+                    .arg("-h")
+                    .arg(server.process.dir.path())
+                    .args(["-p", &server.port().to_string(), "-U", "postgres"])
+                    .args(["-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", &roles]),
+                "psql's setup of the TLS roles",
+            );
+        }
         server
     }
 
@@ -125,6 +180,20 @@ impl Postgres {
                 "log_min_messages=warning",
             ])
             .current_dir(self.process.dir.path());
+        if self.tls {
+            let dir = self.process.dir.path();
+            let file = |name: &str| dir.join(name).display().to_string();
+            command.args([
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", file("server.crt")),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", file("server.key")),
+                "-c".to_owned(),
+                format!("ssl_ca_file={}", file("root.crt")),
+            ]);
+        }
         if !self.durable {
             command.args([
                 "-c",
@@ -144,6 +213,17 @@ impl Postgres {
     /// A backend URL for this server with the given query (e.g. `"mode=lease"`).
     pub fn url(&self, query: &str) -> String {
         sql_url("postgres", "postgres", self.port(), "postgres", query)
+    }
+
+    /// A backend URL for this server with the given host (`localhost`, `127.0.0.1`),
+    /// role (user) and query.
+    pub fn url_as(&self, host: &str, user: &str, query: &str) -> String {
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        format!("postgres://{user}@{host}:{}/postgres{query}", self.port())
     }
 
     /// Stops and starts the server again on the same port and data.
