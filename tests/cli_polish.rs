@@ -50,9 +50,11 @@ impl Dir {
         Holder(child)
     }
 
+    /// Waits until `key` is held and its record written (the file is locked just
+    /// before the holder writes its pid, host and fence into it).
     fn wait_held(&self, key: &str) {
         let started = Instant::now();
-        while !self.output(&["status", key]).status.success() {
+        while !stdout(&self.output(&["status", key, "--json"])).contains("\"host\":\"") {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "{key} never became held"
