@@ -238,11 +238,8 @@ fn default_dir() -> Result<PathBuf> {
     if let Some(dir) = non_empty_env(DIR_ENV) {
         return absolute(PathBuf::from(dir));
     }
-    if let Some(state) = non_empty_env("XDG_STATE_HOME") {
-        return absolute(PathBuf::from(state).join("dlock"));
-    }
-    match non_empty_env("HOME") {
-        Some(home) => absolute(PathBuf::from(home).join(".local/state/dlock")),
+    match implicit_dir() {
+        Some(dir) => absolute(dir),
         None => Err(Error::BadUrl {
             url: String::new(),
             reason: format!(
@@ -250,6 +247,17 @@ fn default_dir() -> Result<PathBuf> {
             ),
         }),
     }
+}
+
+/// The default lock directory when `DLOCK_DIR` does not name one:
+/// `$XDG_STATE_HOME/dlock`, else `~/.local/state/dlock`. The file backend creates it
+/// with its missing parents; a directory the user names (a `file://` URL, `DLOCK_DIR`)
+/// gets only its last component created.
+pub(crate) fn implicit_dir() -> Option<PathBuf> {
+    if let Some(state) = non_empty_env("XDG_STATE_HOME") {
+        return Some(PathBuf::from(state).join("dlock"));
+    }
+    non_empty_env("HOME").map(|home| PathBuf::from(home).join(".local/state/dlock"))
 }
 
 fn absolute(path: PathBuf) -> Result<PathBuf> {

@@ -399,7 +399,8 @@ fn bad_input_exits_64_or_69_with_one_line() {
             69,
             "/proc/dlock-unwritable",
         ),
-        (vec!["run", "k"], 64, "COMMAND"),
+        // `run k` without COMMAND holds the lock (tests/cli_polish.rs); hold takes none.
+        (vec!["hold", "k", "--", "true"], 64, "COMMAND"),
         (vec!["release", "k"], 64, "--force"),
         (vec!["status", ""], 64, "empty"),
     ] {

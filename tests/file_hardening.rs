@@ -272,7 +272,8 @@ async fn hard_link_to_a_foreign_file_is_refused() {
 #[tokio::test]
 async fn a_created_lock_directory_is_private() {
     let parent = temp("dlock-hardening-");
-    let dir = parent.path().join("made").join("by-dlock");
+    // A named directory gets only its last component created (tests/cli_polish.rs).
+    let dir = parent.path().join("by-dlock");
     let locks = locks_in(&dir).await;
     drop(acquire(&locks, "k").await.unwrap());
     let mode = std::fs::metadata(&dir).unwrap().mode() & 0o7777;

@@ -41,8 +41,54 @@ pub fn report(message: impl std::fmt::Display) {
 
 /// Reports `err` and returns its exit status.
 pub fn fail(err: &Error) -> ExitCode {
-    report(err);
+    report(describe(err));
     ExitCode::from(status_of(err))
+}
+
+/// Reports `err` as the failure of `what` (`cannot take lock "k"`), so that the line
+/// names the key as well as the backend (SPEC §4), and returns its exit status. Errors
+/// whose message already names the key are reported as they are.
+pub fn fail_on(what: &str, err: &Error) -> ExitCode {
+    match err {
+        Error::NotAcquired { .. }
+        | Error::LeaseLost { .. }
+        | Error::PermitMismatch { .. }
+        | Error::BadKey { .. } => fail(err),
+        _ => {
+            report(format!("{what}: {}", describe(err)));
+            ExitCode::from(status_of(err))
+        }
+    }
+}
+
+/// `err`'s message followed by every cause in its source chain that it does not
+/// already say, with repeated parts said once: a client library's "error connecting
+/// to server" gains its "Connection refused", and "Input/output error: Input/output
+/// error: …" is said once.
+pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !said.is_empty() && !text.contains(said.as_str()) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in text.split(": ") {
+        // A part that repeats the one before (ignoring case and a trailing period).
+        let same = |a: &str, b: &str| {
+            a.trim_end_matches('.')
+                .eq_ignore_ascii_case(b.trim_end_matches('.'))
+        };
+        if parts.last().is_some_and(|last| same(last, part)) {
+            continue;
+        }
+        parts.push(part);
+    }
+    parts.join(": ")
 }
 
 /// `text` with every character a terminal would act on rather than show replaced by a
@@ -77,7 +123,45 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{describe, printable};
+
+    #[derive(Debug)]
+    struct Chain(&'static str, Option<Box<Chain>>);
+
+    impl std::fmt::Display for Chain {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Chain {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|c| c as _)
+        }
+    }
+
+    #[test]
+    fn describe_adds_unsaid_causes_and_drops_repeats() {
+        let refused = Chain(
+            "cannot connect: error connecting to server",
+            Some(Box::new(Chain("Connection refused (os error 111)", None))),
+        );
+        assert_eq!(
+            describe(&refused),
+            "cannot connect: error connecting to server: Connection refused (os error 111)"
+        );
+        let repeated = Chain(
+            "backend mysql://h is unavailable: Input/output error: Input/output error: Connection refused",
+            Some(Box::new(Chain(
+                "Input/output error: Connection refused",
+                Some(Box::new(Chain("Connection refused", None))),
+            ))),
+        );
+        assert_eq!(
+            describe(&repeated),
+            "backend mysql://h is unavailable: Input/output error: Connection refused"
+        );
+    }
 
     #[test]
     fn escapes_what_a_terminal_acts_on() {

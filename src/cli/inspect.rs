@@ -10,9 +10,10 @@ pub async fn status(key: &str, backend: Option<String>, json: bool) -> ExitCode 
     if let Err(err) = fencelock::Key::new(key) {
         return exit::fail(&err);
     }
+    let what = format!("cannot read lock {key:?}");
     let locks = match connect(backend).await {
         Ok(locks) => locks,
-        Err(err) => return exit::fail(&err),
+        Err(err) => return exit::fail_on(&what, &err),
     };
     match locks.status(key).await {
         Ok(Some(info)) => {
@@ -31,7 +32,7 @@ pub async fn status(key: &str, backend: Option<String>, json: bool) -> ExitCode 
             }
             ExitCode::from(1)
         }
-        Err(err) => exit::fail(&err),
+        Err(err) => exit::fail_on(&what, &err),
     }
 }
 
@@ -67,9 +68,10 @@ pub async fn release(key: &str, force: bool, backend: Option<String>) -> ExitCod
     if let Err(err) = fencelock::Key::new(key) {
         return exit::fail(&err);
     }
+    let what = format!("cannot release lock {key:?}");
     let locks = match connect(backend).await {
         Ok(locks) => locks,
-        Err(err) => return exit::fail(&err),
+        Err(err) => return exit::fail_on(&what, &err),
     };
     match locks.force_release(key).await {
         Ok(true) => {
@@ -80,7 +82,7 @@ pub async fn release(key: &str, force: bool, backend: Option<String>) -> ExitCod
             println!("{}: was not held", printable(key));
             ExitCode::from(1)
         }
-        Err(err) => exit::fail(&err),
+        Err(err) => exit::fail_on(&what, &err),
     }
 }
 
@@ -92,7 +94,7 @@ fn print_json(info: &LockInfo, held: bool) {
     println!("{value}");
 }
 
-fn ago(t: Option<SystemTime>) -> String {
+pub(super) fn ago(t: Option<SystemTime>) -> String {
     match t {
         Some(t) => match SystemTime::now().duration_since(t) {
             Ok(d) => format!("{} ago", short(d)),
@@ -102,7 +104,7 @@ fn ago(t: Option<SystemTime>) -> String {
     }
 }
 
-fn short(d: std::time::Duration) -> String {
+pub(super) fn short(d: std::time::Duration) -> String {
     let secs = d.as_secs();
     if secs < 1 {
         format!("{}ms", d.as_millis())
@@ -147,7 +149,7 @@ fn rows_of(all: &[LockInfo]) -> Vec<LockInfo> {
 
 fn print_table(all: &[LockInfo]) {
     let all = rows_of(all);
-    let rows: Vec<[String; 7]> = all
+    let rows: Vec<[String; 8]> = all
         .iter()
         .map(|i| {
             let cells = [
@@ -163,18 +165,17 @@ fn print_table(all: &[LockInfo]) {
                     (None, None) => "-".into(),
                 },
                 ago(i.acquired_at),
-                match (i.expires_at, i.renewed_at) {
-                    (Some(e), _) => ago(Some(e)),
-                    (None, Some(r)) => format!("renewed {}", ago(Some(r))),
-                    (None, None) => "-".into(),
-                },
+                ago(i.renewed_at),
+                // When the store ends the lease unless renewed; "-" where it does not
+                // (a session or file lock lasts as long as its holder).
+                ago(i.expires_at),
                 i.note.clone().unwrap_or_default(),
             ];
             cells.map(|cell| printable(&cell).into_owned())
         })
         .collect();
     let header = [
-        "KEY", "FENCE", "OWNER", "HOLDER", "ACQUIRED", "EXPIRES", "NOTE",
+        "KEY", "FENCE", "OWNER", "HOLDER", "ACQUIRED", "RENEWED", "EXPIRES", "NOTE",
     ];
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -204,9 +205,10 @@ pub async fn leader(name: &str, backend: Option<String>, json: bool, watch: bool
     if let Err(err) = fencelock::Key::new(name) {
         return exit::fail(&err);
     }
+    let what = format!("cannot read election {name:?}");
     let locks = match connect(backend).await {
         Ok(locks) => locks,
-        Err(err) => return exit::fail(&err),
+        Err(err) => return exit::fail_on(&what, &err),
     };
     let show = |leader: &Option<fencelock::Leader>| {
         if json {
@@ -243,14 +245,14 @@ pub async fn leader(name: &str, backend: Option<String>, json: bool, watch: bool
                 show(&leader);
                 ExitCode::from(if leader.is_some() { 0 } else { 1 })
             }
-            Err(err) => exit::fail(&err),
+            Err(err) => exit::fail_on(&what, &err),
         };
     }
     let mut changes = locks.watch_leader(name);
     loop {
         match changes.changed().await {
             Ok(leader) => show(&leader),
-            Err(err) => return exit::fail(&err),
+            Err(err) => return exit::fail_on(&what, &err),
         }
     }
 }

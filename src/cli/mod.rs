@@ -14,6 +14,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const EXIT_HELP: &str = "\
+Diagnostics: -v/--verbose on run, hold and elect says on stderr what dlock waits for and
+who holds it, and when it acquires and releases (on a terminal the waiting line appears
+by itself after 1s); DLOCK_LOG=debug (a tracing filter, e.g. fencelock=debug) logs the
+library's internals on stderr.
+
 Exit statuses: COMMAND's own; 75 lock not acquired; 69 backend unavailable;
 64 bad usage; 76 lease lost while COMMAND ran; 126/127 COMMAND not runnable/found.";
 
@@ -59,13 +64,32 @@ struct BackendArg {
     backend: Option<String>,
 }
 
+/// The backend of `dlock schema`: a SQL URL, no file default.
+#[derive(Debug, Args)]
+struct SqlBackendArg {
+    /// PostgreSQL or MySQL backend URL (postgres://… or mysql://…, with its ?mode= and
+    /// ?table= options)
+    #[arg(
+        long,
+        short = 'b',
+        env = "DLOCK_BACKEND",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    backend: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run COMMAND while holding the lock KEY
+    /// Run COMMAND while holding the lock KEY (without COMMAND: hold it until a signal)
     #[command(after_help = "\
 Examples:
   dlock run nightly-report -- ./report.sh            wait for the lock, then run
-  dlock run deploy --no-wait -- ./deploy.sh          exit 75 at once if held elsewhere
+  dlock run nightly-report ./report.sh --full        the same; --full is the script's
+  dlock run deploy -n -- ./deploy.sh                 exit 75 at once if held elsewhere
+  dlock run deploy -w 30 -E 0 ./deploy.sh            wait 30s; not acquired: exit 0
+  dlock run backup -c 'pg_dump app > app.sql'        a shell command line (sh -c)
+  dlock run maintenance                              hold until Ctrl-C/SIGTERM (as hold)
   dlock run migrate --wait 30s --backend postgres://db/app -- ./migrate
   dlock run catalog --shared -- ./read-catalog.sh    readers share; a writer excludes all
   dlock run api-slots --permits 4 -- ./call-api.sh   one of 4 permits
@@ -78,8 +102,23 @@ a process group of its own (in the terminal's foreground when dlock is); SIGINT,
 SIGTERM and SIGHUP sent to dlock are passed to that group. If the lease is lost, the
 whole tree gets SIGTERM, then SIGKILL after --kill-after, and dlock exits 76; what
 COMMAND leaves running when it exits is stopped the same way. If dlock itself dies,
-even by SIGKILL, a watchdog process SIGKILLs COMMAND's group.")]
+even by SIGKILL, a watchdog process SIGKILLs COMMAND's group.
+
+Options come before COMMAND: everything from COMMAND on is COMMAND's (`--` before it is
+allowed, and needed when COMMAND starts with `-`). Without COMMAND (and without -c),
+dlock holds the lock as `dlock hold` does.")]
     Run(run::RunArgs),
+    /// Hold the lock KEY until SIGINT or SIGTERM, printing its key and fence
+    #[command(after_help = "\
+Examples:
+  dlock hold maintenance                  prints key=maintenance fence=N, holds until Ctrl-C
+  dlock hold maintenance -n --ttl 1m      exit 75 at once if held elsewhere
+
+Once the lock is taken, one line `key=KEY fence=FENCE owner=OWNER` is printed on stdout
+(with --all: keys=… fences=…). On SIGINT, SIGTERM or SIGHUP dlock releases the lock and
+exits 0; if the lease is lost it exits 76. This is etcdctl lock KEY without a command,
+and `dlock run KEY` without COMMAND.")]
+    Hold(run::RunArgs),
     /// Run COMMAND while this process leads the election NAME
     #[command(after_help = "\
 Examples:
@@ -133,17 +172,20 @@ dlock exits 76; when COMMAND exits, dlock resigns.")]
         #[command(flatten)]
         watch: inspect::WatchArgs,
     },
-    /// Break the lock on KEY whoever holds it (exit 0 if it was held, 1 if not)
-    #[command(after_help = "\
+    /// Break the lock on KEY whoever holds it (--force required; exit 0 if it was held, 1 if not)
+    #[command(
+        override_usage = "dlock release --force [OPTIONS] <KEY>",
+        after_help = "\
 Example:
   dlock release nightly-report --force
 
 The holder is told at its next renewal: its lease is reported lost (dlock run sends
-its COMMAND SIGTERM and exits 76).")]
+its COMMAND SIGTERM and exits 76)."
+    )]
     Release {
         /// The lock key
         key: String,
-        /// Required: confirms that the lock is to be broken
+        /// Required: confirms that the lock is to be broken, whoever holds it
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -156,10 +198,11 @@ Example:
 
 dlock creates its tables on first use when the database user may; where it may not,
 an administrator runs this SQL once and grants SELECT, INSERT, UPDATE, DELETE (and
-USAGE on the PostgreSQL sequence). Nothing is connected to.")]
+USAGE on the PostgreSQL sequence). Nothing is connected to. The file backend has no
+schema: --backend (or DLOCK_BACKEND) must be a postgres:// or mysql:// URL.")]
     Schema {
         #[command(flatten)]
-        backend: BackendArg,
+        backend: SqlBackendArg,
     },
 }
 
@@ -197,18 +240,7 @@ pub fn main() -> ExitCode {
                 let _ = err.print();
                 return ExitCode::from(exit::USAGE);
             }
-            // clap writes several lines; SPEC §4 wants one.
-            let text = err.to_string();
-            let what: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more"))
-                .filter(|line| !line.is_empty())
-                .collect();
-            exit::report(format!(
-                "{} (see dlock --help)",
-                what.join(" ").trim_start_matches("error: ")
-            ));
+            exit::report(usage_error(&err));
             return ExitCode::from(exit::USAGE);
         }
     };
@@ -233,7 +265,8 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run::run(args).await,
+            Command::Run(args) => run::run(args, false).await,
+            Command::Hold(args) => run::run(args, true).await,
             Command::Elect(args) => run::elect(args).await,
             Command::Leader {
                 name,
@@ -262,6 +295,71 @@ pub fn main() -> ExitCode {
             Command::Schema { backend } => schema::print(backend.backend),
         }
     })
+}
+
+/// clap's usage error as one readable line (SPEC §4): the message, its tips in words
+/// (`did you mean --no-wait?`), and the help of the subcommand it is about.
+fn usage_error(err: &clap::Error) -> String {
+    let command = Cli::command();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let subcommand = args.iter().find_map(|arg| {
+        command
+            .get_subcommands()
+            .find(|sub| sub.get_name() == arg || sub.get_all_aliases().any(|a| a == arg))
+            .map(|sub| sub.get_name().to_owned())
+    });
+    if subcommand.is_none() && args.first().is_some_and(|arg| arg == "bench") {
+        return "dlock has no bench subcommand: the benchmarks are the separate program \
+                dlock-bench (cargo run --release -p dlock-bench -- --help in the source tree), \
+                which works in a temporary directory it removes, or in the key namespace \
+                dlock-bench-<pid>- of --backend, and says where it writes"
+            .to_owned();
+    }
+    let text = err.to_string();
+    let mut message = Vec::new();
+    let mut tips = Vec::new();
+    for line in text
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more"))
+        .filter(|line| !line.is_empty())
+    {
+        match line.strip_prefix("tip: ") {
+            Some(tip) => tips.push(tip_in_words(tip)),
+            None => message.push(line.trim_start_matches("error: ")),
+        }
+    }
+    // "did you mean --no-wait?" makes "to pass '--no-wiat' as a value, use …" noise.
+    if tips.iter().any(|tip| tip.starts_with("did you mean")) {
+        tips.retain(|tip| tip.starts_with("did you mean"));
+    }
+    let mut out = message.join(" ");
+    for tip in tips {
+        out.push_str("; ");
+        out.push_str(&tip);
+    }
+    match subcommand {
+        Some(name) => format!("{out} (see dlock {name} --help)"),
+        None => format!("{out} (see dlock --help)"),
+    }
+}
+
+/// `a similar argument exists: '--no-wait'` as `did you mean --no-wait?`.
+fn tip_in_words(tip: &str) -> String {
+    let unquote = |list: &str| list.replace('\'', "");
+    for prefix in [
+        "a similar argument exists: ",
+        "a similar subcommand exists: ",
+        "a similar value exists: ",
+        "some similar arguments exist: ",
+        "some similar subcommands exist: ",
+        "some similar values exist: ",
+    ] {
+        if let Some(list) = tip.strip_prefix(prefix) {
+            return format!("did you mean {}?", unquote(list).replace(", ", " or "));
+        }
+    }
+    tip.to_owned()
 }
 
 /// Connects to `--backend`, `$DLOCK_BACKEND` or the default file backend.

@@ -2,7 +2,8 @@
 
 use super::{child, connect, duration_arg, exit, tree, BackendArg};
 use clap::Args;
-use fencelock::{Key, Wait};
+use fencelock::{Key, LockInfo, Wait};
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -10,7 +11,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The lock key (1 to 1024 bytes of UTF-8); with --all, leave it out
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    #[arg(required_unless_present = "all")]
     key: Option<String>,
     /// Take a shared (read) lock: readers share the key, a writer (without --shared)
     /// excludes them all; interoperates with `flock -s` on the file backend
@@ -57,15 +58,33 @@ pub struct ElectArgs {
 pub struct Common {
     #[command(flatten)]
     backend: BackendArg,
-    /// Lease TTL: a crashed holder's lock ends after this long (renewed every TTL/3)
+    /// Lease TTL, at least 30ms (at most 24h): a crashed holder's lock ends after this
+    /// long (renewed every TTL/3)
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = duration_arg)]
     ttl: Duration,
-    /// Wait at most this long for the lock (default: without limit, like flock(1))
+    /// Wait at most this long for the lock (default: without limit, like flock(1)); a
+    /// bare number is seconds, as in flock -w SECS
     #[arg(long, short = 'w', value_name = "DUR", value_parser = duration_arg, conflicts_with = "no_wait")]
     wait: Option<Duration>,
-    /// Fail at once (exit 75) if the lock is held elsewhere
+    /// Fail at once (exit 75, or -E's status) if the lock is held elsewhere
     #[arg(long, short = 'n')]
     no_wait: bool,
+    /// The exit status when the lock is not acquired (held elsewhere with --no-wait, or
+    /// --wait ran out) instead of 75, as flock -E
+    #[arg(long, short = 'E', value_name = "N")]
+    conflict_exit_code: Option<u8>,
+    /// Say on stderr what dlock waits for and who holds it, and when it acquires and
+    /// releases (on a terminal the waiting line appears after 1s without -v)
+    #[arg(long, short = 'v')]
+    verbose: bool,
+    /// Run this shell command line (with sh -c) instead of COMMAND, as flock -c
+    #[arg(
+        long = "command",
+        short = 'c',
+        value_name = "STRING",
+        conflicts_with = "command"
+    )]
+    shell: Option<String>,
     /// After a lost lease, how long COMMAND has between SIGTERM and SIGKILL
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = duration_arg)]
     kill_after: Duration,
@@ -73,8 +92,14 @@ pub struct Common {
     /// or a bare PORT on 127.0.0.1); see "Observability" in the README
     #[arg(long, value_name = "ADDR", value_parser = super::metrics::parse_addr)]
     metrics: Option<std::net::SocketAddr>,
-    /// The command to run under the lock, after `--`
-    #[arg(required = true, last = true, value_name = "COMMAND")]
+    /// The command to run under the lock and its arguments: everything from COMMAND on
+    /// is COMMAND's (`--` before it is allowed); without COMMAND, hold the lock until a
+    /// signal
+    #[arg(
+        value_name = "COMMAND",
+        trailing_var_arg = true,
+        num_args = 0..
+    )]
     command: Vec<String>,
 }
 
@@ -169,6 +194,26 @@ impl Held {
             backend: backend.to_owned(),
             fence,
             reason,
+        }
+    }
+
+    /// `"k" (fence 7)` for the `-v` line.
+    fn acquired_text(&self) -> String {
+        match self {
+            Held::One(lease) => format!("lock {:?} (fence {})", lease.key(), lease.fence()),
+            Held::Leader(leadership) => format!(
+                "leadership of {:?} (term {})",
+                leadership.name(),
+                leadership.term()
+            ),
+            Held::All(all) => {
+                let fences: Vec<String> = all
+                    .fences()
+                    .iter()
+                    .map(|(key, fence)| format!("{key:?} (fence {fence})"))
+                    .collect();
+                format!("locks {}", fences.join(", "))
+            }
         }
     }
 
@@ -308,7 +353,19 @@ enum Plan {
     },
 }
 
-pub async fn run(args: RunArgs) -> ExitCode {
+pub async fn run(mut args: RunArgs, hold: bool) -> ExitCode {
+    if !args.all.is_empty() {
+        // With --all there is no KEY: a first positional word is COMMAND's.
+        if let Some(word) = args.key.take() {
+            args.common.command.insert(0, word);
+        }
+    }
+    if hold && (!args.common.command.is_empty() || args.common.shell.is_some()) {
+        exit::report(
+            "dlock hold takes no COMMAND; to run one under the lock, use dlock run KEY -- COMMAND (see dlock hold --help)",
+        );
+        return ExitCode::from(exit::USAGE);
+    }
     let plan = if args.all.is_empty() {
         let hold = Hold {
             at_least: args.hold_at_least,
@@ -368,9 +425,10 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
             return exit::fail(&err);
         }
     }
-    let Some(program) = args.command.first().cloned() else {
-        exit::report("no COMMAND given after --");
-        return ExitCode::from(exit::USAGE);
+    let name = match &plan {
+        Plan::One { key, .. } => key.clone(),
+        Plan::All { keys, .. } => keys.join(","),
+        Plan::Elect { name, .. } => name.clone(),
     };
     // Before the acquire, so that its wait and latency are measured too.
     if let Some(addr) = args.metrics {
@@ -379,6 +437,17 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     }
+    let what = match &plan {
+        Plan::One { .. } => format!("cannot take lock {name:?}"),
+        Plan::All { .. } => format!("cannot take the locks {name:?}"),
+        Plan::Elect { .. } => format!("cannot campaign in election {name:?}"),
+    };
+    let command: Vec<String> = match &args.shell {
+        Some(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+        None => args.command.clone(),
+    };
+    // Without COMMAND: hold the lock until a signal (`dlock hold`).
+    let program = command.first().cloned();
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
         Err(err) => {
@@ -393,7 +462,12 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
     };
     let locks = match connect_within(args.backend.backend, wait).await {
         Ok(locks) => locks,
-        Err(err) => return exit::fail(&err),
+        Err(err) => return exit::fail_on(&what, &err),
+    };
+    let keys: Vec<String> = match &plan {
+        Plan::One { key, .. } => vec![key.clone()],
+        Plan::All { keys, .. } => keys.clone(),
+        Plan::Elect { name, .. } => vec![name.clone()],
     };
     let mut permits = None;
     let acquire = async {
@@ -431,15 +505,55 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
                 .map(Held::Leader),
         }
     };
+    // Waiting is not silent: after a while, on a terminal or with -v, say once what
+    // dlock waits for and who holds it. A failed lookup says less, never more.
+    let notice = async {
+        if wait == Wait::No {
+            return std::future::pending::<std::convert::Infallible>().await;
+        }
+        tokio::time::sleep(NOTICE_AFTER).await;
+        if args.verbose || std::io::stderr().is_terminal() {
+            let mut holder = None;
+            for key in &keys {
+                if let Lookup::Held(who) = holder_of(&locks, key).await {
+                    holder = Some((key, who));
+                    break;
+                }
+            }
+            match holder {
+                Some((key, who)) => exit::report(format!(
+                    "waiting for lock {key:?} on {}, held by {who}",
+                    locks.describe()
+                )),
+                None => exit::report(format!("waiting for lock {name:?} on {}", locks.describe())),
+            }
+        }
+        std::future::pending::<std::convert::Infallible>().await
+    };
     let lease = tokio::select! {
         lease = acquire => match lease {
             Ok(lease) => lease,
-            Err(err) => return exit::fail(&err),
+            Err(err @ fencelock::Error::NotAcquired { .. }) => {
+                exit::report(refusal(&locks, &err, wait).await);
+                return ExitCode::from(args.conflict_exit_code.unwrap_or(exit::NOT_ACQUIRED));
+            }
+            Err(err) => return exit::fail_on(&what, &err),
         },
+        never = notice => match never {},
         number = signals.recv() => {
             // Interrupted while waiting: nothing is held (the acquire was dropped).
             return ExitCode::from(u8::try_from(128 + number).unwrap_or(255));
         }
+    };
+    if args.verbose {
+        exit::report(format!(
+            "acquired {} on {}",
+            lease.acquired_text(),
+            locks.describe()
+        ));
+    }
+    let Some(program) = program else {
+        return hold_until_signal(lease, &locks, &mut signals, args.verbose).await;
     };
 
     // Registered before COMMAND starts, so that its end is never missed.
@@ -464,7 +578,7 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
-    let mut command = child::command(&program, &args.command[1..]);
+    let mut command = child::command(&program, &command[1..]);
     lease.set_env(&mut command, permits);
     if let Err(err) = group.spawn(command) {
         let (status, message) = child::spawn_failure(&program, &err);
@@ -509,8 +623,14 @@ async fn supervise(plan: Plan, args: Common) -> ExitCode {
         }
         (lease, _) => lease.release().await,
     };
-    if let Err(err) = released {
-        exit::report(format!("{err} (the lease on {:?} ends at its TTL)", name));
+    match released {
+        Err(err) => exit::report(format!(
+            "{} (the lease on {:?} ends at its TTL)",
+            exit::describe(&err),
+            name
+        )),
+        Ok(_) if args.verbose => exit::report(format!("released {name:?}")),
+        Ok(_) => {}
     }
     ExitCode::from(code)
 }
@@ -544,4 +664,149 @@ async fn hold_then_release(
         }
     }
     lease.release_after(at_least).await
+}
+
+/// How long a wait lasts before dlock says what it waits for (on a terminal, or -v).
+const NOTICE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long the lookup of a holder may take after a refusal or while waiting.
+const LOOKUP_LIMIT: Duration = Duration::from_secs(1);
+
+/// What a holder lookup found.
+enum Lookup {
+    Held(String),
+    Free,
+    Unknown,
+}
+
+/// Who holds `key`, looked up within [`LOOKUP_LIMIT`].
+async fn holder_of(locks: &fencelock::Locks, key: &str) -> Lookup {
+    match tokio::time::timeout(LOOKUP_LIMIT, locks.status(key)).await {
+        Ok(Ok(Some(info))) => Lookup::Held(holders_text(&info)),
+        Ok(Ok(None)) => Lookup::Free,
+        Ok(Err(err)) => {
+            tracing::debug!("holder of {key:?} unknown: {err}");
+            Lookup::Unknown
+        }
+        Err(_) => Lookup::Unknown,
+    }
+}
+
+/// `1234@host (fence 7, acquired 3s ago)`, or for several leases (readers, permits)
+/// `2 holders: …`.
+fn holders_text(info: &LockInfo) -> String {
+    fn one(info: &LockInfo) -> String {
+        let who = match (info.pid, &info.host) {
+            (Some(pid), Some(host)) => format!("{pid}@{host}"),
+            (Some(pid), None) => format!("pid {pid}"),
+            (None, Some(host)) => host.clone(),
+            (None, None) => "a holder it does not name".to_owned(),
+        };
+        let mut details = Vec::new();
+        if let Some(fence) = info.fence {
+            details.push(format!("fence {fence}"));
+        }
+        if let Some(at) = info.acquired_at {
+            details.push(format!("acquired {}", super::inspect::ago(Some(at))));
+        }
+        if details.is_empty() {
+            who
+        } else {
+            format!("{who} ({})", details.join(", "))
+        }
+    }
+    if info.holders.is_empty() {
+        return one(info);
+    }
+    let shown: Vec<String> = info.holders.iter().take(3).map(one).collect();
+    let more = if info.holders.len() > 3 { ", …" } else { "" };
+    format!("{} holders: {}{more}", info.holders.len(), shown.join(", "))
+}
+
+/// The line for a refused acquire: who holds the key (looked up now, bounded; a failed
+/// lookup only says less) and how long dlock waited.
+async fn refusal(locks: &fencelock::Locks, err: &fencelock::Error, wait: Wait) -> String {
+    let fencelock::Error::NotAcquired {
+        key,
+        backend,
+        waited,
+    } = err
+    else {
+        return exit::describe(err);
+    };
+    let by = match holder_of(locks, key).await {
+        Lookup::Held(who) => format!("is held by {who}"),
+        Lookup::Free => "was held elsewhere (free again now)".to_owned(),
+        Lookup::Unknown => "is held elsewhere".to_owned(),
+    };
+    let when = match wait {
+        Wait::No => "not acquired (--no-wait)".to_owned(),
+        _ => format!(
+            "not acquired after waiting {}",
+            super::inspect::short(*waited)
+        ),
+    };
+    format!("lock {key:?} on {backend} {by}; {when}")
+}
+
+/// `dlock hold`: prints what is held, then holds it until SIGINT, SIGTERM or SIGHUP
+/// (release, exit 0) or until the lease is lost (exit 76).
+async fn hold_until_signal(
+    lease: Held,
+    locks: &fencelock::Locks,
+    signals: &mut Signals,
+    verbose: bool,
+) -> ExitCode {
+    let line = match &lease {
+        Held::One(one) => format!(
+            "key={} fence={} owner={}",
+            exit::printable(one.key()),
+            one.fence(),
+            one.owner()
+        ),
+        Held::Leader(leadership) => format!(
+            "key={} fence={} owner={}",
+            exit::printable(leadership.name()),
+            leadership.term(),
+            leadership.lease().owner()
+        ),
+        Held::All(all) => {
+            let keys: Vec<String> = all
+                .keys()
+                .map(|k| k.replace('\\', "\\\\").replace(',', "\\,"))
+                .collect();
+            let fences: Vec<String> = all.fences().iter().map(|(_, f)| f.to_string()).collect();
+            format!(
+                "keys={} fences={}",
+                exit::printable(&keys.join(",")),
+                fences.join(",")
+            )
+        }
+    };
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    let lost = lease.lost();
+    tokio::select! {
+        _ = signals.recv() => {}
+        reason = lost => {
+            exit::report(lease.lost_error(locks.describe(), reason));
+            return ExitCode::from(exit::LEASE_LOST);
+        }
+    }
+    let name = lease.name();
+    match lease.release().await {
+        Ok(_) => {
+            if verbose {
+                exit::report(format!("released {name:?}"));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            exit::report(format!(
+                "{} (the lease on {name:?} ends at its TTL)",
+                exit::describe(&err)
+            ));
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+    }
 }

@@ -4,9 +4,12 @@ use super::exit;
 use std::process::ExitCode;
 
 pub fn print(backend: Option<String>) -> ExitCode {
-    let url = match backend.map_or_else(fencelock::default_url, Ok) {
-        Ok(url) => url,
-        Err(err) => return exit::fail(&err),
+    let Some(url) = backend.filter(|url| !url.is_empty()) else {
+        exit::report(
+            "dlock schema needs a PostgreSQL or MySQL URL: --backend postgres://… or mysql://… \
+             (or DLOCK_BACKEND); the file backend has no schema (see dlock schema --help)",
+        );
+        return ExitCode::from(exit::USAGE);
     };
     match fencelock::schema_sql(&url) {
         Ok(Some(sql)) => {

@@ -78,20 +78,48 @@ fn file_type(mode: libc::mode_t) -> &'static str {
     }
 }
 
+/// Why a lock directory could not be opened.
+#[derive(Debug)]
+pub(crate) enum DirError {
+    /// A directory above the lock directory does not exist (the first missing one).
+    MissingParent(std::path::PathBuf),
+    /// Any other failure.
+    Io(io::Error),
+}
+
+impl From<io::Error> for DirError {
+    fn from(err: io::Error) -> Self {
+        DirError::Io(err)
+    }
+}
+
 impl LockDir {
-    /// Opens the directory, creating it (and missing parents) private to the user if it
-    /// does not exist. Links in the configured path itself are followed: that path is the
-    /// operator's choice (`/var/lock` is a link to `/run/lock` on Debian); only entries
-    /// inside it are untrusted. An existing directory's mode is never changed.
-    pub(crate) fn open(path: &Path) -> io::Result<LockDir> {
+    /// Opens the directory, creating it private to the user if it does not exist: only
+    /// its last component, unless `parents` (the default directory), so that a mistyped
+    /// path is an error rather than a new directory nobody else locks in. Links in the
+    /// configured path itself are followed: that path is the operator's choice
+    /// (`/var/lock` is a link to `/run/lock` on Debian); only entries inside it are
+    /// untrusted. An existing directory's mode is never changed.
+    pub(crate) fn open(path: &Path, parents: bool) -> Result<LockDir, DirError> {
         if let Err(err) = std::fs::DirBuilder::new()
-            .recursive(true)
+            .recursive(parents)
             .mode(0o700)
             .create(path)
         {
-            // `create` fails on an existing non-directory; report what open says of it.
-            if err.kind() != io::ErrorKind::AlreadyExists {
-                return Err(err);
+            match err.kind() {
+                // `create` fails on an existing non-directory; report what open says of it.
+                io::ErrorKind::AlreadyExists => {}
+                io::ErrorKind::NotFound if !parents => {
+                    let mut missing = path;
+                    while let Some(parent) = missing.parent() {
+                        if parent.as_os_str().is_empty() || parent.exists() {
+                            break;
+                        }
+                        missing = parent;
+                    }
+                    return Err(DirError::MissingParent(missing.to_path_buf()));
+                }
+                _ => return Err(DirError::Io(err)),
             }
         }
         let c_path = CString::new(path.as_os_str().as_bytes())
@@ -104,7 +132,7 @@ impl LockDir {
             )
         };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(DirError::Io(io::Error::last_os_error()));
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };

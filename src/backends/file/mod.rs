@@ -97,7 +97,8 @@ pub struct FileBackend {
 }
 
 impl FileBackend {
-    /// Opens (creating if needed) the lock directory of a `file:///abs/dir` URL.
+    /// Opens the lock directory of a `file:///abs/dir` URL, creating its last component
+    /// if missing (the default directory, with its parents).
     pub fn open(url: &BackendUrl) -> Result<Self> {
         url.reject_unknown_options(&[])?;
         if url.url().host_str().is_some_and(|h| !h.is_empty()) {
@@ -108,17 +109,37 @@ impl FileBackend {
         let dir = url.url().to_file_path().map_err(|()| {
             url.error("expected an absolute directory, as in file:///var/lock/dlock")
         })?;
-        Self::open_dir(dir, url.redacted())
+        // The default directory is made with its parents; a named one only if its
+        // parent exists, so that a mistyped shared directory is an error.
+        let parents = crate::location::implicit_dir()
+            .and_then(|default| std::path::absolute(default).ok())
+            .is_some_and(|default| default == dir);
+        Self::open_dir_with(dir, url.redacted(), parents)
     }
 
-    /// Opens (creating if needed) a lock directory.
+    /// Opens a lock directory, creating it (its last component only) if its parent
+    /// exists.
     pub fn open_dir(dir: PathBuf, describe: &str) -> Result<Self> {
+        Self::open_dir_with(dir, describe, false)
+    }
+
+    fn open_dir_with(dir: PathBuf, describe: &str, parents: bool) -> Result<Self> {
         let describe = describe.trim_end_matches('/').to_owned();
-        let dir = LockDir::open(&dir).map_err(|err| {
-            Error::unavailable(
+        let dir = LockDir::open(&dir, parents).map_err(|err| match err {
+            dir::DirError::MissingParent(missing) => Error::unavailable(
+                &describe,
+                format!(
+                    "cannot create the lock directory {}: {} does not exist; dlock creates only \
+                     the last component of a lock directory, so check the path (a mistyped \
+                     shared directory would exclude nobody) or create it first with mkdir -p",
+                    dir.display(),
+                    missing.display()
+                ),
+            ),
+            dir::DirError::Io(err) => Error::unavailable(
                 &describe,
                 format!("cannot open the lock directory {}: {err}", dir.display()),
-            )
+            ),
         })?;
         Ok(FileBackend {
             inner: Arc::new(Inner { dir, describe }),
