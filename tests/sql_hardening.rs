@@ -387,3 +387,36 @@ async fn pg_session_tables_are_unlogged() {
         .await
         .unwrap();
 }
+
+/// `status` and `list` describe a MySQL session lock alike: both name the `GET_LOCK`
+/// lock and the connection holding it.
+#[tokio::test]
+async fn mysql_session_status_and_list_agree() {
+    let my = Mysql::shared();
+    let locks = fencelock::connect(&my.url("")).await.unwrap();
+    let key = tag("agree");
+    let lease = locks
+        .lock(&key)
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("a free key");
+    let status = locks.status(&key).await.unwrap().expect("held");
+    let listed = locks
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|info| info.key == key)
+        .expect("listed");
+    assert!(
+        status
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("GET_LOCK")),
+        "{status:?}"
+    );
+    assert_eq!(listed.note, status.note);
+    assert_eq!(listed.fence, status.fence);
+    lease.release().await.unwrap();
+}

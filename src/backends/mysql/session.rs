@@ -434,7 +434,15 @@ impl Dialect for MySession {
         Ok(rows
             .into_iter()
             .map(|row| {
+                let conn_id = row.get_opt::<u64, _>(9).and_then(Result::ok);
                 let mut info = super::lease_table::info_of(row);
+                // The same note as `inspect`, so that `status` and `list` agree.
+                if let Some(conn_id) = conn_id {
+                    let name = lock_name(&self.namespace, &info.key);
+                    info.note = Some(format!(
+                        "GET_LOCK({name:?}) held by connection {conn_id}; freed when that connection ends"
+                    ));
+                }
                 info.expires_at = None;
                 info
             })
