@@ -4,6 +4,12 @@
 //! Every key it takes starts with `dlock-bench-<pid>-`, so a run never touches another
 //! program's locks; without `--backend` it runs on the file backend in a temporary
 //! directory that it removes afterwards. It says where it writes before it starts.
+//! Every lease it takes is released before it exits; what stays behind in a store is
+//! only what the backend keeps by design after a release: on the Redis backends the fence
+//! counter of each key (`{dlock:dlock-bench-<pid>-…}:fence`), which expires by itself
+//! once the server clock has passed the fence by the TTL plus a minute (it must outlive
+//! the leases it fenced), and the per-key fence files of the file backend, whose
+//! directory is removed.
 
 mod modes;
 #[cfg(any(
@@ -402,14 +408,19 @@ async fn bench(args: BenchArgs) -> ExitCode {
             }
         },
     };
+    let redis_family = ["redis:", "rediss:", "redlock:", "redis+cluster:"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme));
     eprintln!(
         "dlock-bench: writing keys {}* on {}{}",
         key_prefix(),
         fencelock::redact(&url),
         if scratch.is_some() {
             " (removed afterwards)"
+        } else if redis_family {
+            " (every lease is released; their fence counters expire by themselves a minute after the TTL)"
         } else {
-            ""
+            " (every lease is released)"
         }
     );
     if args.raw {
