@@ -18,6 +18,9 @@ scripts/install-deps.sh
 
 system_tmp="${TMPDIR:-/tmp}"
 run_tmp="$(mktemp -d "$system_tmp/dlock-test-run.XXXXXX")"
+# Servers that drop root for a user of their own (PostgreSQL runs as `postgres`) must be
+# able to reach their directories inside it; mktemp makes it 0700.
+chmod 0755 "$run_tmp"
 log="$(mktemp "$system_tmp/dlock-test-log.XXXXXX")"
 # The run's TMPDIR goes if it is empty, however the script ends.
 trap 'rm -f "$log"; rmdir "$run_tmp" 2>/dev/null || true' EXIT
