@@ -24,6 +24,9 @@ pub struct Section {
     pub released_lost: bool,
     /// A reader's (shared) section.
     pub reader: bool,
+    /// When the holder was told its lease lapsed (`lost()` fired because it could not
+    /// renew in time), on the harness clock and no earlier than it really was.
+    pub lapsed_at: Option<Duration>,
 }
 
 /// The counts of one run.
@@ -39,6 +42,12 @@ pub struct Counts {
     pub overlaps: u64,
     /// Distinct sections that a holder with a higher fence overlapped: stale holders.
     pub overtaken: u64,
+    /// Of (a), the pairs whose stale holder had been told its lease lapsed before the other
+    /// section began: the holder could not renew in time (a starved, paused or cut-off
+    /// process), `lost()` said so, and only then did the store let a successor in. That
+    /// is the lease model at work, whatever the nemesis; the naive worker writing on is
+    /// what the fence is for.
+    pub after_lapse: u64,
     /// (b) writes accepted with a fence lower than an earlier accepted write's.
     pub out_of_order: u64,
     /// (c) reads and writes the fence rejected as stale.
@@ -92,6 +101,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     lost_at_end: None,
                     released_lost: false,
                     reader,
+                    lapsed_at: None,
                 });
             }
         }
@@ -117,6 +127,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     lost_at_end: None,
                     released_lost: false,
                     reader: *reader,
+                    lapsed_at: None,
                 });
             }
             Event::Begin {
@@ -137,6 +148,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                 section,
                 fence,
                 lost,
+                lapsed_after,
             } => {
                 let (begin, reader) = open
                     .remove(&(*client, *section))
@@ -150,6 +162,7 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
                     lost_at_end: Some(*lost),
                     released_lost: false,
                     reader,
+                    lapsed_at: lapsed_after.map(|after| begin + after),
                 });
             }
             Event::Released {
@@ -176,6 +189,11 @@ pub fn sections(history: &[Event]) -> Vec<Section> {
     }
     done.sort_by_key(|s| (s.begin, s.end));
     done
+}
+
+/// Whether `stale`'s holder was told its lease lapsed before `successor` began.
+fn lapsed_before(stale: &Section, successor: &Section) -> bool {
+    stale.lapsed_at.is_some_and(|at| at <= successor.begin)
 }
 
 /// Counts (a)–(e) over a history of the mutex workload; `final_value` is the store's
@@ -205,6 +223,7 @@ pub fn check_workload(history: &[Event], final_value: u64, workload: Workload) -
                 let excess = (active.len() + 1).saturating_sub(workload.holders());
                 for &k in active.iter().take(excess) {
                     overtaken[k] = true;
+                    counts.after_lapse += u64::from(lapsed_before(&sections[k], s));
                 }
                 counts.overlaps += excess as u64;
             }
@@ -218,6 +237,9 @@ pub fn check_workload(history: &[Event], final_value: u64, workload: Workload) -
                         let stale = if sections[k].fence <= s.fence { k } else { i };
                         overtaken[stale] = true;
                         counts.overlaps += 1;
+                        let other = if stale == k { i } else { k };
+                        counts.after_lapse +=
+                            u64::from(lapsed_before(&sections[stale], &sections[other]));
                     }
                 }
             }
@@ -313,8 +335,55 @@ mod tests {
                 section: 1,
                 fence,
                 lost,
+                lapsed_after: None,
             },
         ]
+    }
+
+    fn by_time(h: &mut [Event]) {
+        h.sort_by_key(|e| match e {
+            Event::Begin { t, .. } | Event::End { t, .. } => *t,
+            _ => Duration::ZERO,
+        });
+    }
+
+    /// A section whose holder was told, `after` ms into it, that its lease lapsed.
+    fn lapsed(client: u32, fence: u64, begin: u64, end: u64, after: u64) -> Vec<Event> {
+        let mut h = section(client, fence, begin, end, true);
+        if let Event::End { lapsed_after, .. } = &mut h[1] {
+            *lapsed_after = Some(ms(after));
+        }
+        h
+    }
+
+    #[test]
+    fn a_successor_after_the_holders_lapse_is_told_apart() {
+        // Told at 40 ms that its lease lapsed; the successor begins at 50 ms.
+        let mut h = lapsed(1, 1, 0, 100, 40);
+        h.extend(section(2, 2, 50, 60, false));
+        by_time(&mut h);
+        let c = check(&h, 0);
+        assert_eq!((c.overlaps, c.after_lapse, c.silent_losses), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_successor_before_the_holders_lapse_is_an_overlap() {
+        // Told only at 70 ms; the successor began at 50 ms, while it still held.
+        let mut h = lapsed(1, 1, 0, 100, 70);
+        h.extend(section(2, 2, 50, 60, false));
+        by_time(&mut h);
+        let c = check(&h, 0);
+        assert_eq!((c.overlaps, c.after_lapse), (1, 0));
+    }
+
+    #[test]
+    fn a_semaphore_holder_beyond_its_permits_after_a_lapse_is_told_apart() {
+        let mut h = lapsed(1, 1, 0, 100, 10);
+        h.extend(section(2, 2, 20, 90, false));
+        h.extend(section(3, 3, 30, 40, false));
+        by_time(&mut h);
+        let c = check_workload(&h, 0, Workload::Semaphore { permits: 2 });
+        assert_eq!((c.overlaps, c.after_lapse), (1, 1));
     }
 
     #[test]
@@ -432,6 +501,7 @@ mod tests {
                 section: 1,
                 fence: 2,
                 lost: false,
+                lapsed_after: None,
             },
             Event::Begin {
                 t: ms(10),

@@ -7,9 +7,9 @@ use std::fmt::Write;
 /// The table of `results`.
 pub fn table(results: &[RunResult]) -> String {
     let mut out = String::new();
-    out.push_str("| backend | nemesis | run | sections | accepted writes | faults | (a) overlapping pairs | sections overtaken | overlap allowed | (b) out-of-order writes | (c) stale rejected | (d) lost updates | (e) overtaken, lost() silent | (f) left held | panics | hung | verdict |\n");
+    out.push_str("| backend | nemesis | run | sections | accepted writes | faults | (a) overlapping pairs | of which after a lapse | sections overtaken | overlap allowed | (b) out-of-order writes | (c) stale rejected | (d) lost updates | (e) overtaken, lost() silent | (f) left held | panics | hung | verdict |\n");
     out.push_str(
-        "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in results {
         let c = &r.counts;
@@ -20,7 +20,7 @@ pub fn table(results: &[RunResult]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {}s | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {}s | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.backend,
             r.nemesis.name(),
             r.duration.as_secs(),
@@ -28,6 +28,7 @@ pub fn table(results: &[RunResult]) -> String {
             c.accepted_writes,
             c.faults,
             c.overlaps,
+            c.after_lapse,
             c.overtaken,
             if r.overlap_allowed { "yes" } else { "no" },
             c.out_of_order,

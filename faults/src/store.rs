@@ -14,8 +14,13 @@
 //!                                         -> S <highest>   below a writer's fence
 //! W <client> <section> <fence> <value>    -> A             write accepted
 //!                                         -> S <highest>   stale: rejected
-//! E <client> <section> <fence> <lost>     -> OK            section ends; lost = 1 if the
-//!                                                          lease's lost() had fired
+//! E <client> <section> <fence> <lost> [<lapsed_us>]
+//!                                         -> OK            section ends; lost = 1 if the
+//!                                                          lease's lost() had fired;
+//!                                                          lapsed_us: when lost() fired
+//!                                                          because the holder could not
+//!                                                          renew in time, that many µs
+//!                                                          after the worker sent B
 //! X <client> <section> <fence> <held>     -> OK            the lease was released; held =
 //!                                                          1 if release() said it was
 //!                                                          still held, 0 if it said it
@@ -62,6 +67,11 @@ pub enum Event {
         fence: u64,
         /// Whether the lease's `lost()` had fired by then.
         lost: bool,
+        /// When `lost()` fired because the holder could not renew in time (the lease may
+        /// have expired, or renewals kept failing): this long after the worker sent its
+        /// Begin. The worker measures it on its own clock, so adding it to the Begin's
+        /// harness time gives a moment no earlier than the real one.
+        lapsed_after: Option<Duration>,
     },
     /// A worker released the lease of a section (after its End).
     Released {
@@ -226,6 +236,7 @@ impl Store {
                     section,
                     fence,
                     lost: num(4) == Some(1),
+                    lapsed_after: num(5).map(Duration::from_micros),
                 });
                 "OK".into()
             }

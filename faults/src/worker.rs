@@ -13,6 +13,7 @@
 
 use crate::store::StoreClient;
 use fencelock::Locks;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Which kind of lease the workers take and what they do under it.
@@ -143,6 +144,8 @@ pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerSt
         };
         stats.sections += 1;
         let (client, section, fence) = (config.client, stats.sections, lease.fence());
+        let begun = Instant::now();
+        let lapse = watch_lapse(&lease);
         store
             .call(&format!(
                 "B {client} {section} {fence} {}",
@@ -180,8 +183,18 @@ pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerSt
         }
         let lost = lease.is_lost();
         stats.lost += u64::from(lost);
+        // Let a loss that has just fired be timed before the section is reported ended.
+        tokio::task::yield_now().await;
+        let lapsed = lapse
+            .lapsed_at()
+            .map(|at| format!(" {}", at.saturating_duration_since(begun).as_micros()))
+            .unwrap_or_default();
+        lapse.stop();
         store
-            .call(&format!("E {client} {section} {fence} {}", u8::from(lost)))
+            .call(&format!(
+                "E {client} {section} {fence} {}{lapsed}",
+                u8::from(lost)
+            ))
             .await?;
         // A release that finds the lease gone is how a holder overtaken between two
         // renewals learns it: the checker counts that as learned, not as silent.
@@ -202,4 +215,42 @@ pub async fn run(locks: Locks, config: WorkerConfig) -> std::io::Result<WorkerSt
             .await?;
     }
     Ok(stats)
+}
+
+/// Times the moment a lease lapses: its `lost()` firing because the holder could not
+/// renew in time (a starved or paused process, an unreachable store), as opposed to the
+/// store ending or refusing it. The checker tells a successor that began after that
+/// moment (the lease model at work) from one that overtook a holder still unaware.
+struct LapseWatch {
+    at: Arc<Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn watch_lapse(lease: &fencelock::Lease) -> LapseWatch {
+    let at = Arc::new(Mutex::new(None));
+    let lost = lease.lost();
+    let task = tokio::spawn({
+        let at = Arc::clone(&at);
+        async move {
+            let reason = lost.await;
+            let now = Instant::now();
+            if matches!(
+                reason,
+                fencelock::LossReason::Expired | fencelock::LossReason::RenewalFailed { .. }
+            ) {
+                *at.lock().unwrap_or_else(PoisonError::into_inner) = Some(now);
+            }
+        }
+    });
+    LapseWatch { at, task }
+}
+
+impl LapseWatch {
+    fn lapsed_at(&self) -> Option<Instant> {
+        *self.at.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
 }
