@@ -1,57 +1,15 @@
 //! The `dlock` command on the default file backend, as SPEC §4 and flock(1) users expect.
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use dlock_testkit::cli::LockDir;
+
 const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
 
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        // Named after this process, and removed at its exit if a test leaks it.
-        Dir(dlock_testkit::process::temp_dir("dlock-cli-"))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    /// `dlock ARGS` with this directory as the default backend.
-    fn dlock(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(DLOCK);
-        command
-            .args(args)
-            .env_remove("DLOCK_BACKEND")
-            .env("DLOCK_DIR", self.path())
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn output(&self, args: &[&str]) -> Output {
-        self.dlock(args).output().unwrap()
-    }
-
-    fn spawn(&self, args: &[&str]) -> Child {
-        self.dlock(args).stdout(Stdio::piped()).spawn().unwrap()
-    }
-
-    fn lock_file(&self, key: &str) -> PathBuf {
-        self.path().join(format!("{key}.lock"))
-    }
-
-    /// Waits until `key` shows as held in `dlock status`.
-    fn wait_held(&self, key: &str) {
-        let started = Instant::now();
-        while !self.output(&["status", key]).status.success() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{key} never became held"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// A private lock directory for `dlock` (removed when dropped).
+fn new_dir() -> LockDir {
+    LockDir::new(DLOCK, "dlock-cli-")
 }
 
 fn code(output: &Output) -> i32 {
@@ -70,7 +28,7 @@ fn one_line(output: &Output) -> String {
 
 #[test]
 fn no_wait_and_wait_give_75_while_held() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let mut holder = dir.spawn(&["run", "k", "--", "sleep", "5"]);
     dir.wait_held("k");
 
@@ -102,7 +60,7 @@ fn no_wait_and_wait_give_75_while_held() {
 
 #[test]
 fn flock_and_dlock_exclude_each_other() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let mut holder = dir.spawn(&["run", "k", "--", "sleep", "5"]);
     dir.wait_held("k");
     let flock = Command::new("flock")
@@ -143,7 +101,7 @@ fn flock_and_dlock_exclude_each_other() {
 
 #[test]
 fn fifty_parallel_runs_count_to_fifty() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let counter = dir.path().join("counter");
     std::fs::write(&counter, "0").unwrap();
     let script = format!(
@@ -165,7 +123,7 @@ fn fifty_parallel_runs_count_to_fifty() {
 
 #[test]
 fn fence_increases_across_runs_and_processes() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let mut last = 0u64;
     for _ in 0..5 {
         let out = dir.output(&[
@@ -189,7 +147,7 @@ fn fence_increases_across_runs_and_processes() {
 
 #[test]
 fn sigkill_of_dlock_stops_command_and_frees_lock() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let marker = dir.path().join("still-running");
     let script = format!("sleep 2; touch {}", marker.display());
     let mut holder = dir
@@ -235,7 +193,7 @@ fn sigkill_of_dlock_stops_command_and_frees_lock() {
 
 #[test]
 fn lost_lease_terminates_command_with_status_76() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let holder = dir
         .dlock(&[
             "run",
@@ -277,7 +235,7 @@ fn running_as(pid: &str, comm: &str) -> Option<libc::pid_t> {
 /// shell and the child: nothing the test started outlives it (nor holds the test's
 /// output open).
 struct Holder {
-    pids: Dir,
+    pids: LockDir,
     child: Child,
 }
 
@@ -303,7 +261,7 @@ impl Drop for Holder {
 
 #[test]
 fn signals_are_forwarded_to_command() {
-    let dir = Dir::new();
+    let dir = new_dir();
     // The background child writes nowhere the test reads: were it left running, it would
     // not hold the test's output open.
     let script = r#"echo $$ > "$PIDS/sh.pid"
@@ -311,7 +269,7 @@ trap 'kill $! 2>/dev/null; exit 42' TERM
 sleep 10 </dev/null >/dev/null 2>&1 &
 echo $! > "$PIDS/sleep.pid"
 wait"#;
-    let pids = Dir::new();
+    let pids = new_dir();
     let log = pids.path().join("holder.log");
     let mut holder = Holder {
         child: dir
@@ -354,7 +312,7 @@ wait"#;
 
 #[test]
 fn exit_status_is_commands() {
-    let dir = Dir::new();
+    let dir = new_dir();
     assert_eq!(
         code(&dir.output(&["run", "k", "--", "sh", "-c", "exit 7"])),
         7
@@ -371,7 +329,7 @@ fn exit_status_is_commands() {
 
 #[test]
 fn bad_input_exits_64_or_69_with_one_line() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let long_key = "x".repeat(2000);
     for (args, want, needle) in [
         (vec!["run", "", "--", "true"], 64, "empty"),
@@ -426,7 +384,7 @@ fn bad_input_exits_64_or_69_with_one_line() {
 
 #[test]
 fn status_list_and_release() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let out = dir.output(&["status", "k"]);
     assert_eq!(code(&out), 1);
     let mut holder = dir.spawn(&["run", "k", "--", "sleep", "5"]);

@@ -1,14 +1,17 @@
 //! The lock kinds from the command line on the file backend: `--shared` beside
 //! `flock -s`, `--permits`, `--all`, `elect` and `leader`.
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
-const PROMPTLY: Duration = Duration::from_secs(10);
+use dlock_testkit::cli::{LockDir, PROMPTLY};
 
-struct Dir(tempfile::TempDir);
+const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
+
+/// A private lock directory for `dlock` (removed when dropped).
+fn new_dir() -> LockDir {
+    LockDir::new(DLOCK, "dlock-kinds-")
+}
 
 /// Children killed when the test ends, passing or failing.
 struct Kids(Vec<Child>);
@@ -18,73 +21,6 @@ impl Drop for Kids {
         for child in &mut self.0 {
             let _ = child.kill();
             let _ = child.wait();
-        }
-    }
-}
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::Builder::new()
-            .prefix("dlock-kinds-")
-            .tempdir()
-            .unwrap())
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    fn dlock(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(DLOCK);
-        command
-            .args(args)
-            .env_remove("DLOCK_BACKEND")
-            .env("DLOCK_DIR", self.path())
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn output(&self, args: &[&str]) -> Output {
-        self.dlock(args).output().unwrap()
-    }
-
-    fn spawn(&self, args: &[&str]) -> Child {
-        self.dlock(args).stdout(Stdio::null()).spawn().unwrap()
-    }
-
-    fn lock_file(&self, key: &str) -> PathBuf {
-        self.path().join(format!("{key}.lock"))
-    }
-
-    fn flock(&self, args: &[&str], key: &str, command: &[&str]) -> Command {
-        let mut flock = Command::new("flock");
-        flock
-            .args(args)
-            .arg(self.lock_file(key))
-            .args(command)
-            .stdin(Stdio::null());
-        flock
-    }
-
-    /// `dlock status KEY --json`, parsed, once `ready` holds for it.
-    fn wait_status(
-        &self,
-        key: &str,
-        ready: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let started = Instant::now();
-        loop {
-            let out = self.output(&["status", key, "--json"]);
-            let value: serde_json::Value =
-                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-            if ready(&value) {
-                return value;
-            }
-            assert!(
-                started.elapsed() < PROMPTLY,
-                "{key}: status never became ready: {value}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -99,13 +35,12 @@ fn holders(value: &serde_json::Value) -> usize {
 
 #[test]
 fn flock_s_and_dlock_shared_share_with_readers_and_exclude_writers() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let key = "catalog";
     std::fs::File::create(dir.lock_file(key)).unwrap();
 
     // A `flock -s` reader: dlock readers share with it, dlock writers are kept out.
-    let mut kids = Kids(vec![dir
-        .flock(&["-s", "-o"], key, &["sleep", "60"])
+    let mut kids = Kids(vec![flock(&dir, &["-s", "-o"], key, &["sleep", "60"])
         .spawn()
         .unwrap()]);
     dir.wait_status(key, |v| v["kind"] == "shared" && holders(v) == 1);
@@ -122,12 +57,12 @@ fn flock_s_and_dlock_shared_share_with_readers_and_exclude_writers() {
         dir.spawn(&["run", key, "--shared", "--", "sleep", "60"])
     ]);
     dir.wait_status(key, |v| v["kind"] == "shared" && holders(v) == 1);
-    let shared = dir.flock(&["-s", "-n"], key, &["true"]).status().unwrap();
+    let shared = flock(&dir, &["-s", "-n"], key, &["true"]).status().unwrap();
     assert!(
         shared.success(),
         "flock -s was refused beside a dlock reader"
     );
-    let exclusive = dir.flock(&["-x", "-n"], key, &["true"]).status().unwrap();
+    let exclusive = flock(&dir, &["-x", "-n"], key, &["true"]).status().unwrap();
     assert_eq!(
         exclusive.code(),
         Some(1),
@@ -140,8 +75,7 @@ fn flock_s_and_dlock_shared_share_with_readers_and_exclude_writers() {
     drop(kids);
 
     // Writers of either kind keep readers of the other out.
-    kids = Kids(vec![dir
-        .flock(&["-x", "-o"], key, &["sleep", "60"])
+    kids = Kids(vec![flock(&dir, &["-x", "-o"], key, &["sleep", "60"])
         .spawn()
         .unwrap()]);
     dir.wait_status(key, |v| v["held"] == true && v["kind"].is_null());
@@ -152,7 +86,7 @@ fn flock_s_and_dlock_shared_share_with_readers_and_exclude_writers() {
     drop(kids);
     kids = Kids(vec![dir.spawn(&["run", key, "--", "sleep", "60"])]);
     dir.wait_status(key, |v| v["fence"].is_u64());
-    let shared = dir.flock(&["-s", "-n"], key, &["true"]).status().unwrap();
+    let shared = flock(&dir, &["-s", "-n"], key, &["true"]).status().unwrap();
     assert_eq!(
         shared.code(),
         Some(1),
@@ -163,7 +97,7 @@ fn flock_s_and_dlock_shared_share_with_readers_and_exclude_writers() {
 
 #[test]
 fn permits_two_admits_two_and_not_three() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let key = "slots";
     let _kids = Kids(vec![
         dir.spawn(&["run", key, "--permits", "2", "--", "sleep", "60"]),
@@ -203,7 +137,7 @@ fn permits_two_admits_two_and_not_three() {
 
 #[test]
 fn all_takes_every_key_or_none() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let kids = Kids(vec![dir.spawn(&["run", "b", "--", "sleep", "60"])]);
     dir.wait_status("b", |v| v["fence"].is_u64());
     let out = dir.output(&["run", "--all", "c,a,b", "--wait", "300ms", "--", "true"]);
@@ -230,7 +164,7 @@ fn all_takes_every_key_or_none() {
 
 #[test]
 fn elect_runs_exactly_one_leader_and_a_new_one_after_a_kill() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let marks = dir.path().join("marks");
     std::fs::create_dir(&marks).unwrap();
     let mut kids = Kids(Vec::new());
@@ -299,4 +233,15 @@ fn elect_runs_exactly_one_leader_and_a_new_one_after_a_kill() {
     drop(kids);
     let out = dir.output(&["leader", "sched"]);
     assert_eq!(code(&out), 1, "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// `flock ARGS LOCKFILE COMMAND` on `key`'s lock file: util-linux beside dlock.
+fn flock(dir: &LockDir, args: &[&str], key: &str, command: &[&str]) -> Command {
+    let mut flock = Command::new("flock");
+    flock
+        .args(args)
+        .arg(dir.lock_file(key))
+        .args(command)
+        .stdin(Stdio::null());
+    flock
 }

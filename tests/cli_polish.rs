@@ -3,81 +3,17 @@
 //! tests use a closed loopback port, which needs no server.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use dlock_testkit::cli::LockDir;
+
 const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
 
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::Builder::new()
-            .prefix("dlock-polish-")
-            .tempdir()
-            .unwrap())
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    /// `dlock ARGS` with this directory as the default backend.
-    fn dlock(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(DLOCK);
-        command
-            .args(args)
-            .env_remove("DLOCK_BACKEND")
-            .env_remove("DLOCK_LOG")
-            .env("DLOCK_DIR", self.path())
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn output(&self, args: &[&str]) -> Output {
-        self.dlock(args).output().unwrap()
-    }
-
-    /// A holder of `key` (`dlock run KEY -- sleep 30`), once `status` shows it held.
-    fn hold(&self, key: &str) -> Holder {
-        let child = self
-            .dlock(&["run", key, "--", "sleep", "30"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.wait_held(key);
-        Holder(child)
-    }
-
-    /// Waits until `key` is held and its record written (the file is locked just
-    /// before the holder writes its pid, host and fence into it).
-    fn wait_held(&self, key: &str) {
-        let started = Instant::now();
-        while !stdout(&self.output(&["status", key, "--json"])).contains("\"host\":\"") {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{key} never became held"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// A holding `dlock` process, killed when dropped.
-struct Holder(Child);
-
-impl Holder {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A private lock directory for `dlock` (removed when dropped).
+fn new_dir() -> LockDir {
+    LockDir::new(DLOCK, "dlock-polish-")
 }
 
 fn code(output: &Output) -> i32 {
@@ -119,7 +55,7 @@ fn wait_for(child: &mut Child, limit: Duration) -> i32 {
 
 #[test]
 fn flock_form_runs_command_and_options_after_it_are_its_own() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let out = dir.output(&["run", "demo", "echo", "hi", "--ttl", "x", "-n"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(stdout(&out), "hi --ttl x -n\n");
@@ -135,7 +71,7 @@ fn flock_form_runs_command_and_options_after_it_are_its_own() {
 
 #[test]
 fn usage_errors_are_one_readable_line_pointing_at_the_subcommand_help() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let out = dir.output(&["run", "demo", "--no-wiat", "--", "true"]);
     assert_eq!(code(&out), 64);
     let message = one_line(&out);
@@ -160,7 +96,7 @@ fn usage_errors_are_one_readable_line_pointing_at_the_subcommand_help() {
 
 #[test]
 fn a_refusal_names_the_holder_and_how_long_it_waited() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let holder = dir.hold("k");
 
     let out = dir.output(&["run", "k", "-n", "--", "true"]);
@@ -202,7 +138,7 @@ fn a_refusal_names_the_holder_and_how_long_it_waited() {
 
 #[test]
 fn a_wait_is_announced_on_a_terminal_and_with_verbose_only() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let holder = dir.hold("k");
     let expected = "waiting for lock \"k\" on file://";
     let by = format!("held by {}@", holder.pid());
@@ -246,7 +182,7 @@ fn a_wait_is_announced_on_a_terminal_and_with_verbose_only() {
 
 #[test]
 fn help_documents_verbose_log_ttl_minimum_force_and_schema_url() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let help = |args: &[&str]| {
         let out = dir.output(args);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -285,7 +221,7 @@ fn help_documents_verbose_log_ttl_minimum_force_and_schema_url() {
 
 #[test]
 fn bench_is_not_a_subcommand_and_says_where_the_benchmarks_are() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let out = dir.output(&["bench"]);
     assert_eq!(code(&out), 64);
     let message = one_line(&out);
@@ -304,7 +240,7 @@ fn closed_port() -> u16 {
 
 #[test]
 fn an_unreachable_backend_names_key_backend_and_cause_once() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let port = closed_port();
     for url in [
         format!("redis://127.0.0.1:{port}"),
@@ -336,7 +272,7 @@ fn an_unreachable_backend_names_key_backend_and_cause_once() {
 
 #[test]
 fn a_named_directory_gets_only_its_last_component_created() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let missing = dir.path().join("mistyped");
     let url = format!("file://{}/locks", missing.display());
     let out = dir.output(&["run", "k", "--backend", &url, "--", "true"]);
@@ -400,7 +336,7 @@ fn row(table: &str, key: &str) -> (String, Vec<String>) {
 
 #[test]
 fn status_and_list_show_one_lock_in_the_same_columns() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let _holder = dir.hold("k");
     let status = stdout(&dir.output(&["status", "k"]));
     let list = stdout(&dir.output(&["list"]));
@@ -417,7 +353,7 @@ fn status_and_list_show_one_lock_in_the_same_columns() {
 
 #[test]
 fn a_shell_string_runs_with_sh_c_and_excludes_command() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let out = dir.output(&["run", "k", "-c", "echo \"$DLOCK_KEY\"; exit 3"]);
     assert_eq!((code(&out), stdout(&out)), (3, "k\n".to_owned()));
     let out = dir.output(&["run", "k", "-c", "true", "--", "echo", "both"]);
@@ -426,7 +362,7 @@ fn a_shell_string_runs_with_sh_c_and_excludes_command() {
 }
 
 /// Spawns a holder without COMMAND and reads the line it prints once it holds.
-fn spawn_holder(dir: &Dir, args: &[&str]) -> (Child, String) {
+fn spawn_holder(dir: &LockDir, args: &[&str]) -> (Child, String) {
     let mut child = dir.dlock(args).stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
@@ -437,7 +373,7 @@ fn spawn_holder(dir: &Dir, args: &[&str]) -> (Child, String) {
 
 #[test]
 fn hold_prints_key_and_fence_and_releases_on_a_signal() {
-    let dir = Dir::new();
+    let dir = new_dir();
     for (args, number) in [
         (vec!["hold", "k"], libc::SIGTERM),
         (vec!["run", "k"], libc::SIGINT),
@@ -463,7 +399,7 @@ fn hold_prints_key_and_fence_and_releases_on_a_signal() {
 
 #[test]
 fn hold_exits_76_when_the_lease_is_lost() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let (mut child, line) = spawn_holder(&dir, &["hold", "k", "--ttl", "1s"]);
     assert!(line.starts_with("key=k "), "{line:?}");
     assert_eq!(code(&dir.output(&["release", "k", "--force"])), 0);

@@ -6,35 +6,17 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dlock_testkit::cli::LockDir;
+
 const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
 
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::Builder::new()
-            .prefix("dlock-tree-")
-            .tempdir()
-            .unwrap())
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    fn dlock(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(DLOCK);
-        command
-            .args(args)
-            .env_remove("DLOCK_BACKEND")
-            .env("DLOCK_DIR", self.path())
-            .stdin(Stdio::null());
-        command
-    }
+/// A private lock directory for `dlock` (removed when dropped).
+fn new_dir() -> LockDir {
+    LockDir::new(DLOCK, "dlock-tree-")
 }
 
 /// A dlock process, killed and reaped when the test ends however it ends.
@@ -121,7 +103,7 @@ fn read_pid(file: &Path) -> i32 {
 
 /// A COMMAND whose foreground step (a grandchild of dlock) writes its pid, then `marker`
 /// after 4 seconds.
-fn grandchild_script(dir: &Dir) -> (String, std::path::PathBuf, std::path::PathBuf) {
+fn grandchild_script(dir: &LockDir) -> (String, std::path::PathBuf, std::path::PathBuf) {
     let pid = dir.path().join("grandchild");
     let marker = dir.path().join("marker");
     let script = format!(
@@ -134,7 +116,7 @@ fn grandchild_script(dir: &Dir) -> (String, std::path::PathBuf, std::path::PathB
 
 #[test]
 fn force_release_stops_commands_foreground_children() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let (script, pid_file, marker) = grandchild_script(&dir);
     let mut holder = Running(
         dir.dlock(&[
@@ -173,7 +155,7 @@ fn force_release_stops_commands_foreground_children() {
 
 #[test]
 fn sigkill_of_dlock_stops_commands_foreground_children() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let (script, pid_file, marker) = grandchild_script(&dir);
     let mut holder = Running(
         dir.dlock(&["run", "job", "--", "sh", "-c", &script])
@@ -240,7 +222,7 @@ fn setuid_command_dies_with_dlock() {
         eprintln!("skipped: making a setuid binary of another user needs root");
         return;
     }
-    let dir = Dir::new();
+    let dir = new_dir();
     let binary = dir.path().join("sleep-as-nobody");
     std::fs::copy("/bin/sleep", &binary).unwrap();
     let path = std::ffi::CString::new(binary.to_str().unwrap()).unwrap();
@@ -282,7 +264,7 @@ exit $n;"#;
 
 #[test]
 fn kill_int_of_dlock_reaches_command_once() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let mut child = dir
         .dlock(&["run", "k", "--", "perl", "-e", COUNT_SIGINTS])
         .stdout(Stdio::piped())
@@ -300,7 +282,7 @@ fn kill_int_of_dlock_reaches_command_once() {
 
 #[test]
 fn ctrl_c_on_a_terminal_reaches_command_once() {
-    let dir = Dir::new();
+    let dir = new_dir();
     let (mut master, mut slave) = (0, 0);
     let made = unsafe {
         libc::openpty(

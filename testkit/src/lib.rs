@@ -11,6 +11,7 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod cli;
 pub mod conformance;
 pub mod kinds;
 pub mod process;
