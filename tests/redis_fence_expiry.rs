@@ -133,3 +133,42 @@ async fn a_counter_ahead_of_the_clock_is_kept_until_the_clock_passes_it() {
         "PTTL {left} ms: the counter must live until the clock has passed it"
     );
 }
+
+/// A holder record that outlived its key (a client that is not dlock deleted the key
+/// alone) is replaced whole by the next holder's, not merged into: the new holder's
+/// record carries neither the old value nor the old owner's fields.
+#[tokio::test]
+async fn a_stale_holder_record_is_replaced_not_merged() {
+    let server = RedisServer::start();
+    let locks = fencelock::connect(&server.url()).await.unwrap();
+    // A record with no key beside it, as `DEL K` from another client leaves one.
+    server.cli(&[
+        "HSET",
+        "{dlock:stale-record}:holder",
+        "owner",
+        "gone",
+        "value",
+        "the old holder's",
+        "note",
+        "left behind",
+    ]);
+    let lease = locks
+        .lock("stale-record")
+        .ttl(TTL)
+        .no_wait()
+        .acquire()
+        .await
+        .unwrap();
+    let info = locks.status("stale-record").await.unwrap().unwrap();
+    assert_eq!(info.fence, Some(lease.fence()));
+    assert_eq!(
+        info.value, None,
+        "the old holder's value was kept: {info:?}"
+    );
+    let fields = server.cli(&["HKEYS", "{dlock:stale-record}:holder"]);
+    assert!(
+        !fields.lines().any(|f| f == "value" || f == "note"),
+        "the record kept the old fields: {fields:?}"
+    );
+    lease.release().await.unwrap();
+}
