@@ -358,3 +358,54 @@ fn ctrl_c_on_a_terminal_reaches_command_once() {
         "SIGINTs COMMAND got for one Ctrl-C: {status:?}; terminal: {text:?}"
     );
 }
+
+/// The watchdog is a forked copy of dlock that never execs: it must hold none of dlock's
+/// descriptors (a copy of the lock file's would keep the flock after dlock lets go of
+/// it, a copy of a connection would keep a server session), and it shows as
+/// `dlock-watchdog`, not as a second `dlock run`.
+#[test]
+fn the_watchdog_holds_nothing_of_dlocks() {
+    let dir = new_dir();
+    let holder = Running(
+        dir.dlock(&["run", "k", "--", "sleep", "30"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let watchdog = loop {
+        if let Some(&pid) = children_named(holder.pid(), "dlock-watchdog").first() {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no watchdog among dlock's children"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let cmdline = std::fs::read(format!("/proc/{watchdog}/cmdline")).unwrap();
+    let shown: Vec<&[u8]> = cmdline
+        .split(|b| *b == 0)
+        .filter(|arg| !arg.is_empty())
+        .collect();
+    assert_eq!(shown, [b"dlock-watchdog".as_slice()], "{cmdline:?}");
+    let mut fds: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{watchdog}/fd"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let target = std::fs::read_link(entry.path()).unwrap_or_default();
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                target.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    fds.sort();
+    let names: Vec<&str> = fds.iter().map(|(fd, _)| fd.as_str()).collect();
+    assert_eq!(names, ["0", "1", "2"], "the watchdog holds more: {fds:?}");
+    assert!(fds[0].1.starts_with("pipe:"), "{fds:?}");
+    assert!(
+        fds[1..].iter().all(|(_, target)| target == "/dev/null"),
+        "{fds:?}"
+    );
+}

@@ -214,13 +214,6 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
 }
 
 pub fn main() -> ExitCode {
-    // Before clap: the watchdog is no user-facing subcommand.
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|arg| arg == tree::WATCHDOG)
-    {
-        return tree::watchdog();
-    }
     let parsed = Cli::command()
         .after_help(after_help())
         .try_get_matches()

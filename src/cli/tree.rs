@@ -1,8 +1,8 @@
 //! COMMAND's process tree: one process group that dlock signals as a whole, a watchdog
 //! that kills that group if dlock dies, and the terminal handed to the group as shells do.
 //!
-//! - COMMAND runs in a process group of its own whose leader is the watchdog, a second
-//!   dlock process (`dlock __watchdog`). Signals on lease loss, forwarded signals and the
+//! - COMMAND runs in a process group of its own whose leader is the watchdog, a forked
+//!   copy of dlock that runs nothing but system calls. Signals on lease loss, forwarded signals and the
 //!   final clean-up go to the whole group, so a foreground step of a shell script stops
 //!   with the script.
 //! - The watchdog reads a pipe whose write end only dlock holds. When dlock dies, even by
@@ -17,13 +17,10 @@
 //!   reaches COMMAND's group once (not dlock), and dlock takes the terminal back at the end.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
-
-/// The hidden first argument that makes dlock a watchdog.
-pub const WATCHDOG: &str = "__watchdog";
 
 /// Signals the watchdog ignores: it shares COMMAND's group, which the terminal and dlock
 /// signal as a whole, and must outlive every member but itself.
@@ -38,30 +35,121 @@ const WATCHDOG_IGNORES: [libc::c_int; 8] = [
     libc::SIGPIPE,
 ];
 
-/// The watchdog's whole life: wait for end of file on stdin, then SIGKILL its group.
-pub fn watchdog() -> std::process::ExitCode {
-    // SAFETY: getpid/getpgrp have no preconditions.
-    let (me, group) = unsafe { (libc::getpid(), libc::getpgrp()) };
-    // dlock makes its watchdog the leader of a new group; anything else (a user typing
-    // `dlock __watchdog`) must not kill the group it was started in.
-    if me != group {
-        super::exit::report("__watchdog is internal to dlock run");
-        return std::process::ExitCode::from(super::exit::USAGE);
-    }
-    // SAFETY: PR_SET_NAME reads a NUL-terminated name of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, c"dlock-watchdog".as_ptr(), 0, 0, 0) };
-    let mut buf = [0u8; 64];
-    loop {
-        // SAFETY: reading into a buffer of the length given.
-        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
-        if n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted) {
-            continue;
+/// The watchdog's whole life, in the child of a `fork` that is never followed by an
+/// exec: leader of a new group, it waits for end of file on `alarm` (whose write end
+/// only dlock holds), then SIGKILLs its group.
+///
+/// A forked copy of dlock instead of a new program saves loading and starting dlock's
+/// binary a second time, which was most of what `dlock run` cost beyond flock(1). The
+/// price is discipline: the child of a multi-threaded process may make only
+/// async-signal-safe calls (no allocation, no lock, no Rust runtime), so everything here
+/// is a bare system call, and the child ends with `_exit` without ever returning.
+///
+/// # Safety
+///
+/// Only to be called in the child, straight after `fork`; `alarm` and `null` are open
+/// descriptors (the pipe's read end, `/dev/null`).
+unsafe fn watchdog_after_fork(
+    alarm: libc::c_int,
+    null: libc::c_int,
+    parent: libc::pid_t,
+    title: ProcessTitle,
+) -> ! {
+    // SAFETY: bare system calls only (see above); each result that matters is checked.
+    unsafe {
+        title.rename();
+        if libc::setpgid(0, 0) != 0 {
+            libc::_exit(1);
         }
-        break;
+        // dlock's handlers (its runtime's signal pipe) are no business of the watchdog's:
+        // defaults, then the ignored ones, and nothing blocked.
+        for signal in 1..libc::SIGRTMIN() {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+        for signal in WATCHDOG_IGNORES {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // dlock died before the watchdog was in place: nobody will close the pipe.
+        if libc::getppid() != parent {
+            libc::_exit(0);
+        }
+        // Nothing of dlock's stays open here: a copy of a lock file's descriptor or of a
+        // connection would keep dlock's lock or session alive after dlock lets go of it.
+        if libc::dup2(alarm, 0) < 0 || libc::dup2(null, 1) < 0 || libc::dup2(null, 2) < 0 {
+            libc::_exit(1);
+        }
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            // Kernels before 5.9: one close per possible descriptor.
+            let mut limit: libc::rlimit = std::mem::zeroed();
+            let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur.min(1 << 20) as libc::c_int
+            } else {
+                1024
+            };
+            for fd in 3..top {
+                libc::close(fd);
+            }
+        }
+        libc::prctl(libc::PR_SET_NAME, c"dlock-watchdog".as_ptr(), 0, 0, 0);
+        let mut buf = [0u8; 64];
+        loop {
+            let n = libc::read(0, buf.as_mut_ptr().cast(), buf.len());
+            if n > 0 || (n < 0 && *libc::__errno_location() == libc::EINTR) {
+                continue;
+            }
+            break;
+        }
+        // Our own process group, which holds only COMMAND's tree.
+        libc::kill(0, libc::SIGKILL);
+        libc::_exit(0)
     }
-    // SAFETY: kill(2) of our own process group, which holds only COMMAND's tree.
-    unsafe { libc::kill(0, libc::SIGKILL) };
-    std::process::ExitCode::SUCCESS
+}
+
+extern "C" {
+    /// glibc's pointer to `argv[0]`, the start of the block of argument strings that
+    /// `/proc/PID/cmdline` shows.
+    static mut program_invocation_name: *mut libc::c_char;
+}
+
+/// Where this process's argument strings are, so that the forked watchdog can show as
+/// `dlock-watchdog` in `ps` and `pgrep -f` instead of as a second `dlock run KEY --
+/// COMMAND`.
+#[derive(Clone, Copy)]
+struct ProcessTitle {
+    start: *mut u8,
+    len: usize,
+}
+
+impl ProcessTitle {
+    /// Read before the fork (it allocates).
+    fn of_this_process() -> ProcessTitle {
+        // The strings lie one after the other, each with its NUL, from argv[0] on.
+        let len = std::env::args_os().map(|arg| arg.len() + 1).sum();
+        // SAFETY: reading a pointer glibc sets once at startup.
+        let start = unsafe { program_invocation_name }.cast::<u8>();
+        ProcessTitle { start, len }
+    }
+
+    /// Overwrites the arguments with the watchdog's name, NUL-padded: memory writes only,
+    /// safe after fork.
+    ///
+    /// # Safety
+    ///
+    /// In the forked child only, whose copy of the strings nothing else reads.
+    unsafe fn rename(self) {
+        const NAME: &[u8] = b"dlock-watchdog";
+        if self.start.is_null() || self.len <= NAME.len() {
+            return;
+        }
+        // SAFETY: `len` bytes from argv[0] are the argument strings, writable.
+        unsafe {
+            std::ptr::write_bytes(self.start, 0, self.len);
+            std::ptr::copy_nonoverlapping(NAME.as_ptr(), self.start, NAME.len());
+        }
+    }
 }
 
 /// Makes dlock the reaper of orphans among its descendants.
@@ -117,35 +205,31 @@ impl Group {
         }
         // SAFETY: fresh descriptors from pipe2, owned once each.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let mut command = std::process::Command::new("/proc/self/exe");
-        command
-            .arg0("dlock")
-            .arg(WATCHDOG)
-            .stdin(Stdio::from(read))
-            .stdout(Stdio::null());
-        let parent = std::process::id();
-        // SAFETY: only async-signal-safe calls (setpgid, signal, getppid, _exit) between
-        // fork and exec. Ignored signals stay ignored across exec, so the watchdog never
-        // has a moment where Ctrl-C on the group would kill it.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setpgid(0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                for signal in WATCHDOG_IGNORES {
-                    libc::signal(signal, libc::SIG_IGN);
-                }
-                if libc::getppid() != parent as libc::pid_t {
-                    libc::_exit(0);
-                }
-                Ok(())
-            });
+        // Opened before the fork: the child may not allocate the path's C string.
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        let title = ProcessTitle::of_this_process();
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the child runs only watchdog_after_fork (bare system calls, then
+        // _exit), as a child of a multi-threaded process must.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: in the child, straight after fork, with open descriptors.
+            unsafe { watchdog_after_fork(read.as_raw_fd(), null.as_raw_fd(), parent, title) }
         }
-        let watchdog = command.spawn()?;
-        let pgid = libc::pid_t::try_from(watchdog.id())
-            .map_err(|_| io::Error::other("watchdog pid out of range"))?;
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // As the shells do, in the parent too: the group exists before COMMAND joins it,
+        // whichever of the two runs first (EACCES/ESRCH once the child has moved on).
+        // SAFETY: setpgid of our own child.
+        unsafe { libc::setpgid(pid, pid) };
+        drop((read, null));
         Ok(Group {
-            pgid,
+            pgid: pid,
             alarm: Some(write),
             command: None,
             terminal,
