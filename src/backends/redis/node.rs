@@ -413,13 +413,23 @@ impl<C: Connect> Node<C> {
         }
     }
 
-    async fn invoke<T: redis::FromRedisValue>(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T> {
+    async fn invoke<T: redis::FromRedisValue>(&self, call: &ScriptCall<'_>) -> Result<T> {
         let mut conn = self.connection().await?;
-        self.bounded("a script call", invocation.invoke_async(&mut conn))
-            .await
+        let evalsha = call.evalsha();
+        self.bounded("a script call", async {
+            match evalsha.query_async(&mut conn).await {
+                // The server has not seen the script yet (or forgot it: a restart, SCRIPT
+                // FLUSH): load it and send the call again.
+                Err(err)
+                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    call.script.load_async(&mut conn).await?;
+                    evalsha.query_async(&mut conn).await
+                }
+                other => other,
+            }
+        })
+        .await
     }
 
     /// The single-node acquire script (`redlock == false`) or Redlock's phase 1, for any
@@ -439,7 +449,7 @@ impl<C: Connect> Node<C> {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
             .unwrap_or(0);
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = ScriptCall::new(script, 6);
         invocation
             .key(&names.lock)
             .key(&names.fence)
@@ -496,7 +506,7 @@ impl<C: Connect> Node<C> {
         kind: LockKind,
     ) -> Result<bool> {
         let names = self.names(key);
-        let mut invocation = scripts::REDLOCK_COMMIT.prepare_invoke();
+        let mut invocation = ScriptCall::new(&scripts::REDLOCK_COMMIT, 5);
         invocation
             .key(&names.lock)
             .key(&names.fence)
@@ -521,10 +531,10 @@ impl<C: Connect> Node<C> {
         let names = self.names(key);
         let mut invocation;
         if kind == LockKind::Exclusive {
-            invocation = scripts::RENEW.prepare_invoke();
+            invocation = ScriptCall::new(&scripts::RENEW, 2);
             invocation.key(&names.lock).key(&names.holder);
         } else {
-            invocation = scripts::RENEW_SHARED.prepare_invoke();
+            invocation = ScriptCall::new(&scripts::RENEW_SHARED, 2);
             invocation.key(&names.leases).key(&names.records);
         }
         invocation.arg(owner.as_str()).arg(ms(ttl)).arg(now_ms());
@@ -553,7 +563,7 @@ impl<C: Connect> Node<C> {
         } else {
             &*scripts::RELEASE
         };
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = ScriptCall::new(script, 5);
         invocation
             .key(&names.lock)
             .key(&names.holder)
@@ -576,7 +586,7 @@ impl<C: Connect> Node<C> {
         } else {
             &*scripts::FORCE_RELEASE
         };
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = ScriptCall::new(script, 5);
         invocation
             .key(&names.lock)
             .key(&names.holder)
@@ -592,7 +602,7 @@ impl<C: Connect> Node<C> {
     /// Who holds `key` on this node: its writer, or its readers or permits.
     pub async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let names = self.names(key);
-        let mut invocation = scripts::INSPECT.prepare_invoke();
+        let mut invocation = ScriptCall::new(&scripts::INSPECT, 4);
         invocation
             .key(&names.lock)
             .key(&names.holder)
@@ -861,9 +871,84 @@ pub async fn abandon_soon(
     }
 }
 
+/// One script call written straight into the one buffer of a `redis::Cmd`, `EVALSHA hash
+/// numkeys keys… args…`, rather than through redis-rs's `ScriptInvocation`, which
+/// allocates a vector per key and argument and copies them into a command at each call.
+/// Loaded on NOSCRIPT. The number of keys comes first, so it is given up front (and
+/// checked against the keys added in debug builds).
+pub(super) struct ScriptCall<'a> {
+    script: &'a redis::Script,
+    cmd: Cmd,
+    keys: usize,
+    keys_added: usize,
+}
+
+impl<'a> ScriptCall<'a> {
+    pub(super) fn new(script: &'a redis::Script, keys: usize) -> ScriptCall<'a> {
+        // Room for the longest call (6 keys, 12 arguments) without growing.
+        let mut cmd = Cmd::with_capacity(24, 512);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+        ScriptCall {
+            script,
+            cmd,
+            keys,
+            keys_added: 0,
+        }
+    }
+
+    /// The next key; every key comes before the first argument.
+    pub(super) fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.cmd.arg(key);
+        self.keys_added += 1;
+        self
+    }
+
+    pub(super) fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        debug_assert_eq!(
+            self.keys_added, self.keys,
+            "a script call's keys come first"
+        );
+        self.cmd.arg(arg);
+        self
+    }
+
+    fn evalsha(&self) -> &Cmd {
+        debug_assert_eq!(
+            self.keys_added, self.keys,
+            "a script call's declared key count"
+        );
+        &self.cmd
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_script_call_is_evalsha_hash_numkeys_keys_then_args() {
+        let script = redis::Script::new("return 1");
+        let mut call = ScriptCall::new(&script, 2);
+        call.key("k1").key("k2").arg("owner").arg(30_000u64);
+        let parts: Vec<&[u8]> = call
+            .evalsha()
+            .args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => bytes,
+                _ => b"<not a plain argument>",
+            })
+            .collect();
+        let expected: Vec<&[u8]> = vec![
+            b"EVALSHA",
+            script.get_hash().as_bytes(),
+            b"2",
+            b"k1",
+            b"k2",
+            b"owner",
+            b"30000",
+        ];
+        assert_eq!(parts, expected);
+    }
 
     #[test]
     fn names_share_a_hash_tag() {
