@@ -459,11 +459,17 @@ def redis_benchmark(results, port, c):
 
 
 def pgbench(results, port, c, sql, kind, name):
-    script = Path(tempfile.mkstemp(suffix=".sql")[1])
+    # In the run's own directory, removed with it (mkstemp alone left one file per call in /tmp).
+    fd, path = tempfile.mkstemp(suffix=".sql", dir=results.tmp)
+    os.close(fd)
+    script = Path(path)
     script.write_text(sql)
-    out = subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-n", "-M", "prepared",
-                          "-c", str(c), "-j", str(min(c, 2)), "-T", str(max(1, int(results.seconds))), "-f",
-                          str(script), "postgres"], check=True, capture_output=True, text=True).stdout
+    try:
+        out = subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-n", "-M",
+                              "prepared", "-c", str(c), "-j", str(min(c, 2)), "-T", str(max(1, int(results.seconds))),
+                              "-f", str(script), "postgres"], check=True, capture_output=True, text=True).stdout
+    finally:
+        script.unlink(missing_ok=True)
     tps = next(float(line.split("=")[1].split()[0]) for line in out.splitlines() if line.startswith("tps"))
     return results.add(kind, {"client": name, "mode": "uncontended", "concurrency": c, "per_second": tps})
 
