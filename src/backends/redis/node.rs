@@ -449,9 +449,8 @@ impl<C: Connect> Node<C> {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
             .unwrap_or(0);
-        let mut invocation = ScriptCall::new(script, 6);
-        invocation
-            .key(&names.lock)
+        let mut call = ScriptCall::new(script, 6);
+        call.key(&names.lock)
             .key(&names.fence)
             .key(&names.holder)
             .key(&names.leases)
@@ -469,7 +468,7 @@ impl<C: Connect> Node<C> {
             .arg(scripts::WRITER_INTENT_MS)
             .arg(first_slot)
             .arg(u8::from(redlock));
-        let (taken, number, slot): (i64, String, u32) = self.invoke(&invocation).await?;
+        let (taken, number, slot): (i64, String, u32) = self.invoke(&call).await?;
         let parse = |text: &str| {
             text.parse::<i64>().map_err(|_| {
                 Error::backend(
@@ -506,9 +505,8 @@ impl<C: Connect> Node<C> {
         kind: LockKind,
     ) -> Result<bool> {
         let names = self.names(key);
-        let mut invocation = ScriptCall::new(&scripts::REDLOCK_COMMIT, 5);
-        invocation
-            .key(&names.lock)
+        let mut call = ScriptCall::new(&scripts::REDLOCK_COMMIT, 5);
+        call.key(&names.lock)
             .key(&names.fence)
             .key(&names.holder)
             .key(&names.leases)
@@ -516,7 +514,7 @@ impl<C: Connect> Node<C> {
             .arg(owner.as_str())
             .arg(fence.to_string())
             .arg(kind_code(kind).0);
-        let done: i64 = self.invoke(&invocation).await?;
+        let done: i64 = self.invoke(&call).await?;
         Ok(done == 1)
     }
 
@@ -529,16 +527,16 @@ impl<C: Connect> Node<C> {
         kind: LockKind,
     ) -> Result<bool> {
         let names = self.names(key);
-        let mut invocation;
+        let mut call;
         if kind == LockKind::Exclusive {
-            invocation = ScriptCall::new(&scripts::RENEW, 2);
-            invocation.key(&names.lock).key(&names.holder);
+            call = ScriptCall::new(&scripts::RENEW, 2);
+            call.key(&names.lock).key(&names.holder);
         } else {
-            invocation = ScriptCall::new(&scripts::RENEW_SHARED, 2);
-            invocation.key(&names.leases).key(&names.records);
+            call = ScriptCall::new(&scripts::RENEW_SHARED, 2);
+            call.key(&names.leases).key(&names.records);
         }
-        invocation.arg(owner.as_str()).arg(ms(ttl)).arg(now_ms());
-        let done: i64 = self.invoke(&invocation).await?;
+        call.arg(owner.as_str()).arg(ms(ttl)).arg(now_ms());
+        let done: i64 = self.invoke(&call).await?;
         Ok(done == 1)
     }
 
@@ -563,9 +561,8 @@ impl<C: Connect> Node<C> {
         } else {
             &*scripts::RELEASE
         };
-        let mut invocation = ScriptCall::new(script, 5);
-        invocation
-            .key(&names.lock)
+        let mut call = ScriptCall::new(script, 5);
+        call.key(&names.lock)
             .key(&names.holder)
             .key(&names.leases)
             .key(&names.records)
@@ -574,7 +571,7 @@ impl<C: Connect> Node<C> {
             .arg(&names.channel)
             .arg(key.as_str())
             .arg(u8::from(keep_intent));
-        let done: i64 = self.invoke(&invocation).await?;
+        let done: i64 = self.invoke(&call).await?;
         Ok(done == 1)
     }
 
@@ -586,30 +583,27 @@ impl<C: Connect> Node<C> {
         } else {
             &*scripts::FORCE_RELEASE
         };
-        let mut invocation = ScriptCall::new(script, 5);
-        invocation
-            .key(&names.lock)
+        let mut call = ScriptCall::new(script, 5);
+        call.key(&names.lock)
             .key(&names.holder)
             .key(&names.leases)
             .key(&names.records)
             .key(&names.intents)
             .arg(&names.channel)
             .arg(key.as_str());
-        let held: i64 = self.invoke(&invocation).await?;
+        let held: i64 = self.invoke(&call).await?;
         Ok(held > 0)
     }
 
     /// Who holds `key` on this node: its writer, or its readers or permits.
     pub async fn inspect(&self, key: &Key) -> Result<Option<LockInfo>> {
         let names = self.names(key);
-        let mut invocation = ScriptCall::new(&scripts::INSPECT, 4);
-        invocation
-            .key(&names.lock)
+        let mut call = ScriptCall::new(&scripts::INSPECT, 4);
+        call.key(&names.lock)
             .key(&names.holder)
             .key(&names.leases)
             .key(&names.records);
-        let answer: Option<(String, String, String, Vec<String>)> =
-            self.invoke(&invocation).await?;
+        let answer: Option<(String, String, String, Vec<String>)> = self.invoke(&call).await?;
         let Some((mode, first, second, fields)) = answer else {
             return Ok(None);
         };
