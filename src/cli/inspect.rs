@@ -148,8 +148,7 @@ fn rows_of(all: &[LockInfo]) -> Vec<LockInfo> {
 }
 
 fn print_table(all: &[LockInfo]) {
-    let all = rows_of(all);
-    let rows: Vec<[String; 8]> = all
+    let rows: Vec<Vec<String>> = rows_of(all)
         .iter()
         .map(|i| {
             let cells = [
@@ -171,33 +170,19 @@ fn print_table(all: &[LockInfo]) {
                 ago(i.expires_at),
                 i.note.clone().unwrap_or_default(),
             ];
-            cells.map(|cell| printable(&cell).into_owned())
+            cells
+                .iter()
+                .map(|cell| printable(cell).into_owned())
+                .collect()
         })
         .collect();
-    let header = [
-        "KEY", "FENCE", "OWNER", "HOLDER", "ACQUIRED", "RENEWED", "EXPIRES", "NOTE",
-    ];
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(header.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    print!(
+        "{}",
+        layout(
+            &["KEY", "FENCE", "OWNER", "HOLDER", "ACQUIRED", "RENEWED", "EXPIRES", "NOTE",],
+            &rows,
+        )
+    );
 }
 
 /// `dlock leader NAME [--watch]`.
@@ -361,9 +346,23 @@ fn watch_table(all: &[LockInfo]) -> String {
     )
 }
 
+/// Columns of times, which are at least [`TIME_WIDTH`] wide.
+const TIME_COLUMNS: [&str; 4] = ["ACQUIRED", "AGE", "RENEWED", "EXPIRES"];
+
+/// The width of the longest time [`ago`] writes below two hours ("999ms ago"), so that a
+/// table keeps its columns while times tick over: `--watch` does not jitter and two
+/// calls a moment apart line up.
+const TIME_WIDTH: usize = 9;
+
 /// Columns aligned, the last one ragged, one line per row.
 fn layout(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let mut widths: Vec<usize> = header
+        .iter()
+        .map(|h| match TIME_COLUMNS.contains(h) {
+            true => h.len().max(TIME_WIDTH),
+            false => h.len(),
+        })
+        .collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
