@@ -53,6 +53,9 @@ pub use crate::core::locks::{LockBuilder, Locks, Wait, DEFAULT_TTL, MAX_TTL, MIN
 /// Metric names and options (see the module for names, types and labels).
 pub use crate::core::metrics;
 pub use crate::core::multi::{MultiLease, MultiLockBuilder};
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
+pub use backends::sql_session::LEASES_PER_SESSION;
 pub use duration::parse_duration;
 pub use error::{Cause, Error, LossReason, Result};
 pub use key::{Key, MAX_KEY_BYTES};

@@ -16,7 +16,7 @@ pub enum Mode {
 }
 
 /// dlock's own options of a SQL URL.
-pub(crate) const OWN_OPTIONS: &[&str] = &["mode", "table"];
+pub(crate) const OWN_OPTIONS: &[&str] = &["mode", "table", "sessions"];
 
 /// What a SQL URL says beyond the client's connection options.
 pub(crate) struct SqlOptions {
@@ -24,6 +24,8 @@ pub(crate) struct SqlOptions {
     /// The table of the mode (`dlock_sessions` or `dlock_leases` unless `?table=`),
     /// possibly qualified by `namespace` (schema or database).
     pub(crate) table: String,
+    /// `sessions=shared` (session mode only): exclusive leases share connections.
+    pub(crate) shared_sessions: bool,
     /// The URL without dlock's own options, for the client library.
     pub(crate) client_url: Url,
 }
@@ -46,6 +48,21 @@ pub(crate) fn parse(
         Some(other) => {
             return Err(url.error(format!(
                 "unknown mode {other:?}; expected mode=session ({session_lock}, the default) or mode=lease (a lease table)"
+            )))
+        }
+    };
+    let shared_sessions = match url.option("sessions").as_deref() {
+        None | Some("dedicated") => false,
+        Some("shared") if mode == Mode::Session => true,
+        Some("shared") => {
+            return Err(url.error(
+                "sessions=shared is for mode=session: a lease table holds any number of leases on a few connections already",
+            ))
+        }
+        Some(other) => {
+            return Err(url.error(format!(
+                "unknown sessions {other:?}; expected sessions=dedicated (a connection per lease, the default) or sessions=shared (up to {} exclusive leases per connection, which end together)",
+                crate::backends::sql_session::LEASES_PER_SESSION
             )))
         }
     };
@@ -73,6 +90,7 @@ pub(crate) fn parse(
     Ok(SqlOptions {
         mode,
         table,
+        shared_sessions,
         client_url,
     })
 }

@@ -85,6 +85,8 @@ pub struct Settings {
     pub table: String,
     /// The fence counter table, in the same database.
     pub counter: String,
+    /// `sessions=shared`: exclusive session-mode leases share connections.
+    pub shared_sessions: bool,
     /// The fence namespace of session-mode locks: `database.dlock_fence_counter`, with
     /// the database of the table (the URL's unless the table names one).
     pub namespace: String,
@@ -101,6 +103,7 @@ impl std::fmt::Debug for Settings {
             .field("table", &self.table)
             .field("counter", &self.counter)
             .field("namespace", &self.namespace)
+            .field("shared_sessions", &self.shared_sessions)
             .field("describe", &self.describe)
             .finish_non_exhaustive()
     }
@@ -209,6 +212,7 @@ impl Settings {
         let sql_url::SqlOptions {
             mode,
             table,
+            shared_sessions,
             mut client_url,
         } = sql_url::parse(url, CLIENT_OPTIONS, "GET_LOCK", "database")?;
         sql_url::remove_options(&mut client_url, tls::OPTIONS);
@@ -262,6 +266,7 @@ impl Settings {
             table,
             counter,
             namespace,
+            shared_sessions,
             describe: url.redacted().to_owned(),
         })
     }

@@ -152,13 +152,17 @@ pub(crate) async fn connect(settings: Settings) -> Result<MysqlSessionBackend> {
     ensure_schema(&mut conn, &settings.describe, &probes, statements).await?;
     conn.keep();
     drop(conn);
-    Ok(SessionLocks::new(MySession {
-        namespace: settings.namespace,
-        sql: Sql::new(&settings.table, &settings.counter),
-        describe: settings.describe,
-        dial: settings.dial,
-        admin,
-    }))
+    let shared_sessions = settings.shared_sessions;
+    Ok(SessionLocks::new(
+        MySession {
+            namespace: settings.namespace,
+            sql: Sql::new(&settings.table, &settings.counter),
+            describe: settings.describe,
+            dial: settings.dial,
+            admin,
+        },
+        shared_sessions,
+    ))
 }
 
 impl MySession {

@@ -97,6 +97,8 @@ pub struct Settings {
     pub table: String,
     /// The fence sequence, in the table's schema.
     pub sequence: String,
+    /// `sessions=shared`: exclusive session-mode leases share connections.
+    pub shared_sessions: bool,
     /// The URL with its password hidden, for messages.
     pub describe: String,
 }
@@ -107,6 +109,7 @@ impl Settings {
         let sql_url::SqlOptions {
             mode,
             table,
+            shared_sessions,
             mut client_url,
         } = sql_url::parse(url, CLIENT_OPTIONS, "advisory locks", "schema")?;
         let sequence = sql_url::beside(&table, "dlock_fence_seq");
@@ -149,6 +152,7 @@ impl Settings {
             tls,
             table,
             sequence,
+            shared_sessions,
             describe: url.redacted().to_owned(),
         })
     }
@@ -579,5 +583,29 @@ mod tests {
             assert!(matches!(err, Error::BadUrl { .. }), "{err}");
             assert!(!err.to_string().contains("secret"), "{err}");
         }
+    }
+
+    #[test]
+    fn sessions_are_dedicated_unless_shared_is_asked_for_in_session_mode() {
+        let parse = |url: &str| Settings::parse(&BackendUrl::parse(url).unwrap());
+        assert!(!parse("postgres://u@h/db").unwrap().shared_sessions);
+        assert!(
+            !parse("postgres://u@h/db?sessions=dedicated")
+                .unwrap()
+                .shared_sessions
+        );
+        assert!(
+            parse("postgres://u@h/db?sessions=shared")
+                .unwrap()
+                .shared_sessions
+        );
+        let err = parse("postgres://u@h/db?mode=lease&sessions=shared").unwrap_err();
+        assert!(err.to_string().contains("mode=session"), "{err}");
+        let err = parse("postgres://u:secret@h/db?sessions=pooled").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("sessions=shared") && !text.contains("secret"),
+            "{text}"
+        );
     }
 }

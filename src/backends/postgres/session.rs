@@ -184,15 +184,19 @@ pub(crate) async fn connect(settings: Settings) -> Result<PgSessionBackend> {
     )
     .await?;
     let namespace = fence_namespace(&conn, &settings.describe, &settings.sequence).await?;
-    Ok(SessionLocks::new(PgSession {
-        namespace,
-        sql: Arc::new(Sql::new(&settings.table, &settings.sequence)),
-        describe: settings.describe,
-        config: settings.config,
-        tls: settings.tls,
-        admin,
-        sweeps: SweepClock::new(SWEEP_EVERY, false),
-    }))
+    let shared_sessions = settings.shared_sessions;
+    Ok(SessionLocks::new(
+        PgSession {
+            namespace,
+            sql: Arc::new(Sql::new(&settings.table, &settings.sequence)),
+            describe: settings.describe,
+            config: settings.config,
+            tls: settings.tls,
+            admin,
+            sweeps: SweepClock::new(SWEEP_EVERY, false),
+        },
+        shared_sessions,
+    ))
 }
 
 /// SQLSTATE `lock_not_available`: `lock_timeout` ran out.

@@ -1,6 +1,7 @@
 //! The session-lock engine shared by PostgreSQL (`pg_advisory_lock`) and MySQL/MariaDB
 //! (`GET_LOCK`): a lock belongs to the database session that took it, so every held
-//! lease owns a connection of its own.
+//! lease owns a connection of its own, unless the URL asks for shared sessions
+//! ([`shared`]: many exclusive leases on one connection).
 //!
 //! What is the same for both databases lives here, once: the idle pool of connections,
 //! the task that owns a connection while it waits in the server's lock queue (and the
@@ -32,6 +33,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
+
+mod shared;
+
+pub use shared::LEASES_PER_SESSION;
 
 /// Idle connections kept per handle; more are closed after their release.
 const MAX_IDLE: usize = 32;
@@ -208,24 +213,37 @@ impl<D: Dialect> Pool<D> {
 /// A session-lock backend over a [`Dialect`].
 pub(crate) struct SessionLocks<D: Dialect> {
     pool: Arc<Pool<D>>,
+    /// `sessions=shared`: where exclusive leases are taken, several on one connection.
+    shared: Option<shared::SharedSessions<D>>,
 }
 
 impl<D: Dialect> std::fmt::Debug for SessionLocks<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionLocks")
             .field("url", &self.pool.dialect.describe())
+            .field("shared_sessions", &self.shared.is_some())
             .finish()
     }
 }
 
 impl<D: Dialect> SessionLocks<D> {
-    pub(crate) fn new(dialect: D) -> Self {
+    /// The engine over `dialect`; with `shared_sessions`, exclusive leases share
+    /// connections (see [`shared`]).
+    pub(crate) fn new(dialect: D, shared_sessions: bool) -> Self {
         SessionLocks {
             pool: Arc::new(Pool {
                 dialect,
                 idle: Mutex::new(Vec::new()),
             }),
+            shared: shared_sessions.then(shared::SharedSessions::default),
         }
+    }
+
+    /// The shared sessions, if this request's lease goes on one.
+    fn shared_for(&self, request: &AcquireRequest<'_>) -> Option<&shared::SharedSessions<D>> {
+        self.shared
+            .as_ref()
+            .filter(|_| request.kind == LockKind::Exclusive)
     }
 
     fn claim(&self, request: &AcquireRequest<'_>) -> Claim<D::Lock> {
@@ -308,6 +326,23 @@ impl<D: Dialect> SessionLocks<D> {
                 "the waiting connection's task ended",
             )),
         }
+    }
+}
+
+impl<D: Dialect> SessionLocks<D> {
+    /// A free key is taken on a shared session (where the lease goes on one); a held one
+    /// is waited for in the server's queue on a connection of its own, which then holds it.
+    async fn take_or_wait(
+        &self,
+        shared: Option<&shared::SharedSessions<D>>,
+        claim: &Claim<D::Lock>,
+    ) -> Result<Option<Granted>> {
+        if let Some(shared) = shared {
+            if let Some(granted) = shared.try_lock(&self.pool, claim).await? {
+                return Ok(Some(granted));
+            }
+        }
+        self.wait_once(claim).await
     }
 }
 
@@ -465,6 +500,12 @@ impl<D: Dialect> Backend for SessionLocks<D> {
 
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt> {
         let claim = self.claim(request);
+        if let Some(shared) = self.shared_for(request) {
+            return Ok(match shared.try_lock(&self.pool, &claim).await? {
+                Some(granted) => Attempt::Acquired(granted),
+                None => Attempt::Held { expires_in: None },
+            });
+        }
         let mut conn = self.pool.take().await?;
         let sent_at = Instant::now();
         // If this future is dropped mid-statement, `conn` goes with it: the connection
@@ -487,13 +528,14 @@ impl<D: Dialect> Backend for SessionLocks<D> {
             return crate::core::wait::poll_until_acquired(self, request).await;
         }
         let claim = self.claim(request);
+        let shared = self.shared_for(request);
         let mut delays = Backoff {
             min: Duration::from_millis(50),
             max: Duration::from_secs(2),
         }
         .delays();
         loop {
-            let err = match self.wait_once(&claim).await {
+            let err = match self.take_or_wait(shared, &claim).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(err) if err.is_transient() => err,
                 Err(err) => return Err(err),
