@@ -10,7 +10,8 @@ builds dlock and the peer clients, and measures in one go, on this machine:
 `dlock-bench` per backend; the raw stores with their official clients (redis-rs,
 tokio-postgres), `redis-benchmark` and `pgbench` running the same commands; and the peer
 lock clients a user would pick instead (rslock, redis-py's Lock, python-redis-lock,
-node-redlock), each with default and tuned retry settings. The later stores each run
+node-redlock), each with default and tuned retry settings, and distributed-lock (the Rust
+port of DistributedLock for .NET) on Redis, PostgreSQL and files. The later stores each run
 against their raw client in the same run: etcd (a private member) against etcd's own Lock
 RPC through etcd-client and `dlock run` against `etcdctl lock`; ZooKeeper against kazoo's
 Lock; MongoDB (SecantusDB), DynamoDB (dynalite), a 3-master Redis Cluster and Valkey
@@ -336,7 +337,7 @@ def build(sections, cargo=True):
     if cargo:
         run(["cargo", "build", "--release", "--all-features", "--workspace", "--bin", "dlock", "--bin",
              "dlock-bench", "--bin", "dlock-pgbench-script"], cwd=ROOT)
-    if "redis" in sections:
+    if {"redis", "postgres", "local"} & set(sections):
         run(["cargo", "build", "--release"], cwd=PEERS)
     if not (VENV / "bin" / "python").exists():
         run([sys.executable, "-m", "venv", str(VENV)])
@@ -392,7 +393,7 @@ class Results:
         self.jsonl.flush()
         return row
 
-    def json_cmd(self, backend, cmd, client=None, allow_unsupported=False):
+    def json_cmd(self, backend, cmd, client=None, allow_unsupported=False, note=None):
         log(" ".join(str(c) for c in cmd))
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = done.stdout.strip().splitlines()
@@ -409,6 +410,8 @@ class Results:
             row = json.loads(lines[-1])
         if client:
             row["client"] = client
+        if note:
+            row["note"] = note
         log(f"{row.get('client')} {row.get('mode')} c={row.get('concurrency')}: {row.get('per_second', 0):.0f}/s")
         return self.add(backend, row)
 
@@ -428,9 +431,11 @@ class Results:
         return self.json_cmd("zookeeper", [str(VENV / "bin" / "python"), str(PEERS / "kazoo_peer.py"), "--hosts",
                                            hosts, "--mode", mode, "-c", str(c), "--seconds", str(self.seconds)])
 
-    def peer(self, backend, client, url, mode, c):
+    def peer(self, backend, client, url, mode, c, note=None):
+        """A client of bench/peers; `note` (what the row measures, what the client lacks) is
+        kept in the row and printed under its table."""
         return self.json_cmd(backend, [str(PEER_BIN), "--client", client, "--url", url, "--mode", mode, "-c", str(c),
-                                       "--seconds", str(self.seconds)])
+                                       "--seconds", str(self.seconds)], note=note)
 
     def python(self, client, url, mode, c):
         return self.json_cmd("redis", [str(VENV / "bin" / "python"), str(PEERS / "python_peers.py"), "--client",
@@ -599,7 +604,29 @@ def write_report(results, command):
                   "the version lines above are this machine's now.", "", "| section | run |", "|---|---|"]
         lines += [f"| {sec} | {stamps[sec]} |" for sec in SECTIONS if sec in stamps]
 
-    def pairs_table(kind, raw_client, concurrencies, clients):
+    def row_notes(noted, extra=lambda r: ""):
+        """The notes of a table's rows (one per client, in the table's order), each with
+        what `extra` adds from the run's figures."""
+        out, seen = [], set()
+        for r in noted:
+            if r.get("note") and r["client"] not in seen:
+                seen.add(r["client"])
+                out.append(f"- `{r['client']}`: {r['note']}{extra(r)}")
+        return [""] + out if out else []
+
+    def ratios_to(kind, other, concurrencies):
+        """Appends to a note the row's pairs/s as a ratio to `other`'s at each task count."""
+        def extra(r):
+            cells = []
+            for c in concurrencies:
+                mine = find(rows, backend_kind=kind, client=r["client"], mode="uncontended", concurrency=c)
+                base = find(rows, backend_kind=kind, client=other, mode="uncontended", concurrency=c)
+                if mine and base and base.get("per_second"):
+                    cells.append(f"{mine['per_second'] / base['per_second']:.2f}× at {c} task{'s' if c > 1 else ''}")
+            return f" Against `{other}`: {', '.join(cells)}." if cells else ""
+        return extra
+
+    def pairs_table(kind, raw_client, concurrencies, clients, note_ratio=None):
         out = ["", "| client | " + " | ".join(f"{c} task{'s' if c > 1 else ''}: pairs/s (× raw)" for c in concurrencies)
                + " | acquire p50 / p99 (1 task) |", "|---|" + "---:|" * (len(concurrencies) + 1)]
         for client in clients:
@@ -617,7 +644,10 @@ def write_report(results, command):
                 cells.append(f"{r['per_second']:,.0f}{ratio}{trouble(r)}")
             lat = f"{us(one['acquire']['p50_us'])} / {us(one['acquire']['p99_us'])}" if one and one.get("acquire") else "-"
             out.append(f"| {client} | " + " | ".join(cells) + f" | {lat} |")
-        return out
+        shown = [r for r in rows if r.get("backend_kind") == kind and r.get("mode") == "uncontended"
+                 and r.get("client") in clients]
+        shown.sort(key=lambda r: clients.index(r["client"]))
+        return out + row_notes(shown, ratios_to(kind, note_ratio, concurrencies) if note_ratio else lambda r: "")
 
     def handoff_table(kind):
         hs = [r for r in rows if r.get("backend_kind") == kind and r.get("mode") == "handoff"]
@@ -629,6 +659,8 @@ def write_report(results, command):
             ratio = f"{h['p99_us'] / h['p50_us']:.1f}" if h.get("p50_us") else "-"
             out.append(f"| {r['client']} | {us(h.get('p50_us'))} | {us(h.get('p99_us'))} | {us(h.get('max_us'))} | "
                        f"{ratio} | {r['per_second']:.0f}{trouble(r)} | {served} |")
+        out += row_notes(hs, lambda r: f" Here {r['acquire_calls'] / r['seconds']:,.0f} acquire calls/s for "
+                         f"{r['per_second']:.0f} hand-offs/s." if r.get("acquire_calls") and r.get("seconds") else "")
         name = svg_ladder(f"Hand-off latency, 16 waiters, hold 5 ms — {kind}", hs, OUT / f"handoff-{kind}.svg")
         if name:
             out += ["", f"![hand-off latency on {kind}](bench/{name})"]
@@ -650,7 +682,7 @@ def write_report(results, command):
                   "connection, the commands a dlock Redis lease costs. `redis-benchmark` runs the same two commands."]
         lines += pairs_table("redis", "redis-rs (raw)", [1, 64],
                              ["dlock", "redis-rs (raw)", "redis-benchmark", "rslock (default retry)", "rslock (tuned retry)",
-                              "node-redlock (default retry)", "node-redlock (retry 5ms)",
+                              "distributed-lock", "node-redlock (default retry)", "node-redlock (retry 5ms)",
                               "redis-py Lock (default sleep 100ms)", "redis-py Lock (sleep 1ms)", "python-redis-lock"])
         lines += ["", "## Redis: hand-off with 16 waiters", "",
                   "One key, 16 waiters; each holder holds 5 ms, releases, and steps aside until another has acquired. "
@@ -674,13 +706,16 @@ def write_report(results, command):
                       "Ratios are to `pgbench` running exactly dlock's statements (scripts generated from the library's own statements by `dlock-pgbench-script`); "
                       "`tokio-postgres (raw)` and `pgbench (bare advisory lock)` run a bare "
                       "`pg_advisory_lock`/`pg_advisory_unlock`, without the fence and holder record."]
+            peers = ["distributed-lock (default pool of 10)", "distributed-lock (pool = tasks)"] if mode == "session" else []
             lines += pairs_table(f"postgres-{mode}", "pgbench (dlock's SQL)", [1, 32],
-                                 ["dlock", "pgbench (dlock's SQL)", "tokio-postgres (raw)", "pgbench (bare advisory lock)"])
+                                 ["dlock", "pgbench (dlock's SQL)", "tokio-postgres (raw)", "pgbench (bare advisory lock)"]
+                                 + peers, note_ratio="pgbench (bare advisory lock)")
             lines += handoff_table(f"postgres-{mode}")
     if "local" in stamps:
         for kind in ["file", "memory"]:
             lines += ["", f"## {kind}", ""]
-            lines += pairs_table(kind, None, [1, 16], ["dlock"])
+            peers = ["distributed-lock"] if kind == "file" else []
+            lines += pairs_table(kind, None, [1, 16], ["dlock"] + peers, note_ratio="dlock")
             lines += handoff_table(kind)
     held = [r for r in rows if r.get("mode") == "held"]
     if held:
@@ -784,6 +819,40 @@ class Lazy:
         return self.tmp / "locks"
 
 
+# What the distributed-lock rows measure and what the crate does not do, printed under
+# their tables (read from its 0.2.0 source: distributed-lock-{redis,postgres,file}).
+DL_NOTES = {
+    "redis": "the Rust port of DistributedLock for .NET (fred client), `create_lock(name)`, `acquire(Some(5 s))`, "
+             "`release()`: `SET NX PX 30000` and an `EVAL` (the script text, not `EVALSHA`) compare-and-delete. Its "
+             "lease has a TTL (30 s) that a task of the handle renews every 10 s, starting at once (an extra `EVAL` "
+             "when a lock is held for a moment); there is no fencing token, and the release reports success even "
+             "when the key was no longer ours. Every `acquire` with a timeout spawns a task that sleeps out the "
+             "whole timeout, taken or not, which costs memory and throughput as the rate grows.",
+    "redis-handoff": "its Redis `acquire` does not wait: it sends one `SET NX` and returns `Timeout` at once when "
+                     "the key is held, whatever the timeout given (on several servers it is one Redlock round). "
+                     "The waiters call it again at once, so its hand-off is 16 tasks polling Redis flat out, each "
+                     "call leaving a task that sleeps out its timeout.",
+    "postgres": "the crate's PostgreSQL lock is a session `pg_advisory_lock` (the name's SHA-1 as key) through its "
+                "own sqlx pool, default 10 connections: each pair is a pool checkout (sqlx pings the connection), "
+                "`BEGIN`, `SAVEPOINT`, `SET LOCAL lock_timeout`, `pg_advisory_lock`, `COMMIT`, then "
+                "`pg_advisory_unlock`, where the bare rows run two statements. No TTL (held as long as the "
+                "session), no fencing token, and a lost session is not reported (the handle's lost flag stays "
+                "false). At 32 tasks the pool caps it at 10 connections.",
+    "postgres-sized-pool": "the same lock with a sqlx pool of as many connections as tasks (32) passed to its "
+                           "builder, instead of the default 10.",
+    "postgres-handoff": "its waiters block in `pg_advisory_lock` under `SET LOCAL lock_timeout` (the time left) "
+                        "and PostgreSQL wakes the next; each waiter keeps a pool connection, so with the default "
+                        "pool of 10, six of the 16 wait for a connection first.",
+    "file": "the crate's file lock: `flock(2)` (fd-lock) on a file named from the lock name in a directory of the "
+            "run, opened with `std::fs` on the async runtime's threads; the release unlocks, closes and deletes "
+            "the file. No TTL (held until release or the process exits) and no fencing token.",
+    "file-handoff": "its waiters poll: one try-lock, then a sleep of 10 ms doubling up to 1 s. Its release deletes "
+                    "the file after unlocking it, so a waiter that opened the file just before can lock the deleted "
+                    "file while the next one creates a new file: two holders at once, counted as VIOLATIONS in "
+                    "the hand-offs/s cell when it happens.",
+}
+
+
 def section_redis(results, env):
     redis_url, rport = env.redis_url, env.redis_port
     for c in (1, 64):
@@ -792,6 +861,7 @@ def section_redis(results, env):
         redis_benchmark(results, rport, c)
         results.peer("redis", "rslock", redis_url, "uncontended", c)
         results.peer("redis", "rslock-tuned", redis_url, "uncontended", c)
+        results.peer("redis", "distributed-lock", redis_url, "uncontended", c, note=DL_NOTES["redis"])
         results.node("redlock", redis_url, "uncontended", c)
         results.node("redlock-tuned", redis_url, "uncontended", c)
     for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
@@ -799,6 +869,7 @@ def section_redis(results, env):
     results.dlock("redis", redis_url, "handoff", 16)
     for client in ("rslock", "rslock-tuned"):
         results.peer("redis", client, redis_url, "handoff", 16)
+    results.peer("redis", "distributed-lock", redis_url, "handoff", 16, note=DL_NOTES["redis-handoff"])
     for client in ("redlock", "redlock-tuned"):
         results.node(client, redis_url, "handoff", 16)
     for client in ("redis-py", "redis-py-tuned", "python-redis-lock"):
@@ -852,14 +923,25 @@ def section_postgres(results, env):
             if mode == "session":
                 results.peer(kind, "raw-postgres", pg_url, "uncontended", c)
                 pgbench(results, pport, c, scripts["bare"], kind, "pgbench (bare advisory lock)")
+                # distributed-lock's PostgreSQL lock is a session advisory lock, so it sits here.
+                results.peer(kind, "distributed-lock", pg_url, "uncontended", c, note=DL_NOTES["postgres"])
+                if c > 10:
+                    results.peer(kind, "distributed-lock-sized-pool", pg_url, "uncontended", c,
+                                 note=DL_NOTES["postgres-sized-pool"])
         results.dlock(kind, url, "handoff", 16)
+        if mode == "session":
+            results.peer(kind, "distributed-lock", pg_url, "handoff", 16, note=DL_NOTES["postgres-handoff"])
 
 
 def section_local(results, env):
     for kind, url in (("file", f"file://{env.fdir}"), ("memory", "memory://")):
         for c in (1, 16):
             results.dlock(kind, url, "uncontended", c)
+            if kind == "file":
+                results.peer(kind, "distributed-lock", url, "uncontended", c, note=DL_NOTES["file"])
         results.dlock(kind, url, "handoff", 16)
+        if kind == "file":
+            results.peer(kind, "distributed-lock", url, "handoff", 16, note=DL_NOTES["file-handoff"])
 
 
 def section_held(results, env):
