@@ -946,7 +946,8 @@ def section_local(results, env):
 
 def section_held(results, env):
     for kind, url in (("memory", "memory://"), ("file", f"file://{env.fdir}"), ("redis", env.redis_url),
-                      ("postgres-lease", f"{env.pg_url}?mode=lease")):
+                      ("postgres-lease", f"{env.pg_url}?mode=lease"),
+                      ("postgres-session-shared", f"{env.pg_url}?sessions=shared")):
         results.dlock(kind, url, "held", 10000)
 
 
