@@ -2,6 +2,7 @@
 //! the installed binaries by the testkit launchers), and what dlock promises on each.
 
 use crate::nemesis::Nemesis;
+use crate::servers::SqlMode;
 use std::any::Any;
 use std::sync::Arc;
 
@@ -146,8 +147,10 @@ impl Backend {
             "redlock",
             "redis-cluster",
             "postgres",
+            "postgres-shared",
             "postgres-lease",
             "mysql",
+            "mysql-shared",
             "mysql-lease",
             "etcd",
             "zookeeper",
@@ -166,10 +169,12 @@ impl Backend {
             "valkey" => Ok(crate::servers::valkey()),
             "redlock" => Ok(crate::servers::redlock()),
             "redis-cluster" => Ok(crate::servers::redis_cluster()),
-            "postgres" => Ok(crate::servers::postgres(false)),
-            "postgres-lease" => Ok(crate::servers::postgres(true)),
-            "mysql" => Ok(crate::servers::mysql(false)),
-            "mysql-lease" => Ok(crate::servers::mysql(true)),
+            "postgres" => Ok(crate::servers::postgres(SqlMode::Session)),
+            "postgres-shared" => Ok(crate::servers::postgres(SqlMode::SharedSessions)),
+            "postgres-lease" => Ok(crate::servers::postgres(SqlMode::Lease)),
+            "mysql" => Ok(crate::servers::mysql(SqlMode::Session)),
+            "mysql-shared" => Ok(crate::servers::mysql(SqlMode::SharedSessions)),
+            "mysql-lease" => Ok(crate::servers::mysql(SqlMode::Lease)),
             "etcd" => Ok(crate::servers::etcd()),
             "zookeeper" => Ok(crate::servers::zookeeper()),
             "mongodb" => Ok(crate::servers::mongodb()),

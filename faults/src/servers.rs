@@ -279,14 +279,38 @@ pub fn redlock() -> Backend {
     }
 }
 
-/// PostgreSQL in session mode (advisory locks) or lease-table mode.
-pub fn postgres(lease: bool) -> Backend {
+/// How a SQL backend holds its locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlMode {
+    /// Session locks, a connection per lease (the default).
+    Session,
+    /// Session locks, exclusive leases sharing connections (`sessions=shared`).
+    SharedSessions,
+    /// A lease table (`mode=lease`).
+    Lease,
+}
+
+impl SqlMode {
+    /// The URL query and the kind of backend it makes.
+    fn query_and_kind(self) -> (&'static str, Kind) {
+        match self {
+            SqlMode::Session => ("", Kind::Session),
+            SqlMode::SharedSessions => ("sessions=shared", Kind::Session),
+            SqlMode::Lease => ("mode=lease", Kind::Ttl),
+        }
+    }
+}
+
+/// PostgreSQL in session mode (advisory locks, dedicated or shared sessions) or
+/// lease-table mode.
+pub fn postgres(mode: SqlMode) -> Backend {
     let server = Arc::new(Postgres::start(true));
-    let (name, query, kind) = if lease {
-        ("postgres-lease", "mode=lease", Kind::Ttl)
-    } else {
-        ("postgres", "", Kind::Session)
+    let name = match mode {
+        SqlMode::Session => "postgres",
+        SqlMode::SharedSessions => "postgres-shared",
+        SqlMode::Lease => "postgres-lease",
     };
+    let (query, kind) = mode.query_and_kind();
     single(Single {
         name,
         url: server.url(query),
@@ -298,14 +322,15 @@ pub fn postgres(lease: bool) -> Backend {
     })
 }
 
-/// MariaDB in session mode (`GET_LOCK`) or lease-table mode.
-pub fn mysql(lease: bool) -> Backend {
+/// MariaDB in session mode (`GET_LOCK`, dedicated or shared sessions) or lease-table mode.
+pub fn mysql(mode: SqlMode) -> Backend {
     let server = Arc::new(Mysql::start(true));
-    let (name, query, kind) = if lease {
-        ("mysql-lease", "mode=lease", Kind::Ttl)
-    } else {
-        ("mysql", "", Kind::Session)
+    let name = match mode {
+        SqlMode::Session => "mysql",
+        SqlMode::SharedSessions => "mysql-shared",
+        SqlMode::Lease => "mysql-lease",
     };
+    let (query, kind) = mode.query_and_kind();
     single(Single {
         name,
         url: server.url(query),

@@ -20,10 +20,10 @@ fn secs() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-/// The one backend mode without shared locks and semaphores: MySQL's `GET_LOCK` has no
+/// The backend modes without shared locks and semaphores: MySQL's `GET_LOCK` has no
 /// shared mode (README, backend table; `?mode=lease` has every kind). Every other
 /// backend runs the kind workloads and fails if it lacks them.
-const WITHOUT_KINDS: &[&str] = &["mysql"];
+const WITHOUT_KINDS: &[&str] = &["mysql", "mysql-shared"];
 
 /// The nemeses the read-write and semaphore workloads run under.
 const KIND_NEMESES: &[Nemesis] = &[
@@ -162,8 +162,10 @@ backends! {
     redlock => "redlock",
     redis_cluster => "redis-cluster",
     postgres => "postgres",
+    postgres_shared => "postgres-shared",
     postgres_lease => "postgres-lease",
     mysql => "mysql",
+    mysql_shared => "mysql-shared",
     mysql_lease => "mysql-lease",
     etcd => "etcd",
     zookeeper => "zookeeper",
