@@ -92,12 +92,6 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def low_port(also_free=0):
     """A free loopback port below 32768, where the kernel hands out no ephemeral ports (so
     a port picked here does not race with outgoing connections); `also_free` asks that
@@ -178,7 +172,7 @@ class Servers:
 
     def redis(self):
         need("redis-server", "redis-server")
-        port = free_port()
+        port = low_port()
         d = self.tmp / "redis"
         d.mkdir()
         self.procs.append(subprocess.Popen(
@@ -188,7 +182,7 @@ class Servers:
         return port
 
     def postgres(self):
-        port = free_port()
+        port = low_port()
         d = self.tmp / "pg"
         as_user = []
         if os.geteuid() == 0:
@@ -221,7 +215,7 @@ class Servers:
         return True
 
     def redis_engine(self, binary, name):
-        port = free_port()
+        port = low_port()
         d = self.tmp / name
         self.spawn(name, [binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                           "--dir", d])
@@ -247,7 +241,7 @@ class Servers:
     def zookeeper(self):
         need("java", "default-jre-headless")
         installed("/usr/share/java/zookeeper.jar", "ZooKeeper (apt-get install zookeeper)")
-        port = free_port()
+        port = low_port()
         d = self.tmp / "zk"
         (d / "data").mkdir(parents=True)
         # The test kit's settings: 200 ms ticks, sessions of 400 ms to 30 s.
@@ -272,7 +266,7 @@ class Servers:
 
     def mongodb(self):
         python = installed(SECANTUSDB / "bin" / "python", "SecantusDB")
-        port = free_port()
+        port = low_port()
         d = self.tmp / "mongodb"
         d.mkdir()
         (d / "data").mkdir()
@@ -283,7 +277,7 @@ class Servers:
     def dynalite(self):
         need("node", "nodejs")
         cli = installed(DYNALITE, "dynalite")
-        port = free_port()
+        port = low_port()
         d, proc = self.spawn("dynalite", ["node", cli, "--host", "127.0.0.1", "--port", port, "--createTableMs", "0",
                                           "--deleteTableMs", "0"])
         wait_until("dynalite did not listen", lambda: self.check_alive(proc, d, "dynalite") and port_open(port), 90)

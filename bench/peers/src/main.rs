@@ -331,6 +331,39 @@ fn dl_name() -> String {
     format!("peer-{}-{:016x}", std::process::id(), rand::random::<u64>())
 }
 
+/// Counts and deletes the keys of this process's distributed-lock names left in Redis. The
+/// server may still be busy with the polling of the run that just ended: each reply may
+/// take up to 30 s.
+async fn dl_redis_leftovers(url: &str) -> redis::RedisResult<u64> {
+    let client = redis::Client::open(url)?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(30)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let pattern = format!("distributed-lock:peer-{}-*", std::process::id());
+    let (mut cursor, mut left) = (0u64, 0u64);
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            left += keys.len() as u64;
+            let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+        }
+        if next == 0 {
+            return Ok(left);
+        }
+        cursor = next;
+    }
+}
+
 /// The distributed-lock crate on the store its URL names, in the run's mode.
 async fn distributed_lock(args: &Args) -> serde_json::Value {
     let url = args.url.as_str();
@@ -342,37 +375,14 @@ async fn distributed_lock(args: &Args) -> serde_json::Value {
         let provider = RedisLockProvider::builder().url(url).build().await.unwrap();
         let mut report = dl_measure(args, Arc::new(provider)).await;
         // Its release deletes the key; count (and delete) what a failed release left.
-        let client = redis::Client::open(url).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let pattern = format!("distributed-lock:peer-{}-*", std::process::id());
-        let (mut cursor, mut left) = (0u64, 0u64);
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if !keys.is_empty() {
-                left += keys.len() as u64;
-                let _: i64 = redis::cmd("DEL")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        let left = match dl_redis_leftovers(url).await {
+            Ok(left) => serde_json::Value::from(left),
+            Err(err) => serde_json::Value::from(format!("not counted: {err}")),
+        };
         report
             .as_object_mut()
             .unwrap()
-            .insert("left_behind".into(), left.into());
+            .insert("left_behind".into(), left);
         report
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let builder = PostgresLockProvider::builder();
