@@ -249,7 +249,7 @@ class Servers:
             f"tickTime=200\ninitLimit=20\nsyncLimit=10\ndataDir={d / 'data'}\nclientPort={port}\n"
             "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\nmaxSessionTimeout=30000\n"
             "4lw.commands.whitelist=srvr,ruok\nznode.container.checkIntervalMs=1000\n")
-        _, proc = self.spawn("zk", ["java", "-Xmx256m", "-XX:+UseSerialGC", "-Dzookeeper.jmx.log4j.disable=true",
+        _, proc = self.spawn("zk", ["java", "-Xmx256m", "-XX:+UseSerialGC", "-XX:-UsePerfData", "-Dzookeeper.jmx.log4j.disable=true",
                                     "-cp", ZK_JARS, "org.apache.zookeeper.server.ZooKeeperServerMain", d / "zoo.cfg"],
                              cwd=d)
 

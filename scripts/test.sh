@@ -11,7 +11,8 @@
 # The tests run with TMPDIR set to a directory of their own, which must be empty at the
 # end: a test that leaves a file or a server's data directory behind fails the run. New
 # entries directly in /tmp named after dlock (from programs that ignore TMPDIR) fail it
-# too. Extra arguments go to `cargo test` (e.g. `scripts/test.sh -- --test-threads=1`).
+# too, and so do the performance-data files of JVMs that ended. Extra arguments go to
+# `cargo test` (e.g. `scripts/test.sh -- --test-threads=1`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -27,14 +28,23 @@ trap 'rm -f "$log"; rmdir "$run_tmp" 2>/dev/null || true' EXIT
 
 # The dlock entries in the system's temporary directory, one per line, bar those of
 # test processes still running (dlock-<what>-<pid>-XXXXXX: another run, side by side).
+# A JVM (the ZooKeeper servers) writes /tmp/hsperfdata_USER/PID whatever TMPDIR says
+# and leaves it behind when killed: those of JVMs no longer running count too.
 dlock_entries() {
-  find "$system_tmp" -mindepth 1 -maxdepth 1 -name 'dlock-*' \
-    ! -name 'dlock-test-run.*' ! -name 'dlock-test-log.*' -printf '%f\n' |
-    while read -r name; do
-      pid="$(sed -nE 's/.*-([0-9]+)-[A-Za-z0-9]{6,}$/\1/p' <<<"$name")"
-      [ -n "$pid" ] && [ -e "/proc/$pid" ] && continue
-      echo "$name"
-    done | sort
+  {
+    find "$system_tmp" -mindepth 1 -maxdepth 1 -name 'dlock-*' \
+      ! -name 'dlock-test-run.*' ! -name 'dlock-test-log.*' -printf '%f\n' |
+      while read -r name; do
+        pid="$(sed -nE 's/.*-([0-9]+)-[A-Za-z0-9]{6,}$/\1/p' <<<"$name")"
+        [ -n "$pid" ] && [ -e "/proc/$pid" ] && continue
+        echo "$name"
+      done
+    find /tmp -mindepth 2 -maxdepth 2 -path '/tmp/hsperfdata_*/*' -printf '%P\n' 2>/dev/null |
+      while read -r name; do
+        [ -e "/proc/${name##*/}" ] && continue
+        echo "$name"
+      done
+  } | sort || true
 }
 before="$(dlock_entries)"
 

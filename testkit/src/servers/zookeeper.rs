@@ -144,7 +144,14 @@ impl ZooKeeper {
         };
         command
             .current_dir(&member.dir)
-            .args(["-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
+            // No /tmp/hsperfdata_USER/PID file: the JVM writes it whatever TMPDIR says,
+            // and a killed server (the fault tests kill them) leaves it behind.
+            .args([
+                "-Xmx128m",
+                "-XX:+UseSerialGC",
+                "-XX:TieredStopAtLevel=1",
+                "-XX:-UsePerfData",
+            ])
             .args(["-Dzookeeper.jmx.log4j.disable=true", "-cp", JARS, main])
             .arg(member.dir.join("zoo.cfg"));
         command
