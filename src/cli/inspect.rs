@@ -179,7 +179,7 @@ fn print_table(all: &[LockInfo]) {
     print!(
         "{}",
         layout(
-            &["KEY", "FENCE", "OWNER", "HOLDER", "ACQUIRED", "RENEWED", "EXPIRES", "NOTE",],
+            &["KEY", "FENCE", "OWNER", "HOLDER", "ACQUIRED", "RENEWED", "EXPIRES", "NOTE"],
             &rows,
         )
     );
@@ -358,9 +358,12 @@ const TIME_WIDTH: usize = 9;
 fn layout(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header
         .iter()
-        .map(|h| match TIME_COLUMNS.contains(h) {
-            true => h.len().max(TIME_WIDTH),
-            false => h.len(),
+        .map(|h| {
+            if TIME_COLUMNS.contains(h) {
+                h.len().max(TIME_WIDTH)
+            } else {
+                h.len()
+            }
         })
         .collect();
     for row in rows {

@@ -706,17 +706,28 @@ pub async fn lock_all_never_deadlocks_nor_overlaps(target: &Target) {
     let locks = target.locks().await;
     let other = target.locks().await;
     let blocker = other.lock(&pool[3]).acquire().await.unwrap();
-    // A wait long enough for a slow store (SecantusDB on a loaded machine took over a
-    // second for one attempt) to answer within it: past the wait and its grace, the
-    // answer would be Unavailable, which is right for a store that does not answer but
-    // is not what this checks.
-    let err = locks
-        .lock_all([&pool[0], &pool[3], &pool[4]])
-        .wait_for(Duration::from_secs(2))
-        .acquire()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::NotAcquired { .. }), "{err:?}");
+    // An attempt still unanswered at the end of the wait and its grace makes the answer
+    // Unavailable, which is right for a store that does not answer but is not what this
+    // checks: a slow store (SecantusDB on a loaded machine has taken over a second for
+    // one attempt) gets three tries to say NotAcquired. Either way the keys of the
+    // failed set must be free afterwards, which is checked below.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let err = locks
+            .lock_all([&pool[0], &pool[3], &pool[4]])
+            .wait_for(Duration::from_secs(2))
+            .acquire()
+            .await
+            .unwrap_err();
+        match err {
+            Error::NotAcquired { .. } => break,
+            Error::Unavailable { .. } if tries < 3 => {
+                eprintln!("lock_all of a held set, try {tries}: {err}; trying again")
+            }
+            err => panic!("lock_all of a held set answered {err:?} (try {tries})"),
+        }
+    }
     for key in [&pool[0], &pool[4]] {
         let free = within(
             PROMPTLY,
