@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use std::fmt;
+use std::sync::Arc;
 
 /// The longest key accepted, in bytes (SPEC §2).
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -18,8 +19,10 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// assert!(Key::new("a\0b").is_err());
 /// assert!(Key::new("x".repeat(1025)).is_err());
 /// ```
+// Shared text: a key is copied into its lease, its local queue and its store-side
+// handle, and a clone costs no allocation.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(String);
+pub struct Key(Arc<str>);
 
 impl Key {
     /// Checks `key` against the rules of SPEC §2.
@@ -42,7 +45,7 @@ impl Key {
                 key: preview(&key),
                 reason,
             }),
-            None => Ok(Key(key)),
+            None => Ok(Key(Arc::from(key))),
         }
     }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// Mode-specific results.
 #[derive(Debug, Default, Serialize)]
@@ -29,6 +29,9 @@ pub struct Details {
     pub leases_lost: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_mib: Option<f64>,
+    /// The RSS before the first lease was taken (runtime and connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_before_mib: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -274,27 +277,37 @@ fn cpu_seconds() -> f64 {
 
 pub async fn held(run: &Arc<Run>, counts: &CallCounts) -> Details {
     let window = run.until.saturating_duration_since(run.started);
-    let gate = Arc::new(Semaphore::new(64));
-    let takers: Vec<_> = (0..run.concurrency)
+    // What the process holds before any lease: the runtime, the backend's connections.
+    let rss_before = rss_mib();
+    // 64 takers acquire one lease after another, so that no more than 64 acquires are in
+    // flight: the RSS then shows what held leases cost, not 10,000 acquires at once.
+    let next = Arc::new(AtomicUsize::new(0));
+    let takers: Vec<_> = (0..run.concurrency.min(64))
         .map(|_| {
-            let (run, gate) = (Arc::clone(run), Arc::clone(&gate));
+            let (run, next) = (Arc::clone(run), Arc::clone(&next));
             tokio::spawn(async move {
-                let _permit = gate.acquire().await;
-                run.locks
-                    .lock(fresh_key("held"))
-                    .ttl(run.ttl)
-                    .no_wait()
-                    .acquire()
-                    .await
+                let mut mine = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < run.concurrency {
+                    let taken = run
+                        .locks
+                        .lock(fresh_key("held"))
+                        .ttl(run.ttl)
+                        .no_wait()
+                        .acquire()
+                        .await;
+                    match taken {
+                        Ok(lease) => mine.push(lease),
+                        Err(err) => run.error(&err),
+                    }
+                }
+                mine
             })
         })
         .collect();
     let mut leases = Vec::with_capacity(run.concurrency);
     for taker in takers {
-        match taker.await {
-            Ok(Ok(lease)) => leases.push(lease),
-            Ok(Err(err)) => run.error(&err),
-            Err(_) => {}
+        if let Ok(mine) = taker.await {
+            leases.extend(mine);
         }
     }
     let (cpu_before, renewals_before, measured_from) =
@@ -316,6 +329,7 @@ pub async fn held(run: &Arc<Run>, counts: &CallCounts) -> Details {
         leases_held: Some(held),
         leases_lost: Some(lost),
         rss_mib: rss,
+        rss_before_mib: rss_before,
         cpu_seconds: Some(cpu),
         cpu_share_of_one_core: Some(cpu / measured),
         renewals_per_second: Some(renewals as f64 / measured),
@@ -369,6 +383,11 @@ pub fn print_table(report: &Report) {
         rows.push((
             "RSS",
             d.rss_mib.map_or("?".into(), |m| format!("{m:.1} MiB")),
+        ));
+        rows.push((
+            "RSS before the first lease",
+            d.rss_before_mib
+                .map_or("?".into(), |m| format!("{m:.1} MiB")),
         ));
         rows.push((
             "CPU",

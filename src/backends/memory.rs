@@ -403,6 +403,8 @@ impl Backend for MemoryBackend {
         let wall = SystemTime::now();
         slot.mode = asked;
         slot.intents.retain(|(o, _)| o != request.owner);
+        // Most keys have one holder: room for exactly one, not the four a first push makes.
+        slot.holders.reserve_exact(1);
         slot.holders.push(Entry {
             owner: request.owner.clone(),
             fence,

@@ -6,11 +6,12 @@ use crate::core::metrics::{Holding, Labels};
 use crate::core::owner::Owner;
 use crate::error::{Error, LossReason, Result};
 use crate::key::Key;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -24,7 +25,12 @@ pub(crate) struct Shared {
     /// The instant until which the lease is surely held: when the last successful
     /// acquire or renewal was *sent*, plus its TTL.
     valid_until: Mutex<Instant>,
-    lost: watch::Sender<Option<LossReason>>,
+    /// Why the lease may no longer be held, once it may not.
+    lost: Mutex<Option<LossReason>>,
+    /// Wakes every [`Lease::lost`] future when `lost` is set.
+    lost_wake: Notify,
+    /// What the [`Lease`] asks of its background task.
+    mailbox: Mailbox,
     /// When the grant reached this process: hold-at-least times count from here.
     acquired_at: Instant,
     /// The hold limits the lease was taken with.
@@ -82,6 +88,13 @@ impl Shared {
         }
     }
 
+    fn lost_reason(&self) -> Option<LossReason> {
+        self.lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn give_up_turn(&self) {
         let turn = self
             .turn
@@ -93,15 +106,15 @@ impl Shared {
 
     fn mark_lost(&self, reason: LossReason) {
         self.give_up_turn();
-        self.lost.send_if_modified(|state| {
-            if state.is_none() {
-                tracing::warn!(key = %self.key, fence = self.fence, backend = self.backend.describe(), %reason, "lease lost");
-                *state = Some(reason);
-                true
-            } else {
-                false
+        {
+            let mut lost = self.lost.lock().unwrap_or_else(PoisonError::into_inner);
+            if lost.is_some() {
+                return;
             }
-        });
+            tracing::warn!(key = %self.key, fence = self.fence, backend = self.backend.describe(), %reason, "lease lost");
+            *lost = Some(reason);
+        }
+        self.lost_wake.notify_waiters();
     }
 
     fn lost_error(&self, reason: LossReason) -> Error {
@@ -146,6 +159,76 @@ enum Command {
     ReleaseAfter(Duration, oneshot::Sender<Result<bool>>),
 }
 
+/// The commands of a [`Lease`] to its background task: a queue and a wake-up. A channel
+/// would do, but costs a block of slots per lease for a lease's whole life, and one
+/// process may hold tens of thousands of leases.
+#[derive(Default)]
+struct Mailbox {
+    state: Mutex<MailState>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct MailState {
+    commands: VecDeque<Command>,
+    /// The [`Lease`] was dropped: no command will come, release it.
+    dropped: bool,
+    /// The task takes no more commands (it has ended, or is ending).
+    closed: bool,
+}
+
+impl Mailbox {
+    fn state(&self) -> std::sync::MutexGuard<'_, MailState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `command` for the task; gives it back if the task takes no more.
+    fn post(&self, command: Command) -> std::result::Result<(), Command> {
+        {
+            let mut state = self.state();
+            if state.closed {
+                return Err(command);
+            }
+            state.commands.push_back(command);
+        }
+        // A stored permit if the task is busy: it looks again before it waits.
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn lease_dropped(&self) {
+        self.state().dropped = true;
+        self.wake.notify_one();
+    }
+
+    /// The next command, or `None` once the lease is dropped with none left. Cancel
+    /// safe: a command is taken only when this returns it.
+    async fn next(&self) -> Option<Command> {
+        loop {
+            {
+                let mut state = self.state();
+                if let Some(command) = state.commands.pop_front() {
+                    return Some(command);
+                }
+                if state.dropped {
+                    return None;
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    /// Takes no more commands; those queued are dropped, so their callers hear "not held".
+    fn close(&self) {
+        let queued = {
+            let mut state = self.state();
+            state.closed = true;
+            std::mem::take(&mut state.commands)
+        };
+        drop(queued);
+    }
+}
+
 /// A held lock.
 ///
 /// The lease is renewed in the background (by default every TTL/3) until it is
@@ -166,7 +249,6 @@ enum Command {
 #[must_use = "a Lease is released as soon as it is dropped"]
 pub struct Lease {
     shared: Arc<Shared>,
-    commands: mpsc::Sender<Command>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -212,22 +294,24 @@ macro_rules! lease_identity {
         /// ended. Never resolves for a lease that stays held or is released normally.
         /// Can be called any number of times; each future resolves with the reason.
         pub fn lost(&self) -> impl Future<Output = LossReason> + Send + 'static {
-            let mut rx = self.shared.lost.subscribe();
+            let shared = Arc::clone(&self.shared);
             async move {
                 loop {
-                    if let Some(reason) = rx.borrow_and_update().clone() {
+                    // Registered before the check, so a loss marked in between wakes it.
+                    let notified = shared.lost_wake.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if let Some(reason) = shared.lost_reason() {
                         return reason;
                     }
-                    if rx.changed().await.is_err() {
-                        return std::future::pending().await;
-                    }
+                    notified.await;
                 }
             }
         }
 
         /// True once the lease may no longer be held (see [`lost`](Self::lost)).
         pub fn is_lost(&self) -> bool {
-            self.shared.lost.borrow().is_some()
+            self.shared.lost_reason().is_some()
         }
     };
 }
@@ -257,7 +341,6 @@ impl Lease {
             hold,
             kind,
         } = grant;
-        let (lost, _) = watch::channel(None);
         let metrics = Labels::new(backend.describe(), kind, key.as_str());
         let shared = Arc::new(Shared {
             key,
@@ -269,15 +352,15 @@ impl Lease {
             acquired_at: Instant::now(),
             hold,
             cap: hold.at_most.and_then(|limit| sent_at.checked_add(limit)),
-            lost,
+            lost: Mutex::new(None),
+            lost_wake: Notify::new(),
+            mailbox: Mailbox::default(),
             turn: Mutex::new(turn),
             metrics,
         });
-        let (commands, inbox) = mpsc::channel(4);
-        let task = tokio::spawn(guard_lease(Arc::clone(&shared), lease, renew_every, inbox));
+        let task = tokio::spawn(guard_lease(Arc::clone(&shared), lease, renew_every));
         Lease {
             shared,
-            commands,
             task: Some(task),
         }
     }
@@ -294,7 +377,7 @@ impl Lease {
         command: impl FnOnce(oneshot::Sender<Result<bool>>) -> Command,
     ) -> Result<bool> {
         let (reply, answer) = oneshot::channel();
-        if self.commands.send(command(reply)).await.is_err() {
+        if self.shared.mailbox.post(command(reply)).is_err() {
             // The task has ended: the lease was lost (and given up) before this call.
             return Ok(false);
         }
@@ -316,7 +399,7 @@ impl Lease {
                 crate::core::locks::MAX_TTL
             )));
         }
-        if let Some(reason) = self.shared.lost.borrow().clone() {
+        if let Some(reason) = self.shared.lost_reason() {
             return Err(self.shared.lost_error(reason));
         }
         if self.ask(|reply| Command::Extend(ttl, reply)).await? {
@@ -324,9 +407,7 @@ impl Lease {
         } else {
             let reason = self
                 .shared
-                .lost
-                .borrow()
-                .clone()
+                .lost_reason()
                 .unwrap_or(LossReason::RenewalRefused);
             Err(self.shared.lost_error(reason))
         }
@@ -417,9 +498,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        // The background task sees its command channel close and releases the lease
-        // itself, without blocking the dropping thread.
+        // The background task hears of it and releases the lease itself, without
+        // blocking the dropping thread (after a release, it has ended already).
         let _ = self.task.take();
+        self.shared.mailbox.lease_dropped();
     }
 }
 
@@ -487,9 +569,20 @@ fn renewal_limit(ttl: Duration) -> Duration {
 /// hold the other up.
 async fn guard_lease(
     shared: Arc<Shared>,
+    lease: Box<dyn HeldLease>,
+    renew_every: Option<Duration>,
+) {
+    guard_lease_until_done(&shared, lease, renew_every).await;
+    // However the task ended, a command from now on is answered "not held".
+    shared.mailbox.close();
+}
+
+// The store calls below are boxed: they run for a moment every TTL/3, while the task
+// waits the rest of the time, and a task is as large as the largest future it holds.
+async fn guard_lease_until_done(
+    shared: &Shared,
     mut lease: Box<dyn HeldLease>,
     renew_every: Option<Duration>,
-    mut inbox: mpsc::Receiver<Command>,
 ) {
     let expires = shared.backend.capabilities().expires;
     // Counts this lease in the holder gauge until the task ends, however it ends.
@@ -506,52 +599,54 @@ async fn guard_lease(
         // never expires it on its own, but a holder that cannot reach its store for a TTL
         // cannot claim to hold it either.
         let lapses = expires || last_error.is_some();
-        let lapse = async {
-            if lapses {
-                tokio::time::sleep_until(loss_deadline.into()).await
-            } else {
-                std::future::pending().await
-            }
-        };
-        let at_cap = async {
-            match cap_deadline {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        let hold_until = held_until.as_ref().map(|(at, _)| *at);
-        let hold_over = async {
-            match hold_until {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        let renewal_due = async {
-            match next_renewal {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
+        // One timer for the earliest deadline (a lease's task is most of what a held
+        // lease costs, and each armed timer adds to it); when it fires, the deadlines due
+        // are taken in this order, as a biased select over one timer each would.
+        let deadlines = [
+            (cap_deadline, Due::Cap),
+            (lapses.then_some(loss_deadline), Due::Lapse),
+            (held_until.as_ref().map(|(at, _)| *at), Due::HoldOver),
+            (next_renewal, Due::Renewal),
+        ];
+        let earliest = deadlines.iter().filter_map(|(at, _)| *at).min();
+        let timer = async {
+            match earliest {
+                Some(at) => {
+                    tokio::time::sleep_until(at.into()).await;
+                    let now = Instant::now();
+                    deadlines
+                        .iter()
+                        .find(|(at, _)| at.is_some_and(|at| at <= now))
+                        .map(|(_, due)| *due)
+                }
                 None => std::future::pending().await,
             }
         };
         let ttl = tokio::select! {
             biased;
             reason = &mut ended => break Some(reason),
-            () = at_cap => break Some(LossReason::HoldLimit {
-                limit: shared.hold.at_most.unwrap_or_default(),
-            }),
-            () = lapse => break Some(match last_error.take() {
-                Some(last_error) => LossReason::RenewalFailed { last_error },
-                None => LossReason::Expired,
-            }),
-            () = hold_over => {
-                if let Some((_, reply)) = held_until.take() {
-                    finish_release(&shared, lease, reply, holding).await;
+            due = timer => match due {
+                // Woken a hair early: look again.
+                None => continue,
+                Some(Due::Cap) => break Some(LossReason::HoldLimit {
+                    limit: shared.hold.at_most.unwrap_or_default(),
+                }),
+                Some(Due::Lapse) => break Some(match last_error.take() {
+                    Some(last_error) => LossReason::RenewalFailed { last_error },
+                    None => LossReason::Expired,
+                }),
+                Some(Due::HoldOver) => {
+                    if let Some((_, reply)) = held_until.take() {
+                        Box::pin(finish_release(shared, lease, reply, holding)).await;
+                    }
+                    return;
                 }
-                return;
-            }
-            command = inbox.recv() => match command {
+                Some(Due::Renewal) => shared.ttl,
+            },
+            command = shared.mailbox.next() => match command {
                 None => break None,
                 Some(Command::Release(reply)) => {
-                    finish_release(&shared, lease, reply, holding).await;
+                    Box::pin(finish_release(shared, lease, reply, holding)).await;
                     return;
                 }
                 Some(Command::ReleaseAfter(at_least, reply)) => {
@@ -559,7 +654,7 @@ async fn guard_lease(
                     let until = cap_deadline.map_or(until, |cap| until.min(cap));
                     let left = until.saturating_duration_since(Instant::now());
                     if left < crate::core::locks::MIN_TTL {
-                        finish_release(&shared, lease, reply, holding).await;
+                        Box::pin(finish_release(shared, lease, reply, holding)).await;
                         return;
                     }
                     if !expires {
@@ -567,7 +662,7 @@ async fn guard_lease(
                         held_until = Some((until, reply));
                         continue;
                     }
-                    match hand_over_bounded(&shared, lease, &mut ended, left).await {
+                    match Box::pin(hand_over_bounded(shared, lease, &mut ended, left)).await {
                         Renewal::Done(Ok(true)) => {
                             tracing::debug!(key = %shared.key, fence = shared.fence, left = ?left, "lease left to expire in the store");
                             holding.ended("released");
@@ -604,7 +699,7 @@ async fn guard_lease(
                         let _ = reply.send(Ok(true));
                         continue;
                     };
-                    let outcome = renew_bounded(&shared, &mut lease, &mut ended, ttl, true).await;
+                    let outcome = Box::pin(renew_bounded(shared, &mut lease, &mut ended, ttl, true)).await;
                     match outcome {
                         Renewal::Done(Ok(true)) => {
                             shared.set_valid_until(sent + ttl);
@@ -631,7 +726,6 @@ async fn guard_lease(
                     }
                 }
             },
-            () = renewal_due => shared.ttl,
         };
         let Some(every) = renew_every else { continue };
         let sent = Instant::now();
@@ -640,7 +734,7 @@ async fn guard_lease(
             next_renewal = None;
             continue;
         };
-        match renew_bounded(&shared, &mut lease, &mut ended, ttl, false).await {
+        match Box::pin(renew_bounded(shared, &mut lease, &mut ended, ttl, false)).await {
             Renewal::Done(Ok(true)) => {
                 shared.set_valid_until(sent + ttl);
                 shared.metrics.renewed();
@@ -673,21 +767,34 @@ async fn guard_lease(
             shared.mark_lost(reason);
             // Whatever the store still keeps of the lease (a record, a session) goes now;
             // answering commands that arrive meanwhile with "not held".
-            inbox.close();
-            let _ = release_bounded(&shared, lease).await;
+            shared.mailbox.close();
+            let _ = Box::pin(release_bounded(shared, lease)).await;
             if let Some((_, reply)) = held_until.take() {
                 let _ = reply.send(Ok(false));
             }
         }
         None => {
             // The Lease was dropped: release in its place.
-            if let Err(err) = release_bounded(&shared, lease).await {
+            if let Err(err) = Box::pin(release_bounded(shared, lease)).await {
                 tracing::warn!(key = %shared.key, %err, "background release of a dropped lease failed; it ends at its TTL");
             }
             drop(holding);
             shared.give_up_turn();
         }
     }
+}
+
+/// The deadlines of a lease's task.
+#[derive(Clone, Copy)]
+enum Due {
+    /// The hold-at-most limit ends the lease.
+    Cap,
+    /// The lease may have expired.
+    Lapse,
+    /// A release waiting for its hold-at-least time may go.
+    HoldOver,
+    /// The next renewal.
+    Renewal,
 }
 
 enum Renewal {

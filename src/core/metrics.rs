@@ -144,24 +144,37 @@ pub(crate) fn loss_label(reason: &LossReason) -> &'static str {
     }
 }
 
-/// The labels every metric of one lease (or acquire) carries.
+/// The labels every metric of one lease (or acquire) carries. Kept as static parts (and
+/// the key only when [`set_key_label`] asked for it): a held lease carries these for its
+/// whole life, so they cost no allocation until a metric is recorded.
 #[derive(Clone, Debug)]
-pub(crate) struct Labels(Vec<Label>);
+pub(crate) struct Labels {
+    backend: &'static str,
+    kind: &'static str,
+    key: Option<Arc<str>>,
+}
 
 impl Labels {
     pub(crate) fn new(describe: &str, kind: LockKind, key: &str) -> Labels {
-        let mut labels = vec![
-            Label::from_static_parts("backend", backend_label(describe)),
-            Label::from_static_parts("kind", kind_label(kind)),
-        ];
-        if KEY_LABEL.load(Ordering::Relaxed) {
-            labels.push(Label::new("key", key.to_owned()));
+        Labels {
+            backend: backend_label(describe),
+            kind: kind_label(kind),
+            key: KEY_LABEL.load(Ordering::Relaxed).then(|| Arc::from(key)),
         }
-        Labels(labels)
+    }
+
+    fn base(&self) -> Vec<Label> {
+        let mut labels = Vec::with_capacity(4);
+        labels.push(Label::from_static_parts("backend", self.backend));
+        labels.push(Label::from_static_parts("kind", self.kind));
+        if let Some(key) = &self.key {
+            labels.push(Label::new("key", key.to_string()));
+        }
+        labels
     }
 
     fn with(&self, name: &'static str, value: &'static str) -> Vec<Label> {
-        let mut labels = self.0.clone();
+        let mut labels = self.base();
         labels.push(Label::from_static_parts(name, value));
         labels
     }
@@ -173,7 +186,7 @@ impl Labels {
     }
 
     pub(crate) fn renewed(&self) {
-        metrics::counter!(RENEWALS, self.0.clone()).increment(1);
+        metrics::counter!(RENEWALS, self.base()).increment(1);
     }
 
     pub(crate) fn renewal_failed(&self, refused: bool) {
@@ -187,7 +200,7 @@ impl Labels {
 
     /// Counts a holder until the returned guard is dropped, which records the hold time.
     pub(crate) fn holding(&self) -> Holding {
-        metrics::gauge!(HOLDERS, self.0.clone()).increment(1.0);
+        metrics::gauge!(HOLDERS, self.base()).increment(1.0);
         Holding {
             labels: self.clone(),
             since: std::time::Instant::now(),
@@ -197,7 +210,7 @@ impl Labels {
 
     /// Counts a waiter until the returned guard is dropped.
     pub(crate) fn waiting(&self) -> Waiting {
-        metrics::gauge!(WAITERS, self.0.clone()).increment(1.0);
+        metrics::gauge!(WAITERS, self.base()).increment(1.0);
         Waiting {
             labels: self.clone(),
         }
@@ -220,7 +233,7 @@ impl Holding {
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        metrics::gauge!(HOLDERS, self.labels.0.clone()).decrement(1.0);
+        metrics::gauge!(HOLDERS, self.labels.base()).decrement(1.0);
         metrics::histogram!(HOLD_DURATION, self.labels.with("end", self.end))
             .record(self.since.elapsed().as_secs_f64());
     }
@@ -233,7 +246,7 @@ pub(crate) struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        metrics::gauge!(WAITERS, self.labels.0.clone()).decrement(1.0);
+        metrics::gauge!(WAITERS, self.labels.base()).decrement(1.0);
     }
 }
 

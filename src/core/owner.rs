@@ -2,12 +2,14 @@
 
 use rand::RngCore;
 use std::fmt;
+use std::sync::Arc;
 
 /// The owner token of one lease: 128 bits from the operating system's random source,
 /// written as 32 lowercase hex digits. Only the lease with this token can renew or
 /// release the lock.
+// Shared text, like `Key`: a clone costs no allocation.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Owner(String);
+pub struct Owner(Arc<str>);
 
 impl Owner {
     /// A fresh random token.
@@ -20,12 +22,12 @@ impl Owner {
             text.push(char::from(HEX[usize::from(byte >> 4)]));
             text.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
-        Owner(text)
+        Owner(Arc::from(text))
     }
 
     /// A token read back from a store or given by an operator.
     pub fn from_string(token: impl Into<String>) -> Self {
-        Owner(token.into())
+        Owner(Arc::from(token.into()))
     }
 
     /// The token as text.
