@@ -5,13 +5,16 @@
     python3 bench/compare.py --quick    # 2 s per measurement, to try it out
     python3 bench/compare.py --only etcd,zookeeper   # some sections; the others' rows stay
 
-It starts private servers (redis-server, a PostgreSQL cluster) on free loopback ports,
+It starts private servers (redis-server, a PostgreSQL cluster, MariaDB) on free loopback ports,
 builds dlock and the peer clients, and measures in one go, on this machine:
 `dlock-bench` per backend; the raw stores with their official clients (redis-rs,
 tokio-postgres), `redis-benchmark` and `pgbench` running the same commands; and the peer
 lock clients a user would pick instead (rslock, redis-py's Lock, python-redis-lock,
 node-redlock), each with default and tuned retry settings, and distributed-lock (the Rust
-port of DistributedLock for .NET) on Redis, PostgreSQL and files. The later stores each run
+port of DistributedLock for .NET) on Redis, PostgreSQL and files; the Redis rows of dlock and
+redis-rs also state the server time per pair (INFO commandstats). Redlock (three
+redis-servers) and MySQL/MariaDB (both of dlock's modes) run against redis-rs and
+mysql_async doing the least the lock costs (`dlock-bench --raw`). The later stores each run
 against their raw client in the same run: etcd (a private member) against etcd's own Lock
 RPC through etcd-client and `dlock run` against `etcdctl lock`; ZooKeeper against kazoo's
 Lock; MongoDB (SecantusDB), DynamoDB (dynalite), a 3-master Redis Cluster and Valkey
@@ -49,8 +52,11 @@ VENV = ROOT / "bench" / ".venv"
 PG_MODES = ["session", "lease"]
 
 # Sections of the report, in the order they run and print; --only picks some.
-SECTIONS = ["redis", "postgres", "local", "held", "cli", "etcd", "zookeeper", "mongodb", "dynamodb",
-            "redis-cluster", "valkey", "kinds"]
+SECTIONS = ["redis", "redlock", "postgres", "mysql", "local", "held", "cli", "etcd", "zookeeper", "mongodb",
+            "dynamodb", "redis-cluster", "valkey", "kinds"]
+
+# The MySQL/MariaDB modes of dlock's URL (?mode=…), see docs/backends/mysql.md.
+MYSQL_MODES = ["session", "lease"]
 
 # Where scripts/install-deps.sh (and the test kit) install the servers that come from
 # PyPI and npm; the versions are the test kit's (testkit/src/servers/).
@@ -64,7 +70,8 @@ KAZOO = "kazoo==2.11.0"
 # The raw clients of `dlock-bench --raw`, as the report names them.
 RAW = {"etcd": "etcd-client Lock RPC (raw)", "mongodb": "mongodb findOneAndUpdate (raw)",
        "dynamodb": "aws-sdk-dynamodb conditional writes (raw)", "redis-cluster": "redis-rs cluster client (raw)",
-       "valkey": "redis-rs (raw)"}
+       "valkey": "redis-rs (raw)", "redlock": "redis-rs Redlock (raw)",
+       "mysql-session": "mysql_async GET_LOCK (raw)", "mysql-lease": "mysql_async lease SQL (raw)"}
 
 # dlock-bench's exit status when the backend does not offer the lock kind asked for.
 UNSUPPORTED = 78
@@ -157,6 +164,29 @@ def port_open(port):
         return False
 
 
+def sbin(names, package):
+    """The first of `names` on PATH or in /usr/sbin (mariadbd is there, and not always on
+    PATH), installing `package` if none is."""
+    def found():
+        for name in names:
+            path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+            if path:
+                return path
+        return None
+    if found() is None:
+        need(names[0], package)
+    return found()
+
+
+def unix_socket_open(path):
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+        return True
+    except OSError:
+        return False
+
+
 def pg_bin(name):
     for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (d / name).exists():
@@ -198,6 +228,47 @@ class Servers:
             stdout=subprocess.DEVNULL)
         wait_port(port)
         return port
+
+    def mariadb(self):
+        """A private MariaDB server with the test kit's options (testkit/src/servers/mysql.rs):
+        a fresh install in the run's directory (removed with it), TCP on 127.0.0.1 only, a
+        temporary directory of its own, and a database `dlockbench` with a user `dlock`
+        for the URL. InnoDB keeps its durable defaults (a log flush per commit), as the
+        PostgreSQL cluster does."""
+        install = sbin(["mariadb-install-db", "mysql_install_db"], "mariadb-server")
+        server = sbin(["mariadbd", "mysqld"], "mariadb-server")
+        client = sbin(["mariadb", "mysql"], "mariadb-client")
+        port = low_port()
+        d = self.tmp / "mariadb"
+        (d / "tmp").mkdir(parents=True)
+        # mariadbd refuses to run as root unless told to.
+        as_root = ["--user=root"] if os.geteuid() == 0 else []
+        own = [f"--tmpdir={d / 'tmp'}", "--innodb-log-file-size=16M"]
+        with open(d / "install.log", "w") as out:
+            done = subprocess.run([install, "--no-defaults", f"--datadir={d / 'data'}",
+                                   "--auth-root-authentication-method=normal", "--skip-test-db", *own, *as_root],
+                                  stdout=out, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise SystemExit(f"compare: {install} failed: {(d / 'install.log').read_text()[-2000:]}")
+        sock = d / "mysqld.sock"
+        _, proc = self.spawn("mariadb", [server, "--no-defaults", f"--datadir={d / 'data'}", f"--port={port}",
+                                         f"--socket={sock}", f"--pid-file={d / 'mariadbd.pid'}",
+                                         "--bind-address=127.0.0.1", "--skip-name-resolve", *own,
+                                         "--max-connections=600", "--innodb-buffer-pool-size=64M", "--skip-log-bin",
+                                         *as_root])
+        # The TCP port opens a moment before the socket the setup uses.
+        wait_until("MariaDB did not open its socket",
+                   lambda: self.check_alive(proc, d, "mariadbd") and unix_socket_open(sock))
+        run([client, f"--socket={sock}", "-uroot", "-e",
+             "CREATE DATABASE dlockbench; CREATE USER 'dlock'@'%' IDENTIFIED BY 'dlock-secret'; "
+             "GRANT ALL ON *.* TO 'dlock'@'%';"])
+        wait_port(port)
+        return port
+
+    def redlock_nodes(self, count=3):
+        """Independent redis-servers (no replication between them), as Redlock wants."""
+        need("redis-server", "redis-server")
+        return [self.redis_engine("redis-server", f"redlock{i}") for i in range(count)]
 
     def spawn(self, name, cmd, **kw):
         """Starts a server whose output goes to a log in its own directory."""
@@ -457,6 +528,48 @@ def redis_benchmark(results, port, c):
                                  "per_second": pairs})
 
 
+# The commands that run a script; their usec includes the calls the script makes.
+SCRIPT_COMMANDS = {"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"}
+
+
+def redis_cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], check=True, capture_output=True, text=True).stdout
+
+
+def commandstats(port):
+    """`INFO commandstats` of one server: {command: {"calls": n, "usec": µs}}."""
+    stats = {}
+    for line in redis_cli(port, "INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, fields = line[len("cmdstat_"):].split(":", 1)
+            values = dict(field.split("=", 1) for field in fields.strip().split(","))
+            stats[name] = {"calls": int(values["calls"]), "usec": int(values["usec"])}
+    return stats
+
+
+def server_time(ports, top_level, measure):
+    """Runs `measure` (which returns its row) between `CONFIG RESETSTAT` and `INFO
+    commandstats` on the servers at `ports`, and adds to the row the server time its
+    commands took per pair, summed over the servers. Redis 7 lists every call a script
+    makes as a command of its own *and* counts its time in the script's usec, while
+    commandstats does not say where a call came from: so the sum is the scripts' usec
+    plus that of `top_level`, the commands the client sends outside scripts (dlock sends
+    only scripts; the raw clients `SET`). Connection set-up and clean-up commands (INFO,
+    SCAN, …) are not counted."""
+    for port in ports:
+        redis_cli(port, "CONFIG", "RESETSTAT")
+    row = measure()
+    nodes = [commandstats(port) for port in ports]
+    counted = SCRIPT_COMMANDS | set(top_level)
+    usec = sum(s["usec"] for stats in nodes for name, s in stats.items() if name in counted)
+    pairs = row.get("operations") or 0
+    row["server"] = {"usec": usec, "pairs": pairs, "us_per_pair": usec / pairs if pairs else None,
+                     "counted": sorted(counted), "commandstats": nodes}
+    if pairs:
+        log(f"server time of {row.get('client')} c={row.get('concurrency')}: {usec / pairs:.2f} µs per pair")
+    return row
+
+
 def pgbench(results, port, c, sql, kind, name):
     # In the run's own directory, removed with it (mkstemp alone left one file per call in /tmp).
     fd, path = tempfile.mkstemp(suffix=".sql", dir=results.tmp)
@@ -555,6 +668,7 @@ def versions():
         ("rustc", first_line(["rustc", "--version"])),
         ("redis-server", first_line(["redis-server", "--version"])),
         ("PostgreSQL", first_line([pg_bin("postgres"), "--version"])),
+        ("MariaDB", first_line([shutil.which("mariadbd") or "/usr/sbin/mariadbd", "--version"])),
         ("python", sys.version.split()[0]),
         ("node", first_line(["node", "--version"])),
         ("etcd", first_line(["etcd", "--version"])),
@@ -573,6 +687,26 @@ def trouble(row):
     if row.get("errors"):
         notes.append(f"{row['errors']} errors")
     return f" ({', '.join(notes)})" if notes else ""
+
+
+# Under the Redis and Redlock tables: how the server time per pair is counted (server_time).
+SERVER_TIME_TEXT = (
+    "Server µs / pair is the time the server spent in the commands of the measurement (`CONFIG RESETSTAT` before "
+    "it, `INFO commandstats` after): the scripts' `usec` (which includes the calls they make, listed separately "
+    "by Redis 7 and so not counted again) plus the commands sent outside scripts (the raw clients' `SET`), "
+    "divided by the pairs done.")
+
+# Under the MySQL/MariaDB tables: what the raw row does.
+MYSQL_TEXT = {
+    "session": "A private MariaDB server (InnoDB defaults). dlock's `mysql://` default mode: `GET_LOCK` on a "
+               "connection per lease, plus the fence and holder row it writes. `mysql_async GET_LOCK (raw)` is "
+               "`SELECT GET_LOCK(?, 0)` and `SELECT RELEASE_LOCK(?)` (prepared) on one mysql_async pool connection, "
+               "kept from acquire to release, without fence or holder row.",
+    "lease": "dlock's `mysql://…?mode=lease` (a lease table with expiries on the server's clock). `mysql_async "
+             "lease SQL (raw)` is the least a lease costs in SQL, on mysql_async pool connections: one `INSERT … ON "
+             "DUPLICATE KEY UPDATE` that takes the key's row only if it has expired, and an owner-checked `DELETE`, "
+             "on a three-column InnoDB table it creates for its run and drops after it.",
+}
 
 
 def write_report(results, command):
@@ -620,15 +754,28 @@ def write_report(results, command):
             return f" Against `{other}`: {', '.join(cells)}." if cells else ""
         return extra
 
-    def pairs_table(kind, raw_client, concurrencies, clients, note_ratio=None):
-        out = ["", "| client | " + " | ".join(f"{c} task{'s' if c > 1 else ''}: pairs/s (× raw)" for c in concurrencies)
-               + " | acquire p50 / p99 (1 task) |", "|---|" + "---:|" * (len(concurrencies) + 1)]
+    def server_cell(r, raw):
+        """The Redis server time per pair of a row (see server_time), with its ratio to the raw row's."""
+        mine = (r or {}).get("server", {}).get("us_per_pair")
+        if mine is None:
+            return "-"
+        base = (raw or {}).get("server", {}).get("us_per_pair")
+        return f"{mine:.1f}" + (f" ({mine / base:.2f}×)" if base else "")
+
+    def pairs_table(kind, raw_client, concurrencies, clients, note_ratio=None, server=False):
+        """`server`: a column per task count with the Redis server time per pair."""
+        tasks = [f"{c} task{'s' if c > 1 else ''}" for c in concurrencies]
+        heads = [f"{t}: pairs/s (× raw)" for t in tasks] + (
+            [f"{t}: server µs / pair (× raw)" for t in tasks] if server else [])
+        out = ["", "| client | " + " | ".join(heads) + " | acquire p50 / p99 (1 task) |",
+               "|---|" + "---:|" * (len(heads) + 1)]
         for client in clients:
-            cells = []
+            cells, servers = [], []
             one = None
             for c in concurrencies:
                 r = find(rows, backend_kind=kind, client=client, mode="uncontended", concurrency=c)
                 raw = find(rows, backend_kind=kind, client=raw_client, mode="uncontended", concurrency=c)
+                servers.append(server_cell(r, raw))
                 if r is None:
                     cells.append("-")
                     continue
@@ -637,7 +784,7 @@ def write_report(results, command):
                 ratio = f" ({r['per_second'] / raw['per_second']:.2f}×)" if raw and raw.get("per_second") else ""
                 cells.append(f"{r['per_second']:,.0f}{ratio}{trouble(r)}")
             lat = f"{us(one['acquire']['p50_us'])} / {us(one['acquire']['p99_us'])}" if one and one.get("acquire") else "-"
-            out.append(f"| {client} | " + " | ".join(cells) + f" | {lat} |")
+            out.append(f"| {client} | " + " | ".join(cells + (servers if server else [])) + f" | {lat} |")
         shown = [r for r in rows if r.get("backend_kind") == kind and r.get("mode") == "uncontended"
                  and r.get("client") in clients]
         shown.sort(key=lambda r: clients.index(r["client"]))
@@ -673,11 +820,13 @@ def write_report(results, command):
     if "redis" in stamps:
         lines += ["", "## Redis: uncontended acquire + release", "",
                   "Fresh random keys; `redis-rs (raw)` is `SET NX PX` + `EVALSHA` compare-and-delete on one multiplexed "
-                  "connection, the commands a dlock Redis lease costs. `redis-benchmark` runs the same two commands."]
+                  "connection, the commands a dlock Redis lease costs. `redis-benchmark` runs the same two commands. "
+                  + SERVER_TIME_TEXT]
         lines += pairs_table("redis", "redis-rs (raw)", [1, 64],
                              ["dlock", "redis-rs (raw)", "redis-benchmark", "rslock (default retry)", "rslock (tuned retry)",
                               "distributed-lock", "node-redlock (default retry)", "node-redlock (retry 5ms)",
-                              "redis-py Lock (default sleep 100ms)", "redis-py Lock (sleep 1ms)", "python-redis-lock"])
+                              "redis-py Lock (default sleep 100ms)", "redis-py Lock (sleep 1ms)", "python-redis-lock"],
+                             server=True)
         lines += ["", "## Redis: hand-off with 16 waiters", "",
                   "One key, 16 waiters; each holder holds 5 ms, releases, and steps aside until another has acquired. "
                   "Latency is from the release call to the next holder's acquire returning."]
@@ -694,17 +843,46 @@ def write_report(results, command):
                 h = r["handoff"]
                 lines.append(f"| {r['client']} | {r['rounds']} | {us(h['p50_us'])} | {us(h['p99_us'])} | "
                              f"{us(h['max_us'])} |")
+    if "redlock" in stamps:
+        lines += ["", "## Redlock (3 redis-servers): uncontended acquire + release, hand-off with 16 waiters", "",
+                  "dlock's `redlock://` over three independent redis-servers. `redis-rs Redlock (raw)` does the work of "
+                  "one Redlock pair on three multiplexed connections, the nodes asked in parallel: `SET NX PX` on all "
+                  "three, taken when two answered OK (else the compare-and-delete on all), then the `EVALSHA` "
+                  "compare-and-delete on all three; no fence and no validity check, where dlock's acquire adds a "
+                  "round that writes the fence to the majority. " + SERVER_TIME_TEXT + " It is summed over the three "
+                  "servers."]
+        lines += pairs_table("redlock", RAW["redlock"], [1, 64], ["dlock", RAW["redlock"]], server=True)
+        lines += handoff_table("redlock")
     if "postgres" in stamps:
         for mode in PG_MODES:
-            lines += ["", f"## PostgreSQL ({mode} mode): uncontended acquire + release", "",
-                      "Ratios are to `pgbench` running exactly dlock's statements (scripts generated from the library's own statements by `dlock-pgbench-script`); "
-                      "`tokio-postgres (raw)` and `pgbench (bare advisory lock)` run a bare "
-                      "`pg_advisory_lock`/`pg_advisory_unlock`, without the fence and holder record."]
+            if mode == "lease":
+                base, text = "pgbench (minimal lease SQL)", (
+                    "Ratios are to `pgbench (minimal lease SQL)`: the least a lease costs in SQL, an `INSERT … ON "
+                    "CONFLICT (key) DO UPDATE … WHERE expires_at <= now()` that takes the key's row only if it has "
+                    "expired and an owner-checked `DELETE`, on a table of three columns that the script's setup "
+                    "creates (`dlock-pgbench-script lease-minimal`). `pgbench (dlock's SQL)` runs exactly dlock's "
+                    "statements (generated from the library's own by `dlock-pgbench-script`), with the fence, the "
+                    "holder record and the release's `NOTIFY`.")
+            else:
+                base, text = "pgbench (dlock's SQL)", (
+                    "Ratios are to `pgbench` running exactly dlock's statements (scripts generated from the library's "
+                    "own statements by `dlock-pgbench-script`); `tokio-postgres (raw)` and `pgbench (bare advisory "
+                    "lock)` run a bare `pg_advisory_lock`/`pg_advisory_unlock`, without the fence and holder record.")
+            lines += ["", f"## PostgreSQL ({mode} mode): uncontended acquire + release", "", text]
             peers = ["distributed-lock (default pool of 10)", "distributed-lock (pool = tasks)"] if mode == "session" else []
-            lines += pairs_table(f"postgres-{mode}", "pgbench (dlock's SQL)", [1, 32],
-                                 ["dlock", "pgbench (dlock's SQL)", "tokio-postgres (raw)", "pgbench (bare advisory lock)"]
+            minimal = ["pgbench (minimal lease SQL)"] if mode == "lease" else []
+            lines += pairs_table(f"postgres-{mode}", base, [1, 32],
+                                 ["dlock", "pgbench (dlock's SQL)"] + minimal + ["tokio-postgres (raw)",
+                                                                                 "pgbench (bare advisory lock)"]
                                  + peers, note_ratio="pgbench (bare advisory lock)")
             lines += handoff_table(f"postgres-{mode}")
+    if "mysql" in stamps:
+        for mode in MYSQL_MODES:
+            kind = f"mysql-{mode}"
+            lines += ["", f"## MySQL/MariaDB ({mode} mode): uncontended acquire + release, hand-off with 16 waiters",
+                      "", MYSQL_TEXT[mode]]
+            lines += pairs_table(kind, RAW[kind], [1, 32], ["dlock", RAW[kind]])
+            lines += handoff_table(kind)
     if "local" in stamps:
         for kind in ["file", "memory"]:
             lines += ["", f"## {kind}", ""]
@@ -859,8 +1037,8 @@ DL_NOTES = {
 def section_redis(results, env):
     redis_url, rport = env.redis_url, env.redis_port
     for c in (1, 64):
-        results.dlock("redis", redis_url, "uncontended", c)
-        results.peer("redis", "raw-redis", redis_url, "uncontended", c)
+        server_time([rport], (), lambda: results.dlock("redis", redis_url, "uncontended", c))
+        server_time([rport], ("set",), lambda: results.peer("redis", "raw-redis", redis_url, "uncontended", c))
         redis_benchmark(results, rport, c)
         results.peer("redis", "rslock", redis_url, "uncontended", c)
         results.peer("redis", "rslock-tuned", redis_url, "uncontended", c)
@@ -879,6 +1057,17 @@ def section_redis(results, env):
         results.python(client, redis_url, "handoff", 16)
     for client in ("redis-py", "node-redlock"):
         foreign_handoff(results, redis_url, client)
+
+
+def section_redlock(results, env):
+    # dlock's redlock:// and the raw client each time a pair on three independent nodes,
+    # with the server time summed over the three.
+    ports = env.get("redlock", env.servers.redlock_nodes)
+    url = "redlock://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    for c in (1, 64):
+        server_time(ports, (), lambda: results.dlock("redlock", url, "uncontended", c))
+        server_time(ports, ("set",), lambda: results.raw("redlock", url, "uncontended", c, RAW["redlock"]))
+    results.dlock("redlock", url, "handoff", 16)
 
 
 def foreign_handoff(results, url, client, rounds=20):
@@ -916,13 +1105,18 @@ def section_postgres(results, env):
     # library's own SQL
     pport, pg_url = env.pg_port, env.pg_url
     scripts = {m: subprocess.run([str(PGBENCH_SCRIPT), m], check=True, capture_output=True, text=True).stdout
-               for m in ("session", "lease", "bare")}
+               for m in ("session", "lease", "bare", "lease-minimal")}
+    # The minimal lease SQL's table is its own (dlock creates its lease table itself).
+    psql(pport, subprocess.run([str(PGBENCH_SCRIPT), "lease-minimal", "--setup"], check=True, capture_output=True,
+                               text=True).stdout)
     for mode in PG_MODES:
         kind = f"postgres-{mode}"
         url = f"{pg_url}?mode={mode}"
         for c in (1, 32):
             results.dlock(kind, url, "uncontended", c)
             pgbench(results, pport, c, scripts[mode], kind, "pgbench (dlock's SQL)")
+            if mode == "lease":
+                pgbench(results, pport, c, scripts["lease-minimal"], kind, "pgbench (minimal lease SQL)")
             if mode == "session":
                 results.peer(kind, "raw-postgres", pg_url, "uncontended", c)
                 pgbench(results, pport, c, scripts["bare"], kind, "pgbench (bare advisory lock)")
@@ -934,6 +1128,25 @@ def section_postgres(results, env):
         results.dlock(kind, url, "handoff", 16)
         if mode == "session":
             results.peer(kind, "distributed-lock", pg_url, "handoff", 16, note=DL_NOTES["postgres-handoff"])
+    psql(pport, subprocess.run([str(PGBENCH_SCRIPT), "lease-minimal", "--teardown"], check=True, capture_output=True,
+                               text=True).stdout)
+
+
+def psql(port, sql):
+    run([pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q", "-v", "ON_ERROR_STOP=1",
+         "-c", sql, "postgres"], stdout=subprocess.DEVNULL)
+
+
+def section_mysql(results, env):
+    port = env.get("mysql", env.servers.mariadb)
+    base = f"mysql://dlock:dlock-secret@127.0.0.1:{port}/dlockbench"
+    for mode in MYSQL_MODES:
+        kind = f"mysql-{mode}"
+        url = base if mode == "session" else f"{base}?mode=lease"
+        for c in (1, 32):
+            results.dlock(kind, url, "uncontended", c)
+            results.raw(kind, url, "uncontended", c, RAW[kind])
+        results.dlock(kind, url, "handoff", 16)
 
 
 def section_local(results, env):
@@ -1026,7 +1239,7 @@ def section_kinds(results, env):
                               allow_unsupported=True)
 
 
-RUNNERS = {"redis": section_redis, "postgres": section_postgres, "local": section_local, "held": section_held,
+RUNNERS = {"redis": section_redis, "redlock": section_redlock, "postgres": section_postgres, "mysql": section_mysql, "local": section_local, "held": section_held,
            "cli": section_cli, "etcd": section_etcd, "zookeeper": section_zookeeper, "mongodb": section_mongodb,
            "dynamodb": section_dynamodb, "redis-cluster": section_redis_cluster, "valkey": section_valkey,
            "kinds": section_kinds}
@@ -1059,7 +1272,9 @@ def main():
     results = Results(2 if args.quick else 10, command, sections)
     results.held_seconds = 5 if args.quick else 60
     results.cli_runs = 50 if args.quick else 300
-    needs = {"redis": [("redis-benchmark", "redis-tools")], "postgres": [("pgbench", "postgresql-client")],
+    needs = {"redis": [("redis-benchmark", "redis-tools"), ("redis-cli", "redis-tools")],
+             "redlock": [("redis-cli", "redis-tools")],
+             "postgres": [("pgbench", "postgresql-client"), ("psql", "postgresql-client")],
              "cli": [("hyperfine", "hyperfine"), ("flock", "util-linux")], "etcd": [("hyperfine", "hyperfine")]}
     for section in sections:
         for binary, package in needs.get(section, []):

@@ -14,6 +14,7 @@
 mod modes;
 #[cfg(any(
     feature = "redis",
+    feature = "mysql",
     feature = "etcd",
     feature = "mongodb",
     feature = "dynamodb"
@@ -348,6 +349,7 @@ fn finish(args: &BenchArgs, report: &Report) -> ExitCode {
 
 #[cfg(any(
     feature = "redis",
+    feature = "mysql",
     feature = "etcd",
     feature = "mongodb",
     feature = "dynamodb"
@@ -385,12 +387,13 @@ async fn raw_bench(args: &BenchArgs, url: &str) -> ExitCode {
 
 #[cfg(not(any(
     feature = "redis",
+    feature = "mysql",
     feature = "etcd",
     feature = "mongodb",
     feature = "dynamodb"
 )))]
 async fn raw_bench(_: &BenchArgs, _: &str) -> ExitCode {
-    report("--raw needs a build with a store's feature (redis, etcd, mongodb or dynamodb)");
+    report("--raw needs a build with a store's feature (redis, mysql, etcd, mongodb or dynamodb)");
     ExitCode::from(USAGE)
 }
 

@@ -18,6 +18,27 @@ SELECT pg_advisory_lock(:id);
 SELECT pg_advisory_unlock(:id);
 ";
 
+/// The table of [`LEASE_MINIMAL`], made by [`LEASE_MINIMAL_SETUP`] before pgbench runs.
+pub const LEASE_MINIMAL_TABLE: &str = "dlock_bench_minimal_leases";
+
+/// The least a lease costs in SQL, what dlock's lease mode is measured against: one
+/// insert that takes the key's row only if it has expired (a fresh key's row is simply
+/// inserted), and an owner-checked delete. Each client has its own key (ids apart from
+/// the other scripts'). Not dlock's SQL, so it is written here.
+pub const LEASE_MINIMAL: &str = r"\set id :client_id + 3000000
+INSERT INTO dlock_bench_minimal_leases AS l (key, owner, expires_at) VALUES (('pgbench-' || (:id)::text), ('owner-' || (:id)::text), now() + 30000 * interval '1 millisecond') ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at WHERE l.expires_at <= now();
+DELETE FROM dlock_bench_minimal_leases WHERE key = ('pgbench-' || (:id)::text) AND owner = ('owner-' || (:id)::text);
+";
+
+/// The table [`LEASE_MINIMAL`] works on: a logged table as dlock's lease table, with only
+/// the columns a lease needs (no index but the key's).
+pub const LEASE_MINIMAL_SETUP: &str = "CREATE TABLE IF NOT EXISTS dlock_bench_minimal_leases \
+(key text PRIMARY KEY, owner text NOT NULL, expires_at timestamptz NOT NULL);
+";
+
+/// Removes [`LEASE_MINIMAL_SETUP`]'s table after the run.
+pub const LEASE_MINIMAL_TEARDOWN: &str = "DROP TABLE IF EXISTS dlock_bench_minimal_leases;\n";
+
 const LOCK_ID: &str = "(:id)::bigint";
 const KEY: &str = "('pgbench-' || (:id)::text)";
 const OWNER: &str = "('owner-' || (:id)::text)";
@@ -125,6 +146,14 @@ mod tests {
             "{script}"
         );
         assert!(script.contains("INSERT INTO app_locks"), "{script}");
+    }
+
+    #[test]
+    fn minimal_lease_script_uses_its_setup_table() {
+        for sql in [LEASE_MINIMAL, LEASE_MINIMAL_SETUP, LEASE_MINIMAL_TEARDOWN] {
+            assert!(sql.contains(LEASE_MINIMAL_TABLE), "{sql}");
+        }
+        assert!(LEASE_MINIMAL.starts_with("\\set id"), "{LEASE_MINIMAL}");
     }
 
     #[test]

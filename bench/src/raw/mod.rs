@@ -11,8 +11,12 @@ mod dynamodb;
 mod etcd;
 #[cfg(feature = "mongodb")]
 mod mongodb;
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "redis")]
+mod redlock;
 
 use super::modes::Details;
 use super::stats::percentiles;
@@ -51,6 +55,9 @@ pub enum Token {
     /// etcd: the lease the lock key is bound to, and the lock key the Lock RPC made.
     #[cfg(feature = "etcd")]
     Etcd { lease: i64, key: Vec<u8> },
+    /// MySQL session mode: the connection that holds the `GET_LOCK` lock.
+    #[cfg(feature = "mysql")]
+    MysqlSession(Box<mysql_async::Conn>),
 }
 
 /// A raw client of one store.
@@ -60,6 +67,10 @@ pub enum Store {
     Etcd(Box<etcd::Etcd>),
     #[cfg(feature = "redis")]
     Redis(redis::Redis),
+    #[cfg(feature = "redis")]
+    Redlock(redlock::Redlock),
+    #[cfg(feature = "mysql")]
+    Mysql(mysql::Mysql),
     #[cfg(feature = "mongodb")]
     Mongo(mongodb::Mongo),
     #[cfg(feature = "dynamodb")]
@@ -77,13 +88,17 @@ impl Store {
                 .map(|etcd| Store::Etcd(Box::new(etcd))),
             #[cfg(feature = "redis")]
             "redis" | "redis+cluster" => redis::Redis::connect(url).await.map(Store::Redis),
+            #[cfg(feature = "redis")]
+            "redlock" => redlock::Redlock::connect(url).await.map(Store::Redlock),
+            #[cfg(feature = "mysql")]
+            "mysql" => mysql::Mysql::connect(url).await.map(Store::Mysql),
             #[cfg(feature = "mongodb")]
             "mongodb" => mongodb::Mongo::connect(url).await.map(Store::Mongo),
             #[cfg(feature = "dynamodb")]
             "dynamodb" => dynamodb::Dynamo::connect(url).await.map(Store::Dynamo),
             other => Err(format!(
                 "--raw has no raw client for {other}:// in this build (etcd, redis, \
-                 redis+cluster, mongodb and dynamodb, each with its feature)"
+                 redis+cluster, redlock, mysql, mongodb and dynamodb, each with its feature)"
             )),
         }
     }
@@ -95,6 +110,10 @@ impl Store {
             Store::Etcd(_) => "etcd-client Lock RPC (raw)",
             #[cfg(feature = "redis")]
             Store::Redis(r) => r.describe(),
+            #[cfg(feature = "redis")]
+            Store::Redlock(_) => "redis-rs Redlock (raw)",
+            #[cfg(feature = "mysql")]
+            Store::Mysql(s) => s.describe(),
             #[cfg(feature = "mongodb")]
             Store::Mongo(_) => "mongodb findOneAndUpdate (raw)",
             #[cfg(feature = "dynamodb")]
@@ -126,6 +145,10 @@ impl Store {
             Store::Etcd(s) => s.acquire(key, ttl, until).await,
             #[cfg(feature = "redis")]
             Store::Redis(s) => s.acquire(key, ttl).await,
+            #[cfg(feature = "redis")]
+            Store::Redlock(s) => s.acquire(key, ttl).await,
+            #[cfg(feature = "mysql")]
+            Store::Mysql(s) => s.acquire(key, ttl).await,
             #[cfg(feature = "mongodb")]
             Store::Mongo(s) => s.acquire(key, ttl).await,
             #[cfg(feature = "dynamodb")]
@@ -141,12 +164,28 @@ impl Store {
             (Store::Etcd(s), Token::Etcd { lease, key }) => s.release(lease, key).await,
             #[cfg(feature = "redis")]
             (Store::Redis(s), Token::Owner(owner)) => s.release(key, &owner).await,
+            #[cfg(feature = "redis")]
+            (Store::Redlock(s), Token::Owner(owner)) => s.release(key, &owner).await,
+            #[cfg(feature = "mysql")]
+            (Store::Mysql(s), Token::MysqlSession(conn)) => s.release_session(key, *conn).await,
+            #[cfg(feature = "mysql")]
+            (Store::Mysql(s), Token::Owner(owner)) => s.release_lease(key, &owner).await,
             #[cfg(feature = "mongodb")]
             (Store::Mongo(s), Token::Owner(owner)) => s.release(key, &owner).await,
             #[cfg(feature = "dynamodb")]
             (Store::Dynamo(s), Token::Owner(owner)) => s.release(key, &owner).await,
             #[allow(unreachable_patterns)]
             _ => Err("a token of another store".to_owned()),
+        }
+    }
+
+    /// Removes what the client set up for its run (MySQL's lease table).
+    pub async fn finish(&self) -> Result<(), String> {
+        match self {
+            #[cfg(feature = "mysql")]
+            Store::Mysql(s) => s.finish().await,
+            #[allow(unreachable_patterns)]
+            _ => Ok(()),
         }
     }
 }
@@ -185,21 +224,22 @@ pub async fn bench(store: Store, args: RawArgs) -> Result<Report, String> {
     let started = Instant::now();
     let until = started + args.duration;
     let details = match args.mode {
-        Mode::Uncontended => uncontended(&store, &tally, &args, until).await,
-        Mode::Handoff if store.waits() => handoff(&store, &tally, &args, until).await,
-        Mode::Handoff => {
-            return Err(format!(
-                "{} has no waiting acquire, so --raw measures no hand-off on it",
-                store.describe()
-            ))
-        }
-        other => {
-            return Err(format!(
-                "--raw measures uncontended and handoff, not {other:?}"
-            ))
-        }
+        Mode::Uncontended => Ok(uncontended(&store, &tally, &args, until).await),
+        Mode::Handoff if store.waits() => Ok(handoff(&store, &tally, &args, until).await),
+        Mode::Handoff => Err(format!(
+            "{} has no waiting acquire, so --raw measures no hand-off on it",
+            store.describe()
+        )),
+        other => Err(format!(
+            "--raw measures uncontended and handoff, not {other:?}"
+        )),
     };
     let seconds = started.elapsed().as_secs_f64();
+    // After the clock stops, and also when nothing ran: the clean-up is not measured.
+    if let Err(err) = store.finish().await {
+        tally.error(err);
+    }
+    let details = details?;
     let operations = tally.operations.load(Ordering::Relaxed);
     Ok(Report {
         backend: store.describe().to_owned(),
