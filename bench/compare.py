@@ -68,7 +68,7 @@ ZK_JARS = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
 KAZOO = "kazoo==2.11.0"
 
 # The raw clients of `dlock-bench --raw`, as the report names them.
-RAW = {"etcd": "etcd-client Lock RPC (raw)", "mongodb": "mongodb findOneAndUpdate (raw)",
+RAW = {"memory": "tokio Mutex (raw)", "etcd": "etcd-client Lock RPC (raw)", "mongodb": "mongodb findOneAndUpdate (raw)",
        "dynamodb": "aws-sdk-dynamodb conditional writes (raw)", "redis-cluster": "redis-rs cluster client (raw)",
        "valkey": "redis-rs (raw)", "redlock": "redis-rs Redlock (raw)",
        "mysql-session": "mysql_async GET_LOCK (raw)", "mysql-lease": "mysql_async lease SQL (raw)"}
@@ -886,8 +886,13 @@ def write_report(results, command):
     if "local" in stamps:
         for kind in ["file", "memory"]:
             lines += ["", f"## {kind}", ""]
-            peers = ["distributed-lock"] if kind == "file" else []
-            lines += pairs_table(kind, None, [1, 16], ["dlock"] + peers, note_ratio="dlock")
+            if kind == "file":
+                lines += pairs_table(kind, None, [1, 16], ["dlock", "distributed-lock"], note_ratio="dlock")
+            else:
+                lines += ["`tokio Mutex (raw)` is a `tokio::sync::Mutex` per key in the same process, the lock a "
+                          "program takes without dlock; its hand-off is one task waking the next on the same runtime, "
+                          "the floor of an in-process hand-off on this machine."]
+                lines += pairs_table(kind, RAW["memory"], [1, 16], ["dlock", RAW["memory"]])
             lines += handoff_table(kind)
     held = [r for r in rows if r.get("mode") == "held"]
     if held:
@@ -1155,9 +1160,13 @@ def section_local(results, env):
             results.dlock(kind, url, "uncontended", c)
             if kind == "file":
                 results.peer(kind, "distributed-lock", url, "uncontended", c, note=DL_NOTES["file"])
+            if kind == "memory":
+                results.raw(kind, url, "uncontended", c, RAW[kind])
         results.dlock(kind, url, "handoff", 16)
         if kind == "file":
             results.peer(kind, "distributed-lock", url, "handoff", 16, note=DL_NOTES["file-handoff"])
+        else:
+            results.raw(kind, url, "handoff", 16, RAW[kind])
 
 
 def section_held(results, env):

@@ -94,8 +94,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "KIND", default_value = "exclusive", value_parser = kind_arg)]
     kind: LockKind,
     /// Measure the store's own client instead of dlock, running the operations a dlock
-    /// lease costs on it (uncontended; handoff on etcd's Lock RPC): etcd://, redis://,
-    /// redis+cluster://, mongodb:// and dynamodb:// URLs
+    /// lease costs on it (uncontended; handoff on etcd's Lock RPC and on memory://, a
+    /// tokio Mutex per key): etcd://, redis://, redis+cluster://, redlock://, mysql://,
+    /// mongodb://, dynamodb:// and memory:// URLs
     #[arg(long)]
     raw: bool,
 }

@@ -9,6 +9,7 @@
 mod dynamodb;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod memory;
 #[cfg(feature = "mongodb")]
 mod mongodb;
 #[cfg(feature = "mysql")]
@@ -55,6 +56,8 @@ pub enum Token {
     /// etcd: the lease the lock key is bound to, and the lock key the Lock RPC made.
     #[cfg(feature = "etcd")]
     Etcd { lease: i64, key: Vec<u8> },
+    /// memory: the held mutex.
+    Memory(tokio::sync::OwnedMutexGuard<()>),
     /// MySQL session mode: the connection that holds the `GET_LOCK` lock.
     #[cfg(feature = "mysql")]
     MysqlSession(Box<mysql_async::Conn>),
@@ -63,6 +66,7 @@ pub enum Token {
 /// A raw client of one store.
 #[derive(Clone)]
 pub enum Store {
+    Memory(memory::Memory),
     #[cfg(feature = "etcd")]
     Etcd(Box<etcd::Etcd>),
     #[cfg(feature = "redis")]
@@ -82,6 +86,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store, String> {
         let scheme = url.split("://").next().unwrap_or_default();
         match scheme {
+            "memory" => Ok(Store::Memory(memory::Memory::default())),
             #[cfg(feature = "etcd")]
             "etcd" => etcd::Etcd::connect(url)
                 .await
@@ -97,7 +102,7 @@ impl Store {
             #[cfg(feature = "dynamodb")]
             "dynamodb" => dynamodb::Dynamo::connect(url).await.map(Store::Dynamo),
             other => Err(format!(
-                "--raw has no raw client for {other}:// in this build (etcd, redis, \
+                "--raw has no raw client for {other}:// in this build (memory; etcd, redis, \
                  redis+cluster, redlock, mysql, mongodb and dynamodb, each with its feature)"
             )),
         }
@@ -106,6 +111,7 @@ impl Store {
     /// How the report names the client.
     pub fn describe(&self) -> &'static str {
         match self {
+            Store::Memory(_) => "tokio Mutex (raw)",
             #[cfg(feature = "etcd")]
             Store::Etcd(_) => "etcd-client Lock RPC (raw)",
             #[cfg(feature = "redis")]
@@ -124,6 +130,7 @@ impl Store {
     /// Whether [`acquire`](Self::acquire) can wait for a held key (hand-off needs it).
     pub fn waits(&self) -> bool {
         match self {
+            Store::Memory(_) => true,
             #[cfg(feature = "etcd")]
             Store::Etcd(_) => true,
             #[allow(unreachable_patterns)]
@@ -141,6 +148,7 @@ impl Store {
     ) -> Result<Option<Token>, String> {
         let _ = (key, ttl, until);
         match self {
+            Store::Memory(s) => s.acquire(key, until).await,
             #[cfg(feature = "etcd")]
             Store::Etcd(s) => s.acquire(key, ttl, until).await,
             #[cfg(feature = "redis")]
@@ -160,6 +168,7 @@ impl Store {
     pub async fn release(&self, key: &str, token: Token) -> Result<bool, String> {
         let _ = key;
         match (self, token) {
+            (Store::Memory(s), Token::Memory(guard)) => Ok(s.release(key, guard)),
             #[cfg(feature = "etcd")]
             (Store::Etcd(s), Token::Etcd { lease, key }) => s.release(lease, key).await,
             #[cfg(feature = "redis")]
