@@ -7,12 +7,18 @@
 //! is marked abandoned and interrupted with a signal (a no-op handler installed without
 //! `SA_RESTART`, so `flock` returns `EINTR`); the signal is repeated until the thread has
 //! gone, which closes the race where it arrives just before the thread enters `flock`.
+//!
+//! At most [`MAX_BLOCKED_THREADS`] threads of a process block in `flock` at once; a
+//! waiter beyond them tries `LOCK_NB` at a growing pause (2 ms to 50 ms) until it gets
+//! the lock or a thread becomes free, so that a process waiting for a thousand keys does
+//! not start a thousand threads. Such a waiter is not in the kernel's queue meanwhile:
+//! it can be overtaken, and it notices a release up to 50 ms late.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -111,22 +117,79 @@ fn install_interrupt_handler() {
     });
 }
 
-/// A wait in the kernel's queue for a lock on `file`.
+/// How many threads of this process may block in `flock` at once (see the module docs).
+pub(crate) const MAX_BLOCKED_THREADS: usize = 64;
+
+/// The name of those threads.
+pub(crate) const WAIT_THREAD_NAME: &str = "dlock-flock-wait";
+
+/// The threads of this process blocked in `flock` (or about to be).
+static BLOCKED_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// A place among the [`MAX_BLOCKED_THREADS`], given back when dropped.
+struct ThreadSlot;
+
+impl ThreadSlot {
+    fn take() -> Option<ThreadSlot> {
+        BLOCKED_THREADS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_BLOCKED_THREADS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ThreadSlot)
+    }
+}
+
+impl Drop for ThreadSlot {
+    fn drop(&mut self) {
+        BLOCKED_THREADS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The pauses of a waiter without a thread.
+const POLL_FIRST: Duration = Duration::from_millis(2);
+const POLL_MOST: Duration = Duration::from_millis(50);
+
+/// A wait for a lock on `file`: in the kernel's queue on a thread of its own, or, when
+/// all [`MAX_BLOCKED_THREADS`] are taken, by trying at intervals until one is free.
 pub(crate) struct KernelWait {
     result: Option<oneshot::Receiver<io::Result<File>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     abandoned: Arc<AtomicBool>,
+    /// Waiting without a thread: the file to try, and how.
+    polling: Option<(File, Mode)>,
+}
+
+/// How a wait without a thread ended.
+enum Polled {
+    Locked(File),
+    TimedOut,
+    /// A thread became free before the lock did: wait in the kernel's queue after all.
+    ThreadFree(File, ThreadSlot),
 }
 
 impl KernelWait {
     pub(crate) fn start(file: File, mode: Mode) -> io::Result<KernelWait> {
+        match ThreadSlot::take() {
+            Some(slot) => KernelWait::on_thread(file, mode, slot),
+            None => Ok(KernelWait {
+                result: None,
+                thread: None,
+                abandoned: Arc::new(AtomicBool::new(false)),
+                polling: Some((file, mode)),
+            }),
+        }
+    }
+
+    fn on_thread(file: File, mode: Mode, slot: ThreadSlot) -> io::Result<KernelWait> {
         install_interrupt_handler();
         let (tx, rx) = oneshot::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&abandoned);
         let thread = std::thread::Builder::new()
-            .name("dlock-flock-wait".into())
+            .name(WAIT_THREAD_NAME.into())
             .spawn(move || {
+                let _slot = slot;
                 let outcome = block_until_locked(&file, mode, &flag).map(|locked| (locked, file));
                 match outcome {
                     Ok((true, file)) => {
@@ -147,11 +210,19 @@ impl KernelWait {
             result: Some(rx),
             thread: Some(thread),
             abandoned,
+            polling: None,
         })
     }
 
     /// Waits until the lock is taken (`Some(file)`) or `deadline` passes (`None`).
     pub(crate) async fn wait(mut self, deadline: Option<Instant>) -> io::Result<Option<File>> {
+        if let Some((file, mode)) = self.polling.take() {
+            match poll_for_lock(file, mode, deadline).await? {
+                Polled::Locked(file) => return Ok(Some(file)),
+                Polled::TimedOut => return Ok(None),
+                Polled::ThreadFree(file, slot) => self = KernelWait::on_thread(file, mode, slot)?,
+            }
+        }
         let Some(rx) = self.result.as_mut() else {
             return Ok(None);
         };
@@ -173,6 +244,27 @@ impl KernelWait {
                 "the flock waiting thread ended unexpectedly",
             )),
         }
+    }
+}
+
+/// Tries `file` at a growing pause until it is locked, `deadline` passes, or a thread to
+/// wait in the kernel's queue becomes free.
+async fn poll_for_lock(file: File, mode: Mode, deadline: Option<Instant>) -> io::Result<Polled> {
+    let mut pause = POLL_FIRST;
+    loop {
+        if try_lock_as(&file, mode)? {
+            return Ok(Polled::Locked(file));
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Ok(Polled::TimedOut);
+        }
+        if let Some(slot) = ThreadSlot::take() {
+            return Ok(Polled::ThreadFree(file, slot));
+        }
+        let wake = deadline.map_or(now + pause, |d| d.min(now + pause));
+        tokio::time::sleep_until(wake.into()).await;
+        pause = (pause * 2).min(POLL_MOST);
     }
 }
 
