@@ -22,6 +22,24 @@ fn waiting_threads() -> usize {
         .count()
 }
 
+/// Stops the waiters if the test fails early, so that none keeps creating lock files
+/// in the directory being removed.
+struct AbortOnDrop<T>(Vec<tokio::task::JoinHandle<T>>);
+
+impl<T> AbortOnDrop<T> {
+    fn take(mut self) -> Vec<tokio::task::JoinHandle<T>> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_waiters_need_no_thousand_threads_and_all_get_their_key() {
     let dir = tempfile::Builder::new()
@@ -44,18 +62,20 @@ async fn a_thousand_waiters_need_no_thousand_threads_and_all_get_their_key() {
                 .unwrap(),
         );
     }
-    let waits: Vec<_> = (0..KEYS)
-        .map(|i| {
-            let waiter = waiter.clone();
-            tokio::spawn(async move {
-                waiter
-                    .lock(format!("key-{i}"))
-                    .wait_for(Duration::from_secs(60))
-                    .acquire()
-                    .await
+    let waits = AbortOnDrop(
+        (0..KEYS)
+            .map(|i| {
+                let waiter = waiter.clone();
+                tokio::spawn(async move {
+                    waiter
+                        .lock(format!("key-{i}"))
+                        .wait_for(Duration::from_secs(60))
+                        .acquire()
+                        .await
+                })
             })
-        })
-        .collect();
+            .collect(),
+    );
     // Let every waiter reach its wait.
     let settle = Instant::now() + Duration::from_secs(3);
     let mut most = 0;
@@ -76,7 +96,7 @@ async fn a_thousand_waiters_need_no_thousand_threads_and_all_get_their_key() {
         assert!(lease.release().await.unwrap());
     }
     let mut served = 0;
-    for (i, wait) in waits.into_iter().enumerate() {
+    for (i, wait) in waits.take().into_iter().enumerate() {
         let lease = tokio::time::timeout(Duration::from_secs(60), wait)
             .await
             .expect("a waiter did not get its key in time")
