@@ -52,7 +52,7 @@ VENV = ROOT / "bench" / ".venv"
 PG_MODES = ["session", "lease"]
 
 # Sections of the report, in the order they run and print; --only picks some.
-SECTIONS = ["redis", "redlock", "postgres", "mysql", "local", "held", "cli", "etcd", "zookeeper", "mongodb",
+SECTIONS = ["redis", "redlock", "postgres", "mysql", "local", "held", "scaling", "cli", "etcd", "zookeeper", "mongodb",
             "dynamodb", "redis-cluster", "valkey", "kinds"]
 
 # The MySQL/MariaDB modes of dlock's URL (?mode=…), see docs/backends/mysql.md.
@@ -480,8 +480,8 @@ class Results:
         log(f"{row.get('client')} {row.get('mode')} c={row.get('concurrency')}: {row.get('per_second', 0):.0f}/s")
         return self.add(backend, row)
 
-    def dlock(self, backend, url, mode, c, extra=(), allow_unsupported=False):
-        seconds = self.seconds if mode != "held" else self.held_seconds
+    def dlock(self, backend, url, mode, c, extra=(), allow_unsupported=False, seconds=None):
+        seconds = seconds or (self.seconds if mode != "held" else self.held_seconds)
         return self.json_cmd(backend, [str(DLOCK_BENCH), "--backend", url, "--mode", mode, "-c", str(c),
                                        "--duration", f"{seconds}s", "--json", *extra], client="dlock",
                              allow_unsupported=allow_unsupported)
@@ -650,6 +650,52 @@ def svg_ladder(title, rows, path):
     parts.append("</svg>")
     path.write_text("\n".join(parts))
     return path.name
+
+
+def svg_lines(title, series, xlabel, ylabel, path):
+    """One line per backend over a log x axis (tasks, leases) and a linear y axis from 0."""
+    import math
+    points = [p for line in series.values() for p in line]
+    if not points:
+        return None
+    xs = sorted({x for x, _ in points})
+    lo, hi = xs[0], xs[-1]
+    top_y = max(y for _, y in points) * 1.1 or 1
+    width, height, left, right, top, bottom = 760, 420, 90, 150, 50, 60
+    def x(v):
+        span = math.log10(hi) - math.log10(lo) or 1
+        return left + (math.log10(v) - math.log10(lo)) / span * (width - left - right)
+    def y(v):
+        return top + (1 - v / top_y) * (height - top - bottom)
+    colors = ["#d9480f", "#1c7ed6", "#2b8a3e", "#862e9c", "#e67700"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15">{title}</text>']
+    for v in xs:
+        parts.append(f'<line x1="{x(v):.1f}" y1="{top}" x2="{x(v):.1f}" y2="{height - bottom}" stroke="#eee"/>')
+        parts.append(f'<text x="{x(v):.1f}" y="{height - bottom + 18}" text-anchor="middle" fill="#555">{v:,}</text>')
+    for i in range(5):
+        v = top_y * i / 4
+        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end" fill="#555">{v:,.0f}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 14}" text-anchor="middle">{xlabel}</text>')
+    parts.append(f'<text x="18" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 18 {(top + height - bottom) / 2})">{ylabel}</text>')
+    for i, (name, line) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        line = sorted(line)
+        path_d = " ".join(f"{'M' if j == 0 else 'L'}{x(a):.1f},{y(b):.1f}" for j, (a, b) in enumerate(line))
+        parts.append(f'<path d="{path_d}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for a, b in line:
+            parts.append(f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="3" fill="{color}"/>')
+        parts.append(f'<text x="{width - right + 10}" y="{top + 16 + 18 * i}" fill="{color}">{name}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+    return path.name
+
+
+def is_scaling(row):
+    return str(row.get("backend_kind", "")).startswith("scaling:")
 
 
 def versions():
@@ -836,7 +882,7 @@ def targets_section(rows):
         add("`dlock run k -- true` ≤ flock(1) + 1 ms (hyperfine means)",
             f"{run['mean_ms']:.2f} against {flock['mean_ms']:.2f} ms (+{run['mean_ms'] - flock['mean_ms']:.2f})",
             run["mean_ms"] <= flock["mean_ms"] + 1.0, "cli")
-    held = [r for r in rows if r.get("mode") == "held"]
+    held = [r for r in rows if r.get("mode") == "held" and not is_scaling(r)]
     if held:
         big = max(held, key=lambda r: r["rss_mib"])
         busy = max(held, key=lambda r: r["cpu_share_of_one_core"])
@@ -845,10 +891,62 @@ def targets_section(rows):
         add("10,000 held leases ≤ 2% of a core",
             f"at most {busy['cpu_share_of_one_core'] * 100:.2f}% ({busy['backend_kind']})",
             busy["cpu_share_of_one_core"] <= 0.02, "held-cpu")
+    scaled = [r for r in rows if is_scaling(r)]
+    add("how cost grows from 1 to 64 tasks and from 1 to 10,000 keys, plotted",
+        "[Scaling](#scaling-from-1-to-64-tasks-from-1-to-10000-held-leases)" if scaled else "-",
+        True if scaled else None, "")
     add("1,000 waiters on distinct file keys without 1,000 threads",
         "at most 64 threads block in flock (`tests/file_many_waiters.rs`)", True, "")
     add("1,000 PostgreSQL or MySQL session leases without 1,000 connections",
         "9 connections with `?sessions=shared` (`tests/sql_shared_sessions.rs`)", True, "")
+    return out
+
+
+def scaling_section(rows):
+    """Pairs/s from 1 to 64 tasks and the cost of 1 to 10,000 held leases, a table and a
+    plot each."""
+    scaling = [r for r in rows if is_scaling(r)]
+    if not scaling:
+        return []
+    kinds = [k for k in SCALING_BACKENDS if any(r["backend_kind"] == f"scaling:{k}" for r in scaling)]
+    out = ["", "## Scaling: from 1 to 64 tasks, from 1 to 10,000 held leases", "",
+           "dlock alone, uncontended acquire + release of fresh keys for 5 s at each task count, then 1 to "
+           "10,000 leases held for 15 s each (TTL 30 s, renewed every 10 s); RSS after holding, less the RSS "
+           "before the first lease.", "",
+           "| backend | " + " | ".join(f"{c} task{'s' if c > 1 else ''}" for c in SCALING_TASKS) + " |",
+           "|---|" + "---:|" * len(SCALING_TASKS)]
+    tasks_series, rss_series = {}, {}
+    for k in kinds:
+        cells, line = [], []
+        for c in SCALING_TASKS:
+            r = find(scaling, backend_kind=f"scaling:{k}", mode="uncontended", concurrency=c)
+            cells.append(f"{r['per_second']:,.0f}{trouble(r)}" if r else "-")
+            if r:
+                line.append((c, r["per_second"]))
+        tasks_series[k] = line
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    name = svg_lines("dlock uncontended pairs/s by tasks", tasks_series, "tasks", "pairs/s",
+                     OUT / "scaling-tasks.svg")
+    if name:
+        out += ["", f"![pairs/s by tasks](bench/{name})"]
+    out += ["", "| backend | leases | RSS | RSS added | per lease | CPU (share of one core) |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for k in kinds:
+        line = []
+        for n in SCALING_LEASES:
+            r = find(scaling, backend_kind=f"scaling:{k}", mode="held", concurrency=n)
+            if not r:
+                continue
+            added = r["rss_mib"] - (r.get("rss_before_mib") or r["rss_mib"])
+            line.append((n, max(added, 0)))
+            per = f"{added * 1024 * 1024 / n:,.0f} B" if n >= 100 else "-"
+            out.append(f"| {k} | {n:,} | {r['rss_mib']:.1f} MiB | {added:.1f} MiB | {per} | "
+                       f"{r['cpu_share_of_one_core'] * 100:.2f}% |")
+        rss_series[k] = line
+    name = svg_lines("RSS added by held leases", rss_series, "leases held", "MiB", OUT / "scaling-leases.svg")
+    if name:
+        out += ["", f"![RSS by held leases](bench/{name})"]
+    out += ["", "Below 100 leases the RSS moves by less than a page per lease, so no per-lease figure is given."]
     return out
 
 
@@ -1038,7 +1136,7 @@ def write_report(results, command):
                           "the floor of an in-process hand-off on this machine."]
                 lines += pairs_table(kind, RAW["memory"], [1, 16], ["dlock", RAW["memory"]])
             lines += handoff_table(kind)
-    held = [r for r in rows if r.get("mode") == "held"]
+    held = [r for r in rows if r.get("mode") == "held" and not is_scaling(r)]
     if held:
         lines += ["", "## 10,000 leases held with automatic renewal", "",
                   "64 tasks take the leases one after another (at most 64 acquires in flight); the RSS is read after "
@@ -1054,6 +1152,7 @@ def write_report(results, command):
             lines.append(f"| {r['backend_kind']} | {r['leases_held']} | {r['leases_lost']} | {r['rss_mib']:.1f} MiB | "
                          f"{before} | {per} | {r['cpu_share_of_one_core'] * 100:.2f}% | "
                          f"{r['renewals_per_second']:.0f} |")
+    lines += scaling_section(rows)
     lines += cli_table("cli", "CLI start-up: `dlock run` against `flock(1)`")
 
     later = [
@@ -1313,6 +1412,23 @@ def section_local(results, env):
             results.raw(kind, url, "handoff", 16, RAW[kind])
 
 
+SCALING_TASKS = [1, 2, 4, 8, 16, 32, 64]
+SCALING_LEASES = [1, 10, 100, 1000, 10000]
+SCALING_BACKENDS = ["memory", "file", "redis"]
+
+
+def section_scaling(results, env):
+    """How the cost grows with tasks and with held leases: uncontended pairs/s at 1 to 64
+    tasks (5 s each), and the RSS and CPU of 1 to 10,000 held leases (15 s each), on the
+    memory, file and Redis backends."""
+    urls = {"memory": "memory://", "file": f"file://{env.fdir}", "redis": env.redis_url}
+    for kind in SCALING_BACKENDS:
+        for c in SCALING_TASKS:
+            results.dlock(f"scaling:{kind}", urls[kind], "uncontended", c, seconds=5)
+        for n in SCALING_LEASES:
+            results.dlock(f"scaling:{kind}", urls[kind], "held", n, seconds=15)
+
+
 def section_held(results, env):
     for kind, url in (("memory", "memory://"), ("file", f"file://{env.fdir}"), ("redis", env.redis_url),
                       ("postgres-lease", f"{env.pg_url}?mode=lease"),
@@ -1392,10 +1508,10 @@ def section_kinds(results, env):
                               allow_unsupported=True)
 
 
-RUNNERS = {"redis": section_redis, "redlock": section_redlock, "postgres": section_postgres, "mysql": section_mysql, "local": section_local, "held": section_held,
-           "cli": section_cli, "etcd": section_etcd, "zookeeper": section_zookeeper, "mongodb": section_mongodb,
-           "dynamodb": section_dynamodb, "redis-cluster": section_redis_cluster, "valkey": section_valkey,
-           "kinds": section_kinds}
+RUNNERS = {"redis": section_redis, "redlock": section_redlock, "postgres": section_postgres, "mysql": section_mysql,
+           "local": section_local, "held": section_held, "scaling": section_scaling, "cli": section_cli,
+           "etcd": section_etcd, "zookeeper": section_zookeeper, "mongodb": section_mongodb, "dynamodb": section_dynamodb,
+           "redis-cluster": section_redis_cluster, "valkey": section_valkey, "kinds": section_kinds}
 
 
 def main():
