@@ -136,3 +136,21 @@ fn raw_client_runs_and_reports_on_redis() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The memory backend's raw floor, a tokio mutex per key, runs both loops and serves
+/// every waiter of the hand-off.
+#[cfg(feature = "redis")]
+#[test]
+fn raw_memory_floor_runs_uncontended_and_handoff() {
+    let report = bench("memory://", &["--raw", "--mode", "uncontended", "-c", "4"]);
+    assert_eq!(report["backend"], "tokio Mutex (raw)", "{report}");
+    assert!(report["operations"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    let report = bench(
+        "memory://",
+        &["--raw", "--mode", "handoff", "-c", "4", "--hold", "2ms"],
+    );
+    assert!(report["handoff"]["count"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["tasks_served"], 4, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+}
