@@ -783,13 +783,13 @@ TARGET_WHY = {
                    "server clock: [MySQL](performance.md#postgresql-and-mysql-the-fence-and-the-holder-row)",
     "handoff": "Redlock waiters wait a random 0–10 ms before each try, so as not to split the vote: "
                "[Redlock](performance.md#redlock-two-rounds-per-acquire)",
-    "handoff-file": "the next holder writes its fence (under the fence file's own flock) and holder record, the "
-                    "waiting thread hands the file to its task: [hand-off](performance.md#hand-off-with-16-waiters)",
+    "handoff-file": "the next holder writes its fence (under the fence file's own flock) and holder record on "
+                    "the blocking pool: [hand-off](performance.md#hand-off-with-16-waiters)",
     "handoff-memory": "dlock's own code between the release and the next grant (lease tasks, allocations): work: "
                       "[hand-off](performance.md#hand-off-with-16-waiters)",
-    "handoff-redis": "release script, Pub/Sub message, the waiter's acquire script: three server steps in sequence: "
+    "handoff-redis": "the release script, then the next waiter's acquire script: two round trips in sequence: "
                      "[hand-off](performance.md#hand-off-with-16-waiters)",
-    "handoff-sql": "the server wakes the waiter in its lock queue; its fence and holder row follow: "
+    "handoff-sql": "the release's statements, then the acquire's (the fence and the holder row, and their commits): "
                    "[hand-off](performance.md#hand-off-with-16-waiters)",
     "held-rss": "what is left per lease (its task, its state, the backend's handle) is work: "
                 "[held leases](performance.md#10000-held-leases)",
