@@ -311,7 +311,11 @@ macro_rules! lease_identity {
 
         /// True once the lease may no longer be held (see [`lost`](Self::lost)).
         pub fn is_lost(&self) -> bool {
-            self.shared.lost_reason().is_some()
+            self.shared
+                .lost
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some()
         }
     };
 }

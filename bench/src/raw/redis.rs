@@ -11,7 +11,8 @@ use redis::Script;
 use std::sync::Arc;
 use std::time::Duration;
 
-const COMPARE_AND_DELETE: &str =
+/// The owner-checked delete every raw Redis client here releases with.
+pub(super) const COMPARE_AND_DELETE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 #[derive(Clone)]

@@ -5,15 +5,13 @@
 //! compare-and-delete script (`EVALSHA`) on all. No fence, no validity arithmetic: the
 //! least a Redlock lock can cost.
 
+use super::redis::COMPARE_AND_DELETE;
 use super::{bounded, owner_token, Token};
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
 use redis::Script;
 use std::sync::Arc;
 use std::time::Duration;
-
-const COMPARE_AND_DELETE: &str =
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 #[derive(Clone)]
 pub struct Redlock {
