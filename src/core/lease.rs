@@ -571,65 +571,42 @@ fn renewal_limit(ttl: Duration) -> Duration {
 /// when the lease may have expired, or when the store reports the lease's end. Every
 /// store call is bounded; the end signal is watched while a renewal runs, so neither can
 /// hold the other up.
-async fn guard_lease(
-    shared: Arc<Shared>,
-    lease: Box<dyn HeldLease>,
-    renew_every: Option<Duration>,
-) {
-    guard_lease_until_done(&shared, lease, renew_every).await;
-    // However the task ended, a command from now on is answered "not held".
-    shared.mailbox.close();
-}
-
 // The store calls below are boxed: they run for a moment every TTL/3, while the task
 // waits the rest of the time, and a task is as large as the largest future it holds.
-async fn guard_lease_until_done(
-    shared: &Shared,
+async fn guard_lease(
+    shared: Arc<Shared>,
     mut lease: Box<dyn HeldLease>,
     renew_every: Option<Duration>,
 ) {
+    let shared: &Shared = &shared;
+    // However the task ends, even dropped with its runtime, a command from now on is
+    // answered "not held".
+    let _closed = CloseOnEnd(&shared.mailbox);
     let expires = shared.backend.capabilities().expires;
     // Counts this lease in the holder gauge until the task ends, however it ends.
-    let mut holding: Holding = shared.metrics.holding();
+    let mut holding: Holding<'_> = shared.metrics.holding();
     let mut ended = lease.ended();
     let mut next_renewal = renew_every.map(|every| Instant::now() + every);
     let mut last_error: Option<String> = None;
-    let cap_deadline = shared.cap_deadline();
     // A release waiting for its hold-at-least time (session-bound backends only).
     let mut held_until: Option<(Instant, oneshot::Sender<Result<bool>>)> = None;
     let outcome: Option<LossReason> = loop {
-        let loss_deadline = shared.loss_deadline();
         // A lease tied to a session lapses only when renewals keep failing: the store
         // never expires it on its own, but a holder that cannot reach its store for a TTL
         // cannot claim to hold it either.
         let lapses = expires || last_error.is_some();
+        let hold_over = held_until.as_ref().map(|(at, _)| *at);
         // One timer for the earliest deadline (a lease's task is most of what a held
-        // lease costs, and each armed timer adds to it); when it fires, the deadlines due
-        // are taken in this order, as a biased select over one timer each would.
-        let deadlines = [
-            (cap_deadline, Due::Cap),
-            (lapses.then_some(loss_deadline), Due::Lapse),
-            (held_until.as_ref().map(|(at, _)| *at), Due::HoldOver),
-            (next_renewal, Due::Renewal),
-        ];
-        let earliest = deadlines.iter().filter_map(|(at, _)| *at).min();
-        let timer = async {
-            match earliest {
-                Some(at) => {
-                    tokio::time::sleep_until(at.into()).await;
-                    let now = Instant::now();
-                    deadlines
-                        .iter()
-                        .find(|(at, _)| at.is_some_and(|at| at <= now))
-                        .map(|(_, due)| *due)
-                }
-                None => std::future::pending().await,
-            }
-        };
+        // lease costs, and each armed timer, like each value kept across the wait, adds
+        // to it); which deadline is due is worked out after it fires.
+        let wake = deadlines(shared, lapses, hold_over, next_renewal)
+            .iter()
+            .filter_map(|(at, _)| *at)
+            .min();
         let ttl = tokio::select! {
             biased;
             reason = &mut ended => break Some(reason),
-            due = timer => match due {
+            () = sleep_until(wake) => match due_now(shared, lapses, hold_over, next_renewal) {
                 // Woken a hair early: look again.
                 None => continue,
                 Some(Due::Cap) => break Some(LossReason::HoldLimit {
@@ -655,7 +632,7 @@ async fn guard_lease_until_done(
                 }
                 Some(Command::ReleaseAfter(at_least, reply)) => {
                     let until = shared.acquired_at.checked_add(at_least).unwrap_or_else(Instant::now);
-                    let until = cap_deadline.map_or(until, |cap| until.min(cap));
+                    let until = shared.cap_deadline().map_or(until, |cap| until.min(cap));
                     let left = until.saturating_duration_since(Instant::now());
                     if left < crate::core::locks::MIN_TTL {
                         Box::pin(finish_release(shared, lease, reply, holding)).await;
@@ -788,6 +765,54 @@ async fn guard_lease_until_done(
     }
 }
 
+/// Closes a lease's mailbox when its task ends.
+struct CloseOnEnd<'a>(&'a Mailbox);
+
+impl Drop for CloseOnEnd<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The deadlines of a lease's task, in the order they are taken when several are due:
+/// the hold-at-most limit, the lease's lapse (if it can lapse), a release waiting for its
+/// hold-at-least time, the next renewal.
+fn deadlines(
+    shared: &Shared,
+    lapses: bool,
+    hold_over: Option<Instant>,
+    next_renewal: Option<Instant>,
+) -> [(Option<Instant>, Due); 4] {
+    [
+        (shared.cap_deadline(), Due::Cap),
+        (lapses.then(|| shared.loss_deadline()), Due::Lapse),
+        (hold_over, Due::HoldOver),
+        (next_renewal, Due::Renewal),
+    ]
+}
+
+/// The first deadline due now, in the order of [`deadlines`].
+fn due_now(
+    shared: &Shared,
+    lapses: bool,
+    hold_over: Option<Instant>,
+    next_renewal: Option<Instant>,
+) -> Option<Due> {
+    let now = Instant::now();
+    deadlines(shared, lapses, hold_over, next_renewal)
+        .iter()
+        .find(|(at, _)| at.is_some_and(|at| at <= now))
+        .map(|(_, due)| *due)
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The deadlines of a lease's task.
 #[derive(Clone, Copy)]
 enum Due {
@@ -850,7 +875,7 @@ async fn finish_release(
     shared: &Shared,
     lease: Box<dyn HeldLease>,
     reply: oneshot::Sender<Result<bool>>,
-    mut holding: Holding,
+    mut holding: Holding<'_>,
 ) {
     let released = release_bounded(shared, lease).await;
     holding.ended("released");

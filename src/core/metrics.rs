@@ -199,10 +199,10 @@ impl Labels {
     }
 
     /// Counts a holder until the returned guard is dropped, which records the hold time.
-    pub(crate) fn holding(&self) -> Holding {
+    pub(crate) fn holding(&self) -> Holding<'_> {
         metrics::gauge!(HOLDERS, self.base()).increment(1.0);
         Holding {
-            labels: self.clone(),
+            labels: self,
             since: std::time::Instant::now(),
             end: "dropped",
         }
@@ -217,21 +217,22 @@ impl Labels {
     }
 }
 
-/// One held lease, for the holder gauge and the hold time.
-pub(crate) struct Holding {
-    labels: Labels,
+/// One held lease, for the holder gauge and the hold time. It borrows the lease's labels:
+/// it lives in the lease's task for the lease's whole life.
+pub(crate) struct Holding<'a> {
+    labels: &'a Labels,
     since: std::time::Instant,
     end: &'static str,
 }
 
-impl Holding {
+impl Holding<'_> {
     /// How the hold ended: `released`, `dropped` (the default) or `lost`.
     pub(crate) fn ended(&mut self, end: &'static str) {
         self.end = end;
     }
 }
 
-impl Drop for Holding {
+impl Drop for Holding<'_> {
     fn drop(&mut self) {
         metrics::gauge!(HOLDERS, self.labels.base()).decrement(1.0);
         metrics::histogram!(HOLD_DURATION, self.labels.with("end", self.end))
