@@ -586,7 +586,7 @@ async fn guard_lease(
     // Counts this lease in the holder gauge until the task ends, however it ends.
     let mut holding: Holding<'_> = shared.metrics.holding();
     let mut ended = lease.ended();
-    let mut next_renewal = renew_every.map(|every| Instant::now() + every);
+    let mut next_renewal = renew_every.map(|every| renewal_due(Instant::now(), every));
     let mut last_error: Option<String> = None;
     // A release waiting for its hold-at-least time (session-bound backends only).
     let mut held_until: Option<(Instant, oneshot::Sender<Result<bool>>)> = None;
@@ -720,7 +720,7 @@ async fn guard_lease(
                 shared.set_valid_until(sent + ttl);
                 shared.metrics.renewed();
                 last_error = None;
-                next_renewal = Some(sent + every);
+                next_renewal = Some(renewal_due(sent, every));
             }
             Renewal::Done(Ok(false)) => {
                 shared.metrics.renewal_failed(true);
@@ -803,6 +803,31 @@ fn due_now(
         .iter()
         .find(|(at, _)| at.is_some_and(|at| at <= now))
         .map(|(_, due)| *due)
+}
+
+/// The width of the grid that renewals are brought forward onto.
+pub(crate) const RENEWAL_SLOT: Duration = Duration::from_millis(50);
+
+/// When a renewal sent at `sent` is next due: `every` later, brought forward onto a grid
+/// of [`RENEWAL_SLOT`]s shared by every lease of the process.
+///
+/// Leases taken one after another would otherwise renew one after another, each waking
+/// the runtime on its own; on the grid, the renewals of a slot fire on one timer tick
+/// and reach the store together, where a backend can send them as one statement. A
+/// renewal only ever moves *earlier*, by less than a slot, so no lease is renewed later
+/// than its cadence says; cadences shorter than four slots stay off the grid, where
+/// bringing a renewal forward would be a large part of its interval.
+fn renewal_due(sent: Instant, every: Duration) -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let due = sent + every;
+    if every < RENEWAL_SLOT * 4 {
+        return due;
+    }
+    let origin = *ORIGIN.get_or_init(|| sent);
+    let into_slot = due.saturating_duration_since(origin).as_nanos() % RENEWAL_SLOT.as_nanos();
+    // Less than a slot, so it fits in u64 nanoseconds.
+    let into_slot = Duration::from_nanos(u64::try_from(into_slot).unwrap_or(0));
+    due.checked_sub(into_slot).unwrap_or(due)
 }
 
 /// Sleeps until `at`, or forever without one.
@@ -933,5 +958,41 @@ async fn release_bounded(shared: &Shared, lease: Box<dyn HeldLease>) -> Result<b
             shared.backend.describe(),
             "release did not answer in time; the lease ends at its TTL",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_move_earlier_by_less_than_a_slot_onto_one_grid() {
+        let every = Duration::from_secs(10);
+        let start = Instant::now();
+        let mut dues = Vec::new();
+        for step_ms in 0..200 {
+            let sent = start + Duration::from_millis(step_ms * 7);
+            let due = renewal_due(sent, every);
+            assert!(due <= sent + every, "a renewal never moves later");
+            assert!(
+                sent + every - due < RENEWAL_SLOT,
+                "a renewal moves earlier by less than a slot"
+            );
+            dues.push(due);
+        }
+        dues.dedup();
+        // 200 leases sent over 1.4 s share the 28 or 29 slots of that span.
+        assert!(dues.len() <= 30, "{} distinct renewal instants", dues.len());
+        for pair in dues.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert_eq!(gap.as_nanos() % RENEWAL_SLOT.as_nanos(), 0, "{gap:?}");
+        }
+    }
+
+    #[test]
+    fn short_cadences_stay_off_the_grid() {
+        let sent = Instant::now() + Duration::from_millis(13);
+        let every = RENEWAL_SLOT * 4 - Duration::from_millis(1);
+        assert_eq!(renewal_due(sent, every), sent + every);
     }
 }

@@ -6,7 +6,9 @@
 //!   `DO UPDATE`, under the row lock that decides the grant; the `VALUES` fence (drawn
 //!   before the conflict check, possibly before a concurrent grant it then waits for) is
 //!   only used when the key has no row at all.
-//! * renew: `UPDATE … WHERE key = $1 AND owner = $2 AND expires_at > clock_timestamp()`.
+//! * renew: `UPDATE … WHERE key = b.key AND owner = b.owner AND expires_at >
+//!   clock_timestamp()` over the renewals that fall due together, `b` (see
+//!   [`super::renew_batch`]).
 //! * release: an owner-checked `UPDATE` that ends the row's expiry now (the row stays, so
 //!   an acquire waiting on it takes it over with a fresh fence instead of re-inserting
 //!   with the fence it drew before waiting) and `pg_notify(channel, key)` in the same
@@ -19,6 +21,7 @@
 
 use super::lease_kinds::{self, KindSql};
 use super::listener::Listener;
+use super::renew_batch::RenewBatcher;
 use super::{ensure_schema, millis, pg_error, Settings, Shared};
 use crate::backends::sql_session::Cleanups;
 use crate::backends::sql_sweep::SweepClock;
@@ -68,7 +71,6 @@ CREATE INDEX IF NOT EXISTS {index}_expires_at ON {table} (expires_at);
 
 struct Sql {
     acquire: String,
-    renew: String,
     release: String,
     force: String,
     inspect: String,
@@ -98,10 +100,6 @@ impl Sql {
 SELECT (SELECT fence FROM ins),
        (SELECT (extract(epoch FROM (expires_at - clock_timestamp())) * 1000)::bigint FROM {t} WHERE key = $1),
        (SELECT count(*) FROM it)"
-            ),
-            renew: format!(
-                "UPDATE {t} SET expires_at = clock_timestamp() + {ttl}, renewed_at = clock_timestamp(), ttl_ms = $3
- WHERE key = $1 AND owner = $2 AND expires_at > clock_timestamp()"
             ),
             // The row stays (see SWEEP_MARGIN): its expiry becomes the statement's start,
             // and it was live if that changed it.
@@ -153,7 +151,9 @@ pub struct PgLeaseBackend {
 struct Inner {
     describe: String,
     channel: String,
-    db: Shared,
+    db: Arc<Shared>,
+    /// Exclusive renewals, sent in batches.
+    renewals: RenewBatcher,
     listener: Arc<Listener>,
     sql: Sql,
     sweeps: SweepClock,
@@ -170,11 +170,11 @@ impl std::fmt::Debug for Inner {
 impl PgLeaseBackend {
     /// Connects, and creates the sequence and table unless they exist.
     pub async fn connect(settings: Settings) -> Result<Self> {
-        let db = Shared::new(
+        let db = Arc::new(Shared::new(
             settings.config.clone(),
             settings.tls.clone(),
             settings.describe.clone(),
-        );
+        ));
         let conn = db.get().await?;
         // The holders table is the newest part: a schema without it predates the kinds.
         ensure_schema(
@@ -186,6 +186,7 @@ impl PgLeaseBackend {
         )
         .await?;
         let channel = settings.channel();
+        let renewals = RenewBatcher::new(Arc::clone(&db), &settings.table, &settings.describe);
         Ok(PgLeaseBackend {
             inner: Arc::new(Inner {
                 listener: Listener::new(
@@ -196,6 +197,7 @@ impl PgLeaseBackend {
                 ),
                 describe: settings.describe,
                 channel,
+                renewals,
                 db,
                 sql: Sql::new(&settings.table, &settings.sequence),
                 sweeps: SweepClock::new(SWEEP_EVERY, true),
@@ -392,27 +394,16 @@ struct PgLease {
 impl HeldLease for PgLease {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         let inner = &self.backend.inner;
-        let conn = inner.db.get().await?;
-        if self.kind != LockKind::Exclusive {
-            let rows = conn
-                .query_typed(
-                    &inner.sql.kinds.renew,
-                    &[
-                        (&self.key.as_str(), Type::TEXT),
-                        (&self.owner.as_str(), Type::TEXT),
-                        (&millis(ttl), Type::INT8),
-                    ],
-                )
-                .await
-                .map_err(|e| self.backend.err(e))?;
-            return Ok(rows
-                .first()
-                .and_then(|r| r.try_get::<_, Option<bool>>(0).ok().flatten())
-                .unwrap_or(false));
+        if self.kind == LockKind::Exclusive {
+            return inner
+                .renewals
+                .renew(self.key.as_str(), self.owner.as_str(), millis(ttl))
+                .await;
         }
-        let n = conn
-            .execute_typed(
-                &inner.sql.renew,
+        let conn = inner.db.get().await?;
+        let rows = conn
+            .query_typed(
+                &inner.sql.kinds.renew,
                 &[
                     (&self.key.as_str(), Type::TEXT),
                     (&self.owner.as_str(), Type::TEXT),
@@ -421,7 +412,10 @@ impl HeldLease for PgLease {
             )
             .await
             .map_err(|e| self.backend.err(e))?;
-        Ok(n == 1)
+        Ok(rows
+            .first()
+            .and_then(|r| r.try_get::<_, Option<bool>>(0).ok().flatten())
+            .unwrap_or(false))
     }
 
     async fn release(self: Box<Self>) -> Result<bool> {

@@ -23,6 +23,7 @@ pub mod keys;
 mod lease_kinds;
 mod lease_table;
 mod listener;
+mod renew_batch;
 pub(crate) mod session;
 pub(crate) mod session_kinds;
 pub mod tls;

@@ -70,6 +70,7 @@ struct Sql {
     try_lock: String,
     wait_lock: String,
     renew: String,
+    renew_many: String,
     release: String,
     inspect: String,
     list: String,
@@ -104,6 +105,12 @@ RETURNING fence, backend_pid"
             renew: format!(
                 "UPDATE {t} SET renewed_at = clock_timestamp(), ttl_ms = $3
  WHERE key = $1 AND owner = $2 AND backend_pid = pg_backend_pid()"
+            ),
+            renew_many: format!(
+                "UPDATE {t} AS h SET renewed_at = clock_timestamp(), ttl_ms = b.ttl
+ FROM unnest($1::text[], $2::text[], $3::int8[]) AS b(key, owner, ttl)
+ WHERE h.key = b.key AND h.owner = b.owner AND h.backend_pid = pg_backend_pid()
+ RETURNING h.key"
             ),
             release: format!(
                 "WITH d AS (DELETE FROM {t} WHERE key = $2 AND owner = $3 AND backend_pid = pg_backend_pid() RETURNING 1)
@@ -468,6 +475,41 @@ impl Dialect for PgSession {
             .await
             .map_err(|e| pg_error(&self.describe, e))?;
         Ok(n == 1)
+    }
+
+    async fn renew_many(
+        &self,
+        conn: &mut Conn,
+        claims: &[(Claim<i64>, Duration)],
+    ) -> Result<Vec<bool>> {
+        // A shared session holds exclusive locks only; anything else goes one by one.
+        if claims.len() == 1 || claims.iter().any(|(c, _)| c.kind != LockKind::Exclusive) {
+            let mut held = Vec::with_capacity(claims.len());
+            for (claim, ttl) in claims {
+                held.push(self.renew(conn, claim, *ttl).await?);
+            }
+            return Ok(held);
+        }
+        let keys: Vec<&str> = claims.iter().map(|(c, _)| c.key.as_str()).collect();
+        let owners: Vec<&str> = claims.iter().map(|(c, _)| c.owner.as_str()).collect();
+        let ttls: Vec<i64> = claims.iter().map(|(_, ttl)| millis(*ttl)).collect();
+        let rows = conn
+            .query_typed(
+                &self.sql.renew_many,
+                &[
+                    (&keys, Type::TEXT_ARRAY),
+                    (&owners, Type::TEXT_ARRAY),
+                    (&ttls, Type::INT8_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(&self.describe, e))?;
+        // The key is the table's primary key, and a session claims a key once.
+        let renewed: std::collections::HashSet<String> = rows
+            .iter()
+            .filter_map(|row| row.try_get::<_, String>(0).ok())
+            .collect();
+        Ok(keys.iter().map(|key| renewed.contains(*key)).collect())
     }
 
     async fn unlock(&self, conn: &mut Conn, claim: &Claim<i64>) -> Result<bool> {

@@ -142,6 +142,20 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
         claim: &Claim<Self::Lock>,
         ttl: Duration,
     ) -> Result<bool>;
+    /// Renews several claims of one session at once (the renewals of a shared session
+    /// that fell due together): for each, in order, whether the session still holds it.
+    /// The default renews them one after another.
+    async fn renew_many(
+        &self,
+        conn: &mut Self::Conn,
+        claims: &[(Claim<Self::Lock>, Duration)],
+    ) -> Result<Vec<bool>> {
+        let mut held = Vec::with_capacity(claims.len());
+        for (claim, ttl) in claims {
+            held.push(self.renew(conn, claim, *ttl).await?);
+        }
+        Ok(held)
+    }
     /// Unlocks and removes the holder record; `false` if it was not held.
     async fn unlock(&self, conn: &mut Self::Conn, claim: &Claim<Self::Lock>) -> Result<bool>;
 

@@ -73,8 +73,18 @@ struct SharedSession<D: Dialect> {
     /// The server's id of the session, known after its first statement.
     id: AtomicU64,
     claims: Mutex<Claims>,
+    /// Renewals waiting for the connection: whichever statement task gets it next sends
+    /// them all as one statement ([`Dialect::renew_many`]).
+    due: Mutex<Vec<DueRenewal<D>>>,
     /// Why the session ended, once it has: every lease on it is lost.
     ended: watch::Sender<Option<String>>,
+}
+
+/// One lease's renewal, waiting on its session.
+struct DueRenewal<D: Dialect> {
+    claim: Claim<D::Lock>,
+    ttl: Duration,
+    reply: oneshot::Sender<Result<bool>>,
 }
 
 impl<D: Dialect> SharedSession<D> {
@@ -138,6 +148,7 @@ impl<D: Dialect> SharedSessions<D> {
             conn: tokio::sync::Mutex::new(Some(conn)),
             id: AtomicU64::new(0),
             claims: Mutex::new(Claims::default()),
+            due: Mutex::new(Vec::new()),
             ended: watch::channel(None).0,
         });
         session.claims().claimed.insert(key.clone());
@@ -359,6 +370,66 @@ async fn unlock_locked<D: Dialect>(
     outcome
 }
 
+/// Sends the renewals waiting on `session` as one statement, once it has the connection;
+/// nothing if another task already sent them.
+async fn renew_due<D: Dialect>(pool: Arc<Pool<D>>, session: Arc<SharedSession<D>>) {
+    let dialect = &pool.dialect;
+    let mut conn = session.conn.lock().await;
+    let due = std::mem::take(&mut *session.due.lock().unwrap_or_else(PoisonError::into_inner));
+    // Renewals whose lease stopped waiting (its own bound ran out) need no statement.
+    let (claims, replies): (Vec<_>, Vec<_>) = due
+        .into_iter()
+        .filter(|due| !due.reply.is_closed())
+        .map(|due| ((due.claim, due.ttl), due.reply))
+        .unzip();
+    if claims.is_empty() {
+        return;
+    }
+    let Some(open) = conn.as_mut() else {
+        for reply in replies {
+            let _ = reply.send(Ok(false));
+        }
+        return;
+    };
+    let outcome = match tokio::time::timeout(CALL_LIMIT, dialect.renew_many(open, &claims)).await {
+        Ok(Ok(held)) => Ok(held),
+        Ok(Err(err)) => {
+            if dialect.is_closed(open) {
+                session.close(
+                    &mut conn,
+                    format!("the connection holding the lock failed: {err}"),
+                );
+            }
+            Err(err)
+        }
+        Err(_) => {
+            session.close(
+                &mut conn,
+                format!("a renewal took longer than {CALL_LIMIT:?}"),
+            );
+            Err(Error::unavailable(
+                dialect.describe(),
+                format!("the renewal took longer than {CALL_LIMIT:?}"),
+            ))
+        }
+    };
+    match outcome {
+        Ok(held) => {
+            for (reply, held) in replies
+                .into_iter()
+                .zip(held.into_iter().chain(std::iter::repeat(false)))
+            {
+                let _ = reply.send(Ok(held));
+            }
+        }
+        Err(err) => {
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
 fn gone(describe: &str) -> Error {
     Error::unavailable(describe, "the shared session had ended")
 }
@@ -391,40 +462,21 @@ impl<D: Dialect> SharedLease<D> {
 #[async_trait]
 impl<D: Dialect> HeldLease for SharedLease<D> {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
-        let renewed = self
-            .run(move |pool, session, claim| {
-                Box::pin(async move {
-                    let dialect = &pool.dialect;
-                    let mut conn = session.conn.lock().await;
-                    let Some(open) = conn.as_mut() else {
-                        return Ok(false);
-                    };
-                    match tokio::time::timeout(CALL_LIMIT, dialect.renew(open, &claim, ttl)).await {
-                        Ok(Ok(held)) => Ok(held),
-                        Ok(Err(err)) => {
-                            if dialect.is_closed(open) {
-                                session.close(
-                                    &mut conn,
-                                    format!("the connection holding the lock failed: {err}"),
-                                );
-                            }
-                            Err(err)
-                        }
-                        Err(_) => {
-                            session.close(
-                                &mut conn,
-                                format!("a renewal took longer than {CALL_LIMIT:?}"),
-                            );
-                            Err(Error::unavailable(
-                                dialect.describe(),
-                                format!("the renewal took longer than {CALL_LIMIT:?}"),
-                            ))
-                        }
-                    }
-                })
-            })
-            .await;
-        renewed.unwrap_or(Ok(false))
+        let Some(pool) = self.pool.upgrade() else {
+            return Ok(false);
+        };
+        let (reply, answer) = oneshot::channel();
+        self.session
+            .due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(DueRenewal {
+                claim: self.claim.clone(),
+                ttl,
+                reply,
+            });
+        tokio::spawn(renew_due(pool, Arc::clone(&self.session)));
+        answer.await.unwrap_or(Ok(false))
     }
 
     async fn release(self: Box<Self>) -> Result<bool> {
