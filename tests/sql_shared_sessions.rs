@@ -239,3 +239,48 @@ async fn mysql_a_thousand_leases_on_twelve_connections() {
     )
     .await;
 }
+
+/// A table of the wrong shape (a lease-mode table named as the sessions table) makes every
+/// lock statement fail, and the first failure closes the session. The acquires queued on
+/// that session behind it are told why it closed, not only that it had: the user's clue
+/// (`column "lock_id" … does not exist`) must not be lost in the crowd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_acquires_behind_a_closed_shared_session_say_why_it_closed() {
+    let server = Postgres::shared();
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
+    let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let schema = format!("wrong_shape_{:08x}", rand::random::<u32>());
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let table = format!("table={schema}.locks");
+    drop(
+        fencelock::connect(&server.url(&format!("mode=lease&{table}")))
+            .await
+            .unwrap(),
+    );
+    let locks = fencelock::connect(&server.url(&format!("sessions=shared&{table}")))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let locks = locks.clone();
+            tokio::spawn(async move { locks.lock(format!("shape-{i}")).try_acquire().await })
+        })
+        .collect();
+    for task in tasks {
+        let outcome = tokio::time::timeout(PROMPTLY, task)
+            .await
+            .expect("an acquire answers promptly")
+            .unwrap();
+        let err = outcome.expect_err("no lock can be taken with a table of the wrong shape");
+        assert!(err.to_string().contains("lock_id"), "{err}");
+    }
+    drop(locks);
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -281,7 +281,8 @@ async fn try_lock_task<D: Dialect>(
     let mut conn = session.conn.lock().await;
     let Some(open) = conn.as_mut() else {
         session.unclaim(&claim.key);
-        let _ = reply.send(Err(gone(dialect.describe())));
+        let reason = session.ended.borrow().clone();
+        let _ = reply.send(Err(gone(dialect.describe(), reason)));
         return;
     };
     let outcome = match tokio::time::timeout(CALL_LIMIT, dialect.try_lock(open, &claim)).await {
@@ -430,8 +431,16 @@ async fn renew_due<D: Dialect>(pool: Arc<Pool<D>>, session: Arc<SharedSession<D>
     }
 }
 
-fn gone(describe: &str) -> Error {
-    Error::unavailable(describe, "the shared session had ended")
+/// The error of a statement that found its shared session closed: with why it closed,
+/// since that (a statement the server refused, a connection lost) is what the user can
+/// act on, and most of the callers that queued behind the failure see only this.
+fn gone(describe: &str, reason: Option<String>) -> Error {
+    match reason {
+        Some(reason) => {
+            Error::unavailable(describe, format!("the shared session had ended: {reason}"))
+        }
+        None => Error::unavailable(describe, "the shared session had ended"),
+    }
 }
 
 /// A lease on a shared session.
