@@ -4,32 +4,48 @@
 #![cfg(feature = "postgres")]
 
 use dlock_testkit::servers::postgres::Postgres;
+use dlock_testkit::unique_name;
 use fencelock::{Lease, LossReason};
 use std::time::Duration;
-use tokio_postgres::NoTls;
 
 /// Renewed every 400 ms: on the engine's renewal grid.
 const TTL: Duration = Duration::from_millis(1200);
 
-fn tag(name: &str) -> String {
-    format!("{name}_{:012x}", rand::random::<u64>() >> 16)
+/// A schema of its own on the shared server, so that only this test's rows are counted,
+/// and a handle whose table is in it.
+struct Scratch {
+    admin: tokio_postgres::Client,
+    schema: String,
+    locks: fencelock::Locks,
 }
 
-async fn admin(server: &Postgres) -> tokio_postgres::Client {
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
-    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
-}
+impl Scratch {
+    async fn open(query: &str) -> Scratch {
+        let pg = Postgres::shared();
+        let admin = pg.admin().await;
+        let schema = unique_name("renew_batch");
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let locks = fencelock::connect(&pg.url(&format!("{query}&table={schema}.locks")))
+            .await
+            .unwrap();
+        Scratch {
+            admin,
+            schema,
+            locks,
+        }
+    }
 
-/// A schema of its own, so that only this test's rows are counted.
-async fn fresh_schema(admin: &tokio_postgres::Client) -> String {
-    let schema = tag("renew_batch");
-    admin
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    schema
+    /// Closes the handle and drops the schema with everything in it.
+    async fn close(self) {
+        drop(self.locks);
+        self.admin
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await
+            .unwrap();
+    }
 }
 
 async fn hold(locks: &fencelock::Locks, prefix: &str, n: usize) -> Vec<Lease> {
@@ -51,13 +67,9 @@ async fn hold(locks: &fencelock::Locks, prefix: &str, n: usize) -> Vec<Lease> {
 /// far fewer distinct `xmin`s than rows means renewals went together. One statement per
 /// renewal leaves one `xmin` per row.
 async fn renewals_share_statements(query: &str) {
-    let pg = Postgres::shared();
-    let admin = admin(pg).await;
-    let schema = fresh_schema(&admin).await;
-    let locks = fencelock::connect(&pg.url(&format!("{query}&table={schema}.locks")))
-        .await
-        .unwrap();
-    let leases = hold(&locks, "batch", 200).await;
+    let scratch = Scratch::open(query).await;
+    let (admin, schema) = (&scratch.admin, &scratch.schema);
+    let leases = hold(&scratch.locks, "batch", 200).await;
     // Three renewal rounds.
     tokio::time::sleep(TTL + Duration::from_millis(300)).await;
     let row = admin
@@ -81,11 +93,7 @@ async fn renewals_share_statements(query: &str) {
         assert!(!lease.is_lost());
         assert!(lease.release().await.unwrap());
     }
-    drop(locks);
-    admin
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    scratch.close().await;
 }
 
 #[tokio::test]
@@ -102,13 +110,9 @@ async fn shared_session_renewals_that_fall_due_together_share_a_statement() {
 /// A batch is owner-checked row by row: the lease whose row another owner took is lost,
 /// its batch mates keep renewing.
 async fn a_row_taken_over_ends_only_its_own_lease(query: &str) {
-    let pg = Postgres::shared();
-    let admin = admin(pg).await;
-    let schema = fresh_schema(&admin).await;
-    let locks = fencelock::connect(&pg.url(&format!("{query}&table={schema}.locks")))
-        .await
-        .unwrap();
-    let mut leases = hold(&locks, "taken", 20).await;
+    let scratch = Scratch::open(query).await;
+    let (admin, schema) = (&scratch.admin, &scratch.schema);
+    let mut leases = hold(&scratch.locks, "taken", 20).await;
     let victim = leases.remove(7);
     admin
         .execute(
@@ -131,11 +135,7 @@ async fn a_row_taken_over_ends_only_its_own_lease(query: &str) {
         assert!(lease.release().await.unwrap());
     }
     drop(victim);
-    drop(locks);
-    admin
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    scratch.close().await;
 }
 
 #[tokio::test]

@@ -4,10 +4,10 @@
 
 use dlock_testkit::servers::mysql::Mysql;
 use dlock_testkit::servers::postgres::Postgres;
+use dlock_testkit::unique_name;
 use fencelock::Locks;
 use mysql_async::prelude::Queryable;
 use std::time::Duration;
-use tokio_postgres::NoTls;
 
 /// A generous upper bound for things that must not wait on another session.
 const PROMPTLY: Duration = Duration::from_secs(5);
@@ -17,17 +17,6 @@ async fn within<T>(limit: Duration, what: &str, future: impl std::future::Future
         Ok(value) => value,
         Err(_) => panic!("{what}: did not happen within {limit:?}"),
     }
-}
-
-fn tag(name: &str) -> String {
-    format!("{name}_{:012x}", rand::random::<u64>() >> 16)
-}
-
-async fn pg_admin(server: &Postgres) -> tokio_postgres::Client {
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
-    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
 }
 
 async fn my_admin(server: &Mysql) -> mysql_async::Conn {
@@ -126,15 +115,15 @@ async fn shared(a: &Locks, b: &Locks, key: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_session_locks_are_per_fence_sequence() {
     let pg = Postgres::shared();
-    let admin = pg_admin(pg).await;
-    let (one, two) = (tag("h_one"), tag("h_two"));
+    let admin = pg.admin().await;
+    let (one, two) = (unique_name("h_one"), unique_name("h_two"));
     for schema in [&one, &two] {
         admin
             .batch_execute(&format!("CREATE SCHEMA {schema}"))
             .await
             .unwrap();
     }
-    let key = tag("same-key");
+    let key = unique_name("same-key");
     let a = fencelock::connect(&pg.url(&format!("table={one}.locks")))
         .await
         .unwrap();
@@ -172,12 +161,12 @@ async fn pg_session_locks_are_per_fence_sequence() {
 async fn mysql_session_locks_are_per_fence_counter() {
     let my = Mysql::shared();
     let mut admin = my_admin(my).await;
-    let other = tag("h_db");
+    let other = unique_name("h_db");
     admin
         .query_drop(format!("CREATE DATABASE {other}"))
         .await
         .unwrap();
-    let key = tag("same-key");
+    let key = unique_name("same-key");
     let a = fencelock::connect(&my.url("")).await.unwrap();
     let b = fencelock::connect(&my_url(my, &other, "")).await.unwrap();
     independent(&a, &b, &key).await;
@@ -209,7 +198,7 @@ async fn mysql_session_locks_are_per_fence_counter() {
 async fn mysql_lease_stalled_acquirer_blocks_only_its_own_key() {
     let my = Mysql::shared();
     let mut admin = my_admin(my).await;
-    let db = tag("h_lease");
+    let db = unique_name("h_lease");
     admin
         .query_drop(format!("CREATE DATABASE {db}"))
         .await
@@ -229,7 +218,11 @@ async fn mysql_lease_stalled_acquirer_blocks_only_its_own_key() {
         .unwrap();
     let url = my_url(my, &db, "mode=lease");
     let first = fencelock::connect(&url).await.unwrap();
-    let (old_key, stalled_key, free_key) = (tag("old"), tag("stalled"), tag("free"));
+    let (old_key, stalled_key, free_key) = (
+        unique_name("old"),
+        unique_name("stalled"),
+        unique_name("free"),
+    );
     admin
         .exec_drop(
             format!(
@@ -347,8 +340,8 @@ VALUES (UNHEX(SHA2(?, 256)), ?, 'frozen', 1001, UTC_TIMESTAMP(6) + INTERVAL 1 HO
 #[tokio::test]
 async fn pg_session_tables_are_unlogged() {
     let pg = Postgres::shared();
-    let admin = pg_admin(pg).await;
-    let schema = tag("unlogged");
+    let admin = pg.admin().await;
+    let schema = unique_name("unlogged");
     admin
         .batch_execute(&format!("CREATE SCHEMA {schema}"))
         .await
@@ -356,7 +349,7 @@ async fn pg_session_tables_are_unlogged() {
     let locks = fencelock::connect(&pg.url(&format!("table={schema}.locks")))
         .await
         .unwrap();
-    let key = tag("k");
+    let key = unique_name("k");
     let lease = locks
         .lock(&key)
         .shared()
@@ -394,7 +387,7 @@ async fn pg_session_tables_are_unlogged() {
 async fn mysql_session_status_and_list_agree() {
     let my = Mysql::shared();
     let locks = fencelock::connect(&my.url("")).await.unwrap();
-    let key = tag("agree");
+    let key = unique_name("agree");
     let lease = locks
         .lock(&key)
         .try_acquire()

@@ -22,6 +22,12 @@ pub mod tls;
 
 pub use target::Target;
 
+/// `prefix` with a random suffix: a name (of a key, table, schema or database) that no
+/// other test, nor an earlier run, uses.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{:012x}", rand::random::<u64>() >> 16)
+}
+
 /// Generates one `#[tokio::test]` per behaviour of the conformance suite, each calling
 /// `$target` (an expression evaluating to a future of [`Target`]) for its backend.
 #[macro_export]

@@ -215,6 +215,17 @@ impl Postgres {
         sql_url("postgres", "postgres", self.port(), "postgres", query)
     }
 
+    /// A session of the superuser, for tests that look at (or change) what the backend
+    /// wrote.
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port());
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("cannot open an admin session to the private PostgreSQL");
+        tokio::spawn(connection);
+        client
+    }
+
     /// A backend URL for this server with the given host (`localhost`, `127.0.0.1`),
     /// role (user) and query.
     pub fn url_as(&self, host: &str, user: &str, query: &str) -> String {
