@@ -11,5 +11,6 @@ pub mod locks;
 pub mod metrics;
 pub mod multi;
 pub mod owner;
+pub(crate) mod renew_batch;
 pub(crate) mod serde_time;
 pub mod wait;

@@ -21,7 +21,7 @@
 
 use super::lease_kinds::{self, KindSql};
 use super::listener::Listener;
-use super::renew_batch::RenewBatcher;
+use super::renew_batch::{self, LeaseRows};
 use super::{ensure_schema, millis, pg_error, Settings, Shared};
 use crate::backends::sql_session::Cleanups;
 use crate::backends::sql_sweep::SweepClock;
@@ -30,6 +30,7 @@ use crate::core::backend::{
     LockKind,
 };
 use crate::core::owner::Owner;
+use crate::core::renew_batch::RenewBatcher;
 use crate::error::Result;
 use crate::key::Key;
 use async_trait::async_trait;
@@ -153,7 +154,7 @@ struct Inner {
     channel: String,
     db: Arc<Shared>,
     /// Exclusive renewals, sent in batches.
-    renewals: RenewBatcher,
+    renewals: RenewBatcher<LeaseRows>,
     listener: Arc<Listener>,
     sql: Sql,
     sweeps: SweepClock,
@@ -186,7 +187,7 @@ impl PgLeaseBackend {
         )
         .await?;
         let channel = settings.channel();
-        let renewals = RenewBatcher::new(Arc::clone(&db), &settings.table, &settings.describe);
+        let renewals = renew_batch::batcher(Arc::clone(&db), &settings.table, &settings.describe);
         Ok(PgLeaseBackend {
             inner: Arc::new(Inner {
                 listener: Listener::new(
@@ -397,7 +398,11 @@ impl HeldLease for PgLease {
         if self.kind == LockKind::Exclusive {
             return inner
                 .renewals
-                .renew(self.key.as_str(), self.owner.as_str(), millis(ttl))
+                .renew(renew_batch::Renewal {
+                    key: self.key.clone(),
+                    owner: self.owner.clone(),
+                    ttl_ms: millis(ttl),
+                })
                 .await;
         }
         let conn = inner.db.get().await?;

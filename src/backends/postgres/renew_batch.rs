@@ -1,38 +1,31 @@
 //! Renewals of lease-table rows that fall due together, sent as one statement.
 //!
-//! The lease engine brings renewals forward onto a shared grid
-//! ([`RENEWAL_SLOT`](crate::core::lease::RENEWAL_SLOT)), so a handle holding many leases
-//! sees them come due in bursts. Each renewal on its own is a statement, a round trip and
-//! a row update; the batcher sends every renewal waiting at that moment as one
-//! `UPDATE … FROM unnest(…)`, which costs the client and the server about as much as one
-//! renewal. Each row is still owner-checked and must not have expired, exactly as a
-//! single renewal checks it, and each lease hears only about its own row.
-//!
-//! The batcher's task holds the connection, never the backend, so it ends when the
-//! backend's last clone goes (its queue closes), and it is started again on the next
-//! renewal if it ended with its runtime.
+//! The shared [`RenewBatcher`] gathers the renewals of a grid slot; this sink sends them
+//! as one `UPDATE … FROM unnest(…)`, which costs the client and the server about as much
+//! as one renewal. Each row is still owner-checked and must not have expired, exactly as
+//! a single renewal checks it, and each lease hears only about its own row.
 
 use super::{pg_error, Shared};
-use crate::error::{Error, Result};
+use crate::core::owner::Owner;
+use crate::core::renew_batch::{RenewBatcher, RenewalSink};
+use crate::error::Result;
+use crate::key::Key;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::Type;
 
 /// The most renewals one statement carries; more wait for the next.
 const MAX_BATCH: usize = 1000;
 
-/// How long one batch statement may run before its renewals answer "unavailable" (each
-/// lease's own bound, a third of its TTL, is usually shorter and answers first).
+/// How long one batch statement may run before its renewals answer "unavailable".
 const BATCH_LIMIT: Duration = Duration::from_secs(10);
 
 /// One lease's renewal, waiting for its batch.
-struct Renewal {
-    key: String,
-    owner: String,
-    ttl_ms: i64,
-    reply: oneshot::Sender<Result<bool>>,
+pub(super) struct Renewal {
+    pub(super) key: Key,
+    pub(super) owner: Owner,
+    pub(super) ttl_ms: i64,
 }
 
 /// The statement of a batch: `$1` keys, `$2` owner tokens, `$3` TTLs in ms; it returns
@@ -47,141 +40,49 @@ pub(super) fn batch_sql(table: &str) -> String {
     )
 }
 
-/// Queues renewals of one handle and sends them in batches.
-pub(super) struct RenewBatcher {
+/// The lease table's batch statement on the handle's connection pool.
+pub(super) struct LeaseRows {
     db: Arc<Shared>,
-    sql: Arc<str>,
-    describe: Arc<str>,
-    queue: Mutex<Option<mpsc::UnboundedSender<Renewal>>>,
+    sql: String,
+    describe: String,
 }
 
-impl RenewBatcher {
-    pub(super) fn new(db: Arc<Shared>, table: &str, describe: &str) -> Self {
-        RenewBatcher {
-            db,
-            sql: batch_sql(table).into(),
-            describe: describe.into(),
-            queue: Mutex::new(None),
-        }
-    }
-
-    /// Renews the row of `key` held by `owner` for `ttl`: `true` if it was still ours.
-    pub(super) async fn renew(&self, key: &str, owner: &str, ttl_ms: i64) -> Result<bool> {
-        let (reply, answer) = oneshot::channel();
-        self.enqueue(Renewal {
-            key: key.to_owned(),
-            owner: owner.to_owned(),
-            ttl_ms,
-            reply,
-        });
-        answer.await.unwrap_or_else(|_| {
-            Err(Error::unavailable(
-                &self.describe,
-                "the renewal batch ended without an answer",
-            ))
-        })
-    }
-
-    fn enqueue(&self, renewal: Renewal) {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let renewal = match queue.as_ref() {
-            Some(open) => match open.send(renewal) {
-                Ok(()) => return,
-                // The task ended (with the runtime it ran on): start another.
-                Err(mpsc::error::SendError(renewal)) => renewal,
-            },
-            None => renewal,
-        };
-        let (sender, receiver) = mpsc::unbounded_channel();
-        // A fresh channel with its receiver at hand cannot refuse.
-        let _ = sender.send(renewal);
-        tokio::spawn(run_batches(
-            Arc::clone(&self.db),
-            Arc::clone(&self.sql),
-            Arc::clone(&self.describe),
-            receiver,
-        ));
-        *queue = Some(sender);
-    }
+/// The renewal batcher of a lease-table handle.
+pub(super) fn batcher(db: Arc<Shared>, table: &str, describe: &str) -> RenewBatcher<LeaseRows> {
+    let sink = LeaseRows {
+        db,
+        sql: batch_sql(table),
+        describe: describe.to_owned(),
+    };
+    RenewBatcher::new(sink, describe, MAX_BATCH, BATCH_LIMIT)
 }
 
-/// Sends the renewals waiting at each moment as one statement, until the queue closes.
-async fn run_batches(
-    db: Arc<Shared>,
-    sql: Arc<str>,
-    describe: Arc<str>,
-    mut queue: mpsc::UnboundedReceiver<Renewal>,
-) {
-    let mut batch = Vec::new();
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        // The renewals of a slot fire on one timer tick: let the other leases' tasks of
-        // the tick run and queue theirs before the statement goes.
-        tokio::task::yield_now().await;
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(renewal) => batch.push(renewal),
-                Err(_) => break,
-            }
-        }
-        // Renewals whose lease stopped waiting (its own bound ran out) need no statement.
-        batch.retain(|renewal| !renewal.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let outcome = tokio::time::timeout(BATCH_LIMIT, send_batch(&db, &sql, &describe, &batch))
+impl RenewalSink for LeaseRows {
+    type Renewal = Renewal;
+
+    async fn send(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
+        let keys: Vec<&str> = batch.iter().map(|r| r.key.as_str()).collect();
+        let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
+        let ttls: Vec<i64> = batch.iter().map(|r| r.ttl_ms).collect();
+        let conn = self.db.get().await?;
+        let rows = conn
+            .query_typed(
+                &self.sql,
+                &[
+                    (&keys, Type::TEXT_ARRAY),
+                    (&owners, Type::TEXT_ARRAY),
+                    (&ttls, Type::INT8_ARRAY),
+                ],
+            )
             .await
-            .unwrap_or_else(|_| {
-                Err(Error::unavailable(
-                    &describe,
-                    format!("a renewal batch did not answer within {BATCH_LIMIT:?}"),
-                ))
-            });
-        match outcome {
-            Ok(renewed) => {
-                for renewal in batch.drain(..) {
-                    let ours = renewed.contains(&(renewal.key, renewal.owner));
-                    let _ = renewal.reply.send(Ok(ours));
-                }
-            }
-            Err(err) => {
-                for renewal in batch.drain(..) {
-                    let _ = renewal.reply.send(Err(err.clone()));
-                }
-            }
-        }
+            .map_err(|err| pg_error(&self.describe, err))?;
+        let renewed: HashSet<(&str, &str)> = rows
+            .iter()
+            .filter_map(|row| Some((row.try_get(0).ok()?, row.try_get(1).ok()?)))
+            .collect();
+        Ok(batch
+            .iter()
+            .map(|r| renewed.contains(&(r.key.as_str(), r.owner.as_str())))
+            .collect())
     }
-}
-
-/// One batch statement: the (key, owner) pairs it renewed.
-async fn send_batch(
-    db: &Shared,
-    sql: &str,
-    describe: &str,
-    batch: &[Renewal],
-) -> Result<HashSet<(String, String)>> {
-    let keys: Vec<&str> = batch.iter().map(|r| r.key.as_str()).collect();
-    let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
-    let ttls: Vec<i64> = batch.iter().map(|r| r.ttl_ms).collect();
-    let conn = db.get().await?;
-    let rows = conn
-        .query_typed(
-            sql,
-            &[
-                (&keys, Type::TEXT_ARRAY),
-                (&owners, Type::TEXT_ARRAY),
-                (&ttls, Type::INT8_ARRAY),
-            ],
-        )
-        .await
-        .map_err(|err| pg_error(describe, err))?;
-    Ok(rows
-        .iter()
-        .filter_map(|row| {
-            Some((
-                row.try_get::<_, String>(0).ok()?,
-                row.try_get::<_, String>(1).ok()?,
-            ))
-        })
-        .collect())
 }

@@ -14,6 +14,7 @@ mod cluster;
 mod config;
 mod node;
 mod redlock;
+mod renew_batch;
 mod scripts;
 mod single;
 mod waker;

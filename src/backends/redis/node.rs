@@ -4,9 +4,11 @@
 //! their arguments are the same whichever connection carries them ([`Connect`]).
 
 use super::config::{NodeConfig, Options};
+use super::renew_batch::{self, RenewScript, Renewal};
 use super::scripts;
 use crate::core::backend::{AcquireRequest, LockInfo, LockKind};
 use crate::core::owner::Owner;
+use crate::core::renew_batch::RenewBatcher;
 use crate::error::{Error, Result};
 use crate::key::Key;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -16,7 +18,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, RedisResult, Value};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::OnceCell;
 
@@ -303,6 +305,8 @@ pub struct Node<C: Connect = redis::Client> {
     config: NodeConfig<C>,
     layout: Layout,
     conn: OnceCell<C::Conn>,
+    /// Exclusive renewals on a single server, sent in batches; made with the connection.
+    renewals: OnceLock<RenewBatcher<RenewScript<C>>>,
 }
 
 impl<C: Connect> std::fmt::Debug for Node<C> {
@@ -340,6 +344,7 @@ impl<C: Connect> Node<C> {
             config,
             layout,
             conn: OnceCell::new(),
+            renewals: OnceLock::new(),
         }
     }
 
@@ -400,35 +405,23 @@ impl<C: Connect> Node<C> {
         what: &str,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        let limit = self.config.options.command_timeout;
-        match tokio::time::timeout(limit, call).await {
-            Ok(outcome) => outcome.map_err(|err| self.error(&err)),
-            Err(_) => Err(Error::unavailable(
-                &self.config.describe,
-                format!(
-                    "{what} did not answer within {} (command_timeout)",
-                    crate::duration::format_duration(limit)
-                ),
-            )),
-        }
+        bounded(
+            &self.config.describe,
+            self.config.options.command_timeout,
+            what,
+            call,
+        )
+        .await
     }
 
     async fn invoke<T: redis::FromRedisValue>(&self, call: &ScriptCall<'_>) -> Result<T> {
         let mut conn = self.connection().await?;
-        let evalsha = call.evalsha();
-        self.bounded("a script call", async {
-            match evalsha.query_async(&mut conn).await {
-                // The server has not seen the script yet (or forgot it: a restart, SCRIPT
-                // FLUSH): load it and send the call again.
-                Err(err)
-                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    call.script.load_async(&mut conn).await?;
-                    evalsha.query_async(&mut conn).await
-                }
-                other => other,
-            }
-        })
+        run_script::<C, T>(
+            &mut conn,
+            call,
+            &self.config.describe,
+            self.config.options.command_timeout,
+        )
         .await
     }
 
@@ -518,7 +511,8 @@ impl<C: Connect> Node<C> {
         Ok(done == 1)
     }
 
-    /// Owner-checked extension of a lease of `kind`.
+    /// Owner-checked extension of a lease of `kind`. An exclusive lease on a single
+    /// server renews with the others that fall due at the same moment, in one call.
     pub async fn renew(
         &self,
         key: &Key,
@@ -526,18 +520,52 @@ impl<C: Connect> Node<C> {
         ttl: Duration,
         kind: LockKind,
     ) -> Result<bool> {
-        let names = self.names(key);
-        let mut call;
-        if kind == LockKind::Exclusive {
-            call = ScriptCall::new(&scripts::RENEW, 2);
-            call.key(&names.lock).key(&names.holder);
-        } else {
-            call = ScriptCall::new(&scripts::RENEW_SHARED, 2);
-            call.key(&names.leases).key(&names.records);
+        if kind == LockKind::Exclusive && self.layout == Layout::Single {
+            return self
+                .renewals()
+                .await?
+                .renew(Renewal {
+                    key: key.clone(),
+                    owner: owner.clone(),
+                    ttl_ms: ms(ttl),
+                })
+                .await;
         }
-        call.arg(owner.as_str()).arg(ms(ttl)).arg(now_ms());
+        let names = self.names(key);
+        let mut call = ScriptCall::with_capacity(&scripts::RENEW, 2, 4, 256);
+        if kind == LockKind::Exclusive {
+            call.key(&names.lock)
+                .key(&names.holder)
+                .arg(now_ms())
+                .arg(owner.as_str())
+                .arg(ms(ttl));
+            let done: Vec<i64> = self.invoke(&call).await?;
+            return Ok(done.first() == Some(&1));
+        }
+        call = ScriptCall::with_capacity(&scripts::RENEW_SHARED, 2, 4, 256);
+        call.key(&names.leases)
+            .key(&names.records)
+            .arg(owner.as_str())
+            .arg(ms(ttl))
+            .arg(now_ms());
         let done: i64 = self.invoke(&call).await?;
         Ok(done == 1)
+    }
+
+    /// The batcher of this server's exclusive renewals, made on first use.
+    async fn renewals(&self) -> Result<&RenewBatcher<RenewScript<C>>> {
+        if let Some(batcher) = self.renewals.get() {
+            return Ok(batcher);
+        }
+        let conn = self.connection().await?;
+        Ok(self.renewals.get_or_init(|| {
+            renew_batch::batcher::<C>(
+                conn,
+                &self.config.options.prefix,
+                &self.config.describe,
+                self.config.options.command_timeout,
+            )
+        }))
     }
 
     /// Owner-checked removal of whatever lease `owner` has on `key` (and of its writer
@@ -865,6 +893,52 @@ pub async fn abandon_soon(
     }
 }
 
+/// Bounds one command of the store `describe` names (including any wait for a
+/// reconnection in progress, which redis-rs's own response timeout does not cover) by
+/// `limit`, its `command_timeout`.
+pub(super) async fn bounded<T>(
+    describe: &str,
+    limit: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(outcome) => outcome.map_err(|err| map_error(describe, &err)),
+        Err(_) => Err(Error::unavailable(
+            describe,
+            format!(
+                "{what} did not answer within {} (command_timeout)",
+                crate::duration::format_duration(limit)
+            ),
+        )),
+    }
+}
+
+/// Sends a script call on `conn`, loading the script first if the server does not know
+/// it, bounded by `limit` as [`bounded`] does.
+pub(super) async fn run_script<C: Connect, T: redis::FromRedisValue>(
+    conn: &mut C::Conn,
+    call: &ScriptCall<'_>,
+    describe: &str,
+    limit: Duration,
+) -> Result<T> {
+    let evalsha = call.evalsha();
+    bounded(describe, limit, "a script call", async {
+        match evalsha.query_async(conn).await {
+            // The server has not seen the script yet (or forgot it: a restart, SCRIPT
+            // FLUSH): load it and send the call again.
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                call.script.load_async(conn).await?;
+                evalsha.query_async(conn).await
+            }
+            other => other,
+        }
+    })
+    .await
+}
+
 /// One script call written straight into the one buffer of a `redis::Cmd`, `EVALSHA hash
 /// numkeys keys… args…`, rather than through redis-rs's `ScriptInvocation`, which
 /// allocates a vector per key and argument and copies them into a command at each call.
@@ -880,7 +954,18 @@ pub(super) struct ScriptCall<'a> {
 impl<'a> ScriptCall<'a> {
     pub(super) fn new(script: &'a redis::Script, keys: usize) -> ScriptCall<'a> {
         // Room for the longest call (6 keys, 12 arguments) without growing.
-        let mut cmd = Cmd::with_capacity(24, 512);
+        ScriptCall::with_capacity(script, keys, 24, 512)
+    }
+
+    /// A call with room for `args` words (keys and arguments, plus the 3 of `EVALSHA
+    /// hash numkeys`) of `bytes` in all, so that the command buffer never grows.
+    pub(super) fn with_capacity(
+        script: &'a redis::Script,
+        keys: usize,
+        args: usize,
+        bytes: usize,
+    ) -> ScriptCall<'a> {
+        let mut cmd = Cmd::with_capacity(args, bytes);
         cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
         ScriptCall {
             script,

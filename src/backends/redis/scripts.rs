@@ -287,20 +287,32 @@ return 1
     ))
 });
 
-/// Compare-and-expire of an exclusive lease. KEYS: lock, holder. ARGV: owner, ttl_ms,
-/// now_ms. Returns 1 or 0.
+/// Compare-and-expire of exclusive leases, any number in one call (the renewals that
+/// fall due together on one server; a cluster sends one lease per call, since its keys
+/// are in different slots). KEYS: lock and holder of each lease, in pairs. ARGV: now_ms,
+/// then owner and ttl_ms of each lease, in the same order. Returns one 1 (extended) or 0
+/// (not this owner's any more) per lease. Each lease is checked on its own, exactly as a
+/// call for it alone would check it.
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  if redis.call('HGET', KEYS[2], 'owner') == ARGV[1] then
-    redis.call('HSET', KEYS[2], 'renewed_ms', ARGV[3], 'ttl_ms', ARGV[2])
-    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local now = ARGV[1]
+local renewed = {}
+for i = 1, #KEYS / 2 do
+  local lock, holder = KEYS[2 * i - 1], KEYS[2 * i]
+  local owner, ttl = ARGV[2 * i], ARGV[2 * i + 1]
+  if redis.call('GET', lock) == owner then
+    redis.call('PEXPIRE', lock, ttl)
+    if redis.call('HGET', holder, 'owner') == owner then
+      redis.call('HSET', holder, 'renewed_ms', now, 'ttl_ms', ttl)
+      redis.call('PEXPIRE', holder, ttl)
+    end
+    renewed[i] = 1
+  else
+    renewed[i] = 0
   end
-  return 1
 end
-return 0
+return renewed
 ",
     )
 });
