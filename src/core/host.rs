@@ -6,6 +6,18 @@ pub fn host_name() -> String {
     NAME.get_or_init(read_host_name).clone()
 }
 
+/// `host` as a shared string: this machine's name (what nearly every holder record
+/// carries) is one allocation for the whole process, shared by every lease that names it.
+pub fn shared_host(host: &str) -> std::sync::Arc<str> {
+    static SHARED: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+    let shared = SHARED.get_or_init(|| host_name().into());
+    if &**shared == host {
+        std::sync::Arc::clone(shared)
+    } else {
+        host.into()
+    }
+}
+
 fn read_host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success

@@ -212,7 +212,7 @@ impl MySession {
                 claim.owner.as_str(),
                 super::millis(claim.ttl),
                 claim.pid,
-                claim.host.as_str(),
+                &*claim.host,
             ),
         )
         .await?;

@@ -215,16 +215,16 @@ const QUERY_CANCELED: &str = "57014";
 /// A semaphore's statement also takes `$8` permits and `$9` the slot ids.
 fn run_params<'a>(
     claim: &'a Claim<i64>,
-    owned: &'a Owned,
+    owned: &'a Owned<'a>,
 ) -> Vec<(&'a (dyn tokio_postgres::types::ToSql + Sync), Type)> {
     let mut params: Vec<(&'a (dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![
         (&claim.lock, Type::INT8),
         (&owned.key, Type::TEXT),
-        (&claim.owner, Type::TEXT),
+        (&owned.owner, Type::TEXT),
         (&owned.ttl_ms, Type::INT8),
         (&owned.pid, Type::INT4),
-        (&claim.host, Type::TEXT),
-        (&claim.value, Type::TEXT),
+        (&owned.host, Type::TEXT),
+        (&owned.value, Type::TEXT),
     ];
     if let Some((permits, slots)) = &owned.permits {
         params.push((permits, Type::INT4));
@@ -234,8 +234,11 @@ fn run_params<'a>(
 }
 
 /// The values of a claim in the types the statements take.
-struct Owned {
-    key: String,
+struct Owned<'a> {
+    key: &'a str,
+    owner: &'a str,
+    host: &'a str,
+    value: Option<&'a str>,
     ttl_ms: i64,
     pid: Option<i32>,
     /// A semaphore's permits and slot ids.
@@ -267,7 +270,7 @@ impl PgSession {
         });
     }
 
-    fn owned(&self, claim: &Claim<i64>) -> Result<Owned> {
+    fn owned<'a>(&self, claim: &'a Claim<i64>) -> Result<Owned<'a>> {
         let permits = match claim.kind {
             LockKind::Semaphore { permits } => Some((
                 session_kinds::permits_param(&self.describe, permits)?,
@@ -276,7 +279,10 @@ impl PgSession {
             _ => None,
         };
         Ok(Owned {
-            key: claim.key.to_string(),
+            key: claim.key.as_str(),
+            owner: claim.owner.as_str(),
+            host: &claim.host,
+            value: claim.value.as_deref(),
             ttl_ms: millis(claim.ttl),
             pid: i32::try_from(claim.pid).ok(),
             permits,
@@ -468,7 +474,7 @@ impl Dialect for PgSession {
                 sql,
                 &[
                     (&key, Type::TEXT),
-                    (&claim.owner, Type::TEXT),
+                    (&claim.owner.as_str(), Type::TEXT),
                     (&millis(ttl), Type::INT8),
                 ],
             )
@@ -521,7 +527,7 @@ impl Dialect for PgSession {
                     &[
                         (&claim.lock, Type::INT8),
                         (&key, Type::TEXT),
-                        (&claim.owner, Type::TEXT),
+                        (&claim.owner.as_str(), Type::TEXT),
                     ],
                 )
                 .await
@@ -537,7 +543,7 @@ impl Dialect for PgSession {
                 &[
                     (&claim.lock, Type::INT8),
                     (&key, Type::TEXT),
-                    (&claim.owner, Type::TEXT),
+                    (&claim.owner.as_str(), Type::TEXT),
                 ],
             )
             .await

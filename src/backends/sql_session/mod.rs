@@ -58,12 +58,13 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 #[derive(Debug, Clone)]
 pub(crate) struct Claim<L> {
     pub(crate) key: Key,
-    pub(crate) owner: String,
+    pub(crate) owner: Owner,
     pub(crate) ttl: Duration,
     pub(crate) pid: u32,
-    pub(crate) host: String,
+    /// Shared with the other claims of the process when it is this machine's name.
+    pub(crate) host: Arc<str>,
     /// The value published beside the lease (an election's leader value).
-    pub(crate) value: Option<String>,
+    pub(crate) value: Option<Arc<str>>,
     /// Which kind of lease is asked for.
     pub(crate) kind: LockKind,
     /// When a wait in the server's queue gives up (`None`: never).
@@ -263,11 +264,11 @@ impl<D: Dialect> SessionLocks<D> {
     fn claim(&self, request: &AcquireRequest<'_>) -> Claim<D::Lock> {
         Claim {
             key: request.key.clone(),
-            owner: request.owner.to_string(),
+            owner: request.owner.clone(),
             ttl: request.ttl,
             pid: request.holder.pid,
-            host: request.holder.host.clone(),
-            value: request.holder.value.clone(),
+            host: crate::core::host::shared_host(&request.holder.host),
+            value: request.holder.value.as_deref().map(Arc::from),
             kind: request.kind,
             deadline: request.deadline,
             lock: self.pool.dialect.lock_of(request.key),

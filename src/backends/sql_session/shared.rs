@@ -27,7 +27,7 @@ use crate::core::backend::{EndSignal, Granted, HeldLease};
 use crate::error::{Error, LossReason, Result};
 use crate::key::Key;
 use async_trait::async_trait;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -56,15 +56,11 @@ impl<D: Dialect> Default for SharedSessions<D> {
     }
 }
 
-/// Which keys a session holds or is taking.
-#[derive(Default)]
-struct Claims {
-    /// Held or being taken: a key here is never asked for again on this session.
-    claimed: HashSet<Key>,
-    /// Surely held (granted, not yet unlocked); changed only by a task that owns the
-    /// connection, so a liveness check that owns it sees a settled set.
-    locked: HashSet<Key>,
-}
+/// Which keys a session holds or is taking: a key here is never asked for again on this
+/// session. The flag is `true` once the key is surely held (granted, not yet unlocked);
+/// it is changed only by a task that owns the connection, so a liveness check that owns
+/// it sees a settled set.
+type Claims = HashMap<Key, bool>;
 
 /// One connection whose session holds the locks of several leases.
 struct SharedSession<D: Dialect> {
@@ -102,17 +98,15 @@ impl<D: Dialect> SharedSession<D> {
             return false;
         }
         let mut claims = self.claims();
-        if claims.claimed.len() >= LEASES_PER_SESSION || claims.claimed.contains(key) {
+        if claims.len() >= LEASES_PER_SESSION || claims.contains_key(key) {
             return false;
         }
-        claims.claimed.insert(key.clone());
+        claims.insert(key.clone(), false);
         true
     }
 
     fn unclaim(&self, key: &Key) {
-        let mut claims = self.claims();
-        claims.claimed.remove(key);
-        claims.locked.remove(key);
+        self.claims().remove(key);
     }
 
     fn end(&self, reason: String) {
@@ -151,7 +145,7 @@ impl<D: Dialect> SharedSessions<D> {
             due: Mutex::new(Vec::new()),
             ended: watch::channel(None).0,
         });
-        session.claims().claimed.insert(key.clone());
+        session.claims().insert(key.clone(), false);
         tokio::spawn(watch_session(
             Arc::downgrade(pool),
             Arc::downgrade(&session),
@@ -255,7 +249,11 @@ async fn watch_session<D: Dialect>(
         if conn.is_none() {
             return;
         }
-        let Some(key) = session.claims().locked.iter().next().cloned() else {
+        let locked = session
+            .claims()
+            .iter()
+            .find_map(|(key, &locked)| locked.then(|| key.clone()));
+        let Some(key) = locked else {
             continue;
         };
         let id = session.id.load(Ordering::Relaxed);
@@ -290,7 +288,7 @@ async fn try_lock_task<D: Dialect>(
             session
                 .id
                 .store(dialect.session_id(open), Ordering::Relaxed);
-            session.claims().locked.insert(claim.key.clone());
+            session.claims().insert(claim.key.clone(), true);
             Ok(Some(fence))
         }
         Ok(Ok(None)) => {
@@ -475,16 +473,28 @@ impl<D: Dialect> HeldLease for SharedLease<D> {
             return Ok(false);
         };
         let (reply, answer) = oneshot::channel();
-        self.session
-            .due
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(DueRenewal {
+        let first = {
+            let mut due = self
+                .session
+                .due
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Renewals nobody waits for any more are dropped here too, so that a task
+            // that never ran (its runtime shut down) cannot hold the queue up.
+            due.retain(|due| !due.reply.is_closed());
+            let first = due.is_empty();
+            due.push(DueRenewal {
                 claim: self.claim.clone(),
                 ttl,
                 reply,
             });
-        tokio::spawn(renew_due(pool, Arc::clone(&self.session)));
+            first
+        };
+        // The renewal that finds the queue empty starts the task that sends it; the ones
+        // queued before that task takes the queue go with it, in one statement.
+        if first {
+            tokio::spawn(renew_due(pool, Arc::clone(&self.session)));
+        }
         answer.await.unwrap_or(Ok(false))
     }
 
