@@ -16,7 +16,14 @@ fn script_calls(server: &RedisServer) -> u64 {
         .cli(&["INFO", "commandstats"])
         .lines()
         .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum()
 }
 
@@ -60,9 +67,17 @@ async fn renewals_that_fall_due_together_share_a_script_call() {
     // Unrenewed, every key would have expired by now.
     assert_eq!(count_keys(&server, "dlock:batch-*"), 200);
     assert_eq!(count_keys(&server, "{dlock:batch-*}:holder"), 200);
-    let record = server.cli(&["HMGET", "{dlock:batch-7}:holder", "acquired_ms", "renewed_ms"]);
+    let record = server.cli(&[
+        "HMGET",
+        "{dlock:batch-7}:holder",
+        "acquired_ms",
+        "renewed_ms",
+    ]);
     let times: Vec<u64> = record.lines().map(|l| l.trim().parse().unwrap()).collect();
-    assert!(times[1] > times[0], "the holder record was not renewed: {record:?}");
+    assert!(
+        times[1] > times[0],
+        "the holder record was not renewed: {record:?}"
+    );
     for lease in leases {
         assert!(!lease.is_lost(), "{} lost", lease.key());
         assert!(lease.release().await.unwrap());
@@ -79,7 +94,9 @@ async fn a_key_taken_over_ends_only_its_own_lease() {
     let mut leases = hold(&locks, "taken", 20).await;
     let victim = leases.remove(7);
     assert_eq!(
-        server.cli(&["SET", "dlock:taken-7", "somebody else", "PX", "60000"]).trim(),
+        server
+            .cli(&["SET", "dlock:taken-7", "somebody else", "PX", "60000"])
+            .trim(),
         "OK"
     );
     let reason = tokio::time::timeout(TTL * 2, victim.lost())
@@ -95,6 +112,12 @@ async fn a_key_taken_over_ends_only_its_own_lease() {
         assert!(!lease.is_lost(), "{} lost", lease.key());
         assert!(lease.release().await.unwrap());
     }
-    assert!(!victim.release().await.unwrap(), "the key is somebody else's");
-    assert_eq!(server.cli(&["GET", "dlock:taken-7"]).trim(), "somebody else");
+    assert!(
+        !victim.release().await.unwrap(),
+        "the key is somebody else's"
+    );
+    assert_eq!(
+        server.cli(&["GET", "dlock:taken-7"]).trim(),
+        "somebody else"
+    );
 }

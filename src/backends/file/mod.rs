@@ -187,11 +187,12 @@ impl FileBackend {
         }
     }
 
-    fn grant(held: HeldFile, sent_at: Instant) -> Granted {
+    fn grant(held: impl Into<Box<HeldFile>>, sent_at: Instant) -> Granted {
+        let held: Box<HeldFile> = held.into();
         Granted {
             fence: held.record.fence,
             sent_at,
-            lease: Box::new(held),
+            lease: held,
         }
     }
 }
@@ -267,6 +268,18 @@ impl Inner {
             .map_err(|e| self.open_error(name, e))
     }
 
+    /// [`advance`](Inner::advance), waiting for the fence file.
+    fn advance_waiting(
+        &self,
+        key: &str,
+        lock_name: &str,
+        in_record: Option<u64>,
+        step: u64,
+    ) -> Result<u64> {
+        self.advance(key, lock_name, in_record, step, FenceWait::Wait)?
+            .ok_or_else(|| Error::unavailable(&self.describe, "the fence file was busy"))
+    }
+
     fn exhausted(&self, key: &str, name: &str) -> Error {
         Error::backend(
             &self.describe,
@@ -282,19 +295,29 @@ impl Inner {
     /// `in_record` (`step` 0, for force-release), under the fence file's flock. See the
     /// module docs for why this makes fences strictly increasing. `in_record` is the
     /// fence in the lock record (`None` if it is unreadable).
+    ///
+    /// With [`FenceWait::TryOnly`] it answers `None` rather than wait for a fence file
+    /// another process has locked.
     fn advance(
         &self,
         key: &str,
         lock_name: &str,
         in_record: Option<u64>,
         step: u64,
-    ) -> Result<u64> {
+        wait: FenceWait,
+    ) -> Result<Option<u64>> {
         let name = naming::fence_name(key);
         for _ in 0..8 {
             let file = Unlocking(self.open(&name, Access::Create)?);
-            if !flock::lock_within(&file.0, FENCE_LOCK_WAIT)
-                .map_err(|e| self.io_error("lock", &name, &e))?
-            {
+            let locked = match wait {
+                FenceWait::Wait => flock::lock_within(&file.0, FENCE_LOCK_WAIT),
+                FenceWait::TryOnly => flock::try_lock(&file.0),
+            }
+            .map_err(|e| self.io_error("lock", &name, &e))?;
+            if !locked && wait == FenceWait::TryOnly {
+                return Ok(None);
+            }
+            if !locked {
                 return Err(Error::unavailable(
                     &self.describe,
                     format!(
@@ -348,7 +371,7 @@ impl Inner {
                 record::write_fence(&file.0, next)
                     .map_err(|e| self.io_error("write the fence to", &name, &e))?;
             }
-            return Ok(next);
+            return Ok(Some(next));
         }
         Err(Error::unavailable(
             &self.describe,
@@ -374,19 +397,42 @@ impl Inner {
     /// a reader (`writes_record` false) takes its fence and leaves the record alone.
     fn claim_as(
         self: &Arc<Self>,
-        mut file: File,
+        file: File,
         key: &str,
         name: String,
         writes_record: bool,
         new_record: impl FnOnce(u64) -> Record,
     ) -> Result<Option<HeldFile>> {
+        match self.claim_with(file, key, name, writes_record, new_record, FenceWait::Wait)? {
+            Claimed::Held(held) => Ok(Some(*held)),
+            Claimed::Replaced => Ok(None),
+            // Waiting for the fence file either takes it or fails.
+            Claimed::FenceBusy => Err(Error::unavailable(
+                &self.describe,
+                "the fence file was busy",
+            )),
+        }
+    }
+
+    /// [`claim_as`](Inner::claim_as), waiting for a fence file locked by another process
+    /// only if `wait` says so; a claim that does not wait unlocks `file` and answers
+    /// [`Claimed::FenceBusy`].
+    fn claim_with(
+        self: &Arc<Self>,
+        mut file: File,
+        key: &str,
+        name: String,
+        writes_record: bool,
+        new_record: impl FnOnce(u64) -> Record,
+        wait: FenceWait,
+    ) -> Result<Claimed> {
         let current = self
             .dir
             .is_current(&file, &name)
             .map_err(|e| self.io_error("check", &name, &e))?;
         if !current {
             flock::unlock(&file);
-            return Ok(None);
+            return Ok(Claimed::Replaced);
         }
         let claimed = (|| {
             let (contents, old_len) =
@@ -396,30 +442,93 @@ impl Inner {
                 Contents::Record(previous) => Some(previous.fence),
                 Contents::Unreadable => None,
             };
-            let fence = self.advance(key, &name, in_record, 1)?;
+            let Some(fence) = self.advance(key, &name, in_record, 1, wait)? else {
+                return Ok(None);
+            };
             let record = new_record(fence);
             if !writes_record {
-                return Ok((record, old_len));
+                return Ok(Some((record, old_len)));
             }
             // The fence file is durable already; this copy is for status, and a floor.
             let record_len = record::write(&file, &record, old_len)
                 .map_err(|e| self.io_error("write", &name, &e))?;
-            Ok((record, record_len))
+            Ok(Some((record, record_len)))
         })();
         match claimed {
-            Ok((record, record_len)) => Ok(Some(HeldFile {
+            Ok(Some((record, record_len))) => Ok(Claimed::Held(Box::new(HeldFile {
                 file,
                 name,
                 record,
                 record_len,
                 writes_record,
                 inner: Arc::clone(self),
-            })),
+            }))),
+            Ok(None) => {
+                flock::unlock(&file);
+                Ok(Claimed::FenceBusy)
+            }
             Err(err) => {
                 flock::unlock(&file);
                 Err(err)
             }
         }
+    }
+}
+
+/// Whether taking a fence may wait for a fence file another process has locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FenceWait {
+    /// Up to [`FENCE_LOCK_WAIT`] (on a thread that may block).
+    Wait,
+    /// Not at all (on the runtime's own thread).
+    TryOnly,
+}
+
+/// What a claim of a locked file came to.
+enum Claimed {
+    /// Fenced and recorded: the lease.
+    Held(Box<HeldFile>),
+    /// The file was replaced (`release --force`) after it was opened; unlocked.
+    Replaced,
+    /// Another process had the fence file locked, and the claim was not to wait;
+    /// unlocked.
+    FenceBusy,
+}
+
+/// What one non-waiting attempt at an exclusive lock came to.
+enum TryOutcome {
+    Taken(Box<HeldFile>),
+    Held,
+    FenceBusy,
+}
+
+impl Inner {
+    /// One attempt at `key`'s exclusive lock that never waits for anything: open, a
+    /// non-blocking flock, the fence (waiting for its file only if `wait`), the record.
+    fn try_exclusive(
+        self: &Arc<Self>,
+        key: &str,
+        template: &Record,
+        wait: FenceWait,
+    ) -> Result<TryOutcome> {
+        let name = naming::file_name(key);
+        // A replaced file (release --force) is retried a few times at most.
+        for _ in 0..8 {
+            let file = self.open(&name, Access::Create)?;
+            if !flock::try_lock(&file).map_err(|e| self.io_error("lock", &name, &e))? {
+                return Ok(TryOutcome::Held);
+            }
+            let make = |fence| Record {
+                fence,
+                ..template.clone()
+            };
+            match self.claim_with(file, key, name.clone(), true, make, wait)? {
+                Claimed::Held(held) => return Ok(TryOutcome::Taken(held)),
+                Claimed::Replaced => {}
+                Claimed::FenceBusy => return Ok(TryOutcome::FenceBusy),
+            }
+        }
+        Ok(TryOutcome::Held)
     }
 }
 
@@ -453,31 +562,23 @@ impl Backend for FileBackend {
             _ => {}
         }
         let sent_at = Instant::now();
-        let key = request.key.to_string();
-        let inner = Arc::clone(&self.inner);
-        let make = {
-            let template = Self::new_record(request, 0);
-            move |fence| Record { fence, ..template }
-        };
-        let claimed = self
-            .blocking(move || {
-                let name = naming::file_name(&key);
-                // A replaced file (release --force) is retried a few times at most.
-                for _ in 0..8 {
-                    let file = inner.open(&name, Access::Create)?;
-                    if !flock::try_lock(&file).map_err(|e| inner.io_error("lock", &name, &e))? {
-                        return Ok(None);
-                    }
-                    if let Some(held) = inner.claim(file, &key, make.clone())? {
-                        return Ok(Some(held));
-                    }
-                }
-                Ok(None)
-            })
-            .await?;
-        Ok(match claimed {
-            Some(held) => Attempt::Acquired(Self::grant(held, sent_at)),
-            None => Attempt::Held { expires_in: None },
+        let template = Self::new_record(request, 0);
+        // An attempt waits for nothing but a fence file another process holds for a
+        // read and a write, so it runs on the runtime's thread: the hop to the blocking
+        // pool and back was most of an in-process hand-off. Only when that fence file is
+        // busy does the attempt go to the pool, where it may wait for it.
+        let mut outcome =
+            self.inner
+                .try_exclusive(request.key.as_str(), &template, FenceWait::TryOnly)?;
+        if matches!(outcome, TryOutcome::FenceBusy) {
+            let (key, inner) = (request.key.to_string(), Arc::clone(&self.inner));
+            outcome = self
+                .blocking(move || inner.try_exclusive(&key, &template, FenceWait::Wait))
+                .await?;
+        }
+        Ok(match outcome {
+            TryOutcome::Taken(held) => Attempt::Acquired(Self::grant(held, sent_at)),
+            TryOutcome::Held | TryOutcome::FenceBusy => Attempt::Held { expires_in: None },
         })
     }
 
@@ -595,7 +696,7 @@ fn replace_if_held(inner: &Inner, key: &str, name: &str) -> Result<bool> {
     // record's fence into it first keeps a directory from before fence files, or whose
     // fence file was deleted, from restarting at the new file's copy.
     let in_record = record::read_unlocked(&mut old).map(|r| r.fence);
-    let fence = inner.advance(key, &name, in_record, 0)?;
+    let fence = inner.advance_waiting(key, &name, in_record, 0)?;
     let fresh = Record {
         key: key.to_owned(),
         fence,
