@@ -279,3 +279,66 @@ async fn a_created_lock_directory_is_private() {
     let mode = std::fs::metadata(&dir).unwrap().mode() & 0o7777;
     assert_eq!(mode, 0o700, "mode {mode:o}");
 }
+
+/// Locks `path` with flock(1) in another process for `hold`, and returns once it is held.
+fn flock_elsewhere(path: &Path, hold: Duration) -> std::process::Child {
+    let mut child = std::process::Command::new("flock")
+        .arg(path)
+        .args([
+            "sh",
+            "-c",
+            &format!("echo held; sleep {}", hold.as_secs_f64()),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flock(1) from util-linux");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    child
+}
+
+/// An attempt takes its fence on the runtime's thread unless another process holds the
+/// fence file; then it waits for that file on the blocking pool. Either way the lock is
+/// granted once the fence file is free, with a higher fence, and never refused for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_file_locked_by_another_process_delays_the_grant_but_does_not_refuse_it() {
+    let dir = temp("dlock-hardening-");
+    let locks = locks_in(dir.path()).await;
+    let first = acquire(&locks, "k").await.unwrap();
+    let mut fence = first.fence();
+    first.release().await.unwrap();
+    let hold = Duration::from_millis(300);
+    for waiting in [false, true] {
+        let mut other = flock_elsewhere(&dir.path().join("k.fence"), hold);
+        let started = std::time::Instant::now();
+        let lease = if waiting {
+            acquire(&locks, "k").await.unwrap()
+        } else {
+            locks
+                .lock("k")
+                .ttl(Duration::from_secs(30))
+                .try_acquire()
+                .await
+                .unwrap()
+                .expect("the lock file is free; only its fence file is busy")
+        };
+        assert!(
+            started.elapsed() >= hold / 2,
+            "granted after {:?}, while the fence file was locked elsewhere",
+            started.elapsed()
+        );
+        assert!(
+            lease.fence() > fence,
+            "fence {} after {fence}",
+            lease.fence()
+        );
+        fence = lease.fence();
+        lease.release().await.unwrap();
+        other.wait().unwrap();
+    }
+}

@@ -187,6 +187,21 @@ impl FileBackend {
         }
     }
 
+    /// Claims the locked lock file of `key` on the blocking pool, waiting for its fence
+    /// file: `None` if the file was replaced meanwhile.
+    async fn claim_waiting(
+        &self,
+        file: File,
+        key: &Key,
+        template: Record,
+    ) -> Result<Option<Box<HeldFile>>> {
+        let (key, inner) = (key.to_string(), Arc::clone(&self.inner));
+        let claimed = self
+            .blocking(move || inner.claim(file, &key, |fence| Record { fence, ..template }))
+            .await?;
+        Ok(claimed.map(Box::new))
+    }
+
     fn grant(held: impl Into<Box<HeldFile>>, sent_at: Instant) -> Granted {
         let held: Box<HeldFile> = held.into();
         Granted {
@@ -407,16 +422,19 @@ impl Inner {
             Claimed::Held(held) => Ok(Some(*held)),
             Claimed::Replaced => Ok(None),
             // Waiting for the fence file either takes it or fails.
-            Claimed::FenceBusy => Err(Error::unavailable(
-                &self.describe,
-                "the fence file was busy",
-            )),
+            Claimed::FenceBusy(file) => {
+                flock::unlock(&file);
+                Err(Error::unavailable(
+                    &self.describe,
+                    "the fence file was busy",
+                ))
+            }
         }
     }
 
     /// [`claim_as`](Inner::claim_as), waiting for a fence file locked by another process
-    /// only if `wait` says so; a claim that does not wait unlocks `file` and answers
-    /// [`Claimed::FenceBusy`].
+    /// only if `wait` says so; a claim that does not wait answers [`Claimed::FenceBusy`]
+    /// with `file` still locked, to be claimed again where waiting is allowed.
     fn claim_with(
         self: &Arc<Self>,
         mut file: File,
@@ -463,10 +481,7 @@ impl Inner {
                 writes_record,
                 inner: Arc::clone(self),
             }))),
-            Ok(None) => {
-                flock::unlock(&file);
-                Ok(Claimed::FenceBusy)
-            }
+            Ok(None) => Ok(Claimed::FenceBusy(file)),
             Err(err) => {
                 flock::unlock(&file);
                 Err(err)
@@ -490,27 +505,23 @@ enum Claimed {
     Held(Box<HeldFile>),
     /// The file was replaced (`release --force`) after it was opened; unlocked.
     Replaced,
-    /// Another process had the fence file locked, and the claim was not to wait;
-    /// unlocked.
-    FenceBusy,
+    /// Another process had the fence file locked, and the claim was not to wait; the
+    /// lock file is still locked.
+    FenceBusy(File),
 }
 
 /// What one non-waiting attempt at an exclusive lock came to.
 enum TryOutcome {
     Taken(Box<HeldFile>),
     Held,
-    FenceBusy,
+    /// Locked, but the fence file was busy: the lock file, still locked.
+    FenceBusy(File),
 }
 
 impl Inner {
     /// One attempt at `key`'s exclusive lock that never waits for anything: open, a
-    /// non-blocking flock, the fence (waiting for its file only if `wait`), the record.
-    fn try_exclusive(
-        self: &Arc<Self>,
-        key: &str,
-        template: &Record,
-        wait: FenceWait,
-    ) -> Result<TryOutcome> {
+    /// non-blocking flock, the fence (unless its file is busy), the record.
+    fn try_exclusive(self: &Arc<Self>, key: &str, template: &Record) -> Result<TryOutcome> {
         let name = naming::file_name(key);
         // A replaced file (release --force) is retried a few times at most.
         for _ in 0..8 {
@@ -522,10 +533,10 @@ impl Inner {
                 fence,
                 ..template.clone()
             };
-            match self.claim_with(file, key, name.clone(), true, make, wait)? {
+            match self.claim_with(file, key, name.clone(), true, make, FenceWait::TryOnly)? {
                 Claimed::Held(held) => return Ok(TryOutcome::Taken(held)),
                 Claimed::Replaced => {}
-                Claimed::FenceBusy => return Ok(TryOutcome::FenceBusy),
+                Claimed::FenceBusy(file) => return Ok(TryOutcome::FenceBusy(file)),
             }
         }
         Ok(TryOutcome::Held)
@@ -566,19 +577,16 @@ impl Backend for FileBackend {
         // An attempt waits for nothing but a fence file another process holds for a
         // read and a write, so it runs on the runtime's thread: the hop to the blocking
         // pool and back was most of an in-process hand-off. Only when that fence file is
-        // busy does the attempt go to the pool, where it may wait for it.
-        let mut outcome =
-            self.inner
-                .try_exclusive(request.key.as_str(), &template, FenceWait::TryOnly)?;
-        if matches!(outcome, TryOutcome::FenceBusy) {
-            let (key, inner) = (request.key.to_string(), Arc::clone(&self.inner));
-            outcome = self
-                .blocking(move || inner.try_exclusive(&key, &template, FenceWait::Wait))
-                .await?;
-        }
-        Ok(match outcome {
-            TryOutcome::Taken(held) => Attempt::Acquired(Self::grant(held, sent_at)),
-            TryOutcome::Held | TryOutcome::FenceBusy => Attempt::Held { expires_in: None },
+        // busy does the claim go to the pool, where it may wait for it.
+        let outcome = self.inner.try_exclusive(request.key.as_str(), &template)?;
+        let held = match outcome {
+            TryOutcome::Taken(held) => Some(held),
+            TryOutcome::Held => None,
+            TryOutcome::FenceBusy(file) => self.claim_waiting(file, request.key, template).await?,
+        };
+        Ok(match held {
+            Some(held) => Attempt::Acquired(Self::grant(held, sent_at)),
+            None => Attempt::Held { expires_in: None },
         })
     }
 
@@ -605,11 +613,25 @@ impl Backend for FileBackend {
                     None => return Ok(None),
                 }
             };
-            let (key, template) = (key.clone(), template.clone());
-            let this = Arc::clone(inner);
-            let claimed = self
-                .blocking(move || this.claim(file, &key, |fence| Record { fence, ..template }))
-                .await?;
+            // As in `try_acquire`: on this thread unless the fence file is busy.
+            let claimed = match inner.claim_with(
+                file,
+                &key,
+                name.clone(),
+                true,
+                |fence| Record {
+                    fence,
+                    ..template.clone()
+                },
+                FenceWait::TryOnly,
+            )? {
+                Claimed::Held(held) => Some(held),
+                Claimed::Replaced => None,
+                Claimed::FenceBusy(file) => {
+                    self.claim_waiting(file, request.key, template.clone())
+                        .await?
+                }
+            };
             if let Some(held) = claimed {
                 // The kernel granted the lock just now; the flock lives while the file does.
                 return Ok(Some(Self::grant(held, Instant::now())));
