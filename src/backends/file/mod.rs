@@ -707,10 +707,19 @@ fn replace_if_held(inner: &Inner, key: &str, name: &str) -> Result<bool> {
     let meta = old
         .metadata()
         .map_err(|e| inner.io_error("check", &name, &e))?;
-    let was_held = matches!(
-        KernelLocks::read().holder(&meta),
-        Holding::HeldBy(_) | Holding::SharedBy(_) | Holding::Unknown
-    );
+    let was_held = match KernelLocks::read().holder(&meta) {
+        Holding::HeldBy(_) | Holding::SharedBy(_) | Holding::Unknown => true,
+        // /proc/locks is read in pages while other processes lock and unlock, and an
+        // entry can slip between two pages: a lock it does not list may still be held.
+        // A non-blocking flock of the file itself is the kernel's own answer.
+        Holding::Free => {
+            let free = flock::try_lock(&old).map_err(|e| inner.io_error("lock", &name, &e))?;
+            if free {
+                flock::unlock(&old);
+            }
+            !free
+        }
+    };
     if !was_held {
         return Ok(false);
     }
