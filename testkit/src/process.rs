@@ -16,16 +16,44 @@ pub fn free_port() -> u16 {
 }
 
 /// A free loopback port in `range` such that `port + offset` is free too for every
-/// offset in `also` (Redis Cluster's bus port is port + 10000).
+/// offset in `also` (Redis Cluster's bus port is port + 10000), reserved for this
+/// process (see [`reserve_port`]).
 pub fn private_port(range: std::ops::Range<u16>, also: &[u16]) -> u16 {
     for _ in 0..1000 {
         let port = rand::random_range(range.clone());
         let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && also.iter().all(|offset| free(port + offset)) {
+        if free(port)
+            && also.iter().all(|offset| free(port + offset))
+            && reserve_port(port)
+            && also.iter().all(|offset| reserve_port(port + offset))
+        {
             return port;
         }
     }
     panic!("no free loopback port in {range:?}");
+}
+
+/// Reserves `port` for this process until it exits: `false` if this or another test
+/// process holds it. A port that is free now is not free for long: a server may take
+/// seconds to bind it (SecantusDB imports first), and one stopped for a restart leaves it
+/// free meanwhile, so two servers started by tests at once could otherwise be handed the
+/// same port, and one test would talk to the other's server. The reservation is an
+/// abstract Unix socket named after the port, which the kernel drops with the process:
+/// nothing is left on disk.
+pub fn reserve_port(port: u16) -> bool {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    static HELD: std::sync::Mutex<Vec<UnixListener>> = std::sync::Mutex::new(Vec::new());
+    let Ok(name) = SocketAddr::from_abstract_name(format!("dlock-testkit-port-{port}")) else {
+        return false;
+    };
+    match UnixListener::bind_addr(&name) {
+        Ok(held) => {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(held);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Finds `binary` on PATH or in `extra_dirs`; fails the test with a message naming the
@@ -285,6 +313,15 @@ pub fn temp_dir_until_exit(prefix: &str) -> &'static Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserved_port_is_never_handed_out_again() {
+        let port = free_port();
+        assert!(!reserve_port(port), "port {port} reserved twice");
+        // The range holds that port only: it is free for TCP, but not to be handed out.
+        let again = std::panic::catch_unwind(|| private_port(port..port + 1, &[]));
+        assert!(again.is_err(), "port {port} handed out twice");
+    }
 
     #[test]
     fn names_carry_the_owner_pid() {
