@@ -3,48 +3,31 @@
 //! row only. Against a private server.
 #![cfg(feature = "postgres")]
 
-use dlock_testkit::servers::postgres::Postgres;
-use dlock_testkit::unique_name;
+use dlock_testkit::servers::postgres::{self, Postgres};
 use fencelock::{Lease, LossReason};
 use std::time::Duration;
 
 /// Renewed every 400 ms: on the engine's renewal grid.
 const TTL: Duration = Duration::from_millis(1200);
 
-/// A schema of its own on the shared server, so that only this test's rows are counted,
+/// A scratch schema on the shared server, so that only this test's rows are counted,
 /// and a handle whose table is in it.
 struct Scratch {
-    admin: tokio_postgres::Client,
-    schema: String,
+    schema: postgres::Scratch,
     locks: fencelock::Locks,
 }
 
 impl Scratch {
     async fn open(query: &str) -> Scratch {
-        let pg = Postgres::shared();
-        let admin = pg.admin().await;
-        let schema = unique_name("renew_batch");
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap();
-        let locks = fencelock::connect(&pg.url(&format!("{query}&table={schema}.locks")))
-            .await
-            .unwrap();
-        Scratch {
-            admin,
-            schema,
-            locks,
-        }
+        let schema = Postgres::shared().scratch("renew_batch").await;
+        let locks = fencelock::connect(&schema.url(query)).await.unwrap();
+        Scratch { schema, locks }
     }
 
     /// Closes the handle and drops the schema with everything in it.
     async fn close(self) {
         drop(self.locks);
-        self.admin
-            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
-            .await
-            .unwrap();
+        self.schema.close().await;
     }
 }
 
@@ -68,7 +51,7 @@ async fn hold(locks: &fencelock::Locks, prefix: &str, n: usize) -> Vec<Lease> {
 /// renewal leaves one `xmin` per row.
 async fn renewals_share_statements(query: &str) {
     let scratch = Scratch::open(query).await;
-    let (admin, schema) = (&scratch.admin, &scratch.schema);
+    let (admin, schema) = (&scratch.schema.admin, &scratch.schema.schema);
     let leases = hold(&scratch.locks, "batch", 200).await;
     // Three renewal rounds.
     tokio::time::sleep(TTL + Duration::from_millis(300)).await;
@@ -111,7 +94,7 @@ async fn shared_session_renewals_that_fall_due_together_share_a_statement() {
 /// its batch mates keep renewing.
 async fn a_row_taken_over_ends_only_its_own_lease(query: &str) {
     let scratch = Scratch::open(query).await;
-    let (admin, schema) = (&scratch.admin, &scratch.schema);
+    let (admin, schema) = (&scratch.schema.admin, &scratch.schema.schema);
     let mut leases = hold(&scratch.locks, "taken", 20).await;
     let victim = leases.remove(7);
     admin

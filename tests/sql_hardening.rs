@@ -339,16 +339,8 @@ VALUES (UNHEX(SHA2(?, 256)), ?, 'frozen', 1001, UTC_TIMESTAMP(6) + INTERVAL 1 HO
 /// flush. Shared locks keep their rows in the holders table, which is unlogged too.
 #[tokio::test]
 async fn pg_session_tables_are_unlogged() {
-    let pg = Postgres::shared();
-    let admin = pg.admin().await;
-    let schema = unique_name("unlogged");
-    admin
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let locks = fencelock::connect(&pg.url(&format!("table={schema}.locks")))
-        .await
-        .unwrap();
+    let scratch = Postgres::shared().scratch("unlogged").await;
+    let locks = fencelock::connect(&scratch.url("")).await.unwrap();
     let key = unique_name("k");
     let lease = locks
         .lock(&key)
@@ -357,11 +349,12 @@ async fn pg_session_tables_are_unlogged() {
         .await
         .unwrap()
         .expect("a free key");
-    let rows = admin
+    let rows = scratch
+        .admin
         .query(
             "SELECT c.relname, c.relpersistence::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY 1",
-            &[&schema],
+            &[&scratch.schema],
         )
         .await
         .unwrap();
@@ -375,10 +368,7 @@ async fn pg_session_tables_are_unlogged() {
     );
     lease.release().await.unwrap();
     drop(locks);
-    admin
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    scratch.close().await;
 }
 
 /// `status` and `list` describe a MySQL session lock alike: both name the `GET_LOCK`

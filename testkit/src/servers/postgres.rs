@@ -226,6 +226,22 @@ impl Postgres {
         client
     }
 
+    /// A schema of its own on this server, named after `prefix`: a test that counts or
+    /// inspects the rows a backend writes sees only its own there.
+    pub async fn scratch(&self, prefix: &str) -> Scratch {
+        let admin = self.admin().await;
+        let schema = crate::unique_name(prefix);
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .expect("cannot create a scratch schema on the private PostgreSQL");
+        Scratch {
+            admin,
+            schema,
+            port: self.port(),
+        }
+    }
+
     /// A backend URL for this server with the given host (`localhost`, `127.0.0.1`),
     /// role (user) and query.
     pub fn url_as(&self, host: &str, user: &str, query: &str) -> String {
@@ -248,5 +264,37 @@ impl std::ops::Deref for Postgres {
     type Target = ServerProcess;
     fn deref(&self) -> &ServerProcess {
         &self.process
+    }
+}
+
+/// A schema of a test's own, from [`Postgres::scratch`]; [`Scratch::close`] drops it with
+/// everything in it.
+pub struct Scratch {
+    /// A superuser session, for looking at what the backend wrote.
+    pub admin: tokio_postgres::Client,
+    /// The schema's name.
+    pub schema: String,
+    port: u16,
+}
+
+impl Scratch {
+    /// A backend URL whose tables are in this schema (`{schema}.locks`), with the given
+    /// further query (e.g. `"mode=lease"`).
+    pub fn url(&self, query: &str) -> String {
+        let table = format!("table={}.locks", self.schema);
+        let query = if query.is_empty() {
+            table
+        } else {
+            format!("{query}&{table}")
+        };
+        sql_url("postgres", "postgres", self.port, "postgres", &query)
+    }
+
+    /// Drops the schema with everything in it; close every handle on it first.
+    pub async fn close(self) {
+        self.admin
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await
+            .expect("cannot drop the scratch schema");
     }
 }
