@@ -125,6 +125,17 @@ async fn a_thousand_leases_on_few_connections(
     let mut lost = 0;
     for lease in leases {
         let was_lost = lease.is_lost();
+        // Every lease of the ended session heard of it: a key that is free again was lost.
+        let free = other.lock(lease.key()).try_acquire().await.unwrap();
+        assert_eq!(
+            free.is_some(),
+            was_lost,
+            "{} is free but its lease is not lost, or the reverse",
+            lease.key()
+        );
+        if let Some(free) = free {
+            assert!(free.release().await.unwrap());
+        }
         let released = lease.release().await.unwrap();
         assert_eq!(
             released, !was_lost,

@@ -20,7 +20,7 @@ use super::{
     counter_ddl, counter_probe, ensure_schema, epoch_us, is_connection_error, lock_name, my_error,
     row_key, table_probe, Conns, Settings,
 };
-use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Liveness, SessionLocks};
+use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Held, Liveness, SessionLocks};
 use crate::core::backend::LockInfo;
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -312,15 +312,15 @@ impl Dialect for MySession {
         }
     }
 
-    async fn renew(&self, conn: &mut MyConn, claim: &Claim<String>, ttl: Duration) -> Result<bool> {
+    async fn renew(&self, conn: &mut MyConn, held: &Held<String>, ttl: Duration) -> Result<bool> {
         let renewed = conn
             .conn
             .exec_drop(
                 self.sql.renew.as_str(),
                 (
                     super::millis(ttl),
-                    row_key(claim.key.as_str()),
-                    claim.owner.as_str(),
+                    row_key(held.key.as_str()),
+                    held.owner.as_str(),
                 ),
             )
             .await;
@@ -333,9 +333,9 @@ impl Dialect for MySession {
         }
     }
 
-    async fn unlock(&self, conn: &mut MyConn, claim: &Claim<String>) -> Result<bool> {
+    async fn unlock(&self, conn: &mut MyConn, held: &Held<String>) -> Result<bool> {
         let released: mysql_async::Result<Option<Option<i64>>> =
-            conn.conn.exec_first(UNLOCK, (claim.lock.as_str(),)).await;
+            conn.conn.exec_first(UNLOCK, (held.lock.as_str(),)).await;
         let released = match released {
             Ok(value) => value.flatten() == Some(1),
             Err(err) => {
@@ -349,7 +349,7 @@ impl Dialect for MySession {
                 .conn
                 .exec_drop(
                     self.sql.forget.as_str(),
-                    (row_key(claim.key.as_str()), claim.owner.as_str()),
+                    (row_key(held.key.as_str()), held.owner.as_str()),
                 )
                 .await;
             if let Err(err) = forget {

@@ -55,20 +55,37 @@ const FORCE_SETTLE: Duration = Duration::from_secs(5);
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// One lock request, owned, so that the task that waits with it outlives the caller.
+/// It reads as the [`Held`] lock it asks for (`claim.key`, `claim.lock`).
 #[derive(Debug, Clone)]
 pub(crate) struct Claim<L> {
-    pub(crate) key: Key,
-    pub(crate) owner: Owner,
+    /// The lock asked for: what a held lease keeps of its claim.
+    pub(crate) held: Held<L>,
     pub(crate) ttl: Duration,
     pub(crate) pid: u32,
     /// Shared with the other claims of the process when it is this machine's name.
     pub(crate) host: Arc<str>,
     /// The value published beside the lease (an election's leader value).
     pub(crate) value: Option<Arc<str>>,
-    /// Which kind of lease is asked for.
-    pub(crate) kind: LockKind,
     /// When a wait in the server's queue gives up (`None`: never).
     pub(crate) deadline: Option<Instant>,
+}
+
+impl<L> std::ops::Deref for Claim<L> {
+    type Target = Held<L>;
+
+    fn deref(&self) -> &Held<L> {
+        &self.held
+    }
+}
+
+/// A lock as its holder names it to renew and unlock it: the part of a [`Claim`] a held
+/// lease keeps (tens of thousands may be held at once).
+#[derive(Debug, Clone)]
+pub(crate) struct Held<L> {
+    pub(crate) key: Key,
+    pub(crate) owner: Owner,
+    /// Which kind of lease is asked for.
+    pub(crate) kind: LockKind,
     /// The database's name of the lock (an advisory key, a `GET_LOCK` name).
     pub(crate) lock: L,
 }
@@ -140,25 +157,25 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
     async fn renew(
         &self,
         conn: &mut Self::Conn,
-        claim: &Claim<Self::Lock>,
+        held: &Held<Self::Lock>,
         ttl: Duration,
     ) -> Result<bool>;
-    /// Renews several claims of one session at once (the renewals of a shared session
+    /// Renews several leases of one session at once (the renewals of a shared session
     /// that fell due together): for each, in order, whether the session still holds it.
     /// The default renews them one after another.
     async fn renew_many(
         &self,
         conn: &mut Self::Conn,
-        claims: &[(Claim<Self::Lock>, Duration)],
+        leases: &[(Held<Self::Lock>, Duration)],
     ) -> Result<Vec<bool>> {
-        let mut held = Vec::with_capacity(claims.len());
-        for (claim, ttl) in claims {
-            held.push(self.renew(conn, claim, *ttl).await?);
+        let mut renewed = Vec::with_capacity(leases.len());
+        for (held, ttl) in leases {
+            renewed.push(self.renew(conn, held, *ttl).await?);
         }
-        Ok(held)
+        Ok(renewed)
     }
     /// Unlocks and removes the holder record; `false` if it was not held.
-    async fn unlock(&self, conn: &mut Self::Conn, claim: &Claim<Self::Lock>) -> Result<bool>;
+    async fn unlock(&self, conn: &mut Self::Conn, held: &Held<Self::Lock>) -> Result<bool>;
 
     /// Resolves when the connection ends, where the client library tells without the
     /// connection itself; `None` where it cannot (the engine then asks
@@ -263,15 +280,17 @@ impl<D: Dialect> SessionLocks<D> {
 
     fn claim(&self, request: &AcquireRequest<'_>) -> Claim<D::Lock> {
         Claim {
-            key: request.key.clone(),
-            owner: request.owner.clone(),
+            held: Held {
+                key: request.key.clone(),
+                owner: request.owner.clone(),
+                kind: request.kind,
+                lock: self.pool.dialect.lock_of(request.key),
+            },
             ttl: request.ttl,
             pid: request.holder.pid,
             host: crate::core::host::shared_host(&request.holder.host),
             value: request.holder.value.as_deref().map(Arc::from),
-            kind: request.kind,
             deadline: request.deadline,
-            lock: self.pool.dialect.lock_of(request.key),
         }
     }
 

@@ -22,14 +22,16 @@
 //!   being known to be closed leaves the lock's state unknown: the session is closed,
 //!   which frees every lock it held, and its leases are told they are lost.
 
-use super::{BoxFuture, Claim, Dialect, Liveness, Pool, CALL_LIMIT, CHECK_EVERY};
+use super::{BoxFuture, Claim, Dialect, Held, Liveness, Pool, CALL_LIMIT, CHECK_EVERY};
 use crate::core::backend::{EndSignal, Granted, HeldLease};
 use crate::error::{Error, LossReason, Result};
 use crate::key::Key;
 use async_trait::async_trait;
-use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
@@ -57,10 +59,59 @@ impl<D: Dialect> Default for SharedSessions<D> {
 }
 
 /// Which keys a session holds or is taking: a key here is never asked for again on this
-/// session. The flag is `true` once the key is surely held (granted, not yet unlocked);
-/// it is changed only by a task that owns the connection, so a liveness check that owns
-/// it sees a settled set.
-type Claims = HashMap<Key, bool>;
+/// session. At most [`LEASES_PER_SESSION`], so a scan is as quick as a lookup, and the
+/// slots are reserved once with the session.
+struct Claims {
+    slots: Vec<Slot>,
+    /// The id of the next claim.
+    next_id: u64,
+}
+
+/// One key of a session.
+struct Slot {
+    key: Key,
+    /// Names this claim, not its key: a key released and taken again on the same session
+    /// is another claim, which the earlier lease's end signal must not touch.
+    id: u64,
+    /// `true` once the key is surely held (granted, not yet unlocked). Changed only by a
+    /// task that owns the connection, so a liveness check that owns it sees a settled set.
+    locked: bool,
+    /// The lease's end signal, woken when the session ends ([`SessionEnded`]). One per
+    /// lease here costs a pointer pair, where a subscription of its own to the session's
+    /// end would cost each lease a boxed waiter.
+    waker: Option<Waker>,
+}
+
+impl Claims {
+    fn with_room() -> Self {
+        Claims {
+            slots: Vec::with_capacity(LEASES_PER_SESSION),
+            next_id: 0,
+        }
+    }
+
+    fn add(&mut self, key: &Key) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.slots.push(Slot {
+            key: key.clone(),
+            id,
+            locked: false,
+            waker: None,
+        });
+        id
+    }
+
+    fn slot(&mut self, id: u64) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|slot| slot.id == id)
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(at) = self.slots.iter().position(|slot| slot.id == id) {
+            self.slots.swap_remove(at);
+        }
+    }
+}
 
 /// One connection whose session holds the locks of several leases.
 struct SharedSession<D: Dialect> {
@@ -78,7 +129,7 @@ struct SharedSession<D: Dialect> {
 
 /// One lease's renewal, waiting on its session.
 struct DueRenewal<D: Dialect> {
-    claim: Claim<D::Lock>,
+    held: Held<D::Lock>,
     ttl: Duration,
     reply: oneshot::Sender<Result<bool>>,
 }
@@ -92,31 +143,46 @@ impl<D: Dialect> SharedSession<D> {
         self.ended.borrow().is_some()
     }
 
-    /// Reserves `key` on this session if it has room and does not hold the key already.
-    fn reserve(&self, key: &Key) -> bool {
+    /// Reserves `key` on this session if it has room and does not hold the key already:
+    /// the claim's id.
+    fn reserve(&self, key: &Key) -> Option<u64> {
         if self.has_ended() {
-            return false;
+            return None;
         }
         let mut claims = self.claims();
-        if claims.len() >= LEASES_PER_SESSION || claims.contains_key(key) {
-            return false;
+        if claims.slots.len() >= LEASES_PER_SESSION
+            || claims.slots.iter().any(|slot| slot.key == *key)
+        {
+            return None;
         }
-        claims.insert(key.clone(), false);
-        true
+        Some(claims.add(key))
     }
 
-    fn unclaim(&self, key: &Key) {
-        self.claims().remove(key);
+    fn unclaim(&self, id: u64) {
+        self.claims().remove(id);
     }
 
     fn end(&self, reason: String) {
-        self.ended.send_if_modified(|ended| {
+        let first = self.ended.send_if_modified(|ended| {
             let first = ended.is_none();
             if first {
                 *ended = Some(reason);
             }
             first
         });
+        if !first {
+            return;
+        }
+        // After the end is set: an end signal registers before it looks (see its poll).
+        let wakers: Vec<Waker> = self
+            .claims()
+            .slots
+            .iter_mut()
+            .filter_map(|slot| slot.waker.take())
+            .collect();
+        for waker in wakers {
+            waker.wake();
+        }
     }
 
     /// Closes the connection, which frees every lock of the session, and ends its leases.
@@ -127,25 +193,30 @@ impl<D: Dialect> SharedSession<D> {
 }
 
 impl<D: Dialect> SharedSessions<D> {
-    /// A session with room for `key`, reserved for it: an open one, or a new one.
-    async fn reserve(&self, pool: &Arc<Pool<D>>, key: &Key) -> Result<Arc<SharedSession<D>>> {
-        if let Some(session) = self.reserve_open(key) {
-            return Ok(session);
+    /// A session with room for `key`, reserved for it (an open one, or a new one), and
+    /// the claim's id there.
+    async fn reserve(
+        &self,
+        pool: &Arc<Pool<D>>,
+        key: &Key,
+    ) -> Result<(Arc<SharedSession<D>>, u64)> {
+        if let Some(reserved) = self.reserve_open(key) {
+            return Ok(reserved);
         }
         let _opening = self.opening.lock().await;
-        if let Some(session) = self.reserve_open(key) {
-            return Ok(session);
+        if let Some(reserved) = self.reserve_open(key) {
+            return Ok(reserved);
         }
         let conn = pool.take().await?;
         let watched = pool.dialect.end_signal(&conn);
         let session = Arc::new(SharedSession {
             conn: tokio::sync::Mutex::new(Some(conn)),
             id: AtomicU64::new(0),
-            claims: Mutex::new(Claims::default()),
+            claims: Mutex::new(Claims::with_room()),
             due: Mutex::new(Vec::new()),
             ended: watch::channel(None).0,
         });
-        session.claims().insert(key.clone(), false);
+        let id = session.claims().add(key);
         tokio::spawn(watch_session(
             Arc::downgrade(pool),
             Arc::downgrade(&session),
@@ -155,14 +226,15 @@ impl<D: Dialect> SharedSessions<D> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(Arc::clone(&session));
-        Ok(session)
+        Ok((session, id))
     }
 
-    /// An open session with room for `key`, reserved for it.
-    fn reserve_open(&self, key: &Key) -> Option<Arc<SharedSession<D>>> {
+    /// An open session with room for `key`, reserved for it, and the claim's id there.
+    fn reserve_open(&self, key: &Key) -> Option<(Arc<SharedSession<D>>, u64)> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         open.retain(|session| !session.has_ended());
-        open.iter().find(|session| session.reserve(key)).cloned()
+        open.iter()
+            .find_map(|session| Some((Arc::clone(session), session.reserve(key)?)))
     }
 
     /// One attempt at an exclusive lock on a shared session: its grant, or `None` if
@@ -175,13 +247,14 @@ impl<D: Dialect> SharedSessions<D> {
     ) -> Result<Option<Granted>> {
         let mut replaced = false;
         loop {
-            let session = self.reserve(pool, &claim.key).await?;
+            let (session, id) = self.reserve(pool, &claim.key).await?;
             let sent_at = Instant::now();
             let (tx, rx) = oneshot::channel();
             tokio::spawn(try_lock_task(
                 Arc::clone(pool),
                 Arc::clone(&session),
                 claim.clone(),
+                id,
                 tx,
             ));
             let outcome = rx.await.unwrap_or_else(|_| {
@@ -198,7 +271,8 @@ impl<D: Dialect> SharedSessions<D> {
                         lease: Box::new(SharedLease {
                             pool: Arc::downgrade(pool),
                             session,
-                            claim: claim.clone(),
+                            held: claim.held.clone(),
+                            id,
                         }),
                     }))
                 }
@@ -251,8 +325,9 @@ async fn watch_session<D: Dialect>(
         }
         let locked = session
             .claims()
+            .slots
             .iter()
-            .find_map(|(key, &locked)| locked.then(|| key.clone()));
+            .find_map(|slot| slot.locked.then(|| slot.key.clone()));
         let Some(key) = locked else {
             continue;
         };
@@ -273,12 +348,13 @@ async fn try_lock_task<D: Dialect>(
     pool: Arc<Pool<D>>,
     session: Arc<SharedSession<D>>,
     claim: Claim<D::Lock>,
+    id: u64,
     reply: oneshot::Sender<Result<Option<u64>>>,
 ) {
     let dialect = &pool.dialect;
     let mut conn = session.conn.lock().await;
     let Some(open) = conn.as_mut() else {
-        session.unclaim(&claim.key);
+        session.unclaim(id);
         let reason = session.ended.borrow().clone();
         let _ = reply.send(Err(gone(dialect.describe(), reason)));
         return;
@@ -288,11 +364,13 @@ async fn try_lock_task<D: Dialect>(
             session
                 .id
                 .store(dialect.session_id(open), Ordering::Relaxed);
-            session.claims().insert(claim.key.clone(), true);
+            if let Some(slot) = session.claims().slot(id) {
+                slot.locked = true;
+            }
             Ok(Some(fence))
         }
         Ok(Ok(None)) => {
-            session.unclaim(&claim.key);
+            session.unclaim(id);
             Ok(None)
         }
         // The statement may have taken the lock before it failed (a session lock
@@ -312,7 +390,7 @@ async fn try_lock_task<D: Dialect>(
                     format!("a failed lock could not be undone: {err}"),
                 );
             }
-            session.unclaim(&claim.key);
+            session.unclaim(id);
             Err(err)
         }
         Err(_) => {
@@ -320,7 +398,7 @@ async fn try_lock_task<D: Dialect>(
                 &mut conn,
                 format!("a lock statement took longer than {CALL_LIMIT:?}"),
             );
-            session.unclaim(&claim.key);
+            session.unclaim(id);
             Err(Error::unavailable(
                 dialect.describe(),
                 format!("the lock statement took longer than {CALL_LIMIT:?}"),
@@ -329,25 +407,26 @@ async fn try_lock_task<D: Dialect>(
     };
     if let Err(Ok(Some(_))) = reply.send(outcome) {
         // The caller gave up before the grant reached it: nobody owns this lock.
-        if let Err(err) = unlock_locked(dialect, &session, &mut conn, &claim).await {
+        if let Err(err) = unlock_locked(dialect, &session, &mut conn, &claim, id).await {
             tracing::debug!(key = %claim.key, %err, "unlocking an abandoned grant failed; its session was closed");
         }
     }
 }
 
-/// Unlocks `claim`'s lock on the session whose connection `conn` is: `Ok(false)` if it
-/// was no longer held. A failure closes the session, so the lock cannot outlive it.
+/// Unlocks `held` (claim `id`) on the session whose connection `conn` is: `Ok(false)` if
+/// it was no longer held. A failure closes the session, so the lock cannot outlive it.
 async fn unlock_locked<D: Dialect>(
     dialect: &D,
     session: &SharedSession<D>,
     conn: &mut Option<D::Conn>,
-    claim: &Claim<D::Lock>,
+    held: &Held<D::Lock>,
+    id: u64,
 ) -> Result<bool> {
     let Some(open) = conn.as_mut() else {
-        session.unclaim(&claim.key);
+        session.unclaim(id);
         return Ok(false);
     };
-    let outcome = match tokio::time::timeout(CALL_LIMIT, dialect.unlock(open, claim)).await {
+    let outcome = match tokio::time::timeout(CALL_LIMIT, dialect.unlock(open, held)).await {
         Ok(Ok(held)) => Ok(held),
         Ok(Err(_)) if dialect.is_closed(open) => {
             session.close(conn, "the connection holding the lock failed".to_owned());
@@ -365,7 +444,7 @@ async fn unlock_locked<D: Dialect>(
             ))
         }
     };
-    session.unclaim(&claim.key);
+    session.unclaim(id);
     outcome
 }
 
@@ -376,12 +455,12 @@ async fn renew_due<D: Dialect>(pool: Arc<Pool<D>>, session: Arc<SharedSession<D>
     let mut conn = session.conn.lock().await;
     let due = std::mem::take(&mut *session.due.lock().unwrap_or_else(PoisonError::into_inner));
     // Renewals whose lease stopped waiting (its own bound ran out) need no statement.
-    let (claims, replies): (Vec<_>, Vec<_>) = due
+    let (leases, replies): (Vec<_>, Vec<_>) = due
         .into_iter()
         .filter(|due| !due.reply.is_closed())
-        .map(|due| ((due.claim, due.ttl), due.reply))
+        .map(|due| ((due.held, due.ttl), due.reply))
         .unzip();
-    if claims.is_empty() {
+    if leases.is_empty() {
         return;
     }
     let Some(open) = conn.as_mut() else {
@@ -390,7 +469,7 @@ async fn renew_due<D: Dialect>(pool: Arc<Pool<D>>, session: Arc<SharedSession<D>
         }
         return;
     };
-    let outcome = match tokio::time::timeout(CALL_LIMIT, dialect.renew_many(open, &claims)).await {
+    let outcome = match tokio::time::timeout(CALL_LIMIT, dialect.renew_many(open, &leases)).await {
         Ok(Ok(held)) => Ok(held),
         Ok(Err(err)) => {
             if dialect.is_closed(open) {
@@ -445,25 +524,9 @@ fn gone(describe: &str, reason: Option<String>) -> Error {
 struct SharedLease<D: Dialect> {
     pool: std::sync::Weak<Pool<D>>,
     session: Arc<SharedSession<D>>,
-    claim: Claim<D::Lock>,
-}
-
-impl<D: Dialect> SharedLease<D> {
-    /// Runs one statement of this lease in a task of its own (see the module's rules).
-    async fn run<T: Send + 'static>(
-        &self,
-        statement: impl FnOnce(Arc<Pool<D>>, Arc<SharedSession<D>>, Claim<D::Lock>) -> BoxFuture<T>
-            + Send
-            + 'static,
-    ) -> Option<T> {
-        let pool = self.pool.upgrade()?;
-        let task = tokio::spawn(statement(
-            pool,
-            Arc::clone(&self.session),
-            self.claim.clone(),
-        ));
-        task.await.ok()
-    }
+    held: Held<D::Lock>,
+    /// The lease's claim on the session.
+    id: u64,
 }
 
 #[async_trait]
@@ -484,7 +547,7 @@ impl<D: Dialect> HeldLease for SharedLease<D> {
             due.retain(|due| !due.reply.is_closed());
             let first = due.is_empty();
             due.push(DueRenewal {
-                claim: self.claim.clone(),
+                held: self.held.clone(),
                 ttl,
                 reply,
             });
@@ -498,29 +561,53 @@ impl<D: Dialect> HeldLease for SharedLease<D> {
         answer.await.unwrap_or(Ok(false))
     }
 
+    /// Runs in a task of its own (see the module's rules).
     async fn release(self: Box<Self>) -> Result<bool> {
-        let released = self
-            .run(|pool, session, claim| {
-                Box::pin(async move {
-                    let mut conn = session.conn.lock().await;
-                    unlock_locked(&pool.dialect, &session, &mut conn, &claim).await
-                })
-            })
-            .await;
-        released.unwrap_or(Ok(false))
+        let Some(pool) = self.pool.upgrade() else {
+            return Ok(false);
+        };
+        let SharedLease {
+            session, held, id, ..
+        } = *self;
+        let task = tokio::spawn(async move {
+            let mut conn = session.conn.lock().await;
+            unlock_locked(&pool.dialect, &session, &mut conn, &held, id).await
+        });
+        task.await.unwrap_or(Ok(false))
     }
 
     fn ended(&mut self) -> EndSignal {
-        let mut ended = self.session.ended.subscribe();
-        Box::pin(async move {
-            let detail = match ended.wait_for(Option::is_some).await {
-                Ok(reason) => Ok(reason.clone().unwrap_or_default()),
-                Err(_) => Err(()),
-            };
-            let Ok(detail) = detail else {
-                return std::future::pending().await;
-            };
-            LossReason::SessionEnded { detail }
+        Box::pin(SessionEnded {
+            session: Arc::clone(&self.session),
+            id: self.id,
         })
+    }
+}
+
+/// Resolves when a lease's shared session ends: the lease's slot on the session keeps
+/// the waker, which the session's end wakes.
+struct SessionEnded<D: Dialect> {
+    session: Arc<SharedSession<D>>,
+    id: u64,
+}
+
+impl<D: Dialect> Future for SessionEnded<D> {
+    type Output = LossReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<LossReason> {
+        // Registered before the look at the end, which `end` sets before it wakes: an end
+        // in between finds the waker. A claim no longer on the session was unlocked: its
+        // lease ended by its release, and needs no waking.
+        if let Some(slot) = self.session.claims().slot(self.id) {
+            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                slot.waker = Some(cx.waker().clone());
+            }
+        }
+        match self.session.ended.borrow().as_ref() {
+            Some(reason) => Poll::Ready(LossReason::SessionEnded {
+                detail: reason.clone(),
+            }),
+            None => Poll::Pending,
+        }
     }
 }
