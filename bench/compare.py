@@ -785,8 +785,8 @@ TARGET_WHY = {
                    "server clock: [MySQL](performance.md#postgresql-and-mysql-the-fence-and-the-holder-row)",
     "handoff": "Redlock waiters wait a random 0–10 ms before each try, so as not to split the vote: "
                "[Redlock](performance.md#redlock-two-rounds-per-acquire)",
-    "handoff-file": "the next holder writes its fence (under the fence file's own flock) and holder record on "
-                    "the blocking pool: [hand-off](performance.md#hand-off-with-16-waiters)",
+    "handoff-file": "the next holder takes its fence under the fence file's own flock and writes its holder "
+                    "record before its acquire returns: [hand-off](performance.md#hand-off-with-16-waiters)",
     "handoff-memory": "dlock's own code between the release and the next grant (lease tasks, allocations): work: "
                       "[hand-off](performance.md#hand-off-with-16-waiters)",
     "handoff-redis": "the release script, then the next waiter's acquire script: two round trips in sequence: "
@@ -794,8 +794,8 @@ TARGET_WHY = {
     "handoff-sql": "the release's statements, then the acquire's (the fence and the holder row, and their commits): "
                    "[hand-off](performance.md#hand-off-with-16-waiters)",
     "held-rss": "Redis: the renewals of leases taken together are in flight together, and the allocator keeps "
-                "what they held; shared sessions: each lease's claim and end signal. Work: "
-                "[held leases](performance.md#10000-held-leases)",
+                "what they held; shared sessions: each lease's slot and its share of a connection (one per "
+                "128 leases). Work: [held leases](performance.md#10000-held-leases)",
     "held-cpu": "renewals on the shared grid, PostgreSQL's in one statement per slot; what is left is work: "
                 "[held leases](performance.md#10000-held-leases)",
     "cli": "the dynamic loader's relocations of a position-independent executable; a non-PIE link meets it "
