@@ -879,8 +879,9 @@ def targets_section(rows):
         tails.append(f"{kind}: dlock {x:.2f}×{own}")
     why = None
     if over and all("redlock" not in kind for kind, _ in over):
-        why = ("; ".join(tails) + ": the store's own tail (each write waits for its log's fsync), not the "
-               "lock's: [hand-off](performance.md#hand-off-with-16-waiters)")
+        why = ("; ".join(tails) + ": the raw client's tail on the same store is as long or longer, so the "
+               "tail is the store's (etcd: each write waits for its log's fsync; memory: the runtime's "
+               "wake-ups), not the lock's: [hand-off](performance.md#hand-off-with-16-waiters)")
     add("hand-off p99 ≤ 5× p50 on every backend", f"at most {worst[1]:.2f}× ({worst[0]})" if worst else "-",
         None if not worst else worst[1] <= 5, "handoff", why)
     short = [r["backend_kind"] for r in hs if r.get("tasks_served") != r.get("concurrency")]
