@@ -303,7 +303,7 @@ impl<D: Dialect> SessionLocks<D> {
                 pool: Arc::downgrade(&self.pool),
                 id: self.pool.dialect.session_id(&conn),
                 conn,
-                claim,
+                held: claim.held,
                 dead,
             }),
         }
@@ -417,7 +417,7 @@ struct SessionLease<D: Dialect> {
     pool: Weak<Pool<D>>,
     conn: D::Conn,
     id: u64,
-    claim: Claim<D::Lock>,
+    held: Held<D::Lock>,
     /// Set when one of this lease's own calls found its connection dead; wakes `ended`.
     dead: watch::Sender<Option<String>>,
 }
@@ -442,7 +442,7 @@ impl<D: Dialect> HeldLease for SessionLease<D> {
         let Some(pool) = self.pool.upgrade() else {
             return Ok(false);
         };
-        let outcome = pool.dialect.renew(&mut self.conn, &self.claim, ttl).await;
+        let outcome = pool.dialect.renew(&mut self.conn, &self.held, ttl).await;
         if let Err(err) = &outcome {
             self.note_failure(&pool.dialect, err);
         }
@@ -456,7 +456,7 @@ impl<D: Dialect> HeldLease for SessionLease<D> {
         if pool.dialect.is_closed(&self.conn) {
             return Ok(false);
         }
-        match pool.dialect.unlock(&mut self.conn, &self.claim).await {
+        match pool.dialect.unlock(&mut self.conn, &self.held).await {
             Ok(true) => {
                 pool.recycle(self.conn);
                 Ok(true)
@@ -487,7 +487,7 @@ impl<D: Dialect> HeldLease for SessionLease<D> {
             Some(signal) => signal,
             None => Box::pin(check_periodically(
                 Arc::downgrade(&pool),
-                self.claim.lock.clone(),
+                self.held.lock.clone(),
                 self.id,
             )),
         };
