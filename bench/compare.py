@@ -789,7 +789,9 @@ TARGET_WHY = {
                     "record before its acquire returns: [hand-off](performance.md#hand-off-with-16-waiters)",
     "handoff-memory": "dlock's own code between the release and the next grant (lease tasks, allocations): work: "
                       "[hand-off](performance.md#hand-off-with-16-waiters)",
-    "handoff-redis": "the release script, then the next waiter's acquire script: two round trips in sequence: "
+    "handoff-redis": "the release and the next waiter's acquire scripts run back to back (the acquire is sent "
+                     "behind the release without waiting for its reply): one round trip, the two scripts' server "
+                     "time (fence, holder record) and the wake-ups of both tasks: "
                      "[hand-off](performance.md#hand-off-with-16-waiters)",
     "handoff-sql": "the release's statements, then the acquire's (the fence and the holder row, and their commits): "
                    "[hand-off](performance.md#hand-off-with-16-waiters)",

@@ -527,6 +527,70 @@ async fn many_local_waiters_do_not_stampede_the_server_at_release() {
     }
 }
 
+/// A hand-off between two tasks of one handle does not wait for the release's reply:
+/// the next task's acquire follows the release on the same connection, and the server,
+/// which runs them in order, grants it while the reply is still on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_hand_off_sends_the_next_acquire_behind_the_release_without_its_reply() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    // A command timeout well past the assertion's bound: without the pipelining, the
+    // release would give up at it and let the next task go that late.
+    let locks = fencelock::connect(&format!(
+        "redis://127.0.0.1:{}?command_timeout=20s",
+        proxy.port()
+    ))
+    .await
+    .unwrap();
+    let key = "pipelined-hand-off";
+    // Loads the scripts: a first call answered NOSCRIPT would wait for that answer.
+    let warmup = locks.lock("pipelined-warmup").acquire().await.unwrap();
+    assert!(warmup.release().await.unwrap());
+    let holder = locks.lock(key).acquire().await.unwrap();
+    let first_owner = holder.owner().to_owned();
+    let waiter = {
+        let locks = locks.clone();
+        tokio::spawn(async move { locks.lock(key).acquire().await })
+    };
+    // The waiter queues in the process behind the holder (or, if it is late, takes its
+    // turn after the release: either way its acquire is sent after the release).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.freeze_replies();
+    let release = tokio::spawn(holder.release());
+    let lock_key = format!("dlock:{key}");
+    let started = Instant::now();
+    let taken_by = loop {
+        let value = server.cli(&["GET", &lock_key]);
+        let value = value.trim();
+        if !value.is_empty() && value != first_owner {
+            break value.to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the next task's acquire did not reach the server while the release's reply was held (key: {value:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        !release.is_finished(),
+        "the release's reply crossed a frozen proxy"
+    );
+    proxy.thaw();
+
+    assert!(within(Duration::from_secs(10), "the release", release)
+        .await
+        .unwrap()
+        .unwrap());
+    let next = within(Duration::from_secs(10), "the next acquire", waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.owner(), taken_by);
+    next.release().await.unwrap();
+    assert_eq!(stray_keys(&server), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_lease_is_lost_when_renewal_cannot_reach_a_majority() {
     let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();

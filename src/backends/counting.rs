@@ -95,6 +95,10 @@ impl HeldLease for CountingLease {
         self.inner.expire_after(ttl).await
     }
 
+    fn release_keeps_call_order(&self) -> bool {
+        self.inner.release_keeps_call_order()
+    }
+
     fn ended(&mut self) -> EndSignal {
         self.inner.ended()
     }

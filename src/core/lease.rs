@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -894,18 +895,34 @@ async fn renew_bounded(
     }
 }
 
-/// Releases the lease and answers the caller; the next local task may go as soon as the
-/// caller hears back.
+/// Releases the lease and answers the caller. The next local task may go once the store
+/// has the release: at its reply, or, where the release keeps the call order
+/// ([`HeldLease::release_keeps_call_order`]), as soon as it is sent.
 async fn finish_release(
     shared: &Shared,
     lease: Box<dyn HeldLease>,
     reply: oneshot::Sender<Result<bool>>,
     mut holding: Holding<'_>,
 ) {
-    let released = release_bounded(shared, lease).await;
+    let keeps_order = lease.release_keeps_call_order();
+    let mut release = std::pin::pin!(release_bounded(shared, lease));
+    if keeps_order {
+        // One poll puts the release on the connection; the next task's acquire, sent
+        // after it, is run after it.
+        let first = std::future::poll_fn(|cx| Poll::Ready(release.as_mut().poll(cx))).await;
+        holding.ended("released");
+        drop(holding);
+        shared.give_up_turn();
+        let released = match first {
+            Poll::Ready(released) => released,
+            Poll::Pending => release.await,
+        };
+        let _ = reply.send(released);
+        return;
+    }
+    let released = release.await;
     holding.ended("released");
     drop(holding);
-    // The next local task may go as soon as the caller hears back.
     shared.give_up_turn();
     let _ = reply.send(released);
 }

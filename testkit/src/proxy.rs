@@ -2,7 +2,8 @@
 //! latency to every byte in each direction, freeze the traffic as a hung server or a
 //! network partition would (connections stay open, new ones are accepted but reach the
 //! server only at the thaw, and bytes and closes already in flight are held until then),
-//! and cut every open connection.
+//! hold only the server's replies (requests still reach it), and cut every open
+//! connection.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,6 +18,8 @@ use tokio::time::Instant;
 struct State {
     latency: Mutex<Duration>,
     frozen: watch::Sender<bool>,
+    /// Holds the server-to-client direction only.
+    replies_frozen: watch::Sender<bool>,
     /// Bumped by [`Proxy::cut`]: every connection open at that moment is closed.
     cuts: watch::Sender<u64>,
 }
@@ -28,11 +31,26 @@ impl State {
 
     /// Resolves at once while the proxy forwards, else at the thaw.
     async fn thawed(&self) {
-        let mut frozen = self.frozen.subscribe();
-        while *frozen.borrow_and_update() {
-            if frozen.changed().await.is_err() {
+        wait_until_clear(&self.frozen).await;
+    }
+
+    /// The same for the server's replies, which [`Proxy::freeze_replies`] also holds.
+    async fn replies_thawed(&self) {
+        loop {
+            self.thawed().await;
+            wait_until_clear(&self.replies_frozen).await;
+            if !*self.frozen.borrow() {
                 return;
             }
+        }
+    }
+}
+
+async fn wait_until_clear(flag: &watch::Sender<bool>) {
+    let mut set = flag.subscribe();
+    while *set.borrow_and_update() {
+        if set.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -55,6 +73,7 @@ impl Proxy {
         let state = Arc::new(State {
             latency: Mutex::new(Duration::ZERO),
             frozen: watch::channel(false).0,
+            replies_frozen: watch::channel(false).0,
             cuts: watch::channel(0).0,
         });
         let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
@@ -109,9 +128,17 @@ impl Proxy {
         self.state.frozen.send_replace(true);
     }
 
+    /// Holds every byte the server sends (its replies, and its closes) until
+    /// [`thaw`](Self::thaw), while the client's requests still reach the server: a
+    /// store that has run a command but whose answer is still on its way.
+    pub fn freeze_replies(&self) {
+        self.state.replies_frozen.send_replace(true);
+    }
+
     /// Forwards again, starting with what was held while frozen.
     pub fn thaw(&self) {
         self.state.frozen.send_replace(false);
+        self.state.replies_frozen.send_replace(false);
     }
 
     /// Freezes the traffic for `duration`, then thaws it.
@@ -144,18 +171,31 @@ async fn relay(
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, Arc::clone(&state));
-    let down = pump(server_read, client_write, state);
+    let up = pump(client_read, server_write, Arc::clone(&state), Direction::Up);
+    let down = pump(server_read, client_write, state, Direction::Down);
     tokio::select! {
         _ = async { tokio::join!(up, down) } => {}
         _ = cuts.changed() => {}
     }
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    /// Client to server.
+    Up,
+    /// Server to client.
+    Down,
+}
+
 /// Copies one direction: a reader that stamps each chunk with its due time, and a
 /// writer that sends it then, and only while the proxy is not frozen; the end of the
 /// stream is passed on the same way.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, state: Arc<State>) {
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    state: Arc<State>,
+    direction: Direction,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let reader = {
         let state = Arc::clone(&state);
@@ -177,15 +217,22 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, state: Arc<State>
     let writer = async move {
         while let Some((due, chunk)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
-            state.thawed().await;
+            open_for(&state, direction).await;
             if to.write_all(&chunk).await.is_err() {
                 return;
             }
         }
-        state.thawed().await;
+        open_for(&state, direction).await;
         let _ = to.shutdown().await;
     };
     tokio::join!(reader, writer);
+}
+
+async fn open_for(state: &State, direction: Direction) {
+    match direction {
+        Direction::Up => state.thawed().await,
+        Direction::Down => state.replies_thawed().await,
+    }
 }
 
 #[cfg(test)]
@@ -254,6 +301,46 @@ mod tests {
         assert_eq!(&got, b"held");
         late.read_exact(&mut got_late).await.unwrap();
         assert_eq!(&got_late, b"late");
+    }
+
+    #[tokio::test]
+    async fn frozen_replies_hold_the_answers_but_not_the_requests() {
+        // An echo server that also reports what reached it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+                let _ = seen_tx.send(buf[..n].to_vec());
+                if conn.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let proxy = Proxy::start(port).await;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut conn, b"a").await, b"a");
+        assert_eq!(seen.recv().await.unwrap(), b"a");
+        proxy.freeze_replies();
+        conn.write_all(b"b").await.unwrap();
+        let reached = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+        assert_eq!(reached.expect("the request was held").unwrap(), b"b");
+        let mut got = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(300), conn.read_exact(&mut got));
+        assert!(
+            early.await.is_err(),
+            "a reply crossed while replies were frozen"
+        );
+        proxy.thaw();
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"b");
     }
 
     #[tokio::test]

@@ -154,6 +154,9 @@ pub trait Connect: Clone + Send + Sync + 'static {
     type Conn: ConnectionLike + Clone + Send + Sync + 'static;
     /// A server of the store, as [`Connect::servers`] lists them.
     type Server: Send + Sync + 'static;
+    /// Commands sent on one [`Connect::Conn`] reach the server in the order their
+    /// futures were first polled, and it runs them in that order.
+    const KEEPS_CALL_ORDER: bool;
 
     /// Connects, each connection attempt bounded by `options.connect_timeout`.
     fn open(&self, options: &Options) -> impl Future<Output = RedisResult<Self::Conn>> + Send;
@@ -174,6 +177,9 @@ pub trait Connect: Clone + Send + Sync + 'static {
 impl Connect for redis::Client {
     type Conn = ConnectionManager;
     type Server = ();
+    // A multiplexed connection queues each command into its one socket's pipeline
+    // when first polled (once connected), and the server answers a socket in order.
+    const KEEPS_CALL_ORDER: bool = true;
 
     async fn open(&self, options: &Options) -> RedisResult<ConnectionManager> {
         let config = ConnectionManagerConfig::new()
@@ -202,6 +208,9 @@ impl Connect for ClusterClient {
     type Conn = ClusterConnection;
     /// `(host, port)` of a master.
     type Server = (String, u16);
+    // The cluster connection routes each request by itself, concurrently with the
+    // others, and may retry it after a redirection.
+    const KEEPS_CALL_ORDER: bool = false;
 
     async fn open(&self, _: &Options) -> RedisResult<ClusterConnection> {
         // The timeouts and retries were set when the client was built.

@@ -92,6 +92,10 @@ impl<C: Connect> HeldLease for RedisLease<C> {
     async fn release(self: Box<Self>) -> Result<bool> {
         self.node.release(&self.key, &self.owner).await
     }
+
+    fn release_keeps_call_order(&self) -> bool {
+        C::KEEPS_CALL_ORDER
+    }
 }
 
 #[async_trait]
