@@ -19,13 +19,16 @@
 //!   acquirer could take it over at once (two grants microseconds apart). The read's own,
 //!   fresh, timestamp catches that; so does the client-side check that the attempt did
 //!   not outlast the TTL. A grant refused that way is cleared at once.
-//! * renew: `UPDATE … WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)`.
+//! * renew: `UPDATE … WHERE k = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)`; the
+//!   exclusive renewals that fall due together go as a few such statements over many
+//!   rows, on one connection ([`super::renew_batch`]).
 //! * release: `UPDATE … SET owner = '', expires_at = <long ago> WHERE k = ? AND owner = ?`.
 //!
 //! MySQL has no LISTEN/NOTIFY: waiters retry with the engine's jittered backoff (5 ms
 //! doubling to 1 s) and no later than the holder's expiry.
 
 use super::lease_kinds::{self, KindSql};
+use super::renew_batch::{self, ChunkStatements, RowRenewal};
 use super::{
     ensure_schema, epoch_us, from_micros, is_lock_wait_timeout, micros, my_error, row_key,
     table_probe, Conns, Lent, Settings, STATEMENT_TIMEOUT,
@@ -35,6 +38,7 @@ use crate::core::backend::{
     AcquireRequest, Admin, Attempt, Backend, Capabilities, Granted, HeldLease, LockInfo, LockKind,
 };
 use crate::core::owner::Owner;
+use crate::core::renew_batch::{RenewBatcher, RenewalSink};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use async_trait::async_trait;
@@ -166,6 +170,8 @@ struct Inner {
     cleanups: Cleanups,
     /// Writers of this handle that left an intent: they withdraw it when granted.
     intents: Mutex<HashSet<(Key, String)>>,
+    /// Exclusive renewals that fall due together.
+    renewals: RenewBatcher<LeaseRows>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -270,11 +276,26 @@ impl MysqlLeaseBackend {
         };
         conn.keep();
         drop(conn);
+        let sql = Sql::new(&settings.table);
+        let renewals = RenewBatcher::new(
+            LeaseRows {
+                conns: Arc::clone(&conns),
+                statements: ChunkStatements::new(
+                    |n| renew_rows_sql(&settings.table, n),
+                    sql.renew.clone(),
+                ),
+                describe: settings.describe.clone(),
+            },
+            &settings.describe,
+            MAX_RENEW_BATCH,
+            STATEMENT_TIMEOUT,
+        );
         Ok(MysqlLeaseBackend {
             inner: Arc::new(Inner {
+                renewals,
                 describe: settings.describe,
                 conns,
-                sql: Sql::new(&settings.table),
+                sql,
                 first_fence: old.saturating_add(1),
                 cleanups: Cleanups::default(),
                 intents: Mutex::new(HashSet::new()),
@@ -599,6 +620,56 @@ impl MysqlLeaseBackend {
     }
 }
 
+/// The most renewals one batch carries; more wait for the next.
+const MAX_RENEW_BATCH: usize = 256;
+
+/// The batch statement of `n` rows: [`Sql::renew`] over several rows.
+fn renew_rows_sql(table: &str, n: usize) -> String {
+    format!(
+        "UPDATE {table} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
+WHERE {} AND expires_at > UTC_TIMESTAMP(6)",
+        renew_batch::rows_clause(n)
+    )
+}
+
+/// One exclusive lease's renewal, waiting for its batch.
+struct Renewal {
+    k: Vec<u8>,
+    owner: Owner,
+    ttl: Duration,
+}
+
+/// The lease table's batch statements, on a connection of the handle's pool.
+struct LeaseRows {
+    conns: Arc<Conns>,
+    statements: ChunkStatements,
+    describe: String,
+}
+
+impl RenewalSink for LeaseRows {
+    type Renewal = Renewal;
+
+    async fn send(&self, batch: &[Renewal]) -> Result<Vec<bool>> {
+        let rows: Vec<RowRenewal<'_>> = batch
+            .iter()
+            .map(|r| RowRenewal {
+                k: &r.k,
+                owner: r.owner.as_str(),
+                ttl: r.ttl,
+            })
+            .collect();
+        let mut conn = self.conns.take().await?;
+        let renewed = renew_batch::renew_rows(&mut conn, &self.statements, &rows, |ttl| {
+            vec![super::millis(ttl).into(), micros(ttl).into()]
+        })
+        .await
+        .map_err(|err| my_error(&self.describe, err))?;
+        // Dropped without `keep` after an error or a timeout: it closes.
+        conn.keep();
+        Ok(renewed)
+    }
+}
+
 /// One held row, renewed and released on connections of the handle's pool.
 struct MysqlLease {
     backend: MysqlLeaseBackend,
@@ -611,8 +682,8 @@ struct MysqlLease {
 impl HeldLease for MysqlLease {
     async fn renew(&mut self, ttl: Duration) -> Result<bool> {
         let backend = &self.backend;
-        let mut conn = backend.conn().await?;
         if self.kind != LockKind::Exclusive {
+            let mut conn = backend.conn().await?;
             let k = row_key(self.key.as_str());
             let sql = &backend.inner.sql.kinds;
             backend
@@ -643,21 +714,14 @@ impl HeldLease for MysqlLease {
             return Ok(true);
         }
         backend
-            .on_row(
-                self.key.as_str(),
-                conn.exec_drop(
-                    backend.inner.sql.renew.as_str(),
-                    (
-                        super::millis(ttl),
-                        micros(ttl),
-                        row_key(self.key.as_str()),
-                        self.owner.as_str(),
-                    ),
-                ),
-            )
-            .await?;
-        conn.keep();
-        Ok(conn.affected_rows() == 1)
+            .inner
+            .renewals
+            .renew(Renewal {
+                k: row_key(self.key.as_str()),
+                owner: self.owner.clone(),
+                ttl,
+            })
+            .await
     }
 
     async fn release(self: Box<Self>) -> Result<bool> {

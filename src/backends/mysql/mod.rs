@@ -24,6 +24,7 @@
 
 mod lease_kinds;
 mod lease_table;
+mod renew_batch;
 mod session;
 pub mod tls;
 

@@ -16,12 +16,13 @@
 //! (`IS_USED_LOCK(name) = <the holder's connection id>`); a server that refuses
 //! connections has no sessions left either.
 
+use super::renew_batch::{self, ChunkStatements, RowRenewal};
 use super::{
     counter_ddl, counter_probe, ensure_schema, epoch_us, is_connection_error, lock_name, my_error,
     row_key, table_probe, Conns, Settings,
 };
 use crate::backends::sql_session::{BoxFuture, Claim, Dialect, Held, Liveness, SessionLocks};
-use crate::core::backend::LockInfo;
+use crate::core::backend::{LockInfo, LockKind};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use async_trait::async_trait;
@@ -78,6 +79,8 @@ struct Sql {
     bump: String,
     record: String,
     renew: String,
+    /// `renew` over several rows of one session ([`super::renew_batch`]).
+    renew_rows: ChunkStatements,
     forget: String,
     inspect: String,
     list: String,
@@ -90,6 +93,10 @@ impl Sql {
             epoch_us("acquired_at"),
             epoch_us("renewed_at")
         );
+        let renew = format!(
+            "UPDATE {t} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?
+WHERE k = ? AND owner = ? AND conn_id = CONNECTION_ID() AND IS_USED_LOCK(lock_name) = CONNECTION_ID()"
+        );
         Sql {
             bump: format!("UPDATE {counter} SET fence = LAST_INSERT_ID(fence + 1) WHERE id = 1"),
             record: format!(
@@ -99,9 +106,16 @@ ON DUPLICATE KEY UPDATE key_text = VALUES(key_text), lock_name = VALUES(lock_nam
     fence = VALUES(fence), conn_id = VALUES(conn_id), acquired_at = VALUES(acquired_at),
     renewed_at = VALUES(renewed_at), ttl_ms = VALUES(ttl_ms), pid = VALUES(pid), host = VALUES(host)"
             ),
-            renew: format!(
-                "UPDATE {t} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?
-WHERE k = ? AND owner = ? AND conn_id = CONNECTION_ID() AND IS_USED_LOCK(lock_name) = CONNECTION_ID()"
+            renew: renew.clone(),
+            renew_rows: ChunkStatements::new(
+                |n| {
+                    format!(
+                        "UPDATE {t} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?
+WHERE {} AND conn_id = CONNECTION_ID() AND IS_USED_LOCK(lock_name) = CONNECTION_ID()",
+                        renew_batch::rows_clause(n)
+                    )
+                },
+                renew,
             ),
             forget: format!("DELETE FROM {t} WHERE k = ? AND owner = ?"),
             inspect: format!("SELECT {cols} FROM {t} WHERE k = ? AND conn_id = ?"),
@@ -331,6 +345,42 @@ impl Dialect for MySession {
                 Err(self.err(err))
             }
         }
+    }
+
+    async fn renew_many(
+        &self,
+        conn: &mut MyConn,
+        leases: &[(Held<String>, Duration)],
+    ) -> Result<Vec<bool>> {
+        // A shared session holds exclusive locks only; anything else goes one by one.
+        if leases.len() == 1 || leases.iter().any(|(h, _)| h.kind != LockKind::Exclusive) {
+            let mut renewed = Vec::with_capacity(leases.len());
+            for (held, ttl) in leases {
+                renewed.push(self.renew(conn, held, *ttl).await?);
+            }
+            return Ok(renewed);
+        }
+        let keys: Vec<Vec<u8>> = leases
+            .iter()
+            .map(|(held, _)| row_key(held.key.as_str()))
+            .collect();
+        let rows: Vec<RowRenewal<'_>> = leases
+            .iter()
+            .zip(&keys)
+            .map(|((held, ttl), k)| RowRenewal {
+                k,
+                owner: held.owner.as_str(),
+                ttl: *ttl,
+            })
+            .collect();
+        let renewed = renew_batch::renew_rows(&mut conn.conn, &self.sql.renew_rows, &rows, |ttl| {
+            vec![super::millis(ttl).into()]
+        })
+        .await;
+        renewed.map_err(|err| {
+            conn.failed(&err);
+            self.err(err)
+        })
     }
 
     async fn unlock(&self, conn: &mut MyConn, held: &Held<String>) -> Result<bool> {
