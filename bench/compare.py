@@ -798,7 +798,8 @@ TARGET_WHY = {
     "held-rss": "Redis: the renewals of leases taken together are in flight together, and the allocator keeps "
                 "what they held; shared sessions: each lease's slot and its share of a connection (one per "
                 "128 leases). Work: [held leases](performance.md#10000-held-leases)",
-    "held-cpu": "renewals on the shared grid, PostgreSQL's in one statement per slot; what is left is work: "
+    "held-cpu": "renewals on the shared grid, PostgreSQL's in one statement per slot, MySQL's in chunks of 32 rows; "
+                "what is left is work: "
                 "[held leases](performance.md#10000-held-leases)",
     "cli": "the dynamic loader's relocations of a position-independent executable; a non-PIE link meets it "
            "without ASLR: [dlock run](performance.md#dlock-run-k----true-against-flock1)",
@@ -1451,9 +1452,12 @@ def section_scaling(results, env):
 
 
 def section_held(results, env):
+    mysql = f"mysql://dlock:dlock-secret@127.0.0.1:{env.get('mysql', env.servers.mariadb)}/dlockbench"
     for kind, url in (("memory", "memory://"), ("file", f"file://{env.fdir}"), ("redis", env.redis_url),
                       ("postgres-lease", f"{env.pg_url}?mode=lease"),
-                      ("postgres-session-shared", f"{env.pg_url}?sessions=shared")):
+                      ("postgres-session-shared", f"{env.pg_url}?sessions=shared"),
+                      ("mysql-lease", f"{mysql}?mode=lease"),
+                      ("mysql-session-shared", f"{mysql}?sessions=shared")):
         results.dlock(kind, url, "held", 10000)
 
 

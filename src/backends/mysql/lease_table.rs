@@ -28,7 +28,7 @@
 //! doubling to 1 s) and no later than the holder's expiry.
 
 use super::lease_kinds::{self, KindSql};
-use super::renew_batch::{self, ChunkStatements, RowRenewal};
+use super::renew_batch::{self, RowRenewal};
 use super::{
     ensure_schema, epoch_us, from_micros, is_lock_wait_timeout, micros, my_error, row_key,
     table_probe, Conns, Lent, Settings, STATEMENT_TIMEOUT,
@@ -280,10 +280,8 @@ impl MysqlLeaseBackend {
         let renewals = RenewBatcher::new(
             LeaseRows {
                 conns: Arc::clone(&conns),
-                statements: ChunkStatements::new(
-                    |n| renew_rows_sql(&settings.table, n),
-                    sql.renew.clone(),
-                ),
+                table: settings.table.clone(),
+                one: sql.renew.clone(),
                 describe: settings.describe.clone(),
             },
             &settings.describe,
@@ -623,12 +621,14 @@ impl MysqlLeaseBackend {
 /// The most renewals one batch carries; more wait for the next.
 const MAX_RENEW_BATCH: usize = 256;
 
-/// The batch statement of `n` rows: [`Sql::renew`] over several rows.
-fn renew_rows_sql(table: &str, n: usize) -> String {
+/// The batch statement for `ttl` over the rows of a [`renew_batch::rows_clause`]:
+/// [`Sql::renew`] over several rows.
+fn renew_rows_sql(table: &str, ttl: Duration, rows: &str) -> String {
     format!(
-        "UPDATE {table} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
-WHERE {} AND expires_at > UTC_TIMESTAMP(6)",
-        renew_batch::rows_clause(n)
+        "UPDATE {table} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = {}, expires_at = UTC_TIMESTAMP(6) + INTERVAL {} MICROSECOND
+WHERE {rows} AND expires_at > UTC_TIMESTAMP(6)",
+        super::millis(ttl),
+        micros(ttl)
     )
 }
 
@@ -642,7 +642,9 @@ struct Renewal {
 /// The lease table's batch statements, on a connection of the handle's pool.
 struct LeaseRows {
     conns: Arc<Conns>,
-    statements: ChunkStatements,
+    table: String,
+    /// [`Sql::renew`], for the rows of a short chunk.
+    one: String,
     describe: String,
 }
 
@@ -659,9 +661,13 @@ impl RenewalSink for LeaseRows {
             })
             .collect();
         let mut conn = self.conns.take().await?;
-        let renewed = renew_batch::renew_rows(&mut conn, &self.statements, &rows, |ttl| {
-            vec![super::millis(ttl).into(), micros(ttl).into()]
-        })
+        let renewed = renew_batch::renew_rows(
+            &mut conn,
+            |ttl, rows| renew_rows_sql(&self.table, ttl, rows),
+            &self.one,
+            |ttl| vec![super::millis(ttl).into(), micros(ttl).into()],
+            &rows,
+        )
         .await
         .map_err(|err| my_error(&self.describe, err))?;
         // Dropped without `keep` after an error or a timeout: it closes.

@@ -9,16 +9,17 @@
 //! statement with the same owner check, so each lease still hears only about its own row.
 //! That is rare (a lease lost or broken by `release --force` in the same slot).
 //!
-//! Chunks have sizes from [`CHUNKS`] only, so each connection prepares at most that many
-//! batch statements (mysql_async caches prepared statements per connection).
+//! A chunk is a plain (text protocol) statement whose rows are written as hexadecimal
+//! literals, which carry any byte safely: prepared, every chunk size would be another
+//! statement kept, with its parameters' metadata, in each connection's cache.
 
 use mysql_async::prelude::Queryable;
 use mysql_async::Value;
+use std::fmt::Write as _;
 use std::time::Duration;
 
-/// The sizes a chunk may have, largest first: a batch of `n` renewals of one TTL goes as
-/// `n / 32` chunks of 32 and the binary digits of the rest.
-pub(crate) const CHUNKS: [usize; 6] = [32, 16, 8, 4, 2, 1];
+/// The most rows one statement renews.
+pub(crate) const CHUNK: usize = 64;
 
 /// One renewal: the row's key (`row_key`), its owner token and TTL.
 pub(crate) struct RowRenewal<'a> {
@@ -27,49 +28,45 @@ pub(crate) struct RowRenewal<'a> {
     pub(crate) ttl: Duration,
 }
 
-/// A statement for each chunk size, from `sql(n)`, and the statement for one row alone
-/// with the parameters `(k, owner, ttl)`.
-pub(crate) struct ChunkStatements {
-    by_size: Vec<(usize, String)>,
-    one: String,
-}
-
-impl ChunkStatements {
-    /// `chunk(n)` is the statement of `n` rows; `one` the single-row statement of the
-    /// fallback. Both must update only rows that are still the owner's, and count each
-    /// row they renew once.
-    pub(crate) fn new(chunk: impl Fn(usize) -> String, one: String) -> Self {
-        ChunkStatements {
-            by_size: CHUNKS.iter().map(|&n| (n, chunk(n))).collect(),
-            one,
+/// `k IN (X'…', …) AND (k, owner) IN ((X'…', X'…'), …)` for `rows`: the first lets the
+/// server find the rows by primary key, the second is the owner check of each.
+pub(crate) fn rows_clause(rows: &[&RowRenewal<'_>]) -> String {
+    let mut keys = String::with_capacity(rows.len() * 70);
+    let mut pairs = String::with_capacity(rows.len() * 140);
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            keys.push_str(", ");
+            pairs.push_str(", ");
         }
+        hex_literal(&mut keys, row.k);
+        pairs.push('(');
+        hex_literal(&mut pairs, row.k);
+        pairs.push_str(", ");
+        hex_literal(&mut pairs, row.owner.as_bytes());
+        pairs.push(')');
     }
-
-    fn of_size(&self, n: usize) -> &str {
-        self.by_size
-            .iter()
-            .find(|(size, _)| *size == n)
-            .map_or(self.one.as_str(), |(_, sql)| sql.as_str())
-    }
-}
-
-/// `k IN (?, …)` and `(k, owner) IN ((?, ?), …)` for `n` rows: the first lets the server
-/// find the rows by primary key, the second is the owner check of each.
-pub(crate) fn rows_clause(n: usize) -> String {
-    let keys = vec!["?"; n].join(", ");
-    let pairs = vec!["(?, ?)"; n].join(", ");
     format!("k IN ({keys}) AND (k, owner) IN ({pairs})")
 }
 
+/// `X'…'`, MySQL's hexadecimal literal: a binary string of exactly these bytes.
+fn hex_literal(out: &mut String, bytes: &[u8]) {
+    out.push_str("X'");
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out.push('\'');
+}
+
 /// Renews `batch` on `conn`: for each renewal, in order, whether its row was still its
-/// owner's and is now extended. `params(ttl)` gives the statements' leading parameters
-/// for a TTL (what the `SET` clause needs), the same for the chunk and the single-row
-/// statement.
+/// owner's and is now extended. `chunk_sql(ttl, rows)` is the statement that renews the
+/// rows of a [`rows_clause`] for `ttl`; `one` the prepared single-row statement of the
+/// fallback, whose parameters are `params(ttl)` then the row's key and owner.
 pub(crate) async fn renew_rows(
     conn: &mut mysql_async::Conn,
-    statements: &ChunkStatements,
-    batch: &[RowRenewal<'_>],
+    chunk_sql: impl Fn(Duration, &str) -> String,
+    one: &str,
     params: impl Fn(Duration) -> Vec<Value>,
+    batch: &[RowRenewal<'_>],
 ) -> mysql_async::Result<Vec<bool>> {
     let mut answers = vec![false; batch.len()];
     // One statement carries one TTL: group the renewals by it (a handle's leases mostly
@@ -77,24 +74,11 @@ pub(crate) async fn renew_rows(
     let mut order: Vec<usize> = (0..batch.len()).collect();
     order.sort_by_key(|&i| batch[i].ttl);
     for group in order.chunk_by(|a, b| batch[*a].ttl == batch[*b].ttl) {
-        let mut rest = group;
-        while !rest.is_empty() {
-            let size = CHUNKS
-                .iter()
-                .copied()
-                .find(|&c| c <= rest.len())
-                .unwrap_or(1);
-            let (chunk, tail) = rest.split_at(size);
-            rest = tail;
+        for chunk in group.chunks(CHUNK) {
             let ttl = batch[chunk[0]].ttl;
-            let mut values = params(ttl);
-            values.extend(chunk.iter().map(|&i| Value::from(batch[i].k)));
-            for &i in chunk {
-                values.push(Value::from(batch[i].k));
-                values.push(Value::from(batch[i].owner));
-            }
-            conn.exec_drop(statements.of_size(size), values).await?;
-            if conn.affected_rows() == size as u64 {
+            let rows: Vec<&RowRenewal<'_>> = chunk.iter().map(|&i| &batch[i]).collect();
+            conn.query_drop(chunk_sql(ttl, &rows_clause(&rows))).await?;
+            if conn.affected_rows() == chunk.len() as u64 {
                 for &i in chunk {
                     answers[i] = true;
                 }
@@ -105,7 +89,7 @@ pub(crate) async fn renew_rows(
                 let mut values = params(ttl);
                 values.push(Value::from(batch[i].k));
                 values.push(Value::from(batch[i].owner));
-                conn.exec_drop(statements.one.as_str(), values).await?;
+                conn.exec_drop(one, values).await?;
                 answers[i] = conn.affected_rows() == 1;
             }
         }
@@ -118,16 +102,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_chunk_size_has_its_statement_and_the_clause_has_a_placeholder_per_value() {
-        let statements = ChunkStatements::new(|n| format!("chunk {n}"), "one".into());
-        for n in CHUNKS {
-            assert_eq!(statements.of_size(n), format!("chunk {n}"));
-        }
-        let clause = rows_clause(3);
-        assert_eq!(clause.matches('?').count(), 3 + 2 * 3, "{clause}");
+    fn rows_are_hex_literals_whatever_their_bytes() {
+        let renewal = |k: &'static [u8], owner: &'static str| RowRenewal {
+            k,
+            owner,
+            ttl: Duration::from_secs(1),
+        };
+        let (a, b) = (
+            renewal(&[0x00, 0xff], "ab"),
+            renewal(b"k", "x'); DROP TABLE t; --"),
+        );
+        let clause = rows_clause(&[&a, &b]);
         assert_eq!(
             clause,
-            "k IN (?, ?, ?) AND (k, owner) IN ((?, ?), (?, ?), (?, ?))"
+            "k IN (X'00ff', X'6b') AND (k, owner) IN ((X'00ff', X'6162'), \
+             (X'6b', X'7827293b2044524f50205441424c4520743b202d2d'))"
         );
+        assert!(!clause.contains("DROP"), "{clause}");
     }
 }

@@ -16,7 +16,7 @@
 //! (`IS_USED_LOCK(name) = <the holder's connection id>`); a server that refuses
 //! connections has no sessions left either.
 
-use super::renew_batch::{self, ChunkStatements, RowRenewal};
+use super::renew_batch::{self, RowRenewal};
 use super::{
     counter_ddl, counter_probe, ensure_schema, epoch_us, is_connection_error, lock_name, my_error,
     row_key, table_probe, Conns, Settings,
@@ -79,8 +79,8 @@ struct Sql {
     bump: String,
     record: String,
     renew: String,
-    /// `renew` over several rows of one session ([`super::renew_batch`]).
-    renew_rows: ChunkStatements,
+    /// The sessions table, for [`Sql::renew_rows`].
+    table: String,
     forget: String,
     inspect: String,
     list: String,
@@ -106,21 +106,25 @@ ON DUPLICATE KEY UPDATE key_text = VALUES(key_text), lock_name = VALUES(lock_nam
     fence = VALUES(fence), conn_id = VALUES(conn_id), acquired_at = VALUES(acquired_at),
     renewed_at = VALUES(renewed_at), ttl_ms = VALUES(ttl_ms), pid = VALUES(pid), host = VALUES(host)"
             ),
-            renew: renew.clone(),
-            renew_rows: ChunkStatements::new(
-                |n| {
-                    format!(
-                        "UPDATE {t} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = ?
-WHERE {} AND conn_id = CONNECTION_ID() AND IS_USED_LOCK(lock_name) = CONNECTION_ID()",
-                        renew_batch::rows_clause(n)
-                    )
-                },
-                renew,
-            ),
+            renew,
+            table: t.to_owned(),
             forget: format!("DELETE FROM {t} WHERE k = ? AND owner = ?"),
             inspect: format!("SELECT {cols} FROM {t} WHERE k = ? AND conn_id = ?"),
             list: format!("SELECT {cols} FROM {t} WHERE IS_USED_LOCK(lock_name) = conn_id ORDER BY key_text"),
         }
+    }
+}
+
+impl Sql {
+    /// `renew` over several rows of one session ([`super::renew_batch`]): `rows` is a
+    /// [`renew_batch::rows_clause`].
+    fn renew_rows(&self, ttl: Duration, rows: &str) -> String {
+        format!(
+            "UPDATE {} SET renewed_at = UTC_TIMESTAMP(6), ttl_ms = {}
+WHERE {rows} AND conn_id = CONNECTION_ID() AND IS_USED_LOCK(lock_name) = CONNECTION_ID()",
+            self.table,
+            super::millis(ttl)
+        )
     }
 }
 
@@ -373,9 +377,14 @@ impl Dialect for MySession {
                 ttl: *ttl,
             })
             .collect();
-        let renewed = renew_batch::renew_rows(&mut conn.conn, &self.sql.renew_rows, &rows, |ttl| {
-            vec![super::millis(ttl).into()]
-        })
+        let sql = &self.sql;
+        let renewed = renew_batch::renew_rows(
+            &mut conn.conn,
+            |ttl, rows| sql.renew_rows(ttl, rows),
+            &sql.renew,
+            |ttl| vec![super::millis(ttl).into()],
+            &rows,
+        )
         .await;
         renewed.map_err(|err| {
             conn.failed(&err);
